@@ -1,0 +1,29 @@
+"""The transport interface: publish command bytes to a device, deliver reply bytes back."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+ReplyHandler = Callable[[bytes], None]
+"""Called by the transport, from any thread, with each encoded ``Reply``."""
+
+
+class Transport(Protocol):
+    """Moves encoded ``Command``/``Reply`` protobufs; knows nothing of plans or tensors.
+
+    The embedded transport (``local.py``) runs devices in threads in this process; the
+    RabbitMQ transport (``amqp.py``, the only module that imports pika) publishes to
+    per-device durable queues consumed by Celery workers. Both call ``on_reply`` (given at
+    construction) for every reply.
+    """
+
+    def publish(self, device_id: str, command: bytes, *, command_id: str) -> None:
+        """Hand one command to the device's queue; raise ``DeviceNotFound`` if it has none."""
+        ...
+
+    def ensure_device(self, device_id: str) -> None:
+        """Make sure the device exists (embedded: start it; RabbitMQ: its queue is declared)."""
+        ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,187 @@
+"""The fedplan exception tree, shared by server and devices, and its wire error codes.
+
+::
+
+    FedplanError                      root: every fedplan failure; fields device_id, plan_id,
+    │                                 plan_name, op_index (None where they do not apply)
+    ├── PlanBuildError                tracing refused the function or the self-check failed
+    ├── PlanNotBuiltError             (also RuntimeError) send/call of an unbuilt plan
+    ├── PlanInputError                (also TypeError) wrong number/structure of arguments
+    ├── PlanShapeError                (also ValueError) ndim/dtype/size the trace relied on
+    ├── PlanGuardError                (also ValueError) a guard recorded at build broke
+    ├── OpNotAllowedError             a plan names an op outside the allow-list
+    ├── PlanExecutionError            an allowed op raised while the plan ran
+    ├── ObjectNotFound                (also KeyError) no object/plan under that id
+    ├── WireError                     a message could not be decoded
+    │   └── SchemaVersionError        a message of a schema version this side does not speak
+    ├── DeviceError                   anything else a device reported
+    └── TransportError                the transport failed (broker down, publish refused)
+        ├── DeviceNotFound            no queue for that device
+        └── BrokerUnavailable         cannot reach the broker
+
+Every class has a stable wire ``code``; a device turns an exception into ``(code, message,
+fields)`` and the server raises the same class again with :func:`error_from_code`.
+
+Example
+-------
+>>> err = error_from_code("GUARD_FAILED", "guard failed at f.py:3", device_id="d1")
+>>> isinstance(err, PlanGuardError), err.device_id
+(True, 'd1')
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class FedplanError(Exception):
+    """Root of every fedplan error; carries where it happened when known."""
+
+    code: ClassVar[str] = "INTERNAL"
+
+    def __init__(
+        self,
+        message: str = "",
+        *,
+        device_id: str | None = None,
+        plan_id: str | None = None,
+        plan_name: str | None = None,
+        op_index: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.device_id = device_id
+        self.plan_id = plan_id
+        self.plan_name = plan_name
+        self.op_index = op_index
+
+    def fields(self) -> dict[str, Any]:
+        """The location fields that are set, for logging and the wire."""
+        names = ("device_id", "plan_id", "plan_name", "op_index")
+        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+
+    def __str__(self) -> str:
+        where = ", ".join(f"{k}={v}" for k, v in self.fields().items())
+        return f"{self.message} [{where}]" if where else self.message
+
+    def __reduce__(self) -> tuple[Any, ...]:  # keep fields when copied across threads
+        return (_rebuild, (type(self), self.message, self.fields()))
+
+
+def _rebuild(cls: type[FedplanError], message: str, fields: dict[str, Any]) -> FedplanError:
+    return cls(message, **fields)
+
+
+class PlanBuildError(FedplanError):
+    """Tracing refused the function, or the build self-check found a difference."""
+
+    code = "BUILD_FAILED"
+
+
+class PlanNotBuiltError(FedplanError, RuntimeError):
+    """A plan was sent or run before being built."""
+
+    code = "NOT_BUILT"
+
+
+class PlanInputError(FedplanError, TypeError):
+    """The call's arguments do not match the plan's inputs (count, structure, constants)."""
+
+    code = "BAD_INPUT"
+
+
+class PlanShapeError(FedplanError, ValueError):
+    """An input breaks what the trace relied on: number of dims, a dtype or a size."""
+
+    code = "BAD_SHAPE"
+
+
+class PlanGuardError(FedplanError, ValueError):
+    """A guard recorded during tracing does not hold for this call."""
+
+    code = "GUARD_FAILED"
+
+
+class OpNotAllowedError(FedplanError):
+    """A plan or command names an op that is not in the allow-list."""
+
+    code = "OP_NOT_ALLOWED"
+
+
+class PlanExecutionError(FedplanError):
+    """An allowed op raised while the plan ran."""
+
+    code = "EXECUTION_FAILED"
+
+
+class ObjectNotFound(FedplanError, KeyError):
+    """No object or plan is stored under the id asked for."""
+
+    code = "NOT_FOUND"
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return FedplanError.__str__(self)
+
+
+class WireError(FedplanError):
+    """A message could not be decoded."""
+
+    code = "DECODE_FAILED"
+
+
+class SchemaVersionError(WireError):
+    """A message uses a schema version this side does not speak."""
+
+    code = "UNSUPPORTED_SCHEMA"
+
+
+class DeviceError(FedplanError):
+    """A device reported a failure that has no more specific class."""
+
+    code = "DEVICE_ERROR"
+
+
+class TransportError(FedplanError):
+    """The transport failed: broker unreachable, publish refused, connection lost."""
+
+    code = "TRANSPORT"
+
+
+class DeviceNotFound(TransportError):
+    """There is no device (no queue) under that id."""
+
+    code = "DEVICE_NOT_FOUND"
+
+
+class BrokerUnavailable(TransportError):
+    """The broker cannot be reached."""
+
+    code = "BROKER_UNAVAILABLE"
+
+
+_BY_CODE: dict[str, type[FedplanError]] = {
+    cls.code: cls
+    for cls in (
+        FedplanError,
+        PlanBuildError,
+        PlanNotBuiltError,
+        PlanInputError,
+        PlanShapeError,
+        PlanGuardError,
+        OpNotAllowedError,
+        PlanExecutionError,
+        ObjectNotFound,
+        WireError,
+        SchemaVersionError,
+        DeviceError,
+        TransportError,
+        DeviceNotFound,
+        BrokerUnavailable,
+    )
+}
+
+
+def error_from_code(code: str, message: str, **fields: Any) -> FedplanError:
+    """The exception for a wire error code (``DeviceError`` for codes this side lacks)."""
+    cls = _BY_CODE.get(code, DeviceError)
+    return cls(message, **{k: v for k, v in fields.items() if v is not None})

@@ -1,0 +1,225 @@
+"""Plan IR: allow-listed ops over numbered value slots, knowing nothing of tracing or running.
+
+A plan is a straight-line program. Every value lives in a numbered *slot*; inputs, named
+state and captured constants are slots filled before the first op; each op reads its
+arguments (constants, slot references and small integer expressions over slots) and writes
+its results into fresh slots. Guards are ops whose Python result must equal what tracing
+observed, otherwise replay stops with ``PlanGuardError`` naming the source line.
+
+Op names (``Op.target``) are the keys of the allow-list in :mod:`schemas.allowlist`:
+
+- ``torch.<name>`` for functions in the ``torch`` namespace (``torch.add``, ``torch.abs``,
+  ``torch._foreach_add_``),
+- ``torch.nn.functional.<name>`` for ``F.*`` (``torch.nn.functional.linear``),
+- ``Tensor.<name>`` for tensor methods and operators (``Tensor.add_``, ``Tensor.__add__``,
+  ``Tensor.view``, ``Tensor.backward``, ``Tensor.size``),
+- ``Tensor.<prop>.__get__`` / ``Tensor.<prop>.__set__`` for property reads and writes
+  (``Tensor.grad.__get__``, ``Tensor.shape.__get__``),
+- a few named internals such as ``torch.autograd.grad`` and ``torch._C._set_grad_enabled``.
+
+Example
+-------
+>>> x, y = Ref(0), Ref(1)
+>>> ir = PlanIR(name="double_abs", inputs=(x,), ops=[
+...     Op("Tensor.__add__", (x, x), {}, y),
+...     Op("torch.abs", (y,), {}, Ref(2)),
+... ], outputs=Ref(2), num_slots=3)
+>>> ir.ops[1].target
+'torch.abs'
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import TypeAlias, Union
+
+import torch
+
+SCHEMA_VERSION = 1
+"""Version of the plan IR and wire format; bumped on incompatible change."""
+
+
+@dataclass(frozen=True, slots=True)
+class Ref:
+    """A reference to the value held in slot ``slot``."""
+
+    slot: int
+
+
+@dataclass(frozen=True, slots=True)
+class SymExpr:
+    """An integer expression over slots holding ints (symbolic sizes).
+
+    ``op`` is one of ``add sub mul floordiv mod neg max min truediv pow``; ``args`` are
+    ``SymExpr``, ``Ref`` (a slot holding an int, e.g. the result of ``Tensor.size``) or int.
+    Evaluated by the interpreter with plain Python integer arithmetic: never ``eval``.
+    """
+
+    op: str
+    args: tuple[SymExpr | Ref | int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class DType:
+    """A torch dtype by name (``"float32"``)."""
+
+    name: str
+
+    @staticmethod
+    def of(dtype: torch.dtype) -> DType:
+        return DType(str(dtype).removeprefix("torch."))
+
+
+@dataclass(frozen=True, slots=True)
+class Device:
+    """A torch device by name (``"cpu"``); devices run plans on their own hardware."""
+
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class Slice:
+    """A Python ``slice`` whose bounds are values."""
+
+    start: Value
+    stop: Value
+    step: Value
+
+
+@dataclass(frozen=True, slots=True)
+class EllipsisValue:
+    """Python's ``...`` in an indexing expression."""
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryFormat:
+    """A ``torch.memory_format`` by name (``"contiguous_format"``)."""
+
+    name: str
+
+
+Value: TypeAlias = Union[  # noqa: UP007 - recursive alias needs Union
+    None,
+    bool,
+    int,
+    float,
+    str,
+    Ref,
+    SymExpr,
+    DType,
+    Device,
+    Slice,
+    EllipsisValue,
+    MemoryFormat,
+    tuple["Value", ...],
+    list["Value"],
+    dict[str, "Value"],
+]
+"""What an op argument, an op output pattern, an input pattern or an expected guard value is."""
+
+
+NO_EXPECT = EllipsisValue()
+"""Marker for ``Op.expect`` of ordinary (non-guard) ops."""
+
+
+@dataclass(slots=True)
+class Op:
+    """One call of an allow-listed target.
+
+    ``out`` is the pattern of slots that receive the result: a ``Ref`` for one value, a
+    tuple/list of ``Ref`` for a multi-output op (replay checks the count), or ``None`` when
+    the result is unused. For a guard, ``expect`` holds the value tracing observed and replay
+    raises ``PlanGuardError`` when the result differs; ``source`` is ``"file.py:12: code"``.
+    """
+
+    target: str
+    args: tuple[Value, ...]
+    kwargs: dict[str, Value]
+    out: Value
+    expect: Value = NO_EXPECT
+    source: str = ""
+
+    @property
+    def is_guard(self) -> bool:
+        return self.expect is not NO_EXPECT
+
+
+@dataclass(slots=True)
+class InputSpec:
+    """What a call must satisfy for one input tensor leaf: checked before any op runs.
+
+    ``path`` names it for error messages (``"x"``, ``"batch[0]"``, ``"kw['y']"``); ``ndim``
+    is the number of dims the trace relied on; ``dtype`` is ``None`` when any dtype is
+    accepted; ``sizes`` maps a dim to the size the trace relied on (dims absent are free).
+    """
+
+    slot: int
+    path: str
+    ndim: int
+    dtype: DType | None = None
+    sizes: dict[int, int] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class PlanIR:
+    """A traced plan: inputs, named state, constants, ops, outputs.
+
+    ``inputs``/``kwinputs`` are patterns of ``Ref`` mirroring the call's (possibly nested)
+    arguments; a non-tensor leaf that the trace baked in is a constant and must be passed
+    equal. ``state`` maps state names (``fc1.weight``) to slots, in order; ``state_values``
+    holds the tensors to install for them when the plan is stored on a device.
+    ``constants`` maps slots to tensors captured at trace time (``torch.tensor([1, 2])``
+    inside the function, closures).
+    """
+
+    name: str
+    inputs: tuple[Value, ...]
+    ops: list[Op]
+    outputs: Value
+    num_slots: int
+    kwinputs: dict[str, Value] = field(default_factory=dict)
+    input_specs: list[InputSpec] = field(default_factory=list)
+    state: dict[str, int] = field(default_factory=dict)
+    state_values: dict[str, torch.Tensor] = field(default_factory=dict)
+    constants: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def copy(self) -> PlanIR:
+        """Deep enough copy: new op list, cloned state tensors, shared constants."""
+        return dataclasses.replace(
+            self,
+            ops=[dataclasses.replace(op) for op in self.ops],
+            input_specs=[dataclasses.replace(s, sizes=dict(s.sizes)) for s in self.input_specs],
+            state=dict(self.state),
+            state_values={
+                k: v.detach().clone().requires_grad_(v.requires_grad)
+                for k, v in self.state_values.items()
+            },
+            constants=dict(self.constants),
+            kwinputs=dict(self.kwinputs),
+        )
+
+
+def refs_in(value: Value) -> list[Ref]:
+    """All ``Ref`` leaves of a value pattern, in order (``SymExpr`` operands included)."""
+    found: list[Ref] = []
+    _collect(value, found)
+    return found
+
+
+def _collect(value: Value, found: list[Ref]) -> None:
+    if isinstance(value, Ref):
+        found.append(value)
+    elif isinstance(value, SymExpr):
+        for arg in value.args:
+            _collect(arg, found)
+    elif isinstance(value, Slice):
+        _collect(value.start, found)
+        _collect(value.stop, found)
+        _collect(value.step, found)
+    elif isinstance(value, tuple | list):
+        for item in value:
+            _collect(item, found)
+    elif isinstance(value, dict):
+        for item in value.values():
+            _collect(item, found)
