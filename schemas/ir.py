@@ -99,6 +99,13 @@ class MemoryFormat:
     name: str
 
 
+@dataclass(frozen=True, slots=True)
+class ObjectId:
+    """In commands only: an object held by the device, by id (never inside a plan)."""
+
+    id: str
+
+
 Value: TypeAlias = Union[  # noqa: UP007 - recursive alias needs Union
     None,
     bool,
@@ -112,11 +119,16 @@ Value: TypeAlias = Union[  # noqa: UP007 - recursive alias needs Union
     Slice,
     EllipsisValue,
     MemoryFormat,
+    ObjectId,
+    torch.Tensor,
     tuple["Value", ...],
     list["Value"],
     dict[str, "Value"],
 ]
-"""What an op argument, an op output pattern, an input pattern or an expected guard value is."""
+"""What an op argument, an op output pattern, an input pattern or an expected guard value is.
+
+``torch.Tensor`` and ``ObjectId`` leaves appear only in commands (inline small tensors and
+references to device objects); inside a plan, tensors are slots (constants or state)."""
 
 
 NO_EXPECT = EllipsisValue()

@@ -1,0 +1,50 @@
+"""fedplan: trace PyTorch code into plans and run them on devices (``import producer as fp``).
+
+Examples
+--------
+>>> import torch
+>>> import producer as fp
+>>> @fp.func2plan(args_shape=[(-1, 2)])
+... def double_abs(x):
+...     return torch.abs(x + x)
+>>> double_abs(torch.tensor([[1.0, -2.0]]))
+tensor([[2., 4.]])
+"""
+
+from schemas.errors import (
+    BrokerUnavailable,
+    DeviceError,
+    DeviceNotFound,
+    FedplanError,
+    ObjectNotFound,
+    OpNotAllowedError,
+    PlanBuildError,
+    PlanExecutionError,
+    PlanGuardError,
+    PlanInputError,
+    PlanNotBuiltError,
+    PlanShapeError,
+    SchemaVersionError,
+    TransportError,
+    WireError,
+)
+
+__all__ = [
+    "BrokerUnavailable",
+    "DeviceError",
+    "DeviceNotFound",
+    "FedplanError",
+    "ObjectNotFound",
+    "OpNotAllowedError",
+    "PlanBuildError",
+    "PlanExecutionError",
+    "PlanGuardError",
+    "PlanInputError",
+    "PlanNotBuiltError",
+    "PlanShapeError",
+    "SchemaVersionError",
+    "TransportError",
+    "WireError",
+]
+
+# Public API added by each module below (keep one import block per module).
