@@ -1,0 +1,129 @@
+"""Validated, frozen fedplan broker settings; the only place that reads FEDPLAN_* variables."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from schemas.errors import FedplanError
+
+DEFAULT_BROKER_URL = "amqp://guest:guest@127.0.0.1:5672/"
+DEFAULT_MANAGEMENT_URL = "http://127.0.0.1:15672/api/"
+MIB = 1024 * 1024
+
+# Environment variable -> field name. Every FEDPLAN_* variable fedplan reads is listed here.
+ENV_VARS: dict[str, str] = {
+    "FEDPLAN_BROKER_URL": "broker_url",
+    "FEDPLAN_MANAGEMENT_URL": "management_url",
+    "FEDPLAN_DATA_DIR": "data_dir",
+    "FEDPLAN_PRODUCER_ID": "producer_id",
+    "FEDPLAN_SOFT_TIME_LIMIT": "soft_time_limit",
+    "FEDPLAN_TIME_LIMIT": "time_limit",
+    "FEDPLAN_MAX_MESSAGE_SIZE": "max_message_size",
+    "FEDPLAN_QUEUE_MAX_LENGTH": "queue_max_length",
+    "FEDPLAN_QUEUE_TYPE": "queue_type",
+    "FEDPLAN_DELIVERY_LIMIT": "delivery_limit",
+    "FEDPLAN_RESULTS_QUEUE_EXPIRES": "results_queue_expires",
+    "FEDPLAN_CONFIRM_TIMEOUT": "confirm_timeout",
+    "FEDPLAN_RECONNECT_MAX_DELAY": "reconnect_max_delay",
+    "FEDPLAN_HEARTBEAT": "heartbeat",
+}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Settings:
+    """Broker, worker and transport settings (seconds, bytes); build with :meth:`from_env`.
+
+    Examples
+    --------
+    >>> s = Settings.from_env({"FEDPLAN_MAX_MESSAGE_SIZE": "1048576"})
+    >>> s.max_message_size, s.broker_url
+    (1048576, 'amqp://guest:guest@127.0.0.1:5672/')
+    """
+
+    broker_url: str = DEFAULT_BROKER_URL
+    management_url: str = DEFAULT_MANAGEMENT_URL
+    data_dir: Path = Path("fedplan-data")
+    producer_id: str | None = None
+    soft_time_limit: float = 600.0
+    time_limit: float = 660.0
+    max_message_size: int = 16 * MIB
+    queue_max_length: int = 100_000
+    queue_type: str = "classic"
+    delivery_limit: int = 5
+    results_queue_expires: float = 7 * 24 * 3600.0
+    confirm_timeout: float = 60.0
+    reconnect_max_delay: float = 10.0
+    heartbeat: int = 60
+
+    def __post_init__(self) -> None:
+        if urlsplit(self.broker_url).scheme not in ("amqp", "amqps"):
+            _bad("broker_url", self.broker_url, "an amqp:// or amqps:// URL")
+        if urlsplit(self.management_url).scheme not in ("http", "https"):
+            _bad("management_url", self.management_url, "an http:// or https:// URL")
+        if self.queue_type not in ("classic", "quorum"):
+            _bad("queue_type", self.queue_type, "'classic' or 'quorum'")
+        for name in ("soft_time_limit", "time_limit", "results_queue_expires",
+                     "confirm_timeout", "reconnect_max_delay"):
+            if not getattr(self, name) > 0:
+                _bad(name, getattr(self, name), "a positive number of seconds")
+        if self.time_limit <= self.soft_time_limit:
+            _bad("time_limit", self.time_limit, "larger than soft_time_limit")
+        if self.max_message_size < 4096:
+            _bad("max_message_size", self.max_message_size, "at least 4096 bytes")
+        for name in ("queue_max_length", "delivery_limit"):
+            if getattr(self, name) < 1:
+                _bad(name, getattr(self, name), "a positive integer")
+        if self.heartbeat < 0:
+            _bad("heartbeat", self.heartbeat, "0 (off) or a positive number of seconds")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Settings from ``FEDPLAN_*`` variables (default ``os.environ``), then ``overrides``.
+
+        Overrides set to None are ignored, so CLI options can be passed through as they are.
+        """
+        env = os.environ if environ is None else environ
+        types = {f.name: f.type for f in dataclasses.fields(cls)}
+        values: dict[str, Any] = {}
+        for var, name in ENV_VARS.items():
+            if var in env and env[var] != "":
+                values[name] = _convert(name, str(types[name]), env[var])
+        for name, value in overrides.items():
+            if name not in types:
+                raise FedplanError(f"unknown setting {name!r}; known: {', '.join(types)}")
+            if value is not None:
+                values[name] = value
+        if "data_dir" in values:
+            values["data_dir"] = Path(values["data_dir"])
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> Settings:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def consumer_timeout_ms(self) -> int:
+        """A RabbitMQ ``consumer_timeout`` comfortably above the longest plan (hard limit)."""
+        return int(self.time_limit * 2 * 1000)
+
+
+def _convert(name: str, type_name: str, raw: str) -> Any:
+    try:
+        if "float" in type_name:
+            return float(raw)
+        if "int" in type_name:
+            return int(raw)
+    except ValueError:
+        _bad(name, raw, "a number")
+    return raw
+
+
+def _bad(name: str, value: object, expected: str) -> None:
+    var = next((k for k, v in ENV_VARS.items() if v == name), name)
+    raise FedplanError(f"setting {name} ({var}) is {value!r}; it must be {expected}")
