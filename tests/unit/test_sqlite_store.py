@@ -1,0 +1,130 @@
+"""Tests of the persistent SQLite device store."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+from pathlib import Path
+
+import pytest
+import torch
+
+from consumer.sqlite_store import SqliteStore
+from consumer.store import StoredObject, StoredPlan
+from schemas.errors import ObjectNotFound
+from schemas.ir import Op, PlanIR, Ref
+
+
+@pytest.mark.parametrize(
+    "tensor",
+    [
+        torch.randn(3, 4),
+        torch.tensor(2.5),
+        torch.empty(0, 3),
+        torch.tensor([True, False]),
+        torch.arange(6, dtype=torch.int64).reshape(2, 3).t(),  # non-contiguous
+        torch.randn(5).to(torch.bfloat16),
+        torch.randn(2, dtype=torch.complex64),
+        torch.randint(0, 255, (4,), dtype=torch.uint8),
+    ],
+)
+def test_a_stored_tensor_comes_back_equal_after_reopening_the_store(
+    tmp_path: Path, tensor: torch.Tensor
+) -> None:
+    SqliteStore(tmp_path).put_object(StoredObject("x", tensor, ("#a",), "desc"))
+    got = SqliteStore(tmp_path).get_object("x")
+    assert got.tensor.dtype == tensor.dtype
+    assert got.tensor.shape == tensor.shape
+    assert torch.equal(got.tensor, tensor)
+    assert got.tags == ("#a",) and got.description == "desc"
+
+
+def test_requires_grad_survives_and_the_tensor_is_writable(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path)
+    store.put_object(StoredObject("w", torch.ones(2, requires_grad=True)))
+    got = store.get_object("w").tensor
+    assert got.requires_grad
+    with torch.no_grad():
+        got.add_(1)  # would fail on a read-only buffer
+    assert torch.equal(store.get_object("w").tensor.detach(), torch.ones(2))
+
+
+def test_search_returns_objects_carrying_every_tag_in_insertion_order(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path)
+    store.put_object(StoredObject("a", torch.zeros(1), ("#x", "#y")))
+    store.put_object(StoredObject("b", torch.zeros(1), ("#x",)))
+    store.put_object(StoredObject("c", torch.zeros(1), ("#y", "#x")))
+    assert [o.id for o in store.search(["#x", "#y"])] == ["a", "c"]
+    assert [o.id for o in store.search(["#x"])] == ["a", "b", "c"]
+    assert store.search(["#nothing"]) == []
+
+
+def test_a_missing_or_deleted_object_raises_object_not_found(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path)
+    store.put_object(StoredObject("a", torch.zeros(1)))
+    store.delete_object("a")
+    assert not store.has_object("a")
+    with pytest.raises(ObjectNotFound):
+        store.get_object("a")
+    with pytest.raises(ObjectNotFound):
+        store.delete_object("a")
+    assert list((tmp_path / "blobs").iterdir()) == []
+
+
+def test_clear_objects_empties_the_store_and_its_files(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path)
+    for i in range(3):
+        store.put_object(StoredObject(str(i), torch.full((2,), float(i)), ("#t",)))
+    store.clear_objects()
+    assert store.list_objects() == [] and store.search(["#t"]) == []
+    assert list((tmp_path / "blobs").iterdir()) == []
+
+
+def test_replies_are_kept_by_command_id_and_the_oldest_are_dropped(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path, max_replies=2)
+    for i in range(3):
+        store.put_reply(f"c{i}", [f"r{i}"], bytes([i]))
+    assert store.get_reply("c0") is None
+    assert SqliteStore(tmp_path).get_reply("c2") == b"\x02"
+
+
+def _writer(path: str, start: int) -> None:
+    store = SqliteStore(path)
+    for i in range(start, start + 20):
+        store.put_object(StoredObject(f"o{i}", torch.full((3,), float(i)), ("#p",)))
+
+
+def test_two_processes_writing_at_once_lose_nothing(tmp_path: Path) -> None:
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_writer, args=(str(tmp_path), s)) for s in (0, 100)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    objs = SqliteStore(tmp_path).search(["#p"])
+    assert len(objs) == 40
+    for o in objs:
+        assert torch.equal(o.tensor, torch.full((3,), float(o.id[1:])))
+
+
+def test_a_plan_and_its_updated_state_survive_a_restart(tmp_path: Path) -> None:
+    pytest.importorskip("schemas.plan_codec")
+    w = torch.randn(2)
+    ir = PlanIR(
+        name="scale", inputs=(Ref(0),),
+        ops=[Op("torch.mul", (Ref(0), Ref(1)), {}, Ref(2))],
+        outputs=Ref(2), num_slots=3, state={"w": 1}, state_values={"w": w},
+    )
+    store = SqliteStore(tmp_path)
+    plan = StoredPlan("p1", ir, "hash", ("#plan",))
+    store.put_plan(plan)
+    plan.ir.state_values["w"] = w * 3
+    store.save_plan_state(plan)
+    got = SqliteStore(tmp_path).get_plan("p1")
+    assert torch.equal(got.ir.state_values["w"], w * 3)
+    assert got.ir.ops[0].target == "torch.mul"
+    assert got.content_hash == "hash" and got.tags == ("#plan",)
+    store.delete_plan("p1")
+    assert not store.has_plan("p1")
+    with pytest.raises(ObjectNotFound):
+        store.get_plan("p1")
