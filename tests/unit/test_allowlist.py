@@ -119,8 +119,15 @@ def test_the_seed_tutorial_functions_use_only_allowed_ops() -> None:
 
     rec = _record(seeds)
     assert rec.unknown == []
-    for name in ("Tensor.grad.__get__", "Tensor.grad.__set__", "torch._C._set_grad_enabled",
-                 "Tensor.sub_", "Tensor.item", "torch.abs", "Tensor.abs"):
+    for name in (
+        "Tensor.grad.__get__",
+        "Tensor.grad.__set__",
+        "torch._C._set_grad_enabled",
+        "Tensor.sub_",
+        "Tensor.item",
+        "torch.abs",
+        "Tensor.abs",
+    ):
         assert name in rec.names
 
 
@@ -149,9 +156,19 @@ def test_operators_properties_and_python_value_ops_are_named() -> None:
 
     rec = _record(many)
     assert rec.unknown == []
-    for name in ("Tensor.shape.__get__", "Tensor.T.__get__", "Tensor.data.__get__",
-                 "Tensor.__setitem__", "Tensor.__getitem__", "Tensor.__bool__", "Tensor.unbind",
-                 "torch.autograd.grad", "Tensor.__rsub__", "Tensor.__rpow__", "Tensor.size"):
+    for name in (
+        "Tensor.shape.__get__",
+        "Tensor.T.__get__",
+        "Tensor.data.__get__",
+        "Tensor.__setitem__",
+        "Tensor.__getitem__",
+        "Tensor.__bool__",
+        "Tensor.unbind",
+        "torch.autograd.grad",
+        "Tensor.__rsub__",
+        "Tensor.__rpow__",
+        "Tensor.size",
+    ):
         assert name in rec.names
 
 
@@ -199,9 +216,20 @@ def test_dangerous_or_unknown_names_are_refused(name: str) -> None:
 
 
 def test_dangerous_functions_have_no_name() -> None:
-    for func in (torch.load, torch.save, torch.from_file, torch.Tensor.numpy, torch.Tensor.set_,
-                 torch.Tensor.storage, torch.Tensor.__reduce_ex__, os.system, eval, getattr,
-                 torch.ops.aten.add, torch.empty):
+    for func in (
+        torch.load,
+        torch.save,
+        torch.from_file,
+        torch.Tensor.numpy,
+        torch.Tensor.set_,
+        torch.Tensor.storage,
+        torch.Tensor.__reduce_ex__,
+        os.system,
+        eval,
+        getattr,
+        torch.ops.aten.add,
+        torch.empty,
+    ):
         assert name_of(func) is None
 
 
