@@ -1,0 +1,147 @@
+"""The device training computation: spec, sample order, eager reference and the traced plan."""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from producer.fl.aggregate import Weights
+
+LOSSES: dict[str, Callable[..., torch.Tensor]] = {
+    "cross_entropy": F.cross_entropy,
+    "nll_loss": F.nll_loss,
+    "mse_loss": F.mse_loss,
+}
+"""Native losses a training job may name (mean reduction)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TrainingSpec:
+    """How a device trains each round: native loss, plain SGD settings, batches and epochs.
+
+    Momentum and weight decay are refused: optimizer state would have to live on the device
+    across rounds, and FedAvg restarts every round from the global weights.
+    """
+
+    loss: str = "cross_entropy"
+    lr: float = 0.1
+    batch_size: int = 32
+    epochs: int = 1
+    proximal_mu: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.loss not in LOSSES:
+            raise ValueError(f"unknown loss {self.loss!r}; use one of {sorted(LOSSES)}")
+        if self.lr <= 0 or self.batch_size < 1 or self.epochs < 1 or self.proximal_mu < 0:
+            raise ValueError("lr must be > 0, batch_size and epochs >= 1, proximal_mu >= 0")
+
+    def batches(self, n_examples: int) -> list[tuple[int, int]]:
+        """``(start, stop)`` into the sample order for every local step, last short batch kept.
+
+        Examples
+        --------
+        >>> TrainingSpec(batch_size=32).batches(70)
+        [(0, 32), (32, 64), (64, 70)]
+        """
+        per_epoch = math.ceil(n_examples / self.batch_size)
+        out = []
+        for e in range(self.epochs):
+            base = e * n_examples
+            for b in range(per_epoch):
+                start = b * self.batch_size
+                out.append((base + start, base + min(start + self.batch_size, n_examples)))
+        return out
+
+
+def sample_order(n_examples: int, seed: int, epochs: int = 1) -> torch.Tensor:
+    """The local sample order: ``epochs`` permutations drawn from ``Generator().manual_seed(seed)``.
+
+    The same indices a ``DataLoader(shuffle=True, generator=g)`` draws, epoch after epoch.
+
+    Examples
+    --------
+    >>> g = torch.Generator().manual_seed(1005)
+    >>> torch.equal(sample_order(10, 1005), torch.randperm(10, generator=g))
+    True
+    """
+    g = torch.Generator().manual_seed(seed)
+    return torch.cat([torch.randperm(n_examples, generator=g) for _ in range(epochs)])
+
+
+def get_weights(model: nn.Module) -> Weights:
+    """The model's parameters and buffers as detached clones, in ``state_dict`` order."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def set_weights(model: nn.Module, weights: Weights) -> None:
+    """Load ``weights`` into ``model`` in place (strict)."""
+    model.load_state_dict(weights, strict=True)
+
+
+def train_eager(
+    model: nn.Module,
+    spec: TrainingSpec,
+    weights: Weights,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    order: torch.Tensor,
+) -> tuple[Weights, float]:
+    """The reference local update in plain PyTorch: returns new weights and mean batch loss.
+
+    ``model`` is used as scratch space (its weights are overwritten). This is the exact
+    computation the device plan is traced from; tests compare the plan against it.
+    """
+    set_weights(model, weights)
+    model.train()
+    params = list(model.parameters())
+    global_params = [weights[k].detach() for k, _ in model.named_parameters()]
+    opt = torch.optim.SGD(params, lr=spec.lr)
+    loss_fn = LOSSES[spec.loss]
+    total = 0.0
+    steps = spec.batches(len(x))
+    for start, stop in steps:
+        idx = order[start:stop]
+        loss = loss_fn(model(x[idx]), y[idx])
+        if spec.proximal_mu:
+            loss = loss + proximal_term(params, global_params, spec.proximal_mu)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        total += float(loss.detach())
+    return get_weights(model), total / len(steps)
+
+
+def proximal_term(
+    params: Sequence[torch.Tensor], global_params: Sequence[torch.Tensor], mu: float
+) -> torch.Tensor:
+    """FedProx's ``mu / 2 * sum ||w - w_global||^2`` over the parameters."""
+    acc = torch.zeros(())
+    for p, g in zip(params, global_params, strict=True):
+        acc = acc + (p - g).pow(2).sum()
+    return acc * (mu / 2)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    weights: Weights,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    loss: str = "cross_entropy",
+) -> tuple[float, float]:
+    """``(loss, accuracy)`` of ``weights`` on all of ``x, y`` in one batch (server side)."""
+    set_weights(model, weights)
+    model.eval()
+    out = model(x)
+    return float(LOSSES[loss](out, y)), float((out.argmax(dim=1) == y).float().mean())
+
+
+def scratch_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` to train or evaluate without touching the original."""
+    return copy.deepcopy(model)
