@@ -48,3 +48,24 @@ __all__ = [
 ]
 
 # Public API added by each module below (keep one import block per module).
+
+# devices, pointers and the fleet (producer/fleet.py, device.py, pointers.py, ...)
+from producer.device import Device
+from producer.fleet import Fleet, connect
+from producer.hook import hook
+from producer.pointers import PointerPlan, PointerTensor
+from producer.sending import send
+from producer.tagging import describe, tag, tags_of
+
+__all__ += [
+    "Device",
+    "Fleet",
+    "PointerPlan",
+    "PointerTensor",
+    "connect",
+    "describe",
+    "hook",
+    "send",
+    "tag",
+    "tags_of",
+]

@@ -1,0 +1,74 @@
+"""Plan output patterns: which leaves of a plan's result become stored objects, and back."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from schemas.ir import Ref, SymExpr, Value
+
+
+def output_slots(pattern: Value) -> list[Value]:
+    """The leaves of an output pattern that carry a computed value (``Ref``/``SymExpr``), in order.
+
+    Constant leaves (``None``, a baked-in int) are not results: the caller rebuilds them.
+
+    Examples
+    --------
+    >>> output_slots((Ref(3), None, [Ref(4)]))
+    [Ref(slot=3), Ref(slot=4)]
+    """
+    return list(_walk(pattern))
+
+
+def _walk(pattern: Value) -> Iterator[Value]:
+    if isinstance(pattern, Ref | SymExpr):
+        yield pattern
+    elif isinstance(pattern, tuple | list):
+        for item in pattern:
+            yield from _walk(item)
+    elif isinstance(pattern, dict):
+        for item in pattern.values():
+            yield from _walk(item)
+
+
+def flatten_like(pattern: Value, value: Any) -> list[Any]:
+    """The parts of ``value`` (a plan's output) at the pattern's computed leaves, in order."""
+    found: list[Any] = []
+    _flatten(pattern, value, found)
+    return found
+
+
+def _flatten(pattern: Value, value: Any, found: list[Any]) -> None:
+    if isinstance(pattern, Ref | SymExpr):
+        found.append(value)
+    elif isinstance(pattern, tuple | list):
+        for i, item in enumerate(pattern):
+            _flatten(item, value[i], found)
+    elif isinstance(pattern, dict):
+        for key, item in pattern.items():
+            _flatten(item, value[key], found)
+
+
+def rebuild_like(pattern: Value, make: Callable[[int], Any]) -> Any:
+    """The pattern's structure with ``make(i)`` at the i-th computed leaf, constants kept.
+
+    Examples
+    --------
+    >>> rebuild_like((Ref(3), None, [Ref(4)]), lambda i: f"r{i}")
+    ('r0', None, ['r1'])
+    """
+    counter = iter(range(1 << 62))
+    return _rebuild(pattern, lambda: make(next(counter)))
+
+
+def _rebuild(pattern: Value, nxt: Callable[[], Any]) -> Any:
+    if isinstance(pattern, Ref | SymExpr):
+        return nxt()
+    if isinstance(pattern, tuple):
+        return tuple(_rebuild(item, nxt) for item in pattern)
+    if isinstance(pattern, list):
+        return [_rebuild(item, nxt) for item in pattern]
+    if isinstance(pattern, dict):
+        return {key: _rebuild(item, nxt) for key, item in pattern.items()}
+    return pattern

@@ -1,0 +1,406 @@
+"""The device runtime: decode one command, run it against the device store, encode the reply."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from consumer.outputs import flatten_like, output_slots
+from consumer.store import DeviceStore, StoredObject, StoredPlan
+from schemas import allowlist
+from schemas.command_pb2 import Command, ErrorInfo, ObjectInfo, Ok, Reply, StoreObject
+from schemas.errors import (
+    DeviceError,
+    FedplanError,
+    PlanExecutionError,
+    PlanInputError,
+    TransportError,
+    WireError,
+)
+from schemas.ir import SCHEMA_VERSION, DType, ObjectId, PlanIR, Ref, SymExpr, Value
+from schemas.plan_codec import plan_from_proto, plan_to_proto
+from schemas.plan_pb2 import ValueDict
+from schemas.tensor_codec import tensor_from_proto, tensor_to_proto
+from schemas.value_codec import value_from_proto, value_to_proto
+from schemas.wire import decode_command, encode_command, encode_reply, error_to_proto, new_id
+
+if TYPE_CHECKING:
+    from consumer.interpreter import LoadedPlan
+
+log = logging.getLogger(__name__)
+
+Forward = Callable[[str, bytes], None]
+"""Publishes encoded command bytes to another device's queue (for ``MoveObject``)."""
+
+_READ_ONLY = frozenset({"search", "list_objects"})
+"""Commands that change nothing: their replies are not kept for redeliveries."""
+
+
+class DeviceRuntime:
+    """Runs commands for one device; the same code behind embedded threads and Celery tasks.
+
+    Parameters
+    ----------
+    device_id
+        The id of the device this runtime serves (written into every reply).
+    store
+        Where tensors, plans, their state and past replies live.
+    forward
+        Publishes a command to another device; needed only for ``MoveObject``.
+
+    Examples
+    --------
+    >>> from consumer.memory_store import MemoryStore
+    >>> runtime = DeviceRuntime(device_id="device_1", store=MemoryStore())
+    >>> reply_bytes = runtime.handle(b"not a command")  # never raises: an error reply
+    """
+
+    def __init__(
+        self, *, device_id: str, store: DeviceStore, forward: Forward | None = None
+    ) -> None:
+        self.device_id = device_id
+        self.store = store
+        self._forward = forward
+        self._loaded: dict[str, tuple[str, LoadedPlan]] = {}
+        self._frames: list[torch.Tensor] = []  # tensors sent raw after the current reply
+        self._lock = threading.RLock()  # one command at a time: plan state is mutated in place
+
+    # -- entry point -------------------------------------------------------------------------
+
+    def handle(self, data: bytes) -> bytes:
+        """Decode a ``Command``, run it once, and return the encoded ``Reply``; never raises.
+
+        A command id seen before returns the reply stored the first time, so a redelivered
+        command does not run twice.
+        """
+        with self._lock:
+            return self._handle(data)
+
+    def _handle(self, data: bytes) -> bytes:
+        try:
+            command = decode_command(data)
+        except Exception as exc:
+            return self._encode_safely(self._error_reply("", [], exc, WireError))
+        command_id = command.command_id
+        try:
+            cached = self.store.get_reply(command_id) if command_id else None
+        except Exception:  # a broken reply cache must not stop the command
+            log.exception("reading the reply cache of %s failed", command_id)
+            cached = None
+        if cached is not None:
+            return cached
+        body = command.WhichOneof("body") or ""
+        result_ids = _result_ids(command)
+        try:
+            frames: list[torch.Tensor] = []
+            ok = self._dispatch(body, command, frames)
+            data_out = encode_reply(self._ok_reply(command_id, result_ids, ok), frames)
+        except Exception as exc:
+            data_out = self._encode_safely(self._error_reply(command_id, result_ids, exc))
+        if command_id and body not in _READ_ONLY and not _is_plain_read(command):
+            try:
+                self.store.put_reply(command_id, result_ids, data_out)
+            except Exception:
+                log.exception("storing the reply of %s failed", command_id)
+        return data_out
+
+    # -- dispatch ----------------------------------------------------------------------------
+
+    def _dispatch(self, body: str, command: Command, frames: list[torch.Tensor]) -> Ok:
+        if command.device_id and command.device_id != self.device_id:
+            raise DeviceError(
+                f"command for device {command.device_id!r} reached device {self.device_id!r}; "
+                "check the queue routing"
+            )
+        handler = _HANDLERS.get(body)
+        if handler is None:
+            raise WireError(f"command has no known body ({body or 'empty'}); upgrade the device")
+        self._frames = frames
+        return handler(self, getattr(command, body))
+
+    def _store_object(self, msg: Any) -> Ok:
+        tensor = tensor_from_proto(msg.tensor)
+        obj = StoredObject(msg.id, tensor, tuple(msg.tags), msg.description)
+        self.store.put_object(obj)
+        return Ok(objects=[_tensor_info(obj)])
+
+    def _store_plan(self, msg: Any) -> Ok:
+        ir, plan_id = plan_from_proto(msg.plan)
+        content_hash = msg.plan.content_hash
+        if self.store.has_plan(plan_id):
+            held = self.store.get_plan(plan_id)
+            if not content_hash or held.content_hash == content_hash:
+                return Ok(objects=[_plan_info(plan_id, held.ir.name)])
+        loaded = self._load(ir, plan_id)  # checks every op against the allow-list
+        self.store.put_plan(StoredPlan(plan_id, ir, content_hash))
+        self._loaded[plan_id] = (content_hash, loaded)
+        return Ok(objects=[_plan_info(plan_id, ir.name)])
+
+    def _run_plan(self, msg: Any) -> Ok:
+        stored = self.store.get_plan(msg.plan_id)
+        leaves = output_slots(stored.ir.outputs)
+        if len(msg.result_ids) != len(leaves):
+            raise PlanInputError(
+                f"plan {stored.ir.name!r} has {len(leaves)} outputs but the command named "
+                f"{len(msg.result_ids)} result ids; call it through a PointerPlan",
+                plan_id=stored.id,
+                plan_name=stored.ir.name,
+            )
+        loaded = self._loaded_plan(stored)
+        args = [self._resolve(value_from_proto(v)) for v in msg.args.items]
+        kwargs = self._resolve_kwargs(msg.kwargs)
+        try:
+            out = loaded.run(args, kwargs, stored.ir.state_values)
+        except FedplanError as exc:
+            exc.plan_id = exc.plan_id or stored.id
+            exc.plan_name = exc.plan_name or stored.ir.name
+            raise
+        finally:
+            self.store.save_plan_state(stored)
+        state = {id(t) for t in stored.ir.state_values.values()}
+        results = [
+            _own(v, state) if isinstance(v, torch.Tensor) else v
+            for v in flatten_like(stored.ir.outputs, out)
+        ]
+        return Ok(objects=self._store_results(msg.result_ids, results, msg.return_values))
+
+    def _run_op(self, msg: Any) -> Ok:
+        fn = allowlist.resolve(msg.target)
+        args = [self._resolve(value_from_proto(v)) for v in msg.args.items]
+        kwargs = self._resolve_kwargs(msg.kwargs)
+        try:
+            out = fn(*args, **kwargs)
+        except FedplanError:
+            raise
+        except Exception as exc:
+            raise PlanExecutionError(
+                f"{msg.target} failed on device {self.device_id!r}: {type(exc).__name__}: {exc}",
+                device_id=self.device_id,
+            ) from exc
+        several = isinstance(out, tuple | list) and any(isinstance(v, torch.Tensor) for v in out)
+        results = list(out) if several else [out]  # None and Python values are one value
+        if msg.result_ids and len(results) != len(msg.result_ids):
+            raise PlanInputError(
+                f"{msg.target} returned {len(results)} values but the command named "
+                f"{len(msg.result_ids)} result ids; pass num_results={len(results)}",
+                device_id=self.device_id,
+            )
+        return Ok(objects=self._store_results(msg.result_ids, results, msg.return_values))
+
+    def _get_object(self, msg: Any) -> Ok:
+        obj = self.store.get_object(msg.id)
+        info = self._tensor_info(obj, with_value=True)
+        if msg.delete:
+            self.store.delete_object(msg.id)
+        return Ok(objects=[info])
+
+    def _delete_objects(self, msg: Any) -> Ok:
+        for object_id in msg.ids:
+            if self.store.has_object(object_id):
+                self.store.delete_object(object_id)
+        return Ok()
+
+    def _search(self, msg: Any) -> Ok:
+        found = self.store.search(list(msg.tags))
+        return Ok(objects=[_tensor_info(o) for o in found])
+
+    def _list_objects(self, msg: Any) -> Ok:
+        return Ok(objects=[_tensor_info(o) for o in self.store.list_objects()])
+
+    def _clear_objects(self, msg: Any) -> Ok:
+        self.store.clear_objects()
+        return Ok()
+
+    def _get_plan(self, msg: Any) -> Ok:
+        stored = self.store.get_plan(msg.plan_id)
+        proto = plan_to_proto(stored.ir, plan_id=stored.id)
+        if msg.delete:
+            self.store.delete_plan(stored.id)
+            self._loaded.pop(stored.id, None)
+        return Ok(objects=[_plan_info(stored.id, stored.ir.name)], plan=proto)
+
+    def _move_object(self, msg: Any) -> Ok:
+        obj = self.store.get_object(msg.id)
+        if self._forward is None:
+            raise TransportError(
+                f"device {self.device_id!r} cannot publish to other devices; move the object "
+                "through the server with get() and send()"
+            )
+        moved_id = msg.new_id or msg.id
+        command = Command(
+            schema_version=SCHEMA_VERSION,
+            command_id=new_id(),
+            device_id=msg.destination_device,
+            store_object=StoreObject(
+                id=moved_id,
+                tensor=tensor_to_proto(obj.tensor, framed=True),
+                tags=list(obj.tags),
+                description=obj.description,
+            ),
+        )
+        self._forward(msg.destination_device, encode_command(command, [obj.tensor]))
+        self.store.delete_object(msg.id)
+        moved = StoredObject(moved_id, obj.tensor, obj.tags, obj.description)
+        return Ok(objects=[_tensor_info(moved)])
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _load(self, ir: PlanIR, plan_id: str) -> LoadedPlan:
+        from consumer.interpreter import LoadedPlan  # the interpreter pulls in all of torch's ops
+
+        return LoadedPlan(ir, plan_id=plan_id, device_id=self.device_id)
+
+    def _loaded_plan(self, stored: StoredPlan) -> LoadedPlan:
+        cached = self._loaded.get(stored.id)
+        if cached is not None and cached[0] == stored.content_hash:
+            return cached[1]
+        loaded = self._load(stored.ir, stored.id)
+        self._loaded[stored.id] = (stored.content_hash, loaded)
+        return loaded
+
+    def _resolve(self, value: Value) -> Any:
+        """A command argument with every ``ObjectId`` replaced by the stored tensor."""
+        if isinstance(value, ObjectId):
+            return self.store.get_object(value.id).tensor
+        if isinstance(value, Ref | SymExpr):
+            raise WireError("a command argument names a plan slot; send objects by id instead")
+        if isinstance(value, tuple):
+            return tuple(self._resolve(v) for v in value)
+        if isinstance(value, list):
+            return [self._resolve(v) for v in value]
+        if isinstance(value, dict):
+            return {k: self._resolve(v) for k, v in value.items()}
+        return value
+
+    def _resolve_kwargs(self, kwargs: ValueDict) -> dict[str, Any]:
+        return {
+            k: self._resolve(value_from_proto(v))
+            for k, v in zip(kwargs.keys, kwargs.values, strict=True)
+        }
+
+    def _store_results(
+        self, result_ids: Any, results: list[Any], return_values: bool
+    ) -> list[ObjectInfo]:
+        infos: list[ObjectInfo] = []
+        for result_id, value in zip(result_ids, results, strict=False):
+            if isinstance(value, torch.Tensor):
+                obj = StoredObject(result_id, value)
+                self.store.put_object(obj)
+                infos.append(self._tensor_info(obj, with_value=return_values))
+            else:  # a Python value (loss.item()): it travels in the reply, nothing is stored
+                infos.append(
+                    ObjectInfo(
+                        id=result_id,
+                        kind="value",
+                        python_value=value_to_proto(value),
+                        has_value=True,
+                    )
+                )
+        return infos
+
+    def _tensor_info(self, obj: StoredObject, *, with_value: bool) -> ObjectInfo:
+        info = _tensor_info(obj)
+        if with_value:  # the bytes follow the reply as a raw frame
+            info.value.CopyFrom(tensor_to_proto(obj.tensor, framed=True))
+            info.has_value = True
+            self._frames.append(obj.tensor)
+        return info
+
+    def _ok_reply(self, command_id: str, result_ids: list[str], ok: Ok) -> Reply:
+        return Reply(
+            schema_version=SCHEMA_VERSION,
+            command_id=command_id,
+            device_id=self.device_id,
+            result_ids=result_ids,
+            ok=ok,
+        )
+
+    def _error_reply(
+        self,
+        command_id: str,
+        result_ids: list[str],
+        exc: BaseException,
+        wrap: type[FedplanError] = DeviceError,
+    ) -> Reply:
+        if not isinstance(exc, FedplanError):
+            exc = wrap(f"{type(exc).__name__}: {exc}", device_id=self.device_id)
+        if exc.device_id is None:
+            exc.device_id = self.device_id
+        try:
+            info = error_to_proto(exc, device_id=self.device_id)
+        except Exception:
+            info = ErrorInfo(code=exc.code, message=exc.message, device_id=self.device_id)
+        return Reply(
+            schema_version=SCHEMA_VERSION,
+            command_id=command_id,
+            device_id=self.device_id,
+            result_ids=result_ids,
+            error=info,
+        )
+
+    def _encode_safely(self, reply: Reply) -> bytes:
+        try:
+            return encode_reply(reply)
+        except Exception:  # last resort: the plain protobuf, which the server can still read
+            log.exception("encoding an error reply failed")
+            return reply.SerializeToString()
+
+
+def _own(tensor: torch.Tensor, state_ids: set[int]) -> torch.Tensor:
+    """A result tensor cut from the plan's graph, and copied if it is live plan state."""
+    out = tensor.detach()
+    if id(tensor) in state_ids:
+        out = out.clone()
+    return out.requires_grad_(tensor.requires_grad) if out.is_floating_point() else out
+
+
+def _tensor_info(obj: StoredObject) -> ObjectInfo:
+    return ObjectInfo(
+        id=obj.id,
+        tags=list(obj.tags),
+        description=obj.description,
+        dtype=DType.of(obj.tensor.dtype).name,
+        shape=list(obj.tensor.shape),
+        kind="tensor",
+    )
+
+
+def _plan_info(plan_id: str, name: str) -> ObjectInfo:
+    return ObjectInfo(id=plan_id, kind="plan", description=name)
+
+
+def _result_ids(command: Command) -> list[str]:
+    body = command.WhichOneof("body")
+    if body in ("run_plan", "run_op"):
+        return list(getattr(command, body).result_ids)
+    if body in ("store_object", "get_object"):
+        return [getattr(command, body).id]
+    if body == "move_object":
+        return [command.move_object.new_id or command.move_object.id]
+    return []
+
+
+def _is_plain_read(command: Command) -> bool:
+    body = command.WhichOneof("body")
+    return body in ("get_object", "get_plan") and not getattr(command, body).delete
+
+
+_HANDLERS: dict[str, Callable[[DeviceRuntime, Any], Ok]] = {
+    "store_object": DeviceRuntime._store_object,
+    "store_plan": DeviceRuntime._store_plan,
+    "run_plan": DeviceRuntime._run_plan,
+    "run_op": DeviceRuntime._run_op,
+    "get_object": DeviceRuntime._get_object,
+    "delete_objects": DeviceRuntime._delete_objects,
+    "search": DeviceRuntime._search,
+    "list_objects": DeviceRuntime._list_objects,
+    "clear_objects": DeviceRuntime._clear_objects,
+    "get_plan": DeviceRuntime._get_plan,
+    "move_object": DeviceRuntime._move_object,
+}
+
+__all__ = ["DeviceRuntime", "Forward"]

@@ -1,0 +1,244 @@
+"""Device handle: the server's view of one device, turning calls into commands."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import Future
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from consumer.outputs import output_slots, rebuild_like
+from producer.collector import PendingCommand
+from producer.pointers import PointerPlan, PointerTensor
+from producer.tagging import description_of, tags_of
+from schemas import command_pb2 as cmd
+from schemas.errors import PlanInputError, PlanNotBuiltError
+from schemas.ir import ObjectId, PlanIR, Value
+from schemas.plan_codec import plan_from_proto, plan_to_proto
+from schemas.plan_pb2 import ValueDict, ValueList
+from schemas.tensor_codec import tensor_from_proto, tensor_to_proto
+from schemas.value_codec import value_to_proto
+from schemas.wire import new_id
+
+if TYPE_CHECKING:
+    from producer.fleet import Fleet
+
+NOT_BUILT_MESSAGE = "A plan needs to be built before being sent to a worker."
+
+
+class Device:
+    """A device of a fleet, by id; get one with ``fleet.device(id)``.
+
+    Every method publishes one command to the device's queue. Methods returning pointers
+    return at once; the others wait for the device's reply (``fleet.timeout`` seconds).
+    """
+
+    def __init__(self, id: str, fleet: Fleet) -> None:
+        self.id = id
+        self.fleet = fleet
+        self._plans: set[str] = set()
+
+    @property
+    def timeout(self) -> float | None:
+        """Seconds to wait for a reply from this device."""
+        return self.fleet.timeout
+
+    def __repr__(self) -> str:
+        return f"<Device id:{self.id}>"
+
+    # -- objects -----------------------------------------------------------------------------
+
+    def send_tensor(
+        self,
+        tensor: torch.Tensor,
+        *,
+        tags: Sequence[str] | None = None,
+        description: str | None = None,
+    ) -> PointerTensor:
+        """Store a copy of ``tensor`` on the device; tags default to those given by ``fp.tag``."""
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"send_tensor takes a torch.Tensor, got {type(tensor).__name__}")
+        tags = tuple(tags_of(tensor) if tags is None else tags)
+        description = description_of(tensor) if description is None else description
+        object_id = new_id()
+        msg = cmd.StoreObject(
+            id=object_id,
+            tensor=tensor_to_proto(tensor, framed=True),
+            tags=list(tags),
+            description=description,
+        )
+        pending = self.fleet.submit(self.id, "store_object", msg, (object_id,), tensors=[tensor])
+        return PointerTensor(
+            object_id,
+            self,
+            pending=pending,
+            tags=tags,
+            shape=tensor.shape,
+            dtype=tensor.dtype,
+            description=description,
+        )
+
+    def search(self, *tags: str) -> list[PointerTensor]:
+        """Pointers to the device's objects that carry every one of ``tags``.
+
+        Examples
+        --------
+        >>> import torch
+        >>> import producer as fp
+        >>> with fp.connect() as fleet:
+        ...     x = fp.tag(torch.tensor([-1, 2.0]), "input_data")
+        ...     device_1 = fleet.device("device_1", data=(x,))
+        ...     pointer_to_data = device_1.search("input_data")[0]
+        ...     pointer_to_data.shape
+        torch.Size([2])
+        """
+        reply = self._call("search", cmd.Search(tags=list(tags)))
+        return [PointerTensor(info.id, self, info=info) for info in reply.ok.objects]
+
+    def objects(self) -> dict[str, PointerTensor]:
+        """Pointers to every object the device holds, by id."""
+        reply = self._call("list_objects", cmd.ListObjects())
+        return {info.id: PointerTensor(info.id, self, info=info) for info in reply.ok.objects}
+
+    def clear_objects(self) -> None:
+        """Delete every object held by the device (its plans stay)."""
+        self._call("clear_objects", cmd.ClearObjects())
+
+    def delete_objects(self, ids: Iterable[str]) -> PendingCommand:
+        """Delete objects by id (missing ones are ignored); does not wait."""
+        return self._submit("delete_objects", cmd.DeleteObjects(ids=list(ids)))
+
+    def fetch(self, object_id: str, *, delete: bool = False, timeout: float | None = None) -> Any:
+        """The value of a stored object (removing it from the device when ``delete``)."""
+        reply = self._call(
+            "get_object", cmd.GetObject(id=object_id, delete=delete), timeout=timeout
+        )
+        return tensor_from_proto(reply.ok.objects[0].value)
+
+    def move_object(self, object_id: str, destination: Device, *, timeout: float | None) -> None:
+        """Have the device hand an object to ``destination`` directly, under the same id."""
+        if destination.fleet is not self.fleet:
+            raise PlanInputError(
+                f"device {destination.id!r} belongs to another fleet; devices can only move "
+                "objects within one fleet"
+            )
+        msg = cmd.MoveObject(id=object_id, destination_device=destination.id, new_id=object_id)
+        self._call("move_object", msg, timeout=timeout)
+
+    # -- plans -------------------------------------------------------------------------------
+
+    def send_plan(self, plan: Any, *, wait: bool = True, force: bool = False) -> PointerPlan:
+        """Store a built plan on the device (once: sending it again transfers nothing).
+
+        ``wait`` blocks until the device accepted it, so a plan refused by the device's
+        allow-list raises here. ``force`` sends it again, replacing a changed plan.
+        """
+        if not getattr(plan, "is_built", False):
+            raise PlanNotBuiltError(NOT_BUILT_MESSAGE, plan_name=getattr(plan, "name", None))
+        pending: PendingCommand | None = None
+        if force or plan.id not in self._plans:
+            msg = cmd.StorePlan(plan=plan_to_proto(plan.ir, plan_id=plan.id))
+            pending = self._submit("store_plan", msg)
+            self._plans.add(plan.id)
+            pending.add_done_callback(lambda f: self._forget_refused(plan.id, f))
+        pointer = PointerPlan(plan, self, pending=pending)
+        if wait:
+            pointer.wait()
+        return pointer
+
+    def _forget_refused(self, plan_id: str, done: Future[cmd.Reply]) -> None:
+        if done.exception() is not None:  # a refused plan is sent again next time
+            self._plans.discard(plan_id)
+
+    def holds_plan(self, plan_id: str) -> bool:
+        """Whether this handle has sent the plan to the device (and it was not refused)."""
+        return plan_id in self._plans
+
+    def run_plan(
+        self,
+        plan: Any,
+        args: Sequence[Any],
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        return_values: bool = False,
+    ) -> Any:
+        """Run a plan held by the device; pointers come back at once in its output structure."""
+        ir: PlanIR = plan.ir
+        result_ids = tuple(new_id() for _ in output_slots(ir.outputs))
+        msg = cmd.RunPlan(
+            plan_id=plan.id,
+            args=ValueList(items=[value_to_proto(self._arg(a)) for a in args]),
+            kwargs=self._kwargs(kwargs or {}),
+            result_ids=list(result_ids),
+            return_values=return_values,
+        )
+        pending = self._submit("run_plan", msg, result_ids)
+        pointers = [PointerTensor(rid, self, pending=pending) for rid in result_ids]
+        return rebuild_like(ir.outputs, lambda i: pointers[i])
+
+    def run_op(
+        self,
+        target: str,
+        args: Sequence[Any],
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        num_results: int = 1,
+        return_values: bool = False,
+    ) -> Any:
+        """Run one allow-listed op on the device's objects; a pointer (or tuple) comes back."""
+        result_ids = tuple(new_id() for _ in range(num_results))
+        msg = cmd.RunOp(
+            target=target,
+            args=ValueList(items=[value_to_proto(self._arg(a)) for a in args]),
+            kwargs=self._kwargs(kwargs or {}),
+            result_ids=list(result_ids),
+            return_values=return_values,
+        )
+        pending = self._submit("run_op", msg, result_ids)
+        pointers = tuple(PointerTensor(rid, self, pending=pending) for rid in result_ids)
+        return pointers[0] if num_results == 1 else pointers
+
+    def fetch_plan(
+        self, plan_id: str, *, delete: bool = False, timeout: float | None = None
+    ) -> PlanIR:
+        """The plan as the device holds it, with its current state."""
+        reply = self._call("get_plan", cmd.GetPlan(plan_id=plan_id, delete=delete), timeout=timeout)
+        if delete:
+            self._plans.discard(plan_id)
+        ir, _ = plan_from_proto(reply.ok.plan)
+        return ir
+
+    # -- plumbing ----------------------------------------------------------------------------
+
+    def _submit(self, body: str, msg: Any, result_ids: tuple[str, ...] = ()) -> PendingCommand:
+        return self.fleet.submit(self.id, body, msg, result_ids)
+
+    def _call(self, body: str, msg: Any, *, timeout: float | None = None) -> cmd.Reply:
+        pending = self._submit(body, msg)
+        return pending.reply(self.timeout if timeout is None else timeout)
+
+    def _arg(self, value: Any) -> Value:
+        """A call argument as a command value: pointers become ``ObjectId`` on this device."""
+        if isinstance(value, PointerTensor):
+            if value.location is not self:
+                raise PlanInputError(
+                    f"pointer {value.id} is on device {value.location.id!r} but the call runs "
+                    f"on device {self.id!r}; move it with ptr.move(device) first",
+                    device_id=self.id,
+                )
+            return ObjectId(value.id)
+        if isinstance(value, tuple):
+            return tuple(self._arg(v) for v in value)
+        if isinstance(value, list):
+            return [self._arg(v) for v in value]
+        if isinstance(value, dict):
+            return {str(k): self._arg(v) for k, v in value.items()}
+        if isinstance(value, torch.Tensor):
+            return value.detach()
+        return value
+
+    def _kwargs(self, kwargs: Mapping[str, Any]) -> ValueDict:
+        return ValueDict(
+            keys=list(kwargs), values=[value_to_proto(self._arg(v)) for v in kwargs.values()]
+        )

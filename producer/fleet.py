@@ -1,0 +1,167 @@
+"""``fp.connect``: a fleet of devices behind one transport and one reply collector."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Sequence
+from types import TracebackType
+from typing import Any
+
+import torch
+
+from producer.collector import PendingCommand, ReplyCollector
+from producer.device import Device
+from producer.transport.base import Transport
+from producer.transport.local import LocalTransport
+from schemas.command_pb2 import Command
+from schemas.errors import TransportError
+from schemas.ir import SCHEMA_VERSION
+from schemas.wire import encode_command, new_id
+
+DEFAULT_TIMEOUT = 60.0
+"""Seconds to wait for a device's reply before ``TimeoutError``."""
+
+
+class Fleet:
+    """The devices reachable through one transport; create with :func:`connect`.
+
+    Examples
+    --------
+    >>> import producer as fp
+    >>> with fp.connect() as fleet:
+    ...     bob = fleet.device("bob")
+    ...     [d.id for d in fleet.devices]
+    ['bob']
+    """
+
+    def __init__(
+        self,
+        *,
+        transport: Transport,
+        collector: ReplyCollector,
+        timeout: float | None = DEFAULT_TIMEOUT,
+    ) -> None:
+        self.transport = transport
+        self.collector = collector
+        self.timeout = timeout
+        self._devices: dict[str, Device] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def device(self, id: str, *, data: Iterable[torch.Tensor] = ()) -> Device:
+        """The device ``id`` (started or declared on first use), with ``data`` stored on it.
+
+        Tensors in ``data`` keep the tags given with ``fp.tag`` and are stored before this
+        returns, so ``search`` finds them right away.
+        """
+        if self._closed:
+            raise TransportError("this fleet is closed; call fp.connect() again")
+        with self._lock:
+            device = self._devices.get(id)
+            if device is None:
+                self.transport.ensure_device(id)
+                device = self._devices[id] = Device(id, self)
+        pointers = [device.send_tensor(t) for t in data]
+        for pointer in pointers:
+            pointer.wait()
+        return device
+
+    @property
+    def devices(self) -> tuple[Device, ...]:
+        """The devices used through this fleet, in order of first use."""
+        with self._lock:
+            return tuple(self._devices.values())
+
+    def submit(
+        self,
+        device_id: str,
+        body: str,
+        msg: Any,
+        result_ids: tuple[str, ...] = (),
+        *,
+        tensors: Sequence[torch.Tensor] = (),
+    ) -> PendingCommand:
+        """Publish one command to a device; the returned future resolves with its reply.
+
+        ``tensors`` are those encoded with ``tensor_to_proto(t, framed=True)`` in ``msg``.
+        """
+        command = Command(schema_version=SCHEMA_VERSION, command_id=new_id(), device_id=device_id)
+        getattr(command, body).CopyFrom(msg)
+        data = encode_command(command, tensors)
+        pending = self.collector.expect(
+            command.command_id, device_id=device_id, result_ids=result_ids
+        )
+        try:
+            self.transport.publish(device_id, data, command_id=command.command_id)
+        except BaseException as exc:
+            self.collector.forget(command.command_id, exc)
+            raise
+        return pending
+
+    def close(self) -> None:
+        """Stop the transport; commands still awaiting a reply fail with ``TransportError``."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.transport.close()
+        finally:
+            self.collector.fail_all(TransportError("the fleet was closed before the reply came"))
+
+    def __enter__(self) -> Fleet:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<Fleet {type(self.transport).__name__} devices:{[d.id for d in self.devices]}>"
+
+
+def connect(
+    url: str | None = None, *, timeout: float | None = DEFAULT_TIMEOUT, **settings: Any
+) -> Fleet:
+    """Connect to a fleet: embedded devices by default, or RabbitMQ + Celery workers.
+
+    Parameters
+    ----------
+    url
+        ``None`` for in-process devices (threads exchanging the same protobuf bytes), or an
+        ``amqp://`` URL for devices served by Celery workers on RabbitMQ queues.
+    timeout
+        Seconds to wait for a device's reply before raising ``TimeoutError``.
+    **settings
+        Broker settings (``broker_config.settings.Settings`` fields) for an ``amqp://`` URL.
+
+    Examples
+    --------
+    >>> import torch
+    >>> import producer as fp
+    >>> fleet = fp.connect()
+    >>> bob = fleet.device("bob")
+    >>> x_ptr = fp.send(torch.tensor([1, 2, 3, 4, 5]), bob)
+    >>> x_ptr.get()
+    tensor([1, 2, 3, 4, 5])
+    >>> fleet.close()
+    """
+    collector = ReplyCollector()
+    transport: Transport
+    if url is None:
+        if settings:
+            raise TypeError(f"embedded devices take no broker settings: {sorted(settings)}")
+        transport = LocalTransport(collector.on_reply)
+    elif url.startswith(("amqp://", "amqps://")):
+        from broker_config.settings import Settings
+        from producer.transport.amqp import AmqpTransport
+
+        transport = AmqpTransport(
+            settings=Settings.from_env(broker_url=url, **settings), on_reply=collector.on_reply
+        )
+    else:
+        raise ValueError(f"unsupported fleet URL {url!r}; use None (embedded) or amqp://...")
+    return Fleet(transport=transport, collector=collector, timeout=timeout)

@@ -1,0 +1,289 @@
+"""Pointers: server-side handles to tensors and plans that live on a device."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from producer.collector import PendingCommand
+from schemas.command_pb2 import ObjectInfo
+from schemas.errors import ObjectNotFound
+from schemas.tensor_codec import dtype_from_name, tensor_from_proto
+from schemas.value_codec import value_from_proto
+from schemas.wire import new_id
+
+if TYPE_CHECKING:
+    from producer.device import Device
+
+
+class PointerTensor:
+    """A handle to a tensor (or a plan's Python result) stored on a device under ``id``.
+
+    Pointers to results exist before the device has run anything: their metadata (shape,
+    dtype) arrives with the reply and reading it blocks until then. ``get()`` brings the
+    value back and removes the remote copy.
+
+    Examples
+    --------
+    >>> import torch
+    >>> import producer as fp
+    >>> with fp.connect() as fleet:
+    ...     bob = fleet.device("bob")
+    ...     x = bob.send_tensor(torch.tensor([1, 2, 3]))
+    ...     y = bob.send_tensor(torch.tensor([5, 4, 3]))
+    ...     (x + y).get()
+    tensor([6, 6, 6])
+    """
+
+    def __init__(
+        self,
+        id: str,
+        location: Device,
+        *,
+        pending: PendingCommand | None = None,
+        info: ObjectInfo | None = None,
+        tags: tuple[str, ...] = (),
+        shape: torch.Size | None = None,
+        dtype: torch.dtype | None = None,
+        description: str = "",
+    ) -> None:
+        self.id = id
+        self.location = location
+        self.pointer_id = new_id()
+        self.tags = tags
+        self.description = description
+        self._shape = shape
+        self._dtype = dtype
+        self._kind = "tensor"
+        self._pending = pending
+        self._value: Any = None
+        self._has_value = False
+        self._gone = False
+        if info is not None:
+            self._take(info)
+
+    # -- metadata ----------------------------------------------------------------------------
+
+    def _take(self, info: ObjectInfo) -> None:
+        self._kind = info.kind or "tensor"
+        if info.tags:
+            self.tags = tuple(info.tags)
+        self.description = info.description or self.description
+        if self._kind == "value":
+            self._value = value_from_proto(info.python_value)
+            self._has_value = True
+            return
+        self._shape = torch.Size(info.shape)
+        self._dtype = dtype_from_name(info.dtype)
+        if info.has_value:
+            self._value = tensor_from_proto(info.value)
+            self._has_value = True
+
+    def wait(self, timeout: float | None = None) -> PointerTensor:
+        """Block until the device has produced this object; raise its typed error if it failed."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            try:
+                self._take(pending.object_info(self.id, self._timeout(timeout)))
+            except BaseException:
+                self._pending = pending  # waiting again raises the same error
+                raise
+        return self
+
+    @property
+    def ready(self) -> bool:
+        """Whether the reply for this object has arrived (success or error)."""
+        return self._pending is None or self._pending.done()
+
+    @property
+    def shape(self) -> torch.Size:
+        """The remote tensor's shape (waits for the device's reply if needed)."""
+        self.wait()
+        if self._shape is None:
+            raise TypeError(f"object {self.id!r} is a Python value, not a tensor")
+        return self._shape
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        """The remote tensor's dtype (waits for the device's reply if needed)."""
+        self.wait()
+        return self._dtype
+
+    def size(self, dim: int | None = None) -> Any:
+        """Like ``Tensor.size``: the shape, or one dimension of it."""
+        return self.shape if dim is None else self.shape[dim]
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __iter__(self) -> Any:
+        raise TypeError("a PointerTensor cannot be iterated here; get() it or use unbind")
+
+    def __bool__(self) -> bool:
+        raise TypeError(
+            "the truth value of a remote tensor is on the device; get() it first "
+            "(a plan records such a branch as a guard)"
+        )
+
+    # -- values ------------------------------------------------------------------------------
+
+    def get(self, timeout: float | None = None) -> Any:
+        """Bring the value back and remove it from the device; a second ``get`` raises.
+
+        Raises
+        ------
+        ObjectNotFound
+            The object was already fetched, deleted, or never stored.
+        """
+        self.wait(timeout)
+        if self._kind == "value":
+            if self._gone:
+                raise ObjectNotFound(
+                    f"the value {self.id!r} was already fetched with get()",
+                    device_id=self.location.id,
+                )
+            self._gone = True
+            return self._value
+        if self._has_value:
+            value, self._value, self._has_value = self._value, None, False
+            self.location.delete_objects([self.id])
+        else:
+            value = self.location.fetch(self.id, delete=True, timeout=self._timeout(timeout))
+        self._gone = True
+        return value
+
+    def copy(self) -> PointerTensor:
+        """A new, independent copy of the remote tensor on the same device."""
+        return self.location.run_op("Tensor.clone", (self,), {})
+
+    def move(self, device: Device) -> PointerTensor:
+        """Move the object to another device (device to device, not through the server)."""
+        self.location.move_object(self.id, device, timeout=self._timeout(None))
+        self.location = device
+        return self
+
+    def delete(self) -> None:
+        """Delete the remote object (nothing happens if it is gone already)."""
+        self.location.delete_objects([self.id])
+        self._gone = True
+
+    def _timeout(self, timeout: float | None) -> float | None:
+        return self.location.timeout if timeout is None else timeout
+
+    # -- remote ops --------------------------------------------------------------------------
+
+    @classmethod
+    def __torch_function__(
+        cls,
+        func: Callable[..., Any],
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        from producer.remote_ops import run_torch_function
+
+        return run_torch_function(func, args, kwargs or {})
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        from producer.remote_ops import tensor_method
+
+        return tensor_method(self, name)
+
+    def __repr__(self) -> str:
+        if self._pending is not None and self._pending.done():
+            with contextlib.suppress(Exception):  # repr must not raise; get() reports it
+                self.wait()
+        text = f"[PointerTensor | me:{self.pointer_id} -> {self.location.id}:{self.id}]"
+        if self.tags:
+            text += "\n\tTags: " + " ".join(self.tags)
+        if self._shape is not None:
+            text += f"\n\tShape: {self._shape}"
+        return text
+
+    __str__ = __repr__
+
+
+def _binary(name: str) -> Callable[[PointerTensor, Any], Any]:
+    def op(self: PointerTensor, other: Any) -> Any:
+        from producer.remote_ops import run_remote
+
+        return run_remote(f"Tensor.{name}", (self, other), {})
+
+    op.__name__ = name
+    return op
+
+
+def _unary(name: str) -> Callable[[PointerTensor], Any]:
+    def op(self: PointerTensor) -> Any:
+        from producer.remote_ops import run_remote
+
+        return run_remote(f"Tensor.{name}", (self,), {})
+
+    op.__name__ = name
+    return op
+
+
+for _name in (
+    "__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__", "__truediv__",
+    "__rtruediv__", "__matmul__", "__rmatmul__", "__pow__", "__rpow__", "__mod__",
+    "__floordiv__", "__lt__", "__le__", "__gt__", "__ge__", "__and__", "__or__", "__xor__",
+    "__iadd__", "__isub__", "__imul__", "__itruediv__", "__getitem__",
+):  # fmt: skip
+    setattr(PointerTensor, _name, _binary(_name))
+for _name in ("__neg__", "__abs__", "__invert__", "__pos__"):
+    setattr(PointerTensor, _name, _unary(_name))
+
+
+class PointerPlan:
+    """A plan stored on a device; calling it runs the plan there with one command.
+
+    Examples
+    --------
+    >>> import torch
+    >>> import producer as fp
+    >>> @fp.func2plan(args_shape=[(-1,)])
+    ... def double_abs(x):
+    ...     return torch.abs(x + x)
+    >>> with fp.connect() as fleet:
+    ...     device_1 = fleet.device("device_1")
+    ...     pointer_plan = double_abs.send(device_1)
+    ...     pointer_plan(device_1.send_tensor(torch.tensor([1.0, -2.0]))).get()
+    tensor([2., 4.])
+    """
+
+    def __init__(self, plan: Any, location: Device, *, pending: PendingCommand | None) -> None:
+        self.plan = plan
+        self.id: str = plan.id
+        self.location = location
+        self.pointer_id = new_id()
+        self._pending = pending
+
+    def wait(self, timeout: float | None = None) -> PointerPlan:
+        """Block until the device has stored the plan; raise its typed error if it refused."""
+        if self._pending is not None:
+            self._pending.reply(self.location.timeout if timeout is None else timeout)
+        return self
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the plan on the device; returns pointers (in the plan's output structure) at once."""
+        if self._pending is not None and self._pending.done():
+            self._pending.reply(0)  # a refused plan raises its error here, not a NOT_FOUND
+        return self.location.run_plan(self.plan, args, kwargs)
+
+    def get(self, *, delete: bool = False, timeout: float | None = None) -> Any:
+        """Bring the plan back with the device's current state loaded into the local plan."""
+        self.wait(timeout)
+        ir = self.location.fetch_plan(self.id, delete=delete, timeout=timeout)
+        self.plan.load_state(ir.state_values)
+        return self.plan
+
+    def __repr__(self) -> str:
+        return f"[PointerPlan | me:{self.pointer_id} -> {self.location.id}:{self.id}]"

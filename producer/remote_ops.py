@@ -1,0 +1,90 @@
+"""Torch ops on pointers: each runs on the pointers' device as one ``RunOp`` command."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from schemas import allowlist
+from schemas.errors import OpNotAllowedError, PlanInputError
+
+if TYPE_CHECKING:
+    from producer.device import Device
+    from producer.pointers import PointerTensor
+
+_RETURNS_NONE = frozenset({"Tensor.backward"})
+"""Ops whose result is ``None``: the call waits for the device and returns ``None``."""
+
+
+def op_name(func: Callable[..., Any]) -> str:
+    """The allow-list name of a torch function or tensor method (``Tensor.add``, ``torch.abs``)."""
+    name = allowlist.name_of(func)
+    if name is None:
+        raise OpNotAllowedError(
+            f"{func!r} is not an allow-listed op; devices will not run it. Use allowed torch "
+            "ops, or get() the tensor and compute locally"
+        )
+    return name
+
+
+def run_torch_function(
+    func: Callable[..., Any], args: Sequence[Any], kwargs: Mapping[str, Any]
+) -> Any:
+    """``__torch_function__`` of ``PointerTensor``: run ``func`` where the pointers live."""
+    return run_remote(op_name(func), args, kwargs)
+
+
+def tensor_method(pointer: PointerTensor, name: str) -> Callable[..., Any]:
+    """``ptr.<name>`` for an allow-listed tensor method, bound to the pointer."""
+    target = f"Tensor.{name}"
+    if not allowlist.is_allowed(target):
+        raise AttributeError(
+            f"PointerTensor has no attribute {name!r} ({target} is not an allow-listed op)"
+        )
+    return functools.partial(_method, target, pointer)
+
+
+def _method(target: str, pointer: PointerTensor, *args: Any, **kwargs: Any) -> Any:
+    return run_remote(target, (pointer, *args), kwargs)
+
+
+def run_remote(target: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
+    """Run one allow-listed op on the device that holds every pointer among the arguments."""
+    if not allowlist.is_allowed(target):
+        raise OpNotAllowedError(f"{target} is not in the allow-list; it cannot run on a device")
+    device = _device_of([*args, *kwargs.values()])
+    result = device.run_op(target, args, kwargs)
+    if target in _RETURNS_NONE:
+        result.wait()
+        return None
+    return result
+
+
+def _device_of(values: Sequence[Any]) -> Device:
+    from producer.pointers import PointerTensor
+
+    found: list[PointerTensor] = []
+    _collect(values, found, PointerTensor)
+    if not found:
+        raise PlanInputError("a remote op needs at least one PointerTensor argument")
+    first = found[0]
+    for other in found[1:]:
+        if other.location is not first.location:
+            raise PlanInputError(
+                f"pointers on different devices in one op: {first.id} on "
+                f"{first.location.id!r} and {other.id} on {other.location.id!r}; move one "
+                "with ptr.move(device) first"
+            )
+    return first.location
+
+
+def _collect(value: Any, found: list[Any], cls: type) -> None:
+    if isinstance(value, cls):
+        found.append(value)
+    elif isinstance(value, tuple | list):
+        for item in value:
+            _collect(item, found, cls)
+    elif isinstance(value, dict):
+        for item in value.values():
+            _collect(item, found, cls)
