@@ -154,7 +154,7 @@ class DeviceRuntime:
         args = [self._resolve(value_from_proto(v)) for v in msg.args.items]
         kwargs = self._resolve_kwargs(msg.kwargs)
         try:
-            out = loaded.run(args, kwargs, stored.ir.state_values)
+            out = loaded.run(tuple(args), kwargs, stored.ir.state_values)
         except FedplanError as exc:
             exc.plan_id = exc.plan_id or stored.id
             exc.plan_name = exc.plan_name or stored.ir.name

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
-import weakref
+from collections import OrderedDict
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 
@@ -57,13 +57,12 @@ class ReplyCollector:
     False
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, keep: int = 1024) -> None:
         self._lock = threading.Lock()
+        self._keep = keep
         self._pending: dict[str, PendingCommand] = {}
-        self._by_result: weakref.WeakValueDictionary[str, PendingCommand] = (
-            weakref.WeakValueDictionary()
-        )
-        self._done: weakref.WeakValueDictionary[str, PendingCommand] = weakref.WeakValueDictionary()
+        self._done: OrderedDict[str, PendingCommand] = OrderedDict()
+        self._by_result: dict[str, PendingCommand] = {}
 
     def expect(
         self, command_id: str, *, device_id: str, result_ids: tuple[str, ...] = ()
@@ -76,10 +75,21 @@ class ReplyCollector:
                 self._by_result[result_id] = pending
         return pending
 
+    def _retire(self, pending: PendingCommand) -> None:
+        """Keep a resolved command findable by id for a while (callers hold their futures)."""
+        self._done[pending.command_id] = pending
+        while len(self._done) > self._keep:
+            _, old = self._done.popitem(last=False)
+            for result_id in old.result_ids:
+                if self._by_result.get(result_id) is old:
+                    del self._by_result[result_id]
+
     def forget(self, command_id: str, error: BaseException) -> None:
         """Fail a registered command that could not be published."""
         with self._lock:
             pending = self._pending.pop(command_id, None)
+            if pending is not None:
+                self._retire(pending)
         if pending is not None and not pending.done():
             pending.set_exception(error)
 
@@ -93,7 +103,7 @@ class ReplyCollector:
         with self._lock:
             pending = self._pending.pop(reply.command_id, None)
             if pending is not None:
-                self._done[reply.command_id] = pending
+                self._retire(pending)
         if pending is None:
             # Replies to commands nobody waits for (a device forwarding a moved object).
             log.debug("reply to unknown command %s from %s", reply.command_id, reply.device_id)
@@ -143,6 +153,8 @@ class ReplyCollector:
         """Fail every awaited command (the transport closed or lost its connection)."""
         with self._lock:
             pending, self._pending = list(self._pending.values()), {}
+            for item in pending:
+                self._retire(item)
         for item in pending:
             if not item.done():
                 item.set_exception(error)
