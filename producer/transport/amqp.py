@@ -1,0 +1,309 @@
+"""The RabbitMQ transport: one I/O thread owns a pika connection; the only pika importer."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any
+
+import pika
+import pika.exceptions as pex
+from pika.adapters.blocking_connection import BlockingChannel
+
+from broker_config import names, topology
+from broker_config.settings import Settings
+from consumer.serialization import (
+    CHUNK_HEADER,
+    CHUNKS_HEADER,
+    CONTENT_ENCODING,
+    CONTENT_TYPE,
+    TRANSFER_HEADER,
+    chunk_headers,
+    split_chunks,
+    task_headers,
+)
+from producer.transport.base import ReplyHandler
+from schemas.errors import BrokerUnavailable, DeviceNotFound, TransportError
+
+log = logging.getLogger(__name__)
+
+_Work = Callable[[BlockingChannel], Any]
+
+
+class AmqpTransport:
+    """Publishes commands to device queues and feeds replies from a durable results queue.
+
+    pika is not thread-safe, so one I/O thread owns the connection and its channel; callers
+    hand it work through a queue and wait on a future. Publishes use publisher confirms,
+    ``mandatory`` (a device without a queue raises ``DeviceNotFound`` at once) and
+    persistent delivery, in Celery's task message protocol v2 so a stock ``celery worker``
+    consumes them. The connection is re-established with exponential backoff; work handed
+    over meanwhile waits, and replies that arrived meanwhile wait in the durable results
+    queue (named after ``settings.producer_id``, so a restarted producer finds them).
+
+    Parameters
+    ----------
+    on_reply
+        Called from the I/O thread with each encoded ``Reply`` (chunks reassembled).
+    settings
+        Broker URL, producer id, maximum message size, timeouts.
+    url
+        Overrides ``settings.broker_url``.
+
+    Examples
+    --------
+    >>> t = AmqpTransport(on_reply=print, settings=Settings())  # doctest: +SKIP
+    >>> t.ensure_device("alice")  # doctest: +SKIP
+    >>> t.publish("alice", command_bytes, command_id="c1")  # doctest: +SKIP
+    >>> t.close()  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        *,
+        on_reply: ReplyHandler,
+        settings: Settings | None = None,
+        url: str | None = None,
+    ) -> None:
+        s = settings or Settings.from_env()
+        if url is not None:
+            s = s.replace(broker_url=url)
+        if s.producer_id is None:
+            from schemas.wire import new_id
+
+            s = s.replace(producer_id=f"p{new_id()}")
+        self.settings = s
+        self.producer_id: str = s.producer_id or ""
+        self.results_queue = names.results_queue(self.producer_id)
+        self._on_reply = on_reply
+        self._params = pika.URLParameters(s.broker_url)
+        self._params.heartbeat = s.heartbeat
+        self._params.blocked_connection_timeout = s.confirm_timeout
+        self._params.client_properties = {"connection_name": f"fedplan producer {self.producer_id}"}
+        self._work: deque[tuple[_Work, Future[Any]]] = deque()
+        self._lock = threading.Lock()
+        self._conn: pika.BlockingConnection | None = None
+        self._closing = threading.Event()
+        self._ready: Future[None] = Future()
+        self._chunks: dict[str, dict[int, bytes]] = {}
+        self._devices: set[str] = set()
+        self.reconnects = 0
+        self._thread = threading.Thread(target=self._run, name="fedplan-amqp-io", daemon=True)
+        self._thread.start()
+        try:
+            self._ready.result(timeout=s.confirm_timeout)
+        except Exception:
+            self.close()
+            raise
+
+    # -- the Transport protocol --------------------------------------------------------
+
+    def publish(self, device_id: str, command: bytes, *, command_id: str) -> None:
+        """Publish one command (chunked above the maximum message size); wait for confirms.
+
+        Raises ``DeviceNotFound`` when no queue is bound for the device and
+        ``TransportError`` when the broker refuses it (e.g. the device queue is full).
+        """
+        routing_key = names.device_routing_key(device_id)
+        pieces = split_chunks(command, self.settings.max_message_size)
+
+        def work(ch: BlockingChannel) -> None:
+            for i, piece in enumerate(pieces):
+                extra = chunk_headers(command_id, i, len(pieces)) if len(pieces) > 1 else None
+                task_id = command_id if len(pieces) == 1 else f"{command_id}.{i}"
+                props = pika.BasicProperties(
+                    content_type=CONTENT_TYPE,
+                    content_encoding=CONTENT_ENCODING,
+                    delivery_mode=pika.DeliveryMode.Persistent,
+                    correlation_id=command_id,
+                    reply_to=names.results_routing_key(self.producer_id),
+                    headers=task_headers(task_id, extra=extra),
+                    priority=0,
+                )
+                try:
+                    ch.basic_publish(names.commands_exchange(), routing_key, bytes(piece),
+                                     props, mandatory=True)
+                except pex.UnroutableError:
+                    raise DeviceNotFound(
+                        f"no queue for device {device_id!r}; start its worker or create it "
+                        "with fleet.device(...) / `fedplan broker setup --device`",
+                        device_id=device_id,
+                    ) from None
+                except pex.NackError:
+                    raise TransportError(
+                        f"the broker refused a command for device {device_id!r}; its queue "
+                        f"is probably full ({self.settings.queue_max_length} messages): is "
+                        "the device's worker running?",
+                        device_id=device_id,
+                    ) from None
+
+        self._call(work)
+
+    def ensure_device(self, device_id: str) -> None:
+        """Declare the device's durable queue and bind it (idempotent)."""
+        spec = topology.device_queue(device_id, self.settings)
+
+        def work(ch: BlockingChannel) -> None:
+            self._declare_queue(ch, spec)
+            self._devices.add(device_id)
+
+        self._call(work)
+
+    def close(self) -> None:
+        """Stop the I/O thread and close the connection (pending replies stay queued)."""
+        self._closing.set()
+        self._wake()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout=10)
+
+    # -- hand-over to the I/O thread ---------------------------------------------------
+
+    def _call(self, work: _Work) -> Any:
+        """Run ``work`` on the I/O thread (after a reconnect if need be) and wait for it."""
+        if self._closing.is_set():
+            raise TransportError("the transport is closed; connect again with fp.connect(url)")
+        fut: Future[Any] = Future()
+        with self._lock:
+            self._work.append((work, fut))
+        if threading.current_thread() is self._thread:  # from on_reply: runs after it returns
+            return None
+        self._wake()
+        try:
+            return fut.result(timeout=self.settings.confirm_timeout)
+        except TimeoutError:
+            if fut.cancel():
+                raise BrokerUnavailable(
+                    f"the broker at {_safe_url(self.settings)} did not confirm within "
+                    f"{self.settings.confirm_timeout}s (reconnecting); retry later or raise "
+                    "FEDPLAN_CONFIRM_TIMEOUT"
+                ) from None
+            return fut.result()  # it started meanwhile: it finishes or raises
+
+    def _wake(self) -> None:
+        conn = self._conn
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.add_callback_threadsafe(lambda: None)
+
+    # -- the I/O thread ----------------------------------------------------------------
+
+    def _run(self) -> None:
+        attempt = 0
+        while not self._closing.is_set():
+            try:
+                self._conn = pika.BlockingConnection(self._params)
+                ch = self._setup(self._conn)
+                if not self._ready.done():
+                    self._ready.set_result(None)
+                elif attempt:
+                    log.info("reconnected to the broker after %d attempt(s)", attempt)
+                attempt = 0
+                self._loop(self._conn, ch)
+            except (pex.AMQPConnectionError, pex.ConnectionClosed, pex.StreamLostError,
+                    pex.ChannelClosed, pex.ChannelWrongStateError, OSError) as e:
+                if not self._ready.done():
+                    self._ready.set_exception(BrokerUnavailable(
+                        f"cannot connect to the broker at {_safe_url(self.settings)} ({e!r}); "
+                        "is RabbitMQ running? (scripts/ensure_rabbitmq)"))
+                    return
+                if self._closing.is_set():
+                    break
+                attempt += 1
+                self.reconnects += 1
+                delay = min(self.settings.reconnect_max_delay, 0.05 * 2**attempt)
+                log.warning("broker connection lost (%r); reconnecting in %.2fs", e, delay)
+                self._closing.wait(delay)
+            finally:
+                conn, self._conn = self._conn, None
+                if conn is not None and conn.is_open:
+                    with contextlib.suppress(Exception):
+                        conn.close()
+        self._fail_pending(TransportError("the transport was closed before this was sent"))
+
+    def _setup(self, conn: pika.BlockingConnection) -> BlockingChannel:
+        ch = conn.channel()
+        ch.confirm_delivery()
+        for ex in topology.exchanges():
+            ch.exchange_declare(ex.name, ex.type, durable=True)
+        self._declare_queue(ch, topology.dead_letter_queue())
+        self._declare_queue(ch, topology.results_queue(self.producer_id, self.settings))
+        for device in sorted(self._devices):  # queues may have been deleted meanwhile
+            self._declare_queue(ch, topology.device_queue(device, self.settings))
+        ch.basic_qos(prefetch_count=64)
+        ch.basic_consume(self.results_queue, self._on_message, auto_ack=False)
+        return ch
+
+    def _declare_queue(self, ch: BlockingChannel, spec: topology.QueueSpec) -> None:
+        ch.queue_declare(spec.name, durable=True, arguments=spec.arguments)
+        ch.queue_bind(spec.name, spec.exchange, routing_key=spec.routing_key)
+
+    def _loop(self, conn: pika.BlockingConnection, ch: BlockingChannel) -> None:
+        while not self._closing.is_set():
+            self._drain(ch)
+            conn.process_data_events(time_limit=0.2)
+        self._drain(ch)
+
+    def _drain(self, ch: BlockingChannel) -> None:
+        while True:
+            with self._lock:
+                if not self._work:
+                    return
+                work, fut = self._work[0]
+            if fut.done():  # the caller gave up waiting
+                with self._lock:
+                    self._work.popleft()
+                continue
+            try:
+                result = work(ch)
+            except (pex.AMQPConnectionError, pex.ConnectionClosed, pex.StreamLostError,
+                    pex.ChannelWrongStateError):
+                raise  # keep the item: it is redone after the reconnect
+            except pex.ChannelClosedByBroker as e:
+                with self._lock:
+                    self._work.popleft()
+                fut.set_exception(TransportError(
+                    f"the broker refused the operation: {e.reply_code} {e.reply_text}"))
+                raise
+            except Exception as e:
+                with self._lock:
+                    self._work.popleft()
+                fut.set_exception(e)
+            else:
+                with self._lock:
+                    self._work.popleft()
+                fut.set_result(result)
+
+    def _fail_pending(self, exc: Exception) -> None:
+        with self._lock:
+            items, self._work = list(self._work), deque()
+        for _, fut in items:
+            if not fut.done():
+                fut.set_exception(exc)
+
+    def _on_message(self, ch: BlockingChannel, method: Any, props: Any, body: bytes) -> None:
+        headers = props.headers or {}
+        data: bytes | None = body
+        count = int(headers.get(CHUNKS_HEADER, 1) or 1)
+        if count > 1:
+            transfer = str(headers.get(TRANSFER_HEADER, ""))
+            parts = self._chunks.setdefault(transfer, {})
+            parts[int(headers.get(CHUNK_HEADER, 0))] = body
+            data = None
+            if len(parts) == count:
+                data = b"".join(parts[i] for i in range(count))
+                del self._chunks[transfer]
+        if data is not None:
+            try:
+                self._on_reply(data)
+            except Exception:
+                log.exception("the reply handler failed on a reply; the reply is dropped")
+        ch.basic_ack(method.delivery_tag)
+
+
+def _safe_url(settings: Settings) -> str:
+    params = pika.URLParameters(settings.broker_url)
+    return f"amqp://{params.host}:{params.port}{params.virtual_host}"
