@@ -9,7 +9,11 @@ from collections.abc import Sequence
 
 # Modules that provide subcommands. Each defines ``register(subparsers) -> None``, which adds
 # its subparser(s) and sets ``func=<callable(args) -> int>`` as the default.
-SUBCOMMAND_MODULES: tuple[str, ...] = ()
+SUBCOMMAND_MODULES: tuple[str, ...] = (
+    "broker_config.setup",
+    "consumer.worker_cli",
+    "producer.status",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

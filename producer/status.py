@@ -1,0 +1,115 @@
+"""``fedplan status``: one row per device from the RabbitMQ management HTTP API."""
+
+from __future__ import annotations
+
+import argparse
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+from broker_config import names
+from broker_config.management import ManagementClient
+from broker_config.settings import Settings
+from schemas.errors import FedplanError
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceStatus:
+    """What the broker knows about one device's queue."""
+
+    device_id: str
+    ready: int
+    unacked: int
+    consumers: int
+    publish_rate: float
+    deliver_rate: float
+    dead_lettered: int
+
+    @property
+    def online(self) -> bool:
+        """A worker consumes the device's queue."""
+        return self.consumers > 0
+
+
+def _rate(stats: dict[str, Any], key: str) -> float:
+    return float((stats.get(f"{key}_details") or {}).get("rate", 0.0))
+
+
+def dead_lettered_by_queue(client: ManagementClient, *, peek: int = 500) -> Counter[str]:
+    """How many messages in the dead-letter queue came from each queue (first ``peek``).
+
+    Messages are read with ``ack_requeue_true``: they stay in the dead-letter queue.
+    """
+    path = f"queues/{client.vq()}/{client.q(names.dead_letter_queue())}/get"
+    found = client.request("POST", path, {"count": peek, "ackmode": "ack_requeue_true",
+                                          "encoding": "base64", "truncate": 1})
+    counts: Counter[str] = Counter()
+    for msg in found or []:
+        deaths = ((msg.get("properties") or {}).get("headers") or {}).get("x-death") or []
+        if deaths:
+            counts[str(deaths[0].get("queue", ""))] += 1
+    return counts
+
+
+def device_statuses(client: ManagementClient) -> list[DeviceStatus]:
+    """The status of every ``fedplan.device.*`` queue, sorted by device id.
+
+    Examples
+    --------
+    >>> client = ManagementClient.from_settings(Settings())  # doctest: +SKIP
+    >>> [s.device_id for s in device_statuses(client)]  # doctest: +SKIP
+    ['alice', 'bob']
+    """
+    queues = client.request("GET", f"queues/{client.vq()}") or []
+    dead = dead_lettered_by_queue(client)
+    rows: list[DeviceStatus] = []
+    for q in queues:
+        device = names.device_from_queue(str(q.get("name", "")))
+        if device is None:
+            continue
+        stats = q.get("message_stats") or {}
+        rows.append(DeviceStatus(
+            device_id=device,
+            ready=int(q.get("messages_ready", 0) or 0),
+            unacked=int(q.get("messages_unacknowledged", 0) or 0),
+            consumers=int(q.get("consumers", 0) or 0),
+            publish_rate=_rate(stats, "publish"),
+            deliver_rate=_rate(stats, "deliver_get"),
+            dead_lettered=dead.get(str(q["name"]), 0),
+        ))
+    return sorted(rows, key=lambda r: r.device_id)
+
+
+def format_table(rows: list[DeviceStatus]) -> str:
+    """A plain-text table, one line per device."""
+    head = ("DEVICE", "STATE", "READY", "UNACKED", "CONSUMERS", "PUB/S", "DELIVER/S", "DEAD")
+    lines = [head] + [
+        (r.device_id, "online" if r.online else "offline", str(r.ready), str(r.unacked),
+         str(r.consumers), f"{r.publish_rate:.1f}", f"{r.deliver_rate:.1f}",
+         str(r.dead_lettered))
+        for r in rows
+    ]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
+                     for line in lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of ``fedplan status``."""
+    settings = Settings.from_env(broker_url=args.url)
+    client = ManagementClient.from_settings(settings, args.api)
+    try:
+        rows = device_statuses(client)
+    except FedplanError as e:
+        print(e)
+        return 1
+    print(format_table(rows) if rows else "no fedplan device queues on this broker")
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    """Add ``fedplan status`` to the console script."""
+    p = subparsers.add_parser("status", help="per-device queue depth, consumers and rates")
+    p.add_argument("--api", default=None, help="management API URL (default from settings)")
+    p.add_argument("--url", default=None, help="broker URL for credentials")
+    p.set_defaults(func=run)
