@@ -35,9 +35,15 @@ def run_torch_function(
     return run_remote(op_name(func), args, kwargs)
 
 
-def tensor_method(pointer: PointerTensor, name: str) -> Callable[..., Any]:
-    """``ptr.<name>`` for an allow-listed tensor method, bound to the pointer."""
+def tensor_method(pointer: PointerTensor, name: str) -> Any:
+    """``ptr.<name>``: an allow-listed tensor method bound to the pointer, or a property read.
+
+    A property (``ptr.grad``, ``ptr.data``) is read on the device at once and comes back as
+    a pointer to its value.
+    """
     target = f"Tensor.{name}"
+    if allowlist.is_allowed(f"{target}.__get__"):
+        return run_remote(f"{target}.__get__", (pointer,), {})
     if not allowlist.is_allowed(target):
         raise AttributeError(
             f"PointerTensor has no attribute {name!r} ({target} is not an allow-listed op)"
