@@ -50,6 +50,8 @@ def weighted_average(results: Sequence[tuple[Mapping[str, torch.Tensor], int]]) 
     if total <= 0:
         raise ValueError(f"the results hold {total} examples in all; weights need a positive total")
     first = results[0][0]
+    for weights, _ in results[1:]:
+        _check_same_keys(first, weights)
     out: Weights = {}
     for name in first:
         acc: torch.Tensor | None = None
@@ -58,8 +60,6 @@ def weighted_average(results: Sequence[tuple[Mapping[str, torch.Tensor], int]]) 
             acc = term if acc is None else acc + term
         assert acc is not None
         out[name] = acc
-    for weights, _ in results[1:]:
-        _check_same_keys(first, weights)
     return out
 
 

@@ -62,7 +62,9 @@ class TrainingSpec:
 def sample_order(n_examples: int, seed: int, epochs: int = 1) -> torch.Tensor:
     """The local sample order: ``epochs`` permutations drawn from ``Generator().manual_seed(seed)``.
 
-    The same indices a ``DataLoader(shuffle=True, generator=g)`` draws, epoch after epoch.
+    As the benchmark task fixes it: ``torch.randperm(n, generator=g)`` per epoch. (A
+    ``DataLoader(shuffle=True, generator=g)`` does not draw this order on torch 2.13: its
+    iterator first takes a base seed from ``g``.)
 
     Examples
     --------
