@@ -1,0 +1,411 @@
+"""Runs a PlanIR through the allow-list: checked once at load, ops resolved into closures."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from consumer.lowering import (
+    DTYPES,
+    Const,
+    Getter,
+    Lowering,
+    SlotRead,
+    Slots,
+    get,
+    make_call,
+    same_value,
+)
+from schemas.allowlist import is_allowed, resolve
+from schemas.errors import (
+    FedplanError,
+    OpNotAllowedError,
+    PlanExecutionError,
+    PlanGuardError,
+    PlanInputError,
+    PlanShapeError,
+    WireError,
+)
+from schemas.ir import Op, PlanIR, Ref, refs_in
+
+Step = Callable[[Slots], None]
+
+
+class LoadedPlan:
+    """A plan checked against the allow-list and compiled into closures, ready to run.
+
+    Parameters
+    ----------
+    ir:
+        The plan. Every op target must be in :mod:`schemas.allowlist` and every slot read
+        must be written first; otherwise nothing runs (``OpNotAllowedError``/``WireError``).
+    plan_id, device_id:
+        Where the plan lives, for error fields.
+
+    Examples
+    --------
+    >>> from schemas.ir import Op, PlanIR, Ref
+    >>> ir = PlanIR(name="double_abs", inputs=(Ref(0),), ops=[
+    ...     Op("Tensor.__add__", (Ref(0), Ref(0)), {}, Ref(1)),
+    ...     Op("torch.abs", (Ref(1),), {}, Ref(2)),
+    ... ], outputs=Ref(2), num_slots=3)
+    >>> LoadedPlan(ir).run((torch.tensor([-1.0, 2.0]),), {}, {})
+    tensor([2., 4.])
+    """
+
+    def __init__(
+        self, ir: PlanIR, *, plan_id: str | None = None, device_id: str | None = None
+    ) -> None:
+        self.ir = ir
+        self.plan_id = plan_id
+        self.device_id = device_id
+        self._where: dict[str, Any] = {
+            "plan_id": plan_id,
+            "plan_name": ir.name,
+            "device_id": device_id,
+        }
+        for index, op in enumerate(ir.ops):  # deny before looking at anything else
+            if not isinstance(op.target, str) or not is_allowed(op.target):
+                raise OpNotAllowedError(
+                    f"op {index} {op.target!r} of plan {ir.name!r} is not in the allow-list; "
+                    "the device refuses the whole plan: rewrite it with allowed torch ops",
+                    op_index=index,
+                    **self._where,
+                )
+        self._lower = Lowering(self._malformed)
+        self._input_slots = self._check_structure()
+        self._bind = self._compile_binder()
+        self._specs = [
+            (s.slot, s.path, s.ndim, DTYPES[s.dtype.name] if s.dtype else None, s.sizes)
+            for s in ir.input_specs
+        ]
+        self._state = tuple(ir.state.items())
+        self._constants = tuple(ir.constants.items())
+        self._program = self._compile_program()
+        self._outputs = self._lower.value(ir.outputs, "outputs")
+
+    # ------------------------------------------------------------------ checking
+    def _malformed(self, what: str, op_index: int | None = None) -> WireError:
+        return WireError(
+            f"malformed plan {self.ir.name!r}: {what}; rebuild and resend the plan",
+            op_index=op_index,
+            **self._where,
+        )
+
+    def _check_structure(self) -> set[int]:
+        """Every slot in range, written once, written before it is read; returns input slots."""
+        ir = self.ir
+        defined: set[int] = set()
+
+        def define(ref: Any, what: str, index: int | None = None) -> None:
+            if not isinstance(ref, Ref) or type(ref.slot) is not int:
+                raise self._malformed(f"{what} must be a slot reference, not {ref!r}", index)
+            if not 0 <= ref.slot < ir.num_slots:
+                raise self._malformed(f"{what} writes slot {ref.slot} of {ir.num_slots}", index)
+            if ref.slot in defined:
+                raise self._malformed(f"{what} writes slot {ref.slot} a second time", index)
+            defined.add(ref.slot)
+
+        def read(value: Any, what: str, index: int | None = None) -> None:
+            for ref in refs_in(value):
+                if ref.slot not in defined:
+                    raise self._malformed(
+                        f"{what} reads slot {ref.slot} before it is written", index
+                    )
+
+        def check_out(pattern: Any, index: int) -> None:
+            if isinstance(pattern, tuple | list):
+                for sub in pattern:
+                    check_out(sub, index)
+            elif pattern is not None and not isinstance(pattern, Ref):
+                raise self._malformed(f"op {index} writes its result to {pattern!r}", index)
+
+        if not isinstance(ir.inputs, tuple) or not isinstance(ir.kwinputs, dict):
+            raise self._malformed("inputs must be a tuple and kwinputs a dict")
+        if type(ir.num_slots) is not int or ir.num_slots < 0:
+            raise self._malformed(f"num_slots is {ir.num_slots!r}")
+        for ref in refs_in((ir.inputs, ir.kwinputs)):
+            define(ref, "an input")
+        inputs = set(defined)
+        for name, slot in ir.state.items():
+            define(Ref(slot), f"state {name!r}")
+        for slot, tensor in ir.constants.items():
+            define(Ref(slot), "a constant")
+            if not isinstance(tensor, torch.Tensor):
+                raise self._malformed(f"constant slot {slot} holds {type(tensor).__name__}")
+        for spec in ir.input_specs:
+            if spec.slot not in inputs:
+                raise self._malformed(f"input spec {spec.path!r} names slot {spec.slot}")
+            if spec.dtype is not None and spec.dtype.name not in DTYPES:
+                raise self._malformed(f"input spec {spec.path!r} has dtype {spec.dtype.name!r}")
+        for index, op in enumerate(ir.ops):
+            read((op.args, op.kwargs), f"op {index} ({op.target})", index)
+            if op.is_guard and refs_in(op.expect):
+                raise self._malformed(f"guard op {index} expects a slot value", index)
+            check_out(op.out, index)
+            for ref in refs_in(op.out):
+                define(ref, f"op {index} ({op.target})", index)
+        read(ir.outputs, "the outputs")
+        return inputs
+
+    # ------------------------------------------------------------------ compiling
+    def _compile_program(self) -> list[tuple[Step, tuple[int, ...]]]:
+        ir = self.ir
+        keep = {r.slot for r in refs_in(ir.outputs)} | set(ir.state.values())
+        last_read: dict[int, int] = {}
+        for index, op in enumerate(ir.ops):
+            for ref in refs_in((op.args, op.kwargs)):
+                last_read[ref.slot] = index
+        free_after: list[list[int]] = [[] for _ in ir.ops]
+        for slot, index in last_read.items():
+            if slot not in keep:
+                free_after[index].append(slot)
+        for index, op in enumerate(ir.ops):  # results nobody reads
+            for ref in refs_in(op.out):
+                if ref.slot not in keep and ref.slot not in last_read:
+                    free_after[index].append(ref.slot)
+        return [
+            (self._compile_op(index, op), tuple(sorted(free_after[index])))
+            for index, op in enumerate(ir.ops)
+        ]
+
+    def _compile_op(self, index: int, op: Op) -> Step:
+        what = f"op {index} ({op.target})"
+        func = resolve(op.target)
+        args = [self._lower.value(a, what, index) for a in op.args]
+        kwargs = {k: self._lower.value(v, what, index) for k, v in op.kwargs.items()}
+        call = make_call(func, args, kwargs)
+        out = op.out
+        if op.is_guard:
+            expected = self._lower.value(op.expect, what, index)
+            assert isinstance(expected, Const)  # refs in expect were refused above
+            return self._guard_step(index, op, call, expected.value)
+        if isinstance(out, Ref):
+            slot = out.slot
+
+            def step(s: Slots) -> None:
+                s[slot] = call(s)
+
+            return step
+        store = self._make_store(index, op)
+
+        def stepped(s: Slots) -> None:
+            store(s, call(s))
+
+        return stepped
+
+    def _guard_step(self, index: int, op: Op, call: Getter, expected: Any) -> Step:
+        store = self._make_store(index, op)
+        where = self._where
+
+        def guarded(s: Slots) -> None:
+            actual = call(s)
+            if not same_value(actual, expected):
+                raise PlanGuardError(
+                    f"guard failed at {op.source or op.target}: traced {expected!r}, "
+                    f"now {actual!r}",
+                    op_index=index,
+                    **where,
+                )
+            store(s, actual)
+
+        return guarded
+
+    def _make_store(self, index: int, op: Op) -> Callable[[Slots, Any], None]:
+        where, source, out = self._where, op.source or op.target, op.out
+
+        def store(s: Slots, pattern: Any, result: Any) -> None:
+            if isinstance(pattern, Ref):
+                s[pattern.slot] = result
+            elif isinstance(pattern, tuple | list):
+                if not isinstance(result, tuple | list) or len(result) != len(pattern):
+                    now = len(result) if isinstance(result, tuple | list) else "1"
+                    raise PlanGuardError(
+                        f"guard failed at {source}: traced {len(pattern)} outputs, now {now}; "
+                        "the inputs produce a different number of values than at build",
+                        op_index=index,
+                        **where,
+                    )
+                for sub, value in zip(pattern, result, strict=True):
+                    store(s, sub, value)
+
+        return lambda s, result: store(s, out, result)
+
+    def _compile_binder(self) -> Callable[[Slots, tuple[Any, ...], dict[str, Any]], None]:
+        """A function that checks a call's arguments against the input patterns, fills slots."""
+        ir, where = self.ir, self._where
+        count, keys = len(ir.inputs), set(ir.kwinputs)
+        patterns = [(f"args[{i}]", self._lower_pattern(p)) for i, p in enumerate(ir.inputs)]
+        patterns += [(f"kwargs[{k!r}]", self._lower_pattern(p)) for k, p in ir.kwinputs.items()]
+        direct = all(isinstance(p, SlotRead) for _, p in patterns)
+        slots = [p.slot for _, p in patterns if isinstance(p, SlotRead)]
+        kw_order = tuple(ir.kwinputs)
+
+        def bind(s: Slots, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            if len(args) != count or kwargs.keys() != keys:
+                raise PlanInputError(_arity_message(ir, args, kwargs), **where)
+            values = (*args, *(kwargs[k] for k in kw_order)) if kw_order else args
+            if direct:
+                for slot, value in zip(slots, values, strict=True):
+                    s[slot] = value
+                return
+            for (path, pattern), value in zip(patterns, values, strict=True):
+                _match(s, pattern, value, path, where)
+
+        return bind
+
+    def _lower_pattern(self, pattern: Any) -> Any:
+        """Input pattern with Refs as ``SlotRead`` and every other leaf a lowered ``Const``."""
+        if isinstance(pattern, Ref):
+            return SlotRead(pattern.slot)
+        if isinstance(pattern, tuple | list):
+            return type(pattern)(self._lower_pattern(p) for p in pattern)
+        if isinstance(pattern, dict):
+            return {k: self._lower_pattern(v) for k, v in pattern.items()}
+        compiled = self._lower.value(pattern, "an input")
+        if not isinstance(compiled, Const):
+            raise self._malformed(f"input pattern holds {pattern!r}")
+        return compiled
+
+    # ------------------------------------------------------------------ running
+    def run(self, args: tuple[Any, ...], kwargs: dict[str, Any], state: Mapping[str, Any]) -> Any:
+        """Run the plan on ``args``/``kwargs`` with live ``state`` tensors (updated in place).
+
+        Raises ``PlanInputError``/``PlanShapeError`` before any op runs when the call does
+        not match what the trace relied on, ``PlanGuardError`` when a guard breaks and
+        ``PlanExecutionError`` (chained) when an op raises. Grad mode is restored and the
+        ``.grad`` of every state tensor is ``None`` again on return, even on error.
+
+        Examples
+        --------
+        >>> from schemas.ir import Op, PlanIR, Ref
+        >>> ir = PlanIR(name="scale", inputs=(Ref(0),), state={"w": 1}, num_slots=3,
+        ...     ops=[Op("torch.mul", (Ref(0), Ref(1)), {}, Ref(2))], outputs=Ref(2))
+        >>> LoadedPlan(ir).run((torch.ones(2),), {}, {"w": torch.tensor(3.0)})
+        tensor([3., 3.])
+        """
+        slots: Slots = [None] * self.ir.num_slots
+        self._bind(slots, args, kwargs)
+        self._check_specs(slots)
+        live = self._bind_state(slots, state)
+        for slot, tensor in self._constants:
+            slots[slot] = tensor
+        grad_mode = torch.is_grad_enabled()
+        _clear_grads(live)
+        index = -1
+        try:
+            for step, free in self._program:
+                index += 1
+                step(slots)
+                for slot in free:
+                    slots[slot] = None
+            return get(self._outputs, slots)
+        except FedplanError:
+            raise
+        except Exception as exc:
+            target = self.ir.ops[index].target if index >= 0 else "outputs"
+            source = self.ir.ops[index].source if index >= 0 else ""
+            at = f" at {source}" if source else ""
+            raise PlanExecutionError(
+                f"op {index} ({target}){at} failed: {type(exc).__name__}: {exc}",
+                op_index=index if index >= 0 else None,
+                **self._where,
+            ) from exc
+        finally:
+            torch._C._set_grad_enabled(grad_mode)
+            _clear_grads(live)
+
+    def _check_specs(self, slots: Slots) -> None:
+        for slot, path, ndim, dtype, sizes in self._specs:
+            value = slots[slot]
+            if not isinstance(value, torch.Tensor):
+                raise PlanInputError(
+                    f"input {path}: plan {self.ir.name!r} expects a tensor, "
+                    f"got {type(value).__name__}",
+                    **self._where,
+                )
+            if value.dim() != ndim:
+                raise PlanShapeError(
+                    f"input {path}: expected {ndim} dims, received shape "
+                    f"{tuple(value.shape)}; rebuild the plan for this shape",
+                    **self._where,
+                )
+            if dtype is not None and value.dtype != dtype:
+                raise PlanShapeError(
+                    f"input {path}: expected dtype {dtype}, received {value.dtype}; "
+                    "convert the input or rebuild the plan",
+                    **self._where,
+                )
+            for dim, size in sizes.items():
+                if value.shape[dim] != size:
+                    raise PlanShapeError(
+                        f"input {path}: the plan relies on size {size} in dim {dim}, "
+                        f"received shape {tuple(value.shape)}; rebuild the plan for it",
+                        **self._where,
+                    )
+
+    def _bind_state(self, slots: Slots, state: Mapping[str, Any]) -> list[torch.Tensor]:
+        live: list[torch.Tensor] = []
+        for name, slot in self._state:
+            tensor = state.get(name)
+            if not isinstance(tensor, torch.Tensor):
+                raise PlanInputError(
+                    f"plan {self.ir.name!r} needs state tensor {name!r}, got "
+                    f"{type(tensor).__name__}; store the plan with its state first",
+                    **self._where,
+                )
+            slots[slot] = tensor
+            live.append(tensor)
+        return live
+
+    def __repr__(self) -> str:
+        return f"LoadedPlan({self.ir.name!r}, ops={len(self.ir.ops)}, id={self.plan_id!r})"
+
+
+# ---------------------------------------------------------------------- helpers
+def _clear_grads(tensors: list[torch.Tensor]) -> None:
+    for tensor in tensors:
+        if tensor.grad is not None:
+            tensor.grad = None
+
+
+def _arity_message(ir: PlanIR, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+    expected = f"{len(ir.inputs)} positional input(s)"
+    if ir.kwinputs:
+        expected += f" and keyword input(s) {sorted(ir.kwinputs)}"
+    received = f"{len(args)} positional"
+    if kwargs:
+        received += f" and keywords {sorted(kwargs)}"
+    return f"plan {ir.name!r} takes {expected}, received {received}; call it as it was built"
+
+
+def _match(s: Slots, pattern: Any, value: Any, path: str, where: dict[str, Any]) -> None:
+    """Bind ``value`` to the slots of ``pattern``; ``PlanInputError`` naming the path if not."""
+    if isinstance(pattern, SlotRead):
+        s[pattern.slot] = value
+    elif isinstance(pattern, tuple | list):
+        if not isinstance(value, tuple | list) or len(value) != len(pattern):
+            got = f"{len(value)} items" if isinstance(value, tuple | list) else type(value).__name__
+            raise PlanInputError(
+                f"input {path}: expected a sequence of {len(pattern)} items, received {got}",
+                **where,
+            )
+        for i, (sub, item) in enumerate(zip(pattern, value, strict=True)):
+            _match(s, sub, item, f"{path}[{i}]", where)
+    elif isinstance(pattern, dict):
+        if not isinstance(value, Mapping) or set(value) != set(pattern):
+            got = str(sorted(value)) if isinstance(value, Mapping) else type(value).__name__
+            raise PlanInputError(
+                f"input {path}: expected a dict with keys {sorted(pattern)}, received {got}",
+                **where,
+            )
+        for key, sub in pattern.items():
+            _match(s, sub, value[key], f"{path}[{key!r}]", where)
+    elif not same_value(value, pattern.value):
+        raise PlanInputError(
+            f"input {path}: the plan was built with the constant {pattern.value!r}, received "
+            f"{value!r}; pass the same value or build another plan",
+            **where,
+        )
