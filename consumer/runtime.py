@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from consumer.lowering import Lowering, get
 from consumer.outputs import flatten_like, output_slots
 from consumer.store import DeviceStore, StoredObject, StoredPlan
 from schemas import allowlist
@@ -21,7 +22,7 @@ from schemas.errors import (
     TransportError,
     WireError,
 )
-from schemas.ir import SCHEMA_VERSION, DType, ObjectId, PlanIR, Ref, SymExpr, Value
+from schemas.ir import SCHEMA_VERSION, DType, ObjectId, PlanIR, Ref, Slice, SymExpr, Value
 from schemas.plan_codec import plan_from_proto, plan_to_proto
 from schemas.plan_pb2 import ValueDict
 from schemas.tensor_codec import tensor_from_proto, tensor_to_proto
@@ -67,6 +68,7 @@ class DeviceRuntime:
         self._forward = forward
         self._loaded: dict[str, tuple[str, LoadedPlan]] = {}
         self._frames: list[torch.Tensor] = []  # tensors sent raw after the current reply
+        self._lowering = Lowering(lambda message, _index: WireError(message))
         self._lock = threading.RLock()  # one command at a time: plan state is mutated in place
 
     # -- entry point -------------------------------------------------------------------------
@@ -263,17 +265,22 @@ class DeviceRuntime:
         return loaded
 
     def _resolve(self, value: Value) -> Any:
-        """A command argument with every ``ObjectId`` replaced by the stored tensor."""
+        """A command argument as a Python value, every ``ObjectId`` replaced by its tensor."""
+        return get(self._lowering.value(self._fill(value), "a command argument"), [])
+
+    def _fill(self, value: Value) -> Value:
         if isinstance(value, ObjectId):
             return self.store.get_object(value.id).tensor
         if isinstance(value, Ref | SymExpr):
             raise WireError("a command argument names a plan slot; send objects by id instead")
+        if isinstance(value, Slice):
+            return Slice(self._fill(value.start), self._fill(value.stop), self._fill(value.step))
         if isinstance(value, tuple):
-            return tuple(self._resolve(v) for v in value)
+            return tuple(self._fill(v) for v in value)
         if isinstance(value, list):
-            return [self._resolve(v) for v in value]
+            return [self._fill(v) for v in value]
         if isinstance(value, dict):
-            return {k: self._resolve(v) for k, v in value.items()}
+            return {k: self._fill(v) for k, v in value.items()}
         return value
 
     def _resolve_kwargs(self, kwargs: ValueDict) -> dict[str, Any]:

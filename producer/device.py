@@ -14,7 +14,8 @@ from producer.pointers import PointerPlan, PointerTensor
 from producer.tagging import description_of, tags_of
 from schemas import command_pb2 as cmd
 from schemas.errors import PlanInputError, PlanNotBuiltError
-from schemas.ir import ObjectId, PlanIR, Value
+from schemas.ir import Device as IRDevice
+from schemas.ir import DType, EllipsisValue, MemoryFormat, ObjectId, PlanIR, Slice, Value
 from schemas.plan_codec import plan_from_proto, plan_to_proto
 from schemas.plan_pb2 import ValueDict, ValueList
 from schemas.tensor_codec import tensor_from_proto, tensor_to_proto
@@ -236,9 +237,29 @@ class Device:
             return {str(k): self._arg(v) for k, v in value.items()}
         if isinstance(value, torch.Tensor):
             return value.detach()
-        return value
+        return _lower(value)
 
     def _kwargs(self, kwargs: Mapping[str, Any]) -> ValueDict:
         return ValueDict(
             keys=list(kwargs), values=[value_to_proto(self._arg(v)) for v in kwargs.values()]
         )
+
+
+def _lower(value: Any) -> Value:
+    """A plain Python argument as an IR value (dtypes, devices, slices and ``...`` by name)."""
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, torch.dtype):
+        return DType.of(value)
+    if isinstance(value, torch.device):
+        return IRDevice(str(value))
+    if isinstance(value, torch.memory_format):
+        return MemoryFormat(str(value).removeprefix("torch."))
+    if isinstance(value, slice):
+        return Slice(_lower(value.start), _lower(value.stop), _lower(value.step))
+    if value is Ellipsis:
+        return EllipsisValue()
+    raise TypeError(
+        f"a {type(value).__name__} cannot be sent to a device; pass pointers, tensors, numbers, "
+        "strings, dtypes, slices or tuples/lists/dicts of them"
+    )
