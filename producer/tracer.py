@@ -145,6 +145,13 @@ class Tracer(TorchFunctionMode):
         self.constants[slot] = const
         return slot
 
+    def release(self) -> None:
+        """Drop every reference to traced objects (state can be swapped back afterwards)."""
+        self._alive.clear()
+        self._slot_of.clear()
+        self._sym_cache.clear()
+        self.sizes = None
+
     # -- lowering -------------------------------------------------------------------------
 
     def lower(self, value: Any) -> Value:
@@ -451,6 +458,9 @@ def trace(
     try:
         with tracer:
             outputs = fn(*args, **kwargs)
+    except BaseException:
+        tracer.release()
+        raise
     finally:
         hook.remove()
         torch.set_grad_enabled(grad_enabled)
@@ -471,6 +481,7 @@ def trace(
         state=state_slots,
         constants=dict(tracer.constants),
     )
+    tracer.release()
     return Trace(ir=ir, outputs=outputs)
 
 

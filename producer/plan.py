@@ -1,0 +1,465 @@
+"""Plans: traced functions and modules that run by replaying their IR (``fp.func2plan``...)."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+import inspect
+import uuid
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, overload
+
+import torch
+from torch import nn
+
+from producer.listing import render
+from producer.selfcheck import clone_tensor, clone_tree, self_check, swapped
+from producer.tracer import trace
+from schemas.errors import PlanBuildError, PlanInputError, PlanNotBuiltError
+from schemas.ir import PlanIR
+
+NOT_BUILT_MESSAGE = "A plan needs to be built before being sent to a worker."
+
+
+class State:
+    """The state tensors of a function plan, named ``state.0``, ``state.1``...
+
+    Examples
+    --------
+    >>> s = State([torch.tensor([1])])
+    >>> bias, = s.read()
+    >>> list(s.named())
+    ['state.0']
+    """
+
+    def __init__(self, tensors: Sequence[torch.Tensor] = ()) -> None:
+        self.tensors = list(tensors)
+
+    def read(self) -> tuple[torch.Tensor, ...]:
+        """The state tensors, in order (use them inside the plan's function)."""
+        return tuple(self.tensors)
+
+    def named(self) -> dict[str, torch.Tensor]:
+        return {f"state.{i}": t for i, t in enumerate(self.tensors)}
+
+    def __repr__(self) -> str:
+        return f"State({self.tensors!r})"
+
+
+def _is_pointer(value: Any) -> bool:
+    return not isinstance(value, torch.Tensor) and hasattr(value, "location") and hasattr(
+        value, "shape"
+    )
+
+
+def _leaves(value: Any) -> Iterator[Any]:
+    if isinstance(value, tuple | list):
+        for v in value:
+            yield from _leaves(v)
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _leaves(v)
+    else:
+        yield value
+
+
+def _zeros_like_pointer(value: Any) -> Any:
+    if _is_pointer(value):
+        dtype = getattr(value, "dtype", None) or torch.float32
+        return torch.zeros(tuple(value.shape), dtype=dtype)
+    if isinstance(value, tuple | list):
+        return type(value)(_zeros_like_pointer(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _zeros_like_pointer(v) for k, v in value.items()}
+    return value
+
+
+def _python_state(module: nn.Module) -> dict[tuple[str, str], Any]:
+    """Scalar attributes of a module tree: tracing cannot see changes to these."""
+    scalars = (bool, int, float, str, type(None))
+    return {
+        (prefix, key): value
+        for prefix, m in module.named_modules()
+        for key, value in vars(m).items()
+        if isinstance(value, scalars)
+    }
+
+
+class Plan(nn.Module):
+    """A traced function or module that runs by replaying its plan, locally or on a device.
+
+    Subclass it like ``nn.Module`` (layers in ``__init__``, a ``forward``) and call
+    ``build(example)``; or get one from :func:`func2plan` / :func:`method2plan`. A built plan
+    called with tensors replays its IR through the device interpreter (not the Python
+    function) with its live state; called with pointers it runs on their device.
+
+    Examples
+    --------
+    >>> import torch.nn.functional as F
+    >>> class Net(Plan):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.fc1 = nn.Linear(2, 3)
+    ...     def forward(self, x):
+    ...         return F.log_softmax(self.fc1(x), dim=0)
+    >>> net = Net().build(torch.tensor([1.0, 2.0]))
+    >>> net.is_built, sorted(net.named_state())
+    (True, ['fc1.bias', 'fc1.weight'])
+    """
+
+    _bound_module: nn.Module | None
+    self_check: bool = True
+    """Run the build-time self-check (eager vs replay); turn off for costly functions."""
+
+    def __init__(
+        self,
+        name: str | None = None,
+        *,
+        function: Callable[..., Any] | None = None,
+        state: State | Sequence[torch.Tensor] | None = None,
+        bound_module: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        self.id: str = uuid.uuid4().hex
+        self.name: str = name or (function.__name__ if function else type(self).__name__)
+        self.owner = "me"
+        self._function = function
+        self._state = state if isinstance(state, State) else State(state or ())
+        object.__setattr__(self, "_bound_module", bound_module)
+        self._ir: PlanIR | None = None
+        self._loaded: Any = None
+        self._pointers: dict[Any, Any] = {}
+        self._dynamic: dict[str, tuple[int, ...]] | None = None
+        self.location: Any = None
+
+    # -- what is traced -------------------------------------------------------------------
+
+    def _target(self) -> tuple[Callable[..., Any], list[str]]:
+        """The Python callable to trace and its positional parameter names."""
+        if self._function is None:
+            fn: Callable[..., Any] = self.forward
+        elif self._bound_module is not None:
+            fn = functools.partial(self._function, self._bound_module)
+        elif self._state.tensors:
+            fn = self._with_state(self._function)
+        else:
+            fn = self._function
+        source = self.forward if self._function is None else self._function
+        try:
+            params = [
+                p.name
+                for p in inspect.signature(source).parameters.values()
+                if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name != "state"
+            ]
+        except (TypeError, ValueError):
+            params = []
+        if self._bound_module is not None:
+            params = params[1:]  # self
+        return fn, params
+
+    def _with_state(self, function: Callable[..., Any]) -> Callable[..., Any]:
+        wants_keyword = "state" in inspect.signature(function).parameters
+
+        def with_state(*args: Any, **kwargs: Any) -> Any:
+            if wants_keyword:
+                return function(*args, state=self._state, **kwargs)
+            return function(*args, self._state, **kwargs)
+
+        return with_state
+
+    def _state_module(self) -> nn.Module | None:
+        if self._bound_module is not None:
+            return self._bound_module
+        return self if self._function is None else None
+
+    def named_state(self) -> dict[str, torch.Tensor]:
+        """The live state tensors by name (``fc1.weight``, ``bn.running_mean``, ``state.0``)."""
+        module = self._state_module()
+        if module is None:
+            return self._state.named()
+        named: dict[str, torch.Tensor] = dict(module.named_parameters())
+        named.update(module.named_buffers())
+        return named
+
+    def load_state(self, values: Mapping[str, torch.Tensor]) -> None:
+        """Copy new values into the live state tensors, in place (optimizers keep working).
+
+        Examples
+        --------
+        >>> p = func2plan(lambda x, state: x + state.read()[0], state=(torch.zeros(1),))
+        >>> p.load_state({"state.0": torch.ones(1)})
+        >>> p.named_state()["state.0"]
+        tensor([1.])
+        """
+        live = self.named_state()
+        unknown = sorted(set(values) - set(live))
+        if unknown:
+            raise PlanInputError(
+                f"plan {self.name!r} has no state named {unknown}; its state is {sorted(live)}",
+                plan_id=self.id,
+                plan_name=self.name,
+            )
+        with torch.no_grad():
+            for key, value in values.items():
+                live[key].copy_(value.to(live[key].dtype))
+
+    # -- building -------------------------------------------------------------------------
+
+    def build(self, *args: Any, **kwargs: Any) -> Plan:
+        """Trace the function on example arguments into this plan's IR; returns the plan.
+
+        The example run does not change the plan's state or the arguments (they are
+        traced on copies). Unless ``self_check`` is off, the plan is then replayed against
+        the eager function and any difference is a ``PlanBuildError``.
+        """
+        fn, arg_names = self._target()
+        state = self.named_state()
+        live = list(state.values())
+        module = self._state_module()
+        before = _python_state(module) if module is not None else {}
+        examples = clone_tree(args), clone_tree(kwargs)
+        dynamic = self._dynamic
+        with swapped(live, [clone_tensor(t) for t in live]):
+            result = trace(
+                fn,
+                examples[0],
+                examples[1],
+                name=self.name,
+                state=state,
+                arg_names=arg_names,
+                dynamic=None if dynamic is None else (lambda path, t: dynamic.get(path, ())),
+            )
+            still_set = [k for k, t in state.items() if t.grad is not None]
+            result.outputs = None  # release the autograd graph before swapping back
+        if module is not None:
+            changed = sorted(
+                f"{m + '.' if m else ''}{k}"
+                for (m, k), v in _python_state(module).items()
+                if (m, k) not in before or before[(m, k)] != v
+            )
+            if changed:
+                raise PlanBuildError(
+                    f"plan {self.name!r} changes Python attributes {changed} while running; "
+                    "plans replay only torch ops, so keep such counters in tensors "
+                    "(a registered buffer updated in place)",
+                    plan_name=self.name,
+                )
+        if still_set:
+            warnings.warn(
+                f"plan {self.name!r} leaves .grad set on {still_set[:3]}...; devices clear "
+                "state gradients at the start and end of every call, so gradient "
+                "accumulation across calls does not carry over",
+                stacklevel=2,
+            )
+        self._ir = result.ir
+        self._loaded = None
+        if self.self_check:
+            self_check(fn, self._replay, state, args, kwargs, name=self.name)
+        return self
+
+    @property
+    def is_built(self) -> bool:
+        return self._ir is not None
+
+    @property
+    def ir(self) -> PlanIR:
+        """The plan's IR, with ``state_values`` holding the live state to install."""
+        if self._ir is None:
+            raise PlanNotBuiltError(NOT_BUILT_MESSAGE, plan_id=self.id, plan_name=self.name)
+        return dataclasses.replace(self._ir, state_values=self.named_state())
+
+    @property
+    def code(self) -> str:
+        """A readable listing of the plan's ops (``def name(x): ...``)."""
+        if self._ir is None:
+            return f"def {self.name}():\n    return"
+        return render(self._ir)
+
+    # -- running --------------------------------------------------------------------------
+
+    def _replay(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], state: Mapping[str, torch.Tensor]
+    ) -> Any:
+        if self._loaded is None:
+            from consumer.interpreter import LoadedPlan
+
+            assert self._ir is not None
+            self._loaded = LoadedPlan(self._ir, plan_id=self.id)
+        return self._loaded.run(tuple(args), dict(kwargs), state)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        leaves = [*_leaves(args), *_leaves(kwargs)]
+        pointers = [v for v in leaves if _is_pointer(v)]
+        if pointers:
+            if not self.is_built:
+                self.build(*_zeros_like_pointer(args), **_zeros_like_pointer(kwargs))
+            location = pointers[0].location
+            key = getattr(location, "id", id(location))
+            if key not in self._pointers:
+                self._pointers[key] = self.send(location)
+            return self._pointers[key](*args, **kwargs)
+        if not self.is_built:
+            self.build(*args, **kwargs)
+        return self._replay(args, kwargs, self.named_state())
+
+    def send(self, device: Any) -> Any:
+        """Store the plan (and its current state) on ``device``; returns a ``PointerPlan``."""
+        if not self.is_built:
+            raise PlanNotBuiltError(NOT_BUILT_MESSAGE, plan_id=self.id, plan_name=self.name)
+        return device.send_plan(self)
+
+    def copy(self) -> Plan:
+        """An independent plan: new id, same IR and behaviour, its own copy of the state."""
+        bound = self._bound_module
+        if bound is not None:
+            bound = copy.deepcopy(bound)
+            twin = Plan(self.name, function=self._function, bound_module=bound)
+        elif self._function is not None:
+            twin = Plan(
+                self.name,
+                function=self._function,
+                state=State([clone_tensor(t) for t in self._state.tensors]),
+            )
+        else:
+            twin = copy.deepcopy(self)
+            twin.id = uuid.uuid4().hex
+            twin._pointers = {}
+            twin.location = None
+        twin._ir = self._ir.copy() if self._ir is not None else None
+        twin._loaded = None
+        twin._dynamic = self._dynamic
+        twin.self_check = self.self_check
+        return twin
+
+    def __repr__(self) -> str:
+        kind = "Plan" if type(self) is Plan else type(self).__name__
+        text = f"<{kind} {self.name} id:{self.id} owner:{self.owner}"
+        if self.location is not None:
+            text += f" location:{getattr(self.location, 'id', self.location)}"
+        return text + (" built>" if self.is_built else ">")
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Plan:
+        cls = type(self)
+        twin = cls.__new__(cls)
+        memo[id(self)] = twin
+        for key, value in self.__dict__.items():
+            if key in {"_loaded", "_pointers"}:
+                object.__setattr__(twin, key, None if key == "_loaded" else {})
+            else:
+                object.__setattr__(twin, key, copy.deepcopy(value, memo))
+        return twin
+
+
+def _examples(args_shape: Sequence[Sequence[int]]) -> tuple[tuple[torch.Tensor, ...], list[
+        tuple[int, ...]]]:
+    examples, dynamic = [], []
+    for shape in args_shape:
+        examples.append(torch.ones(tuple(2 if d == -1 else d for d in shape)))
+        dynamic.append(tuple(i for i, d in enumerate(shape) if d == -1))
+    return tuple(examples), dynamic
+
+
+@overload
+def func2plan(function: Callable[..., Any], /) -> Plan: ...
+
+
+@overload
+def func2plan(
+    function: None = None,
+    /,
+    *,
+    args_shape: Sequence[Sequence[int]] | None = None,
+    state: Sequence[torch.Tensor] | None = None,
+    name: str | None = None,
+) -> Callable[[Callable[..., Any]], Plan]: ...
+
+
+def func2plan(
+    function: Callable[..., Any] | None = None,
+    /,
+    *,
+    args_shape: Sequence[Sequence[int]] | None = None,
+    state: Sequence[torch.Tensor] | None = None,
+    name: str | None = None,
+) -> Plan | Callable[[Callable[..., Any]], Plan]:
+    """Turn a function into a :class:`Plan` (decorator, with or without parentheses).
+
+    With ``args_shape`` the plan is built at once on ``torch.ones`` examples; ``-1`` dims
+    are symbolic (any size on replay). ``state`` tensors are read inside the function with
+    ``state.read()`` (a parameter named ``state``) and are named ``state.0``, ``state.1``...
+
+    Examples
+    --------
+    >>> @func2plan(args_shape=[(-1, 2)])
+    ... def double_abs(x):
+    ...     return torch.abs(x + x)
+    >>> double_abs.is_built
+    True
+    >>> double_abs(torch.tensor([[1.0, -2.0], [3.0, 0.5]]))
+    tensor([[2., 4.],
+            [6., 1.]])
+    >>> @func2plan(args_shape=[(1,)], state=(torch.tensor([1]),))
+    ... def plan_abs(x, state):
+    ...     bias, = state.read()
+    ...     return x.abs() + bias
+    >>> plan_abs(torch.tensor([-1, 0]))
+    tensor([2, 1])
+    """
+
+    def decorate(fn: Callable[..., Any]) -> Plan:
+        plan = Plan(name or fn.__name__, function=fn, state=State(list(state or ())))
+        if args_shape is not None:
+            examples, dynamic = _examples(args_shape)
+            names = plan._target()[1]
+            if len(names) < len(examples):
+                raise PlanBuildError(
+                    f"args_shape gives {len(examples)} shapes but {fn.__name__} takes "
+                    f"{len(names)} positional arguments",
+                    plan_name=plan.name,
+                )
+            plan._dynamic = dict(zip(names, dynamic, strict=False))
+            plan.build(*examples)
+        return plan
+
+    if function is not None:
+        return decorate(function)
+    return decorate
+
+
+class method2plan:  # noqa: N801 - decorator named like PySyft's
+    """Decorate an ``nn.Module`` method so that ``module.<method>`` is a :class:`Plan`.
+
+    The plan is bound to the module instance: its state is the module's parameters and
+    buffers, by ``state_dict`` name.
+
+    Examples
+    --------
+    >>> class Net(nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.fc1 = nn.Linear(2, 3)
+    ...     @method2plan
+    ...     def forward(self, x):
+    ...         return self.fc1(x).relu()
+    >>> net = Net()
+    >>> net.forward.build(torch.ones(2)).is_built
+    True
+    """
+
+    def __init__(self, function: Callable[..., Any]) -> None:
+        self.function = function
+        functools.update_wrapper(self, function)  # type: ignore[arg-type]
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.attribute = name
+
+    def __get__(self, instance: nn.Module | None, owner: type | None = None) -> Any:
+        if instance is None:
+            return self
+        plan = instance.__dict__.get(self.attribute)
+        if plan is None:
+            plan = Plan(self.function.__name__, function=self.function, bound_module=instance)
+            instance.__dict__[self.attribute] = plan
+        return plan

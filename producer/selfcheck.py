@@ -1,0 +1,163 @@
+"""Build-time self-check: the traced plan must replay like the eager function (tracing.md #5)."""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import traceback
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch.utils import swap_tensors
+
+from schemas.errors import FedplanError, PlanBuildError
+
+Replay = Callable[[tuple[Any, ...], dict[str, Any], Mapping[str, torch.Tensor]], Any]
+"""Runs the traced plan: ``(args, kwargs, state) -> outputs``."""
+
+RTOL, ATOL = 1e-5, 1e-6
+_SEED = 20190301
+
+
+def clone_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A detached copy that keeps ``requires_grad`` (a fresh leaf)."""
+    copy = t.detach().clone()
+    if t.requires_grad:
+        copy.requires_grad_(True)
+    return copy
+
+
+def clone_tree(value: Any) -> Any:
+    """``value`` with every tensor leaf replaced by :func:`clone_tensor`."""
+    if isinstance(value, torch.Tensor):
+        return clone_tensor(value)
+    if isinstance(value, tuple) and not hasattr(value, "_fields"):
+        return tuple(clone_tree(v) for v in value)
+    if isinstance(value, list):
+        return [clone_tree(v) for v in value]
+    if isinstance(value, dict):
+        return {k: clone_tree(v) for k, v in value.items()}
+    return value
+
+
+@contextlib.contextmanager
+def swapped(live: Sequence[torch.Tensor], stand_ins: Sequence[torch.Tensor]) -> Iterator[None]:
+    """Let the ``live`` tensor objects hold the stand-ins' contents for the block.
+
+    Code that holds the live objects (a module, an optimizer) works on the stand-in data;
+    on exit the live objects get their own data (and ``.grad``) back and the stand-ins hold
+    whatever the block left (``torch.utils.swap_tensors`` both ways).
+    """
+    done: list[tuple[torch.Tensor, torch.Tensor]] = []
+    try:
+        for real, other in zip(live, stand_ins, strict=True):
+            swap_tensors(real, other)
+            done.append((real, other))
+        yield
+    except BaseException as exc:
+        traceback.clear_frames(exc.__traceback__)  # frames may hold the autograd graph
+        raise
+    finally:
+        for real, other in reversed(done):
+            try:
+                swap_tensors(real, other)
+            except RuntimeError:  # a reference cycle still holds the graph: collect it
+                gc.collect()
+                swap_tensors(real, other)
+
+
+def _clear_grads(tensors: Sequence[torch.Tensor]) -> None:
+    for t in tensors:
+        t.grad = None
+
+
+def _differences(path: str, eager: Any, replay: Any, found: list[str]) -> None:
+    if isinstance(eager, torch.Tensor) and isinstance(replay, torch.Tensor):
+        if eager.shape != replay.shape or eager.dtype != replay.dtype:
+            found.append(
+                f"{path}: eager {tuple(eager.shape)} {eager.dtype}, "
+                f"plan {tuple(replay.shape)} {replay.dtype}"
+            )
+        elif not torch.allclose(
+            eager.detach().double(), replay.detach().double(), RTOL, ATOL, equal_nan=True
+        ):
+            diff = (eager.detach().double() - replay.detach().double()).abs().max().item()
+            found.append(f"{path}: max difference {diff:.3g}")
+    elif isinstance(eager, tuple | list) and isinstance(replay, tuple | list):
+        if len(eager) != len(replay):
+            found.append(f"{path}: eager has {len(eager)} items, plan {len(replay)}")
+        for i, (e, r) in enumerate(zip(eager, replay, strict=False)):
+            _differences(f"{path}[{i}]", e, r, found)
+    elif isinstance(eager, dict) and isinstance(replay, dict):
+        for key in eager.keys() | replay.keys():
+            _differences(f"{path}[{key!r}]", eager.get(key), replay.get(key), found)
+    elif type(eager) is not type(replay) or eager != replay:
+        found.append(f"{path}: eager {eager!r}, plan {replay!r}")
+
+
+def self_check(
+    fn: Callable[..., Any],
+    replay: Replay,
+    state: Mapping[str, torch.Tensor],
+    args: tuple[Any, ...],
+    kwargs: Mapping[str, Any],
+    *,
+    name: str,
+    runs: int = 2,
+) -> None:
+    """Run ``fn`` eagerly ``runs`` times and the plan as often, on separate state clones.
+
+    Both start from the same RNG seed (the caller's RNG state is restored afterwards) and
+    clear state ``.grad`` around every call, as devices do. Outputs of every call and the
+    final state must agree within ``rtol=1e-5, atol=1e-6``.
+
+    Raises
+    ------
+    PlanBuildError
+        Listing the differences, or why the replay failed.
+
+    Examples
+    --------
+    >>> f = lambda x: x * 2
+    >>> self_check(f, lambda a, k, s: f(*a), {}, (torch.ones(2),), {}, name="f")
+    """
+    live = list(state.values())
+    rng = torch.get_rng_state()
+    grad_mode = torch.is_grad_enabled()
+    try:
+        eager_state = {k: clone_tensor(t) for k, t in state.items()}
+        replay_state = {k: clone_tensor(t) for k, t in state.items()}
+        eager_outs, replay_outs = [], []
+        torch.manual_seed(_SEED)
+        with swapped(live, list(eager_state.values())):
+            for _ in range(runs):
+                _clear_grads(live)
+                eager_outs.append(clone_tree(fn(*clone_tree(args), **clone_tree(kwargs))))
+                _clear_grads(live)
+        torch.manual_seed(_SEED)
+        for _ in range(runs):
+            try:
+                out = replay(clone_tree(args), clone_tree(dict(kwargs)), replay_state)
+            except FedplanError as exc:
+                raise PlanBuildError(
+                    f"self-check of plan {name!r}: replaying the traced plan failed ({exc}); "
+                    "the function probably depends on something tracing cannot see "
+                    "(Python-side state, torch.manual_seed, randomness in a guard)"
+                ) from exc
+            replay_outs.append(clone_tree(out))
+    finally:
+        torch.set_rng_state(rng)
+        torch.set_grad_enabled(grad_mode)
+    found: list[str] = []
+    for i, (e, r) in enumerate(zip(eager_outs, replay_outs, strict=True)):
+        _differences(f"call {i + 1} output", e, r, found)
+    for key in state:
+        _differences(f"state {key!r}", eager_state[key], replay_state[key], found)
+    if found:
+        raise PlanBuildError(
+            f"self-check of plan {name!r}: the traced plan does not replay like the eager "
+            f"function: {'; '.join(found[:5])}. Likely causes: Python-side state changed "
+            "by the function, torch.manual_seed inside it, unseeded randomness, or an "
+            "operation tracing cannot see; keep plans to torch ops on inputs and state"
+        )
