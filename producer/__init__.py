@@ -69,3 +69,9 @@ __all__ += [
     "tag",
     "tags_of",
 ]
+
+# plans (producer/plan.py, tracer.py)
+from producer.plan import Plan, State, func2plan, method2plan  # noqa: E402
+from producer.tracer import trace  # noqa: E402
+
+__all__ += ["Plan", "State", "func2plan", "method2plan", "trace"]
