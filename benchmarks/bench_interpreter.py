@@ -12,6 +12,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -60,14 +61,15 @@ def _mlp(sizes: tuple[int, ...]) -> tuple[nn.Module, PlanIR]:
     model = nn.Sequential(*layers)
     state: dict[str, int] = {}
     ops: list[Op] = []
-    slot, cur = 1, R(0)
+    slot: int = 1
+    cur: Ref = R(0)
     for name, _ in model.named_parameters():
         state[name] = slot
         slot += 1
     linear_names = [n.removesuffix(".weight") for n in state if n.endswith(".weight")]
     for i, layer in enumerate(linear_names):
-        w, b = R(state[f"{layer}.weight"]), R(state[f"{layer}.bias"])
-        ops.append(Op("torch.nn.functional.linear", (cur, w, b), {}, R(slot)))
+        weight, bias = R(state[f"{layer}.weight"]), R(state[f"{layer}.bias"])
+        ops.append(Op("torch.nn.functional.linear", (cur, weight, bias), {}, R(slot)))
         cur, slot = R(slot), slot + 1
         if i < len(linear_names) - 1:
             ops.append(Op("torch.nn.functional.relu", (cur,), {}, R(slot)))
@@ -148,8 +150,8 @@ def main() -> None:
                 (
                     label,
                     _compare(
-                        lambda m=model, x=x: m(x),
-                        lambda p=plan, x=x, s=params: p.run((x,), {}, s),
+                        partial(model, x),
+                        partial(plan.run, (x,), {}, params),
                         opts.repeat,
                         number,
                     ),
