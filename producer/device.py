@@ -143,6 +143,8 @@ class Device:
             pending = self._submit("store_plan", msg)
             self._plans.add(plan.id)
             pending.add_done_callback(lambda f: self._forget_refused(plan.id, f))
+        if hasattr(plan, "location"):
+            plan.location = self  # the plan's repr shows where it was sent last
         pointer = PointerPlan(plan, self, pending=pending)
         if wait:
             pointer.wait()
