@@ -204,8 +204,8 @@ class LoadedPlan:
             actual = call(s)
             if not same_value(actual, expected):
                 raise PlanGuardError(
-                    f"guard failed at {op.source or op.target}: traced {expected!r}, "
-                    f"now {actual!r}",
+                    f"guard failed at {op.source or op.target}: traced {_short(expected)}, "
+                    f"now {_short(actual)}",
                     op_index=index,
                     **where,
                 )
@@ -367,8 +367,13 @@ class LoadedPlan:
 # ---------------------------------------------------------------------- helpers
 def _clear_grads(tensors: list[torch.Tensor]) -> None:
     for tensor in tensors:
-        if tensor.grad is not None:
+        if tensor.is_leaf and tensor.grad is not None:  # non-leaf .grad reads warn
             tensor.grad = None
+
+
+def _short(value: Any, limit: int = 200) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _arity_message(ir: PlanIR, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:

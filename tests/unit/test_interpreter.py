@@ -413,3 +413,38 @@ def test_a_plan_runs_the_same_twice_and_in_place_state_updates_persist() -> None
     plan.run((), {}, {"n": n})
     out = plan.run((), {}, {"n": n})
     assert int(n) == 2 and out is n
+
+
+def test_autograd_grad_and_foreach_updates_over_lists_of_state_match_eager() -> None:
+    # g1, g2 = torch.autograd.grad((w1 * x).sum() + (w2 * x).sum(), [w1, w2])
+    # torch._foreach_add_([w1, w2], [g1, g2], alpha=-0.5)
+    w1, w2 = torch.randn(3, requires_grad=True), torch.randn(3, requires_grad=True)
+    state = {"w1": w1.detach().clone().requires_grad_(), "w2": w2.detach().clone().requires_grad_()}
+    x = torch.randn(3)
+    ir = PlanIR(
+        name="grads",
+        inputs=(R(0),),
+        ops=[
+            Op("torch.mul", (R(1), R(0)), {}, R(3)),
+            Op("Tensor.sum", (R(3),), {}, R(4)),
+            Op("torch.mul", (R(2), R(0)), {}, R(5)),
+            Op("Tensor.sum", (R(5),), {}, R(6)),
+            Op("Tensor.__add__", (R(4), R(6)), {}, R(7)),
+            Op("torch.autograd.grad", (R(7), [R(1), R(2)]), {}, (R(8), R(9))),
+            Op("torch._C._set_grad_enabled", (False,), {}, None),
+            Op("torch._foreach_add_", ([R(1), R(2)], [R(8), R(9)]), {"alpha": -0.5}, None),
+            Op("torch._C._set_grad_enabled", (True,), {}, None),
+        ],
+        outputs=[R(8), R(9)],
+        num_slots=10,
+        state={"w1": 1, "w2": 2},
+    )
+    grads = LoadedPlan(ir).run((x,), {}, state)
+    eager = torch.autograd.grad((w1 * x).sum() + (w2 * x).sum(), [w1, w2])
+    with torch.no_grad():
+        torch._foreach_add_([w1, w2], list(eager), alpha=-0.5)
+    assert isinstance(grads, list) and len(grads) == 2
+    for got, want in zip(grads, eager, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(state["w1"].detach(), w1.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(state["w2"].detach(), w2.detach(), rtol=0, atol=0)
