@@ -80,6 +80,15 @@ def _custom_function_output(t: torch.Tensor) -> bool:
     return isinstance(t.grad_fn, torch.autograd.function.BackwardCFunction)
 
 
+def _refuse_custom_function(t: torch.Tensor) -> None:
+    if _custom_function_output(t):
+        raise PlanBuildError(
+            f"{user_source()}: a custom torch.autograd.Function ({type(t.grad_fn).__name__}) "
+            "cannot be part of a plan: its backward would be lost. Write it with "
+            "allow-listed torch ops (autograd differentiates them)."
+        )
+
+
 @dataclass
 class Trace:
     """What :func:`trace` produced: the IR and the outputs of the traced (eager) run."""
@@ -102,8 +111,9 @@ class Tracer(TorchFunctionMode):
         self._alive: list[Any] = []  # keep traced objects alive: ids must not be reused
         self._num_slots = 0
         self._sym_cache: dict[tuple[int, int], torch.SymInt] = {}
-        self.sizes: SymbolicSizes | None = make_symbolic_sizes(self._size_guard) if symbolic \
-            else None
+        self.sizes: SymbolicSizes | None = (
+            make_symbolic_sizes(self._size_guard) if symbolic else None
+        )
 
     # -- slots ----------------------------------------------------------------------------
 
@@ -132,12 +142,7 @@ class Tracer(TorchFunctionMode):
         slot = self._slot_of.get(id(t))
         if slot is not None:
             return slot
-        if _custom_function_output(t):
-            raise PlanBuildError(
-                f"{user_source()}: a custom torch.autograd.Function "
-                f"({type(t.grad_fn).__name__}) cannot be part of a plan: its backward would "
-                "be lost. Write it with allow-listed torch ops (autograd differentiates them)."
-            )
+        _refuse_custom_function(t)
         slot = self.bind(t).slot
         const = t.detach().clone()
         if t.requires_grad and t.is_floating_point():
@@ -244,8 +249,7 @@ class Tracer(TorchFunctionMode):
     def _check_refusals(self, name: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
         for value in (*args, *kwargs.values()):
             for t in _tensors_in(value):
-                if _custom_function_output(t):
-                    self.slot_of(t)  # raises with the remedy
+                _refuse_custom_function(t)
         if name == "Tensor.grad.__get__" and self._slot_of.get(id(args[0])) in self.constants:
             raise PlanBuildError(
                 f"{user_source()}: reads .grad of a tensor captured from outside the plan; "
@@ -265,8 +269,10 @@ class Tracer(TorchFunctionMode):
         if isinstance(result, torch.Tensor):
             self._check_result(result)
             op.out = self.bind(result)
-        elif isinstance(result, tuple | list) and result and all(
-            isinstance(r, torch.Tensor) for r in result
+        elif (
+            isinstance(result, tuple | list)
+            and result
+            and all(isinstance(r, torch.Tensor) for r in result)
         ):
             for r in result:
                 self._check_result(r)
@@ -281,6 +287,11 @@ class Tracer(TorchFunctionMode):
         else:  # a Python value the trace depends on: guard it
             op.expect = self._lower_expect(op.target, result)
             op.source = user_source()
+            spec = (
+                self.specs.get(op.args[0].slot) if op.args and isinstance(op.args[0], Ref) else None
+            )
+            if spec is not None and op.target == "Tensor.dtype.__get__":
+                spec.dtype = DType.of(result)  # the trace relied on the input's dtype
 
     def _lower_expect(self, target: str, value: Any) -> Value:
         try:
@@ -400,9 +411,7 @@ def _pattern(
     if isinstance(value, list):
         return [_pattern(tracer, v, f"{path}[{i}]", dynamic) for i, v in enumerate(value)]
     if isinstance(value, dict):
-        return {
-            str(k): _pattern(tracer, v, f"{path}[{k!r}]", dynamic) for k, v in value.items()
-        }
+        return {str(k): _pattern(tracer, v, f"{path}[{k!r}]", dynamic) for k, v in value.items()}
     return tracer.lower(value)
 
 
