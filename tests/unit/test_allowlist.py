@@ -243,3 +243,26 @@ def test_no_table_entry_comes_from_outside_torch() -> None:
 def test_the_table_is_read_only() -> None:
     with pytest.raises(TypeError):
         allowlist.ALLOWLIST["os.system"] = os.system  # type: ignore[index]
+
+
+def test_the_reverse_lookup_of_every_entry_resolves_to_the_same_callable() -> None:
+    for name, func in ALLOWLIST.items():
+        reverse = name_of(func)
+        assert reverse is not None, name
+        assert resolve(reverse) is func, (name, reverse)
+
+
+def test_recurrent_layers_train_with_only_allowed_ops() -> None:
+    gru, lstm = nn.GRU(3, 5, batch_first=True), nn.LSTM(3, 5)
+    opt = torch.optim.SGD([*gru.parameters(), *lstm.parameters()], lr=0.1)
+    x = torch.randn(2, 4, 3)
+
+    def step() -> None:
+        opt.zero_grad()
+        loss = gru(x)[0].pow(2).mean() + lstm(x)[0].pow(2).mean()
+        loss.backward()
+        opt.step()
+
+    rec = _record(step)
+    assert rec.unknown == []
+    assert "torch.gru" in rec.names and "torch.lstm" in rec.names
