@@ -230,6 +230,7 @@ class Device:
                     f"on device {self.id!r}; move it with ptr.move(device) first",
                     device_id=self.id,
                 )
+            value.raise_if_failed()  # the cause, rather than "no object" from the device
             return ObjectId(value.id)
         if isinstance(value, tuple):
             return tuple(self._arg(v) for v in value)

@@ -93,6 +93,12 @@ class PointerTensor:
                 raise
         return self
 
+    def raise_if_failed(self) -> None:
+        """Raise the device's error now if the command producing this object already failed."""
+        pending = self._pending
+        if pending is not None and pending.done() and pending.exception() is not None:
+            self.wait()
+
     @property
     def ready(self) -> bool:
         """Whether the reply for this object has arrived (success or error)."""

@@ -6,6 +6,8 @@ import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from schemas import allowlist
 from schemas.errors import OpNotAllowedError, PlanInputError
 
@@ -13,7 +15,9 @@ if TYPE_CHECKING:
     from producer.device import Device
     from producer.pointers import PointerTensor
 
-_RETURNS_NONE = frozenset({"Tensor.backward"})
+_SET_GRAD = "torch._C._set_grad_enabled"
+
+_RETURNS_NONE = frozenset({"Tensor.backward", _SET_GRAD})
 """Ops whose result is ``None``: the call waits for the device and returns ``None``."""
 
 
@@ -60,11 +64,25 @@ def run_remote(target: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> A
     if not allowlist.is_allowed(target):
         raise OpNotAllowedError(f"{target} is not in the allow-list; it cannot run on a device")
     device = _device_of([*args, *kwargs.values()])
-    result = device.run_op(target, args, kwargs)
+    if torch.is_grad_enabled():
+        result = device.run_op(target, args, kwargs)
+    else:  # mirror a local ``no_grad`` on the device: its queue keeps these three in order
+        device.run_op(_SET_GRAD, (False,), {})
+        result = device.run_op(target, args, kwargs)
+        device.run_op(_SET_GRAD, (True,), {})
     if target in _RETURNS_NONE:
         result.wait()
         return None
+    if _is_in_place(target):
+        result.wait()  # nobody reads an in-place op's result: report its failure here
     return result
+
+
+def _is_in_place(target: str) -> bool:
+    name = target.rsplit(".", 1)[-1]
+    if name.startswith("__"):
+        return name.startswith("__i") and name not in ("__invert__", "__index__")
+    return name.endswith("_")
 
 
 def _device_of(values: Sequence[Any]) -> Device:
