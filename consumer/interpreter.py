@@ -75,7 +75,14 @@ class LoadedPlan:
                     **self._where,
                 )
         self._lower = Lowering(self._malformed)
-        self._input_slots = self._check_structure()
+        try:
+            self._load()
+        except RecursionError:
+            raise self._malformed("values are nested too deeply") from None
+
+    def _load(self) -> None:
+        ir = self.ir
+        self._input_slots, self._size = self._check_structure()
         self._bind = self._compile_binder()
         self._specs = [
             (s.slot, s.path, s.ndim, DTYPES[s.dtype.name] if s.dtype else None, s.sizes)
@@ -94,8 +101,8 @@ class LoadedPlan:
             **self._where,
         )
 
-    def _check_structure(self) -> set[int]:
-        """Every slot in range, written once, written before it is read; returns input slots."""
+    def _check_structure(self) -> tuple[set[int], int]:
+        """Every slot in range, written once, before it is read: (input slots, slots used)."""
         ir = self.ir
         defined: set[int] = set()
 
@@ -148,7 +155,7 @@ class LoadedPlan:
             for ref in refs_in(op.out):
                 define(ref, f"op {index} ({op.target})", index)
         read(ir.outputs, "the outputs")
-        return inputs
+        return inputs, max(defined, default=-1) + 1  # a huge num_slots allocates nothing
 
     # ------------------------------------------------------------------ compiling
     def _compile_program(self) -> list[tuple[Step, tuple[int, ...]]]:
@@ -286,7 +293,7 @@ class LoadedPlan:
         >>> LoadedPlan(ir).run((torch.ones(2),), {}, {"w": torch.tensor(3.0)})
         tensor([3., 3.])
         """
-        slots: Slots = [None] * self.ir.num_slots
+        slots: Slots = [None] * self._size
         self._bind(slots, args, kwargs)
         self._check_specs(slots)
         live = self._bind_state(slots, state)

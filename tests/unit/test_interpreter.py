@@ -448,3 +448,19 @@ def test_autograd_grad_and_foreach_updates_over_lists_of_state_match_eager() -> 
         torch.testing.assert_close(got, want, rtol=0, atol=0)
     torch.testing.assert_close(state["w1"].detach(), w1.detach(), rtol=0, atol=0)
     torch.testing.assert_close(state["w2"].detach(), w2.detach(), rtol=0, atol=0)
+
+
+def test_deeply_nested_values_and_huge_slot_counts_do_not_crash_the_device() -> None:
+    nested: Any = R(0)
+    for _ in range(5000):
+        nested = (nested,)
+    deep = PlanIR(
+        name="deep", inputs=(R(0),), ops=[Op("torch.cat", (nested,), {}, R(1))], outputs=R(1),
+        num_slots=2,
+    )  # fmt: skip
+    with pytest.raises(WireError, match="nested too deeply"):
+        LoadedPlan(deep)
+    wide = _double_abs()
+    wide.num_slots = 10**12
+    x = torch.tensor([-2.0])
+    assert torch.equal(LoadedPlan(wide).run((x,), {}, {}), torch.abs(x + x))
