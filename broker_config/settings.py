@@ -68,8 +68,13 @@ class Settings:
             _bad("management_url", self.management_url, "an http:// or https:// URL")
         if self.queue_type not in ("classic", "quorum"):
             _bad("queue_type", self.queue_type, "'classic' or 'quorum'")
-        for name in ("soft_time_limit", "time_limit", "results_queue_expires",
-                     "confirm_timeout", "reconnect_max_delay"):
+        for name in (
+            "soft_time_limit",
+            "time_limit",
+            "results_queue_expires",
+            "confirm_timeout",
+            "reconnect_max_delay",
+        ):
             if not getattr(self, name) > 0:
                 _bad(name, getattr(self, name), "a positive number of seconds")
         if self.time_limit <= self.soft_time_limit:

@@ -36,8 +36,11 @@ def declare_topology(
     done: list[str] = []
     v = client.vq()
     for ex in topology.exchanges():
-        client.request("PUT", f"exchanges/{v}/{client.q(ex.name)}",
-                       {"type": ex.type, "durable": True, "auto_delete": False})
+        client.request(
+            "PUT",
+            f"exchanges/{v}/{client.q(ex.name)}",
+            {"type": ex.type, "durable": True, "auto_delete": False},
+        )
         done.append(f"exchange {ex.name}")
     queues = [topology.dead_letter_queue()]
     queues += [topology.device_queue(d, settings) for d in devices]
@@ -49,18 +52,25 @@ def declare_topology(
 
 def _declare_queue(client: ManagementClient, spec: topology.QueueSpec) -> None:
     v = client.vq()
-    client.request("PUT", f"queues/{v}/{client.q(spec.name)}",
-                   {"durable": True, "auto_delete": False, "arguments": spec.arguments})
-    client.request("POST", f"bindings/{v}/e/{client.q(spec.exchange)}/q/{client.q(spec.name)}",
-                   {"routing_key": spec.routing_key, "arguments": {}})
+    client.request(
+        "PUT",
+        f"queues/{v}/{client.q(spec.name)}",
+        {"durable": True, "auto_delete": False, "arguments": spec.arguments},
+    )
+    client.request(
+        "POST",
+        f"bindings/{v}/e/{client.q(spec.exchange)}/q/{client.q(spec.name)}",
+        {"routing_key": spec.routing_key, "arguments": {}},
+    )
 
 
 def create_device_user(client: ManagementClient, device_id: str, password: str) -> str:
     """Create (or update) the device's user with :func:`device_permissions`; returns its name."""
     user = names.device_user(device_id)
     client.request("PUT", f"users/{client.q(user)}", {"password": password, "tags": ""})
-    client.request("PUT", f"permissions/{client.vq()}/{client.q(user)}",
-                   device_permissions(device_id))
+    client.request(
+        "PUT", f"permissions/{client.vq()}/{client.q(user)}", device_permissions(device_id)
+    )
     return user
 
 

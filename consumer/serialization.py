@@ -50,8 +50,9 @@ def _decode(data: Any) -> tuple[tuple[bytes], dict[str, Any], dict[str, Any]]:
 
 def register_content_type() -> None:
     """Register the fedplan serializer with kombu (idempotent)."""
-    register(SERIALIZER, _encode, _decode, content_type=CONTENT_TYPE,
-             content_encoding=CONTENT_ENCODING)
+    register(
+        SERIALIZER, _encode, _decode, content_type=CONTENT_TYPE, content_encoding=CONTENT_ENCODING
+    )
 
 
 def task_headers(task_id: str, *, extra: dict[str, Any] | None = None) -> dict[str, Any]:

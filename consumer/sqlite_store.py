@@ -23,9 +23,18 @@ from schemas.plan_pb2 import PlanProto
 DTYPES: dict[str, torch.dtype] = {
     str(d).removeprefix("torch."): d
     for d in (
-        torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
-        torch.float16, torch.bfloat16, torch.float32, torch.float64,
-        torch.complex64, torch.complex128,
+        torch.bool,
+        torch.uint8,
+        torch.int8,
+        torch.int16,
+        torch.int32,
+        torch.int64,
+        torch.float16,
+        torch.bfloat16,
+        torch.float32,
+        torch.float64,
+        torch.complex64,
+        torch.complex128,
     )
 }
 
@@ -142,9 +151,15 @@ class SqliteStore:
             seq = self._next_seq(db)
             db.execute(
                 "INSERT OR REPLACE INTO objects VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (obj.id, str(obj.tensor.dtype).removeprefix("torch."),
-                 json.dumps(list(obj.tensor.shape)), int(obj.tensor.requires_grad),
-                 obj.description, name, seq),
+                (
+                    obj.id,
+                    str(obj.tensor.dtype).removeprefix("torch."),
+                    json.dumps(list(obj.tensor.shape)),
+                    int(obj.tensor.requires_grad),
+                    obj.description,
+                    name,
+                    seq,
+                ),
             )
             db.execute("DELETE FROM tags WHERE object_id = ?", (obj.id,))
             db.executemany(
@@ -157,17 +172,24 @@ class SqliteStore:
         tensor = self._read_blob(blob, dtype_name, json.loads(shape))
         if requires_grad:
             tensor.requires_grad_(True)
-        tags = self._conn().execute(
-            "SELECT tag FROM tags WHERE object_id = ? ORDER BY pos", (object_id,)
-        ).fetchall()
+        tags = (
+            self._conn()
+            .execute("SELECT tag FROM tags WHERE object_id = ? ORDER BY pos", (object_id,))
+            .fetchall()
+        )
         return StoredObject(object_id, tensor, tuple(t for (t,) in tags), description)
 
     _COLS = "id, dtype, shape, requires_grad, description, blob"
 
     def get_object(self, object_id: str) -> StoredObject:
-        row = self._conn().execute(
-            f"SELECT {self._COLS} FROM objects WHERE id = ?", (object_id,)  # noqa: S608
-        ).fetchone()
+        row = (
+            self._conn()
+            .execute(
+                f"SELECT {self._COLS} FROM objects WHERE id = ?",
+                (object_id,),  # noqa: S608
+            )
+            .fetchone()
+        )
         if row is None:
             raise ObjectNotFound(
                 f"no object {object_id!r} on this device; it may have been fetched with "
@@ -193,18 +215,26 @@ class SqliteStore:
         if not wanted:
             return self.list_objects()
         marks = ",".join("?" * len(wanted))
-        rows = self._conn().execute(
-            f"SELECT {self._COLS} FROM objects WHERE id IN ("  # noqa: S608 (marks only)
-            f"SELECT object_id FROM tags WHERE tag IN ({marks}) "
-            "GROUP BY object_id HAVING COUNT(DISTINCT tag) = ?) ORDER BY seq",
-            (*wanted, len(wanted)),
-        ).fetchall()
+        rows = (
+            self._conn()
+            .execute(
+                f"SELECT {self._COLS} FROM objects WHERE id IN ("  # noqa: S608 (marks only)
+                f"SELECT object_id FROM tags WHERE tag IN ({marks}) "
+                "GROUP BY object_id HAVING COUNT(DISTINCT tag) = ?) ORDER BY seq",
+                (*wanted, len(wanted)),
+            )
+            .fetchall()
+        )
         return [self._load(r) for r in rows]
 
     def list_objects(self) -> list[StoredObject]:
-        rows = self._conn().execute(
-            f"SELECT {self._COLS} FROM objects ORDER BY seq"  # noqa: S608
-        ).fetchall()
+        rows = (
+            self._conn()
+            .execute(
+                f"SELECT {self._COLS} FROM objects ORDER BY seq"  # noqa: S608
+            )
+            .fetchall()
+        )
         return [self._load(r) for r in rows]
 
     def clear_objects(self) -> None:
@@ -226,9 +256,11 @@ class SqliteStore:
             )
 
     def get_plan(self, plan_id: str) -> StoredPlan:
-        row = self._conn().execute(
-            "SELECT proto, content_hash, tags FROM plans WHERE id = ?", (plan_id,)
-        ).fetchone()
+        row = (
+            self._conn()
+            .execute("SELECT proto, content_hash, tags FROM plans WHERE id = ?", (plan_id,))
+            .fetchone()
+        )
         if row is None:
             raise ObjectNotFound(
                 f"no plan {plan_id!r} on this device; send the plan to it first",
@@ -261,12 +293,12 @@ class SqliteStore:
                 "INSERT OR REPLACE INTO replies VALUES (?, ?, ?, ?)",
                 (command_id, json.dumps(result_ids), reply, seq),
             )
-            db.execute(
-                "DELETE FROM replies WHERE seq <= ?", (seq - self._max_replies,)
-            )
+            db.execute("DELETE FROM replies WHERE seq <= ?", (seq - self._max_replies,))
 
     def get_reply(self, command_id: str) -> bytes | None:
-        row = self._conn().execute(
-            "SELECT reply FROM replies WHERE command_id = ?", (command_id,)
-        ).fetchone()
+        row = (
+            self._conn()
+            .execute("SELECT reply FROM replies WHERE command_id = ?", (command_id,))
+            .fetchone()
+        )
         return None if row is None else bytes(row[0])

@@ -29,7 +29,7 @@ from consumer.serialization import (
 from consumer.sqlite_store import SqliteStore
 from schemas.command_pb2 import Reply
 from schemas.errors import DeviceError
-from schemas.wire import decode_reply
+from schemas.wire import decode_reply, encode_reply
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +68,16 @@ def _runtime(task: Task, device_id: str, settings: Settings) -> DeviceRuntime:
     return runtime
 
 
-def _publish(task: Task, body: bytes, *, exchange: str, routing_key: str,
-             headers: dict[str, Any], correlation_id: str, reply_to: str | None = None) -> None:
+def _publish(
+    task: Task,
+    body: bytes,
+    *,
+    exchange: str,
+    routing_key: str,
+    headers: dict[str, Any],
+    correlation_id: str,
+    reply_to: str | None = None,
+) -> None:
     """Publish with publisher confirms (``confirm_publish``): returns once the broker has it."""
     settings = _settings(task)
     with task.app.producer_or_acquire() as producer:
@@ -97,10 +105,15 @@ def _publish(task: Task, body: bytes, *, exchange: str, routing_key: str,
 def _forward(task: Task, device_id: str, command: bytes) -> None:
     """MoveObject: publish a command to another device's queue, replying where we reply."""
     command_id = hashlib.sha256(command).hexdigest()[:16]
-    _publish(task, command, exchange=names.commands_exchange(),
-             routing_key=names.device_routing_key(device_id),
-             headers=task_headers(command_id), correlation_id=command_id,
-             reply_to=task.request.reply_to)
+    _publish(
+        task,
+        command,
+        exchange=names.commands_exchange(),
+        routing_key=names.device_routing_key(device_id),
+        headers=task_headers(command_id),
+        correlation_id=command_id,
+        reply_to=task.request.reply_to,
+    )
 
 
 def _assemble(settings: Settings, request: Any, data: bytes) -> bytes | None:
@@ -125,13 +138,15 @@ def _assemble(settings: Settings, request: Any, data: bytes) -> bytes | None:
 def _done_with_chunks(settings: Settings, request: Any) -> None:
     transfer = getattr(request, TRANSFER_HEADER, None)
     if transfer is not None:
-        folder = Path(settings.data_dir) / "chunks" / hashlib.sha256(
-            str(transfer).encode()).hexdigest()
+        folder = (
+            Path(settings.data_dir) / "chunks" / hashlib.sha256(str(transfer).encode()).hexdigest()
+        )
         shutil.rmtree(folder, ignore_errors=True)
 
 
-@shared_task(name=names.TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True,
-             ignore_result=True)
+@shared_task(
+    name=names.TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True
+)
 def handle(self: Task, data: bytes) -> None:
     """Run one command (or collect one chunk of it) and publish the reply before the ack.
 
@@ -152,9 +167,18 @@ def handle(self: Task, data: bytes) -> None:
         log.exception("the runtime returned an undecodable reply")
         parsed = Reply()
     command_id = parsed.command_id or str(request.correlation_id or request.id)
+    if not parsed.command_id and parsed.WhichOneof("outcome") == "error":
+        parsed.command_id = command_id  # undecodable: answer under the message's id
+        reply = encode_reply(parsed)
     if request.reply_to:
-        _publish(self, reply, exchange=names.results_exchange(), routing_key=request.reply_to,
-                 headers={}, correlation_id=command_id)
+        _publish(
+            self,
+            reply,
+            exchange=names.results_exchange(),
+            routing_key=request.reply_to,
+            headers={},
+            correlation_id=command_id,
+        )
     else:
         log.warning("command %s has no reply_to; its reply is dropped", command_id)
     _done_with_chunks(settings, request)

@@ -19,9 +19,7 @@ from consumer.store import StoredObject
 from schemas.errors import FedplanError
 
 
-def worker_argv(
-    device_id: str, *, loglevel: str = "info", extra: Sequence[str] = ()
-) -> list[str]:
+def worker_argv(device_id: str, *, loglevel: str = "info", extra: Sequence[str] = ()) -> list[str]:
     """The stock ``celery worker`` command line serving one device.
 
     Examples
@@ -30,18 +28,33 @@ def worker_argv(
     ['-m', 'celery', '-A', 'consumer', 'worker', '-Q']
     """
     return [
-        "-m", "celery", "-A", "consumer", "worker",
-        "-Q", names.device_queue(device_id),
-        "-n", f"{device_id}@%h",
-        "-c", "1", "-P", "prefork",
-        "--without-mingle", "--without-gossip",
-        "-l", loglevel,
+        "-m",
+        "celery",
+        "-A",
+        "consumer",
+        "worker",
+        "-Q",
+        names.device_queue(device_id),
+        "-n",
+        f"{device_id}@%h",
+        "-c",
+        "1",
+        "-P",
+        "prefork",
+        "--without-mingle",
+        "--without-gossip",
+        "-l",
+        loglevel,
         *extra,
     ]
 
 
-def worker_env(device_id: str, data_dir: str | os.PathLike[str], broker_url: str | None,
-               base: dict[str, str] | None = None) -> dict[str, str]:
+def worker_env(
+    device_id: str,
+    data_dir: str | os.PathLike[str],
+    broker_url: str | None,
+    base: dict[str, str] | None = None,
+) -> dict[str, str]:
     """The environment of a device's worker process."""
     env = dict(os.environ if base is None else base)
     env["FEDPLAN_DEVICE_ID"] = device_id
@@ -85,8 +98,9 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     raise FedplanError(f"{path}: holds {type(found).__name__}, not a tensor or dict of tensors")
 
 
-def add_data(data_dir: str | os.PathLike[str], files: list[Path], tags: list[str],
-             description: str = "") -> list[str]:
+def add_data(
+    data_dir: str | os.PathLike[str], files: list[Path], tags: list[str], description: str = ""
+) -> list[str]:
     """Store the tensors of ``files`` in the device store at ``data_dir`` with ``tags``.
 
     Examples
@@ -100,16 +114,16 @@ def add_data(data_dir: str | os.PathLike[str], files: list[Path], tags: list[str
     added: list[str] = []
     for path in files:
         for object_id, tensor in load_tensors(path).items():
-            store.put_object(StoredObject(object_id, tensor.contiguous(), tuple(tags),
-                                          description))
+            store.put_object(StoredObject(object_id, tensor.contiguous(), tuple(tags), description))
             added.append(object_id)
     return added
 
 
 def run_data_add(args: argparse.Namespace) -> int:
     """``fedplan data add``."""
-    for object_id in add_data(args.data_dir, [Path(f) for f in args.files], args.tag or [],
-                              args.description):
+    for object_id in add_data(
+        args.data_dir, [Path(f) for f in args.files], args.tag or [], args.description
+    ):
         print(f"added {object_id} with tags {' '.join(args.tag or []) or '(none)'}")
     return 0
 

@@ -41,8 +41,11 @@ def dead_lettered_by_queue(client: ManagementClient, *, peek: int = 500) -> Coun
     Messages are read with ``ack_requeue_true``: they stay in the dead-letter queue.
     """
     path = f"queues/{client.vq()}/{client.q(names.dead_letter_queue())}/get"
-    found = client.request("POST", path, {"count": peek, "ackmode": "ack_requeue_true",
-                                          "encoding": "base64", "truncate": 1})
+    found = client.request(
+        "POST",
+        path,
+        {"count": peek, "ackmode": "ack_requeue_true", "encoding": "base64", "truncate": 1},
+    )
     counts: Counter[str] = Counter()
     for msg in found or []:
         deaths = ((msg.get("properties") or {}).get("headers") or {}).get("x-death") or []
@@ -68,15 +71,17 @@ def device_statuses(client: ManagementClient) -> list[DeviceStatus]:
         if device is None:
             continue
         stats = q.get("message_stats") or {}
-        rows.append(DeviceStatus(
-            device_id=device,
-            ready=int(q.get("messages_ready", 0) or 0),
-            unacked=int(q.get("messages_unacknowledged", 0) or 0),
-            consumers=int(q.get("consumers", 0) or 0),
-            publish_rate=_rate(stats, "publish"),
-            deliver_rate=_rate(stats, "deliver_get"),
-            dead_lettered=dead.get(str(q["name"]), 0),
-        ))
+        rows.append(
+            DeviceStatus(
+                device_id=device,
+                ready=int(q.get("messages_ready", 0) or 0),
+                unacked=int(q.get("messages_unacknowledged", 0) or 0),
+                consumers=int(q.get("consumers", 0) or 0),
+                publish_rate=_rate(stats, "publish"),
+                deliver_rate=_rate(stats, "deliver_get"),
+                dead_lettered=dead.get(str(q["name"]), 0),
+            )
+        )
     return sorted(rows, key=lambda r: r.device_id)
 
 
@@ -84,14 +89,22 @@ def format_table(rows: list[DeviceStatus]) -> str:
     """A plain-text table, one line per device."""
     head = ("DEVICE", "STATE", "READY", "UNACKED", "CONSUMERS", "PUB/S", "DELIVER/S", "DEAD")
     lines = [head] + [
-        (r.device_id, "online" if r.online else "offline", str(r.ready), str(r.unacked),
-         str(r.consumers), f"{r.publish_rate:.1f}", f"{r.deliver_rate:.1f}",
-         str(r.dead_lettered))
+        (
+            r.device_id,
+            "online" if r.online else "offline",
+            str(r.ready),
+            str(r.unacked),
+            str(r.consumers),
+            f"{r.publish_rate:.1f}",
+            f"{r.deliver_rate:.1f}",
+            str(r.dead_lettered),
+        )
         for r in rows
     ]
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
-                     for line in lines)
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in lines
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -125,8 +125,9 @@ class AmqpTransport:
                     priority=0,
                 )
                 try:
-                    ch.basic_publish(names.commands_exchange(), routing_key, bytes(piece),
-                                     props, mandatory=True)
+                    ch.basic_publish(
+                        names.commands_exchange(), routing_key, bytes(piece), props, mandatory=True
+                    )
                 except pex.UnroutableError:
                     raise DeviceNotFound(
                         f"no queue for device {device_id!r}; start its worker or create it "
@@ -203,12 +204,21 @@ class AmqpTransport:
                     log.info("reconnected to the broker after %d attempt(s)", attempt)
                 attempt = 0
                 self._loop(self._conn, ch)
-            except (pex.AMQPConnectionError, pex.ConnectionClosed, pex.StreamLostError,
-                    pex.ChannelClosed, pex.ChannelWrongStateError, OSError) as e:
+            except (
+                pex.AMQPConnectionError,
+                pex.ConnectionClosed,
+                pex.StreamLostError,
+                pex.ChannelClosed,
+                pex.ChannelWrongStateError,
+                OSError,
+            ) as e:
                 if not self._ready.done():
-                    self._ready.set_exception(BrokerUnavailable(
-                        f"cannot connect to the broker at {_safe_url(self.settings)} ({e!r}); "
-                        "is RabbitMQ running? (scripts/ensure_rabbitmq)"))
+                    self._ready.set_exception(
+                        BrokerUnavailable(
+                            f"cannot connect to the broker at {_safe_url(self.settings)} ({e!r}); "
+                            "is RabbitMQ running? (scripts/ensure_rabbitmq)"
+                        )
+                    )
                     return
                 if self._closing.is_set():
                     break
@@ -259,14 +269,21 @@ class AmqpTransport:
                 continue
             try:
                 result = work(ch)
-            except (pex.AMQPConnectionError, pex.ConnectionClosed, pex.StreamLostError,
-                    pex.ChannelWrongStateError):
+            except (
+                pex.AMQPConnectionError,
+                pex.ConnectionClosed,
+                pex.StreamLostError,
+                pex.ChannelWrongStateError,
+            ):
                 raise  # keep the item: it is redone after the reconnect
             except pex.ChannelClosedByBroker as e:
                 with self._lock:
                     self._work.popleft()
-                fut.set_exception(TransportError(
-                    f"the broker refused the operation: {e.reply_code} {e.reply_text}"))
+                fut.set_exception(
+                    TransportError(
+                        f"the broker refused the operation: {e.reply_code} {e.reply_text}"
+                    )
+                )
                 raise
             except Exception as e:
                 with self._lock:

@@ -32,14 +32,21 @@ class RunVhost:
         parts = urlsplit(base.broker_url)
         self.url = urlunsplit(parts._replace(path="/" + quote(self.name, safe="")))
         self.settings = base.replace(broker_url=self.url)
-        self.client = ManagementClient(api_url=self.admin.api_url, user=self.admin.user,
-                                       password=self.admin.password, vhost=self.name)
+        self.client = ManagementClient(
+            api_url=self.admin.api_url,
+            user=self.admin.user,
+            password=self.admin.password,
+            vhost=self.name,
+        )
 
     def create(self) -> RunVhost:
         q = self.admin.q
         self.admin.request("PUT", f"vhosts/{q(self.name)}", {})
-        self.admin.request("PUT", f"permissions/{q(self.name)}/{q(self.admin.user)}",
-                           {"configure": ".*", "write": ".*", "read": ".*"})
+        self.admin.request(
+            "PUT",
+            f"permissions/{q(self.name)}/{q(self.admin.user)}",
+            {"configure": ".*", "write": ".*", "read": ".*"},
+        )
         return self
 
     def delete(self) -> None:
@@ -91,7 +98,10 @@ class WorkerProcess:
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, *worker_argv(self.device_id, loglevel="info")],
-                cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                cwd=REPO,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
         return self

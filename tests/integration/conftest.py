@@ -42,7 +42,9 @@ def replies() -> Replies:
 
 @pytest.fixture
 def transport(vhost: RunVhost, replies: Replies) -> Iterator[AmqpTransport]:
-    t = AmqpTransport(on_reply=replies.on_reply,
-                      settings=vhost.settings.replace(producer_id=f"t{secrets.token_hex(4)}"))
+    t = AmqpTransport(
+        on_reply=replies.on_reply,
+        settings=vhost.settings.replace(producer_id=f"t{secrets.token_hex(4)}"),
+    )
     yield t
     t.close()

@@ -28,14 +28,25 @@ def _value(reply: object) -> torch.Tensor:
     return tensor_from_proto(obj.value)
 
 
-def _run(transport: AmqpTransport, replies: Replies, device: str, data: bytes, cid: str,
-         timeout: float = 60.0) -> object:
+def _run(
+    transport: AmqpTransport,
+    replies: Replies,
+    device: str,
+    data: bytes,
+    cid: str,
+    timeout: float = 60.0,
+) -> object:
     transport.publish(device, data, command_id=cid)
     return replies.wait(cid, timeout)
 
 
-def _call(transport: AmqpTransport, replies: Replies, device: str,
-          build: Callable[..., bytes], *args: object) -> object:
+def _call(
+    transport: AmqpTransport,
+    replies: Replies,
+    device: str,
+    build: Callable[..., bytes],
+    *args: object,
+) -> object:
     """Build a command with a fresh id for ``device``, publish it and wait for its reply."""
     cid = new_id()
     return _run(transport, replies, device, build(cid, device, *args), cid)
@@ -75,7 +86,9 @@ def test_a_command_to_a_device_without_a_queue_fails_fast(transport: AmqpTranspo
 
 
 def test_bad_messages_get_an_error_reply_are_dead_lettered_and_the_worker_keeps_serving(
-    vhost: RunVhost, workers: Callable[[str], WorkerProcess], transport: AmqpTransport,
+    vhost: RunVhost,
+    workers: Callable[[str], WorkerProcess],
+    transport: AmqpTransport,
     replies: Replies,
 ) -> None:
     workers("carol")
@@ -92,8 +105,13 @@ def test_bad_messages_get_an_error_reply_are_dead_lettered_and_the_worker_keeps_
     c.schema_version = 999
     r = _run(transport, replies, "carol", c.SerializeToString(), future)
     assert r.error.code == "UNSUPPORTED_SCHEMA"  # type: ignore[attr-defined]
-    bad_plan = PlanIR(name="evil", inputs=(Ref(0),), outputs=Ref(1), num_slots=2,
-                      ops=[Op("os.system", (Ref(0),), {}, Ref(1))])
+    bad_plan = PlanIR(
+        name="evil",
+        inputs=(Ref(0),),
+        outputs=Ref(1),
+        num_slots=2,
+        ops=[Op("os.system", (Ref(0),), {}, Ref(1))],
+    )
     evil = new_id()
     r = _run(transport, replies, "carol", cmd.store_plan(evil, "carol", bad_plan, "evil"), evil)
     assert r.error.code == "OP_NOT_ALLOWED"  # type: ignore[attr-defined]
@@ -111,17 +129,24 @@ def _publish_json_task(vhost: RunVhost, device: str) -> None:
     try:
         ch = conn.channel()
         ch.basic_publish(
-            names.commands_exchange(), names.device_routing_key(device),
+            names.commands_exchange(),
+            names.device_routing_key(device),
             b'[["x"], {}, {}]',
-            pika.BasicProperties(content_type="application/json", content_encoding="utf-8",
-                                 headers=task_headers(new_id()), delivery_mode=2),
+            pika.BasicProperties(
+                content_type="application/json",
+                content_encoding="utf-8",
+                headers=task_headers(new_id()),
+                delivery_mode=2,
+            ),
         )
     finally:
         conn.close()
 
 
 def test_a_worker_killed_mid_plan_is_redelivered_and_the_result_arrives_exactly_once(
-    vhost: RunVhost, workers: Callable[[str], WorkerProcess], transport: AmqpTransport,
+    vhost: RunVhost,
+    workers: Callable[[str], WorkerProcess],
+    transport: AmqpTransport,
     replies: Replies,
 ) -> None:
     dave = workers("dave")
@@ -147,7 +172,9 @@ def test_a_worker_killed_mid_plan_is_redelivered_and_the_result_arrives_exactly_
 
 
 def test_the_producer_reconnects_after_the_broker_closes_its_connection(
-    vhost: RunVhost, workers: Callable[[str], WorkerProcess], transport: AmqpTransport,
+    vhost: RunVhost,
+    workers: Callable[[str], WorkerProcess],
+    transport: AmqpTransport,
     replies: Replies,
 ) -> None:
     workers("erin")

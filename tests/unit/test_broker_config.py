@@ -30,8 +30,11 @@ def test_an_id_that_would_break_a_queue_name_is_refused_with_the_allowed_charact
 
 def test_settings_come_from_fedplan_variables_and_overrides_win() -> None:
     s = Settings.from_env(
-        {"FEDPLAN_MAX_MESSAGE_SIZE": "65536", "FEDPLAN_TIME_LIMIT": "20",
-         "FEDPLAN_SOFT_TIME_LIMIT": "10"},
+        {
+            "FEDPLAN_MAX_MESSAGE_SIZE": "65536",
+            "FEDPLAN_TIME_LIMIT": "20",
+            "FEDPLAN_SOFT_TIME_LIMIT": "10",
+        },
         broker_url="amqp://u:p@127.0.0.1:5672/v",
     )
     assert s.max_message_size == 65536

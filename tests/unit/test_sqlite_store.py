@@ -111,9 +111,13 @@ def test_a_plan_and_its_updated_state_survive_a_restart(tmp_path: Path) -> None:
     pytest.importorskip("schemas.plan_codec")
     w = torch.randn(2)
     ir = PlanIR(
-        name="scale", inputs=(Ref(0),),
+        name="scale",
+        inputs=(Ref(0),),
         ops=[Op("torch.mul", (Ref(0), Ref(1)), {}, Ref(2))],
-        outputs=Ref(2), num_slots=3, state={"w": 1}, state_values={"w": w},
+        outputs=Ref(2),
+        num_slots=3,
+        state={"w": 1},
+        state_values={"w": w},
     )
     store = SqliteStore(tmp_path)
     plan = StoredPlan("p1", ir, "hash", ("#plan",))
