@@ -16,6 +16,16 @@ Slots = list[Any]
 Getter = Callable[[Slots], Any]
 Fail = Callable[[str, "int | None"], Exception]
 
+_MAX_EXPONENT = 64
+
+
+def _bounded_pow(base: Any, exponent: Any) -> Any:
+    """``base ** exponent`` for sizes; a huge exponent from a received plan must not hang."""
+    if abs(exponent) > _MAX_EXPONENT:
+        raise OverflowError(f"size exponent {exponent} is larger than {_MAX_EXPONENT}")
+    return operator.pow(base, exponent)
+
+
 SYM_OPS: dict[str, tuple[Callable[..., Any], int, int]] = {
     # name: (function, min arity, max arity); integer arithmetic only, never eval
     "add": (operator.add, 2, 2),
@@ -24,7 +34,7 @@ SYM_OPS: dict[str, tuple[Callable[..., Any], int, int]] = {
     "floordiv": (operator.floordiv, 2, 2),
     "mod": (operator.mod, 2, 2),
     "truediv": (operator.truediv, 2, 2),
-    "pow": (operator.pow, 2, 2),
+    "pow": (_bounded_pow, 2, 2),
     "neg": (operator.neg, 1, 1),
     "max": (max, 1, 64),
     "min": (min, 1, 64),
@@ -152,8 +162,9 @@ class Lowering:
         for arg in expr.args:
             if not isinstance(arg, SymExpr | Ref) and type(arg) is not int:
                 raise self._fail(f"{what} has a size expression over {arg!r}", index)
-        parts = [self.value(a, what, index) for a in expr.args]
-        return _combine(parts, lambda vs: func(*vs))
+        getters = [as_getter(self.value(a, what, index)) for a in expr.args]
+        # evaluated when the plan runs (never folded at load): errors are execution errors
+        return lambda s: func(*[g(s) for g in getters])
 
 
 def get(compiled: Compiled, slots: Slots) -> Any:

@@ -464,3 +464,23 @@ def test_deeply_nested_values_and_huge_slot_counts_do_not_crash_the_device() -> 
     wide.num_slots = 10**12
     x = torch.tensor([-2.0])
     assert torch.equal(LoadedPlan(wide).run((x,), {}, {}), torch.abs(x + x))
+
+
+@pytest.mark.parametrize(
+    ("expr", "message"),
+    [
+        (SymExpr("pow", (10, 10**9)), "OverflowError"),
+        (SymExpr("floordiv", (R(0), 0)), "ZeroDivisionError"),
+    ],
+)
+def test_bad_size_arithmetic_is_an_execution_error_when_run(expr: SymExpr, message: str) -> None:
+    ir = PlanIR(
+        name="sizes",
+        inputs=(R(0),),
+        ops=[Op("torch.zeros", (expr,), {}, R(1))],
+        outputs=R(1),
+        num_slots=2,
+    )
+    plan = LoadedPlan(ir)  # loading evaluates nothing
+    with pytest.raises(PlanExecutionError, match=message):
+        plan.run((3,), {}, {})
