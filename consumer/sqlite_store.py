@@ -60,6 +60,14 @@ CREATE TABLE IF NOT EXISTS counter (k INTEGER PRIMARY KEY CHECK (k = 0), n INTEG
 INSERT OR IGNORE INTO counter VALUES (0, 0);
 """
 
+_GET_ONE = "SELECT id, dtype, shape, requires_grad, description, blob FROM objects WHERE id = ?"
+_GET_ALL = "SELECT id, dtype, shape, requires_grad, description, blob FROM objects ORDER BY seq"
+_SEARCH = (
+    "SELECT id, dtype, shape, requires_grad, description, blob FROM objects "
+    "WHERE id IN (SELECT object_id FROM tags WHERE tag IN (SELECT value FROM json_each(?)) "
+    "GROUP BY object_id HAVING COUNT(DISTINCT tag) = ?) ORDER BY seq"
+)
+
 
 class SqliteStore:
     """A :class:`~consumer.store.DeviceStore` under ``data_dir`` that survives restarts.
@@ -179,14 +187,12 @@ class SqliteStore:
         )
         return StoredObject(object_id, tensor, tuple(t for (t,) in tags), description)
 
-    _COLS = "id, dtype, shape, requires_grad, description, blob"
-
     def get_object(self, object_id: str) -> StoredObject:
         row = (
             self._conn()
             .execute(
-                f"SELECT {self._COLS} FROM objects WHERE id = ?",
-                (object_id,),  # noqa: S608
+                _GET_ONE,
+                (object_id,),
             )
             .fetchone()
         )
@@ -214,27 +220,18 @@ class SqliteStore:
         wanted = sorted(set(tags))
         if not wanted:
             return self.list_objects()
-        marks = ",".join("?" * len(wanted))
         rows = (
             self._conn()
             .execute(
-                f"SELECT {self._COLS} FROM objects WHERE id IN ("  # noqa: S608 (marks only)
-                f"SELECT object_id FROM tags WHERE tag IN ({marks}) "
-                "GROUP BY object_id HAVING COUNT(DISTINCT tag) = ?) ORDER BY seq",
-                (*wanted, len(wanted)),
+                _SEARCH,
+                (json.dumps(wanted), len(wanted)),
             )
             .fetchall()
         )
         return [self._load(r) for r in rows]
 
     def list_objects(self) -> list[StoredObject]:
-        rows = (
-            self._conn()
-            .execute(
-                f"SELECT {self._COLS} FROM objects ORDER BY seq"  # noqa: S608
-            )
-            .fetchall()
-        )
+        rows = self._conn().execute(_GET_ALL).fetchall()
         return [self._load(r) for r in rows]
 
     def clear_objects(self) -> None:
