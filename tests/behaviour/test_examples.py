@@ -1,0 +1,36 @@
+"""The ported seed tutorials in examples/ run and print what the seeds show."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+EXPECTED = {
+    "plans_intro": ["tensor([2., 4.])", "[PointerPlan | me:", "Tags: input_data"],
+    "plans_tutorial": [
+        "A plan needs to be built before being sent to a worker.",
+        "tensor([2., 4.])",
+        "tensor([2, 1])",
+    ],
+    "plans_notes": ["{'run_plan': 5, 'get_object': 1}", "tensor([2, 1])"],
+    "plans_usage": ["tensor([3., 3., 3., 3., 3.])"],
+    "remote_tensors": ["tensor([6, 6, 6, 6, 6])", "alice: []"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_the_example_prints_what_its_seed_shows(
+    name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main()
+    out = capsys.readouterr().out
+    for line in EXPECTED[name]:
+        assert line in out
