@@ -308,16 +308,17 @@ class LoadedPlan:
                 step(slots)
                 for slot in free:
                     slots[slot] = None
+            index = -1  # past the ops: a failure now is in the outputs' size expressions
             return get(self._outputs, slots)
         except FedplanError:
             raise
         except Exception as exc:
-            target = self.ir.ops[index].target if index >= 0 else "outputs"
-            source = self.ir.ops[index].source if index >= 0 else ""
-            at = f" at {source}" if source else ""
+            op = self.ir.ops[index] if index >= 0 else None
+            what = f"op {index} ({op.target})" if op else "the outputs"
+            at = f" at {op.source}" if op and op.source else ""
             raise PlanExecutionError(
-                f"op {index} ({target}){at} failed: {type(exc).__name__}: {exc}",
-                op_index=index if index >= 0 else None,
+                f"{what}{at} failed: {type(exc).__name__}: {exc}",
+                op_index=index if op else None,
                 **self._where,
             ) from exc
         finally:
