@@ -27,8 +27,9 @@ class _Names:
         for spec in ir.input_specs:
             self.names[spec.slot] = spec.path if spec.path.isidentifier() else f"_{spec.slot}"
         for name, slot in ir.state.items():
-            self.names[slot] = f"self.{name}" if name.replace(".", "_").isidentifier() \
-                else f"state[{name!r}]"
+            self.names[slot] = (
+                f"self.{name}" if name.replace(".", "_").isidentifier() else f"state[{name!r}]"
+            )
         for slot in ir.constants:
             self.names.setdefault(slot, f"const_{slot}")
 
@@ -54,8 +55,10 @@ def render_value(value: Value, name: _Names) -> str:
     if isinstance(value, EllipsisValue):
         return "..."
     if isinstance(value, Slice):
-        parts = [render_value(v, name) if v is not None else "" for v in
-                 (value.start, value.stop, value.step)]
+        parts = [
+            render_value(v, name) if v is not None else ""
+            for v in (value.start, value.stop, value.step)
+        ]
         return ":".join(parts).rstrip(":") or ":"
     if isinstance(value, tuple):
         inner = ", ".join(render_value(v, name) for v in value)

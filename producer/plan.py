@@ -49,8 +49,10 @@ class State:
 
 
 def _is_pointer(value: Any) -> bool:
-    return not isinstance(value, torch.Tensor) and hasattr(value, "location") and hasattr(
-        value, "shape"
+    return (
+        not isinstance(value, torch.Tensor)
+        and hasattr(value, "location")
+        and hasattr(value, "shape")
     )
 
 
@@ -352,8 +354,9 @@ class Plan(nn.Module):
         return twin
 
 
-def _examples(args_shape: Sequence[Sequence[int]]) -> tuple[tuple[torch.Tensor, ...], list[
-        tuple[int, ...]]]:
+def _examples(
+    args_shape: Sequence[Sequence[int]],
+) -> tuple[tuple[torch.Tensor, ...], list[tuple[int, ...]]]:
     examples, dynamic = [], []
     for shape in args_shape:
         examples.append(torch.ones(tuple(2 if d == -1 else d for d in shape)))

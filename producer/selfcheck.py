@@ -41,30 +41,70 @@ def clone_tree(value: Any) -> Any:
     return value
 
 
+def _swap_all(live: Sequence[torch.Tensor], stand_ins: Sequence[torch.Tensor]) -> bool:
+    """Swap every pair, or none (``False``) when autograd still references a live tensor.
+
+    ``swap_tensors`` would poison (or refuse) a tensor that a live autograd graph uses, so
+    any tensor with more than one reference to its implementation is not swapped.
+    """
+    if any(t._use_count() > 1 for t in (*live, *stand_ins)):
+        return False
+    done: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for real, other in zip(live, stand_ins, strict=True):
+        try:
+            swap_tensors(real, other)
+        except RuntimeError:
+            for r, o in reversed(done):
+                swap_tensors(r, o)
+            return False
+        done.append((real, other))
+    return True
+
+
+def _swap_back(live: Sequence[torch.Tensor], stand_ins: Sequence[torch.Tensor]) -> None:
+    for real, other in zip(live, stand_ins, strict=True):
+        try:
+            swap_tensors(real, other)
+        except RuntimeError:  # a reference cycle still holds the graph: collect it
+            gc.collect()
+            swap_tensors(real, other)
+
+
 @contextlib.contextmanager
 def swapped(live: Sequence[torch.Tensor], stand_ins: Sequence[torch.Tensor]) -> Iterator[None]:
     """Let the ``live`` tensor objects hold the stand-ins' contents for the block.
 
     Code that holds the live objects (a module, an optimizer) works on the stand-in data;
     on exit the live objects get their own data (and ``.grad``) back and the stand-ins hold
-    whatever the block left (``torch.utils.swap_tensors`` both ways).
+    whatever the block left. Uses ``torch.utils.swap_tensors``; when a live autograd graph
+    still references a live tensor, the block runs on the live tensors themselves (the
+    stand-ins must then be clones of them) and values it changed are copied back after.
     """
-    done: list[tuple[torch.Tensor, torch.Tensor]] = []
+    live, stand_ins = list(live), list(stand_ins)
+    if _swap_all(live, stand_ins):
+        try:
+            yield
+        except BaseException as exc:
+            traceback.clear_frames(exc.__traceback__)  # frames may hold the autograd graph
+            raise
+        finally:
+            _swap_back(live, stand_ins)
+        return
+    # Copy mode: the stand-ins are clones of the live values (every caller's case), so the
+    # block runs on the live tensors and only what it changed is restored afterwards.
+    saved = [(t.detach().clone(), t.grad, t._version) for t in live]
+    for real in live:
+        real.grad = None
     try:
-        for real, other in zip(live, stand_ins, strict=True):
-            swap_tensors(real, other)
-            done.append((real, other))
         yield
-    except BaseException as exc:
-        traceback.clear_frames(exc.__traceback__)  # frames may hold the autograd graph
-        raise
     finally:
-        for real, other in reversed(done):
-            try:
-                swap_tensors(real, other)
-            except RuntimeError:  # a reference cycle still holds the graph: collect it
-                gc.collect()
-                swap_tensors(real, other)
+        with torch.no_grad():
+            for (value, grad, version), real, other in zip(saved, live, stand_ins, strict=True):
+                other.copy_(real)
+                other.grad = real.grad
+                if real._version != version:
+                    real.copy_(value)
+                real.grad = grad
 
 
 def _clear_grads(tensors: Sequence[torch.Tensor]) -> None:
