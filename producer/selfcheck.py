@@ -47,7 +47,7 @@ def _swap_all(live: Sequence[torch.Tensor], stand_ins: Sequence[torch.Tensor]) -
     ``swap_tensors`` would poison (or refuse) a tensor that a live autograd graph uses, so
     any tensor with more than one reference to its implementation is not swapped.
     """
-    if any(t._use_count() > 1 for t in (*live, *stand_ins)):
+    if any(t._use_count() > 1 for t in (*live, *stand_ins)):  # type: ignore[attr-defined]
         return False
     done: list[tuple[torch.Tensor, torch.Tensor]] = []
     for real, other in zip(live, stand_ins, strict=True):
