@@ -38,7 +38,7 @@ class Device:
     def __init__(self, id: str, fleet: Fleet) -> None:
         self.id = id
         self.fleet = fleet
-        self._plans: set[str] = set()
+        self._plans: dict[str, object] = {}  # plan id -> the op list (build) sent
 
     @property
     def timeout(self) -> float | None:
@@ -132,16 +132,19 @@ class Device:
     def send_plan(self, plan: Any, *, wait: bool = True, force: bool = False) -> PointerPlan:
         """Store a built plan on the device (once: sending it again transfers nothing).
 
-        ``wait`` blocks until the device accepted it, so a plan refused by the device's
-        allow-list raises here. ``force`` sends it again, replacing a changed plan.
+        A plan rebuilt since it was sent is sent again. ``wait`` blocks until the device
+        accepted it, so a plan refused by the device's allow-list raises here. ``force``
+        sends it again: the device then replaces its copy if the plan or its state differ
+        (use it to push locally changed state; otherwise the device keeps its own state).
         """
         if not getattr(plan, "is_built", False):
             raise PlanNotBuiltError(NOT_BUILT_MESSAGE, plan_name=getattr(plan, "name", None))
         pending: PendingCommand | None = None
-        if force or plan.id not in self._plans:
-            msg = cmd.StorePlan(plan=plan_to_proto(plan.ir, plan_id=plan.id))
+        ir: PlanIR = plan.ir
+        if force or self._plans.get(plan.id) is not ir.ops:
+            msg = cmd.StorePlan(plan=plan_to_proto(ir, plan_id=plan.id))
             pending = self._submit("store_plan", msg)
-            self._plans.add(plan.id)
+            self._plans[plan.id] = ir.ops
             pending.add_done_callback(lambda f: self._forget_refused(plan.id, f))
         if hasattr(plan, "location"):
             plan.location = self  # the plan's repr shows where it was sent last
@@ -152,7 +155,7 @@ class Device:
 
     def _forget_refused(self, plan_id: str, done: Future[cmd.Reply]) -> None:
         if done.exception() is not None:  # a refused plan is sent again next time
-            self._plans.discard(plan_id)
+            self._plans.pop(plan_id, None)
 
     def holds_plan(self, plan_id: str) -> bool:
         """Whether this handle has sent the plan to the device (and it was not refused)."""
@@ -208,7 +211,7 @@ class Device:
         """The plan as the device holds it, with its current state."""
         reply = self._call("get_plan", cmd.GetPlan(plan_id=plan_id, delete=delete), timeout=timeout)
         if delete:
-            self._plans.discard(plan_id)
+            self._plans.pop(plan_id, None)
         ir, _ = plan_from_proto(reply.ok.plan)
         return ir
 

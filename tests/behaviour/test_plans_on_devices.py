@@ -123,3 +123,39 @@ def test_a_failed_remote_op_reports_its_own_error_when_its_result_is_used(
         product.wait()
     with pytest.raises(fp.PlanExecutionError, match="matmul"):
         _ = product + 1
+
+
+def test_a_rebuilt_plan_is_sent_again_and_the_device_runs_the_new_build(
+    device: DeviceFactory,
+) -> None:
+    bob = device("bob")
+    scale = torch.tensor([2.0])
+
+    @fp.func2plan(args_shape=[(3,)], state=(scale,))
+    def scaled(x: torch.Tensor, state: fp.State) -> torch.Tensor:
+        (s,) = state.read()
+        return x * s if x.dim() == 1 else x
+
+    x = torch.tensor([1.0, 2.0, 3.0])
+    x_ptr = fp.send(x, bob)
+    assert torch.equal(scaled.send(bob)(x_ptr).get(), x * 2)
+    scaled.build(torch.ones(2, 3))  # rebuilt: the branch taken is now the other one
+    y = torch.ones(4, 3)
+    assert torch.equal(scaled.send(bob)(fp.send(y, bob)).get(), y)
+
+
+def test_force_pushes_locally_changed_state_and_otherwise_the_device_keeps_its_own(
+    device: DeviceFactory,
+) -> None:
+    bob = device("bob")
+
+    @fp.func2plan(args_shape=[(2,)], state=(torch.tensor([1.0, 1.0]),))
+    def shifted(x: torch.Tensor, state: fp.State) -> torch.Tensor:
+        (bias,) = state.read()
+        return x + bias
+
+    x = torch.tensor([1.0, 2.0])
+    shifted.send(bob)
+    shifted.load_state({"state.0": torch.tensor([10.0, 10.0])})
+    assert torch.equal(shifted.send(bob)(fp.send(x, bob)).get(), x + 1)
+    assert torch.equal(bob.send_plan(shifted, force=True)(fp.send(x, bob)).get(), x + 10)
