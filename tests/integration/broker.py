@@ -83,8 +83,11 @@ class RunVhost:
 class WorkerProcess:
     """A stock ``celery -A consumer worker`` serving one device, in its own process group."""
 
-    def __init__(self, device_id: str, data_dir: Path, vhost: RunVhost) -> None:
+    def __init__(
+        self, device_id: str, data_dir: Path, vhost: RunVhost, env: dict[str, str] | None = None
+    ) -> None:
         self.device_id = device_id
+        self.env = dict(env or {})
         self.data_dir = data_dir
         self.vhost = vhost
         self.log_path = data_dir.parent / f"worker-{device_id}.log"
@@ -92,6 +95,7 @@ class WorkerProcess:
 
     def start(self, *, extra_env: dict[str, str] | None = None) -> WorkerProcess:
         env = worker_env(self.device_id, self.data_dir, self.vhost.url)
+        env.update(self.env)
         env.update(extra_env or {})
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
         self.data_dir.mkdir(parents=True, exist_ok=True)

@@ -21,12 +21,12 @@ def vhost() -> Iterator[RunVhost]:
 
 
 @pytest.fixture
-def workers(vhost: RunVhost, tmp_path: Path) -> Iterator[Callable[[str], WorkerProcess]]:
-    """Start a worker for a device: ``workers("alice")``; all are stopped afterwards."""
+def workers(vhost: RunVhost, tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
+    """Start a worker for a device: ``workers("alice", env={...})``; all stop afterwards."""
     started: list[WorkerProcess] = []
 
-    def start(device_id: str) -> WorkerProcess:
-        w = WorkerProcess(device_id, tmp_path / device_id, vhost).start()
+    def start(device_id: str, env: dict[str, str] | None = None) -> WorkerProcess:
+        w = WorkerProcess(device_id, tmp_path / device_id, vhost, env).start()
         started.append(w)
         return w.wait_ready()
 

@@ -53,7 +53,7 @@ def _call(
 
 
 def test_a_tensor_sent_to_a_worker_comes_back_equal(
-    workers: Callable[[str], WorkerProcess], transport: AmqpTransport, replies: Replies
+    workers: Callable[..., WorkerProcess], transport: AmqpTransport, replies: Replies
 ) -> None:
     workers("alice")
     transport.ensure_device("alice")
@@ -65,7 +65,7 @@ def test_a_tensor_sent_to_a_worker_comes_back_equal(
 
 
 def test_a_plan_run_on_a_worker_equals_eager_torch(
-    workers: Callable[[str], WorkerProcess], transport: AmqpTransport, replies: Replies
+    workers: Callable[..., WorkerProcess], transport: AmqpTransport, replies: Replies
 ) -> None:
     workers("bob")
     transport.ensure_device("bob")
@@ -87,7 +87,7 @@ def test_a_command_to_a_device_without_a_queue_fails_fast(transport: AmqpTranspo
 
 def test_bad_messages_get_an_error_reply_are_dead_lettered_and_the_worker_keeps_serving(
     vhost: RunVhost,
-    workers: Callable[[str], WorkerProcess],
+    workers: Callable[..., WorkerProcess],
     transport: AmqpTransport,
     replies: Replies,
 ) -> None:
@@ -145,7 +145,7 @@ def _publish_json_task(vhost: RunVhost, device: str) -> None:
 
 def test_a_worker_killed_mid_plan_is_redelivered_and_the_result_arrives_exactly_once(
     vhost: RunVhost,
-    workers: Callable[[str], WorkerProcess],
+    workers: Callable[..., WorkerProcess],
     transport: AmqpTransport,
     replies: Replies,
 ) -> None:
@@ -173,7 +173,7 @@ def test_a_worker_killed_mid_plan_is_redelivered_and_the_result_arrives_exactly_
 
 def test_the_producer_reconnects_after_the_broker_closes_its_connection(
     vhost: RunVhost,
-    workers: Callable[[str], WorkerProcess],
+    workers: Callable[..., WorkerProcess],
     transport: AmqpTransport,
     replies: Replies,
 ) -> None:
