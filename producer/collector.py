@@ -84,6 +84,15 @@ class ReplyCollector:
                 if self._by_result.get(result_id) is old:
                     del self._by_result[result_id]
 
+    def release(self, command_id: str) -> None:
+        """Stop keeping a resolved command findable (its waiters hold it if they need it)."""
+        with self._lock:
+            old = self._done.pop(command_id, None)
+            if old is not None:
+                for result_id in old.result_ids:
+                    if self._by_result.get(result_id) is old:
+                        del self._by_result[result_id]
+
     def forget(self, command_id: str, error: BaseException) -> None:
         """Fail a registered command that could not be published."""
         with self._lock:

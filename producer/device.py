@@ -222,7 +222,11 @@ class Device:
 
     def _call(self, body: str, msg: Any, *, timeout: float | None = None) -> cmd.Reply:
         pending = self._submit(body, msg)
-        return pending.reply(self.timeout if timeout is None else timeout)
+        try:
+            return pending.reply(self.timeout if timeout is None else timeout)
+        finally:
+            if pending.done():
+                self.fleet.collector.release(pending.command_id)
 
     def _arg(self, value: Any) -> Value:
         """A call argument as a command value: pointers become ``ObjectId`` on this device."""

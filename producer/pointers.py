@@ -91,6 +91,8 @@ class PointerTensor:
             except BaseException:
                 self._pending = pending  # waiting again raises the same error
                 raise
+            if all(r == self.id for r in pending.result_ids):
+                self.location.fleet.collector.release(pending.command_id)
         return self
 
     def raise_if_failed(self) -> None:
@@ -280,9 +282,17 @@ class PointerPlan:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Run the plan on the device; returns pointers (in the plan's output structure) at once."""
+        return self.run(*args, **kwargs)
+
+    def run(self, *args: Any, return_values: bool = False, **kwargs: Any) -> Any:
+        """Like calling the pointer plan; ``return_values`` puts the outputs in the reply.
+
+        With ``return_values`` the results' ``get()`` needs no second round trip (the
+        device still stores them until then).
+        """
         if self._pending is not None and self._pending.done():
             self._pending.reply(0)  # a refused plan raises its error here, not a NOT_FOUND
-        return self.location.run_plan(self.plan, args, kwargs)
+        return self.location.run_plan(self.plan, args, kwargs, return_values=return_values)
 
     def get(self, *, delete: bool = False, timeout: float | None = None) -> Any:
         """Bring the plan back with the device's current state loaded into the local plan."""

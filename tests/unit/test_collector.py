@@ -101,3 +101,25 @@ def test_a_command_that_could_not_be_published_fails_with_that_error() -> None:
     collector.forget("c1", TransportError("broker down"))
     with pytest.raises(TransportError, match="broker down"):
         pending.reply(timeout=1)
+
+
+def test_a_released_command_is_no_longer_findable_but_its_holder_keeps_the_reply() -> None:
+    collector = ReplyCollector()
+    pending = collector.expect("c1", device_id="d1", result_ids=("r1",))
+    collector.on_reply(_ok("c1", "r1"))
+    collector.release("c1")
+    with pytest.raises(ObjectNotFound):
+        collector.wait("c1", timeout=0)
+    with pytest.raises(ObjectNotFound):
+        collector.wait_result("r1", timeout=0)
+    assert pending.object_info("r1", timeout=0).id == "r1"
+
+
+def test_only_the_most_recent_resolved_commands_are_kept() -> None:
+    collector = ReplyCollector(keep=2)
+    for i in range(3):
+        collector.expect(f"c{i}", device_id="d1", result_ids=(f"r{i}",))
+        collector.on_reply(_ok(f"c{i}", f"r{i}"))
+    with pytest.raises(ObjectNotFound):
+        collector.wait_result("r0", timeout=0)
+    assert collector.wait_result("r2", timeout=0).id == "r2"

@@ -262,3 +262,22 @@ def test_hook_adds_tag_and_send_to_tensors(fleet: fp.Fleet) -> None:
     pointer = x.send(fleet.device("bob"))  # type: ignore[attr-defined]
     assert pointer.tags == ("hooked",)
     assert torch.equal(fleet.device("bob").search("hooked")[0].get(), x)
+
+
+def test_results_sent_with_the_reply_need_no_second_round_trip(fleet: fp.Fleet) -> None:
+    device = fleet.device("device_1")
+    pointer_plan = device.send_plan(double_abs())
+    x = torch.tensor([1.0, -3.0])
+    result = pointer_plan.run(fp.send(x, device), return_values=True).wait()
+    calls: list[str] = []
+    original = fleet.submit
+    fleet.submit = lambda device_id, body, *a, **k: (
+        calls.append(body)
+        or original(  # type: ignore[method-assign]
+            device_id, body, *a, **k
+        )
+    )
+    assert torch.equal(result.get(), torch.abs(x + x))
+    assert calls == ["delete_objects"]
+    with pytest.raises(fp.ObjectNotFound):
+        result.get()
