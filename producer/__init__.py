@@ -71,7 +71,8 @@ __all__ += [
 ]
 
 # plans (producer/plan.py, tracer.py)
-from producer.plan import Plan, State, func2plan, method2plan  # noqa: E402
+from producer.decorators import func2plan, method2plan  # noqa: E402
+from producer.plan import Plan, State  # noqa: E402
 from producer.tracer import trace  # noqa: E402
 
 __all__ += ["Plan", "State", "func2plan", "method2plan", "trace"]

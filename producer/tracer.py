@@ -10,9 +10,6 @@ escapes into Python) becomes a guard checked on replay; see /work/shared/notes/t
 
 from __future__ import annotations
 
-import os
-import sys
-import sysconfig
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +18,13 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.overrides import TorchFunctionMode
 
+from producer.refusals import (
+    custom_function_output,
+    is_inplace,
+    refuse_custom_function,
+    refuse_stateful_optimizer,
+    user_source,
+)
 from producer.shapes import SymbolicSizes, make_symbolic_sizes
 from schemas.allowlist import name_of
 from schemas.errors import PlanBuildError
@@ -41,52 +45,6 @@ from schemas.ir import (
 _DROPPED = ("_record_function", "Tensor.__repr__", "Tensor.__format__", "Tensor.__str__")
 _SIZE_READS = {"Tensor.shape.__get__", "Tensor.size", "Tensor.__len__", "Tensor.numel",
                "Tensor.nelement", "Tensor.dim", "Tensor.ndim.__get__"}  # fmt: skip
-_INPLACE_DUNDERS = {"__iadd__", "__isub__", "__imul__", "__itruediv__", "__idiv__",
-                    "__ifloordiv__", "__imod__", "__ipow__", "__iand__", "__ior__", "__ixor__",
-                    "__ilshift__", "__irshift__", "__setitem__"}  # fmt: skip
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_SKIP_DIRS = (
-    os.path.dirname(torch.__file__) + os.sep,
-    *(os.path.join(_ROOT, pkg) + os.sep for pkg in ("producer", "schemas", "consumer")),
-    sysconfig.get_paths()["stdlib"] + os.sep,
-    "<frozen",
-)
-
-
-def user_source() -> str:
-    """``"file.py:LINE: code"`` of the innermost frame outside torch, fedplan and stdlib."""
-    import linecache
-
-    frame = sys._getframe(1)
-    while frame is not None:
-        filename = frame.f_code.co_filename
-        if not filename.startswith(_SKIP_DIRS):
-            code = linecache.getline(filename, frame.f_lineno).strip()
-            return f"{os.path.basename(filename)}:{frame.f_lineno}: {code}"
-        frame = frame.f_back  # type: ignore[assignment]
-    return "<unknown>"
-
-
-def _is_inplace(name: str) -> bool:
-    method = name.rsplit(".", 1)[-1]
-    return (
-        name.endswith(".__set__")
-        or method in _INPLACE_DUNDERS
-        or (method.endswith("_") and not method.endswith("__"))
-    )
-
-
-def _custom_function_output(t: torch.Tensor) -> bool:
-    return isinstance(t.grad_fn, torch.autograd.function.BackwardCFunction)
-
-
-def _refuse_custom_function(t: torch.Tensor) -> None:
-    if _custom_function_output(t):
-        raise PlanBuildError(
-            f"{user_source()}: a custom torch.autograd.Function ({type(t.grad_fn).__name__}) "
-            "cannot be part of a plan: its backward would be lost. Write it with "
-            "allow-listed torch ops (autograd differentiates them)."
-        )
 
 
 @dataclass
@@ -142,7 +100,7 @@ class Tracer(TorchFunctionMode):
         slot = self._slot_of.get(id(t))
         if slot is not None:
             return slot
-        _refuse_custom_function(t)
+        refuse_custom_function(t)
         slot = self.bind(t).slot
         const = t.detach().clone()
         if t.requires_grad and t.is_floating_point():
@@ -249,13 +207,13 @@ class Tracer(TorchFunctionMode):
     def _check_refusals(self, name: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
         for value in (*args, *kwargs.values()):
             for t in _tensors_in(value):
-                _refuse_custom_function(t)
+                refuse_custom_function(t)
         if name == "Tensor.grad.__get__" and self._slot_of.get(id(args[0])) in self.constants:
             raise PlanBuildError(
                 f"{user_source()}: reads .grad of a tensor captured from outside the plan; "
                 "make it plan state (a parameter/buffer or func2plan state=) or an input"
             )
-        if _is_inplace(name) or "out" in kwargs:
+        if is_inplace(name) or "out" in kwargs:
             targets = [*_tensors_in(args[0] if args else None), *_tensors_in(kwargs.get("out"))]
             for t in targets:
                 if self._slot_of.get(id(t)) in self.constants or id(t) not in self._slot_of:
@@ -379,20 +337,6 @@ def _has_tensor(value: Any) -> bool:
     return bool(_tensors_in(value))
 
 
-def _refuse_stateful_optimizer(optimizer: torch.optim.Optimizer, *_: Any) -> None:
-    """Optimizer step pre-hook active while tracing: only stateless SGD is allowed."""
-    if isinstance(optimizer, torch.optim.SGD) and all(
-        not g.get("momentum") for g in optimizer.param_groups
-    ):
-        return
-    raise PlanBuildError(
-        f"{user_source()}: {type(optimizer).__name__} keeps state between steps (momentum, "
-        "moments) that a plan would silently re-create on every call; use "
-        "torch.optim.SGD without momentum inside plans (or write the update with tensor "
-        "ops on plan state)"
-    )
-
-
 def _pattern(
     tracer: Tracer,
     value: Any,
@@ -451,7 +395,7 @@ def trace(
     --------
     >>> t = trace(lambda x: torch.abs(x + x), (torch.tensor([1.0, -2.0]),), name="f")
     >>> [op.target for op in t.ir.ops]
-    ['Tensor.__add__', 'torch.abs']
+    ['Tensor.add', 'torch.abs']
     """
     tracer = Tracer(symbolic=symbolic)
     kwargs = dict(kwargs or {})
@@ -463,7 +407,7 @@ def trace(
         state_slots[key] = tracer.bind(tensor).slot
         tracer.state_slots.add(state_slots[key])
     grad_enabled = torch.is_grad_enabled()
-    hook = register_optimizer_step_pre_hook(_refuse_stateful_optimizer)
+    hook = register_optimizer_step_pre_hook(refuse_stateful_optimizer)
     try:
         with tracer:
             outputs = fn(*args, **kwargs)
@@ -473,7 +417,7 @@ def trace(
     finally:
         hook.remove()
         torch.set_grad_enabled(grad_enabled)
-    if any(_custom_function_output(t) for t in _tensors_in(outputs)):
+    if any(custom_function_output(t) for t in _tensors_in(outputs)):
         raise PlanBuildError(
             f"{name}: an output comes from a custom torch.autograd.Function, whose backward "
             "a plan cannot hold; write it with allow-listed torch ops"
