@@ -180,7 +180,7 @@ class Device:
             return_values=return_values,
         )
         pending = self._submit("run_plan", msg, result_ids)
-        pointers = [PointerTensor(rid, self, pending=pending) for rid in result_ids]
+        pointers = [PointerTensor(rid, self, pending=pending, owned=True) for rid in result_ids]
         return rebuild_like(ir.outputs, lambda i: pointers[i])
 
     def run_op(
@@ -202,7 +202,9 @@ class Device:
             return_values=return_values,
         )
         pending = self._submit("run_op", msg, result_ids)
-        pointers = tuple(PointerTensor(rid, self, pending=pending) for rid in result_ids)
+        pointers = tuple(
+            PointerTensor(rid, self, pending=pending, owned=True) for rid in result_ids
+        )
         return pointers[0] if num_results == 1 else pointers
 
     def fetch_plan(

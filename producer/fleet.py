@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from collections import deque
 from collections.abc import Iterable, Sequence
 from types import TracebackType
 from typing import Any
@@ -13,7 +15,7 @@ from producer.collector import PendingCommand, ReplyCollector
 from producer.device import Device
 from producer.transport.base import Transport
 from producer.transport.local import LocalTransport
-from schemas.command_pb2 import Command
+from schemas.command_pb2 import Command, DeleteObjects
 from schemas.errors import TransportError
 from schemas.ir import SCHEMA_VERSION
 from schemas.wire import encode_command, new_id
@@ -47,6 +49,7 @@ class Fleet:
         self._devices: dict[str, Device] = {}
         self._lock = threading.Lock()
         self._closed = False
+        self._garbage: deque[tuple[str, str]] = deque()  # (device id, object id) to delete
 
     def device(self, id: str, *, data: Iterable[torch.Tensor] = ()) -> Device:
         """The device ``id`` (started or declared on first use), with ``data`` stored on it.
@@ -85,6 +88,7 @@ class Fleet:
 
         ``tensors`` are those encoded with ``tensor_to_proto(t, framed=True)`` in ``msg``.
         """
+        self._collect_garbage()
         command = Command(schema_version=SCHEMA_VERSION, command_id=new_id(), device_id=device_id)
         getattr(command, body).CopyFrom(msg)
         data = encode_command(command, tensors)
@@ -97,6 +101,31 @@ class Fleet:
             self.collector.forget(command.command_id, exc)
             raise
         return pending
+
+    def discard(self, device_id: str, object_id: str) -> None:
+        """Delete a remote object with the next command (safe from finalizers: no locks)."""
+        self._garbage.append((device_id, object_id))
+
+    def _collect_garbage(self) -> None:
+        """Publish one ``DeleteObjects`` per device for dropped result pointers (no reply)."""
+        by_device: dict[str, list[str]] = {}
+        while self._garbage:
+            try:
+                device_id, object_id = self._garbage.popleft()
+            except IndexError:  # emptied by another thread
+                break
+            by_device.setdefault(device_id, []).append(object_id)
+        for device_id, ids in by_device.items():
+            command = Command(
+                schema_version=SCHEMA_VERSION,
+                command_id=new_id(),
+                device_id=device_id,
+                delete_objects=DeleteObjects(ids=ids),
+            )
+            with contextlib.suppress(Exception):  # best effort: the device may be gone
+                self.transport.publish(
+                    device_id, encode_command(command), command_id=command.command_id
+                )
 
     def close(self) -> None:
         """Stop the transport; commands still awaiting a reply fail with ``TransportError``."""

@@ -24,7 +24,9 @@ class PointerTensor:
 
     Pointers to results exist before the device has run anything: their metadata (shape,
     dtype) arrives with the reply and reading it blocks until then. ``get()`` brings the
-    value back and removes the remote copy.
+    value back and removes the remote copy. A result of a plan or op whose pointer is
+    dropped without ``get()`` is deleted from the device (with the next command sent);
+    objects sent or found with ``search`` stay until deleted.
 
     Examples
     --------
@@ -49,6 +51,7 @@ class PointerTensor:
         shape: torch.Size | None = None,
         dtype: torch.dtype | None = None,
         description: str = "",
+        owned: bool = False,
     ) -> None:
         self.id = id
         self.location = location
@@ -62,6 +65,7 @@ class PointerTensor:
         self._value: Any = None
         self._has_value = False
         self._gone = False
+        self._owned = owned  # a result this pointer created: deleted remotely when dropped
         if info is not None:
             self._take(info)
 
@@ -180,6 +184,11 @@ class PointerTensor:
         """Delete the remote object (nothing happens if it is gone already)."""
         self.location.delete_objects([self.id])
         self._gone = True
+
+    def __del__(self) -> None:
+        if self._owned and not self._gone:
+            with contextlib.suppress(Exception):  # never raise from a finalizer
+                self.location.fleet.discard(self.location.id, self.id)
 
     def _timeout(self, timeout: float | None) -> float | None:
         return self.location.timeout if timeout is None else timeout

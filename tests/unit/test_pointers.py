@@ -281,3 +281,17 @@ def test_results_sent_with_the_reply_need_no_second_round_trip(fleet: fp.Fleet) 
     assert calls == ["delete_objects"]
     with pytest.raises(fp.ObjectNotFound):
         result.get()
+
+
+def test_dropped_result_pointers_are_deleted_from_the_device_but_sent_data_stays(
+    fleet: fp.Fleet,
+) -> None:
+    bob = fleet.device("bob")
+    x_ptr = fp.send(torch.tensor([1.0, -2.0]), bob)
+    kept = (-x_ptr * 2).abs()
+    total = kept.sum()
+    del total
+    assert set(bob.objects()) == {x_ptr.id, kept.id}
+    found = bob.search()
+    del found
+    assert set(bob.objects()) == {x_ptr.id, kept.id}
