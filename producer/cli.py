@@ -13,6 +13,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "broker_config.setup",
     "consumer.worker_cli",
     "producer.status",
+    "producer.demo",
 )
 
 

@@ -10,9 +10,18 @@ from typing import Any
 import torch
 from torch import nn
 
+from producer.fl.aggregate import Weights
 from producer.fl.rounds import Deliver, FitReply, FitTask
 from producer.fl.strategy import FitResult
-from producer.fl.training import TrainingSpec, sample_order, scratch_copy, train_eager
+from producer.fl.training import (
+    TrainingSpec,
+    flatten,
+    sample_order,
+    scratch_copy,
+    train_eager,
+    unflatten,
+)
+from schemas.errors import ObjectNotFound, PlanInputError
 
 
 class EagerParticipant:
@@ -67,9 +76,12 @@ class EagerParticipant:
         try:
             mu = float(task.instructions.config.get("proximal_mu", self.spec.proximal_mu))
             spec = TrainingSpec(
-                loss=self.spec.loss, lr=self.spec.lr, batch_size=self.spec.batch_size,
-                epochs=self.spec.epochs, proximal_mu=mu,
-            )  # fmt: skip
+                loss=self.spec.loss,
+                lr=self.spec.lr,
+                batch_size=self.spec.batch_size,
+                epochs=self.spec.epochs,
+                proximal_mu=mu,
+            )
             order = sample_order(len(self.x), task.seed, spec.epochs)
             with self._lock:
                 weights, loss = train_eager(
@@ -83,3 +95,81 @@ class EagerParticipant:
 
 PlanFactory = Callable[[int], Any]
 """Builds (or returns a cached) device training plan for a device holding ``n`` examples."""
+
+
+class PlanParticipant:
+    """A fleet device that trains by running the traced training plan: one command a round.
+
+    At construction it finds the device's training rows and labels by tag (``device.search``)
+    and learns their count from the pointers' metadata; the data never leaves the device.
+    Each round it sends the plan if the device does not hold it yet (a no-op otherwise),
+    then one ``RunPlan`` with the round's sample order and the flattened global weights,
+    and delivers the device's reply: the new weights and the mean local loss.
+
+    Examples
+    --------
+    >>> import producer as fp
+    >>> from producer.fl.training import build_training_plan
+    >>> torch.manual_seed(0) and None
+    >>> net = nn.Linear(3, 2)
+    >>> spec = TrainingSpec(batch_size=2)
+    >>> with fp.connect() as fleet:
+    ...     dev = fleet.device("d0", data=[fp.tag(torch.randn(4, 3), "train", "x"),
+    ...                                     fp.tag(torch.tensor([0, 1, 1, 0]), "train", "y")])
+    ...     p = PlanParticipant(dev, lambda n: build_training_plan(net, spec, n))
+    ...     p.num_examples
+    4
+    """
+
+    def __init__(
+        self,
+        device: Any,
+        plan_for: PlanFactory,
+        *,
+        x_tags: tuple[str, ...] = ("train", "x"),
+        y_tags: tuple[str, ...] = ("train", "y"),
+        epochs: int = 1,
+        timeout: float | None = None,
+        executor: ThreadPoolExecutor | None = None,
+    ) -> None:
+        self.device = device
+        xs, ys = device.search(*x_tags), device.search(*y_tags)
+        if len(xs) != 1 or len(ys) != 1:
+            raise ObjectNotFound(
+                f"device {device.id!r} holds {len(xs)} objects tagged {x_tags} and {len(ys)} "
+                f"tagged {y_tags}; it needs exactly one of each (store them with fp.tag)",
+                device_id=device.id,
+            )
+        self.x, self.y = xs[0], ys[0]
+        self.num_examples = int(self.x.shape[0])
+        if int(self.y.shape[0]) != self.num_examples:
+            raise PlanInputError(
+                f"device {device.id!r}: {self.num_examples} rows but {int(self.y.shape[0])} "
+                "labels; store matching tensors",
+                device_id=device.id,
+            )
+        self.plan = plan_for(self.num_examples)
+        self.epochs = epochs
+        self.timeout = timeout
+        self.executor = executor or ThreadPoolExecutor(1, thread_name_prefix=f"fit-{device.id}")
+        self._template: Any = None
+
+    @property
+    def device_id(self) -> str:
+        return str(self.device.id)
+
+    def start_fit(self, task: FitTask, deliver: Deliver) -> None:
+        weights = task.instructions.weights
+        order = sample_order(self.num_examples, task.seed, self.epochs)
+        pointer_plan = self.device.send_plan(self.plan, wait=False)
+        out = pointer_plan.run(self.x, self.y, order, flatten(weights), return_values=True)
+        self.executor.submit(self._collect, task, out, weights, deliver)
+
+    def _collect(self, task: FitTask, out: Any, template: Weights, deliver: Deliver) -> None:
+        try:
+            flat = out.get(timeout=self.timeout)
+            new = unflatten(flat[:-1], template)
+            result = FitResult(self.device_id, new, self.num_examples, {"loss": float(flat[-1])})
+            deliver(FitReply(task.task_id, self.device_id, result=result))
+        except Exception as exc:
+            deliver(FitReply(task.task_id, self.device_id, error=f"{type(exc).__name__}: {exc}"))

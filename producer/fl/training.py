@@ -6,6 +6,7 @@ import copy
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -147,3 +148,105 @@ def evaluate(
 def scratch_copy(model: nn.Module) -> nn.Module:
     """A deep copy of ``model`` to train or evaluate without touching the original."""
     return copy.deepcopy(model)
+
+
+def flatten(weights: Weights) -> torch.Tensor:
+    """All tensors of ``weights`` as one float32 vector, in order (one message leaf).
+
+    Examples
+    --------
+    >>> flatten({"a": torch.ones(2, 2), "b": torch.zeros(1)}).tolist()
+    [1.0, 1.0, 1.0, 1.0, 0.0]
+    """
+    return torch.cat([t.detach().reshape(-1).to(torch.float32) for t in weights.values()])
+
+
+def unflatten(flat: torch.Tensor, template: Weights) -> Weights:
+    """Inverse of :func:`flatten` for weights shaped and typed like ``template``."""
+    out: Weights = {}
+    offset = 0
+    for name, t in template.items():
+        n = t.numel()
+        out[name] = flat[offset : offset + n].reshape(t.shape).to(t.dtype).clone()
+        offset += n
+    if offset != flat.numel():
+        raise ValueError(f"a flat vector of {flat.numel()} values does not fit {offset} weights")
+    return out
+
+
+def build_training_plan(model: nn.Module, spec: TrainingSpec, n_examples: int) -> Any:
+    """Trace the device's round of local training into one plan (``fp.Plan``).
+
+    The plan takes ``(x, y, order, flat_weights)``: the device's rows and labels (pointers
+    to its tagged data), the sample order for this round (``E * n`` indices from
+    :func:`sample_order`) and the global weights flattened with :func:`flatten`. It loads
+    the weights into its copy of ``model``, runs ``spec.batches(n_examples)`` SGD steps
+    (forward, native loss, FedProx term when ``spec.proximal_mu``, ``backward()``,
+    ``torch.optim.SGD.step``) and returns one vector: the new weights, flattened, followed
+    by the mean batch loss. The Python loop over batches unrolls in the trace, so a plan is
+    built per local example count ``n_examples`` (a guard refuses other counts).
+
+    Examples
+    --------
+    >>> torch.manual_seed(0) and None
+    >>> net = nn.Linear(3, 2)
+    >>> plan = build_training_plan(net, TrainingSpec(batch_size=2), 4)
+    >>> x, y = torch.randn(4, 3), torch.tensor([0, 1, 1, 0])
+    >>> w = get_weights(net)
+    >>> out = plan(x, y, sample_order(4, 7), flatten(w))
+    >>> ref, loss = train_eager(scratch_copy(net), TrainingSpec(batch_size=2), w, x, y,
+    ...                         sample_order(4, 7))
+    >>> torch.equal(out[:-1], flatten(ref))
+    True
+    """
+    from producer.plan import Plan
+
+    steps = spec.batches(n_examples)
+    loss_fn = LOSSES[spec.loss]
+    mu = spec.proximal_mu
+
+    class FederatedTraining(Plan):
+        def __init__(self) -> None:
+            super().__init__(name=f"fl_train_n{n_examples}")
+            self.model = scratch_copy(model)
+            self.opt = torch.optim.SGD(self.model.parameters(), lr=spec.lr)
+
+        def forward(
+            self, x: torch.Tensor, y: torch.Tensor, order: torch.Tensor, flat: torch.Tensor
+        ) -> torch.Tensor:
+            if x.shape[0] != n_examples:  # a guard: this plan's batches are for n_examples
+                raise ValueError(f"this plan trains on {n_examples} rows")
+            state = dict(self.model.state_dict(keep_vars=True))
+            given = unflatten(flat, {k: t.detach() for k, t in state.items()})
+            with torch.no_grad():
+                for name, t in state.items():
+                    t.copy_(given[name])
+            params = list(self.model.parameters())
+            anchors = [given[k] for k, _ in self.model.named_parameters()]
+            total = torch.zeros(())
+            for start, stop in steps:
+                idx = order[start:stop]
+                loss = loss_fn(self.model(x[idx]), y[idx])
+                if mu:
+                    loss = loss + proximal_term(params, anchors, mu)
+                self.opt.zero_grad()
+                loss.backward()
+                self.opt.step()
+                total = total + loss.detach()
+            self.opt.zero_grad()
+            new = torch.cat([t.detach().reshape(-1).to(torch.float32) for t in state.values()])
+            return torch.cat([new, (total / len(steps)).reshape(1)])
+
+    plan = FederatedTraining()
+    x_ex = torch.zeros(n_examples, *_feature_shape(model))
+    y_ex = torch.zeros(n_examples, dtype=torch.int64)
+    flat = flatten(get_weights(model))
+    plan.build(x_ex, y_ex, sample_order(n_examples, 0, spec.epochs), flat)
+    return plan
+
+
+def _feature_shape(model: nn.Module) -> tuple[int, ...]:
+    first = next(m for m in model.modules() if isinstance(m, nn.Linear | nn.Conv2d))
+    if isinstance(first, nn.Linear):
+        return (first.in_features,)
+    raise ValueError("give build_training_plan a model whose first layer is nn.Linear")
