@@ -5,38 +5,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 import sqlite3
-import tempfile
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from consumer.store import StoredObject, StoredPlan
-from schemas.errors import ObjectNotFound, WireError
+from consumer.tensor_files import dtype_name, read_tensor_file, write_tensor_file
+from schemas.errors import ObjectNotFound
 from schemas.plan_codec import plan_from_proto, plan_to_proto
 from schemas.plan_pb2 import PlanProto
-
-# Fixed dtype table: names read back from disk are looked up here, never resolved by getattr.
-DTYPES: dict[str, torch.dtype] = {
-    str(d).removeprefix("torch."): d
-    for d in (
-        torch.bool,
-        torch.uint8,
-        torch.int8,
-        torch.int16,
-        torch.int32,
-        torch.int64,
-        torch.float16,
-        torch.bfloat16,
-        torch.float32,
-        torch.float64,
-        torch.complex64,
-        torch.complex128,
-    )
-}
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS objects (
@@ -50,7 +31,8 @@ CREATE TABLE IF NOT EXISTS tags (
 );
 CREATE INDEX IF NOT EXISTS tags_by_tag ON tags(tag);
 CREATE TABLE IF NOT EXISTS plans (
-    id TEXT PRIMARY KEY, proto BLOB NOT NULL, content_hash TEXT NOT NULL, tags TEXT NOT NULL
+    id TEXT PRIMARY KEY, proto BLOB NOT NULL, content_hash TEXT NOT NULL, tags TEXT NOT NULL,
+    seq INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS replies (
     command_id TEXT PRIMARY KEY, result_ids TEXT NOT NULL, reply BLOB NOT NULL,
@@ -60,22 +42,42 @@ CREATE TABLE IF NOT EXISTS counter (k INTEGER PRIMARY KEY CHECK (k = 0), n INTEG
 INSERT OR IGNORE INTO counter VALUES (0, 0);
 """
 
-_GET_ONE = "SELECT id, dtype, shape, requires_grad, description, blob FROM objects WHERE id = ?"
-_GET_ALL = "SELECT id, dtype, shape, requires_grad, description, blob FROM objects ORDER BY seq"
+_GET_ONE = (
+    "SELECT id, dtype, shape, requires_grad, description, blob, seq FROM objects WHERE id = ?"
+)
+_GET_ALL = (
+    "SELECT id, dtype, shape, requires_grad, description, blob, seq FROM objects ORDER BY seq"
+)
 _SEARCH = (
-    "SELECT id, dtype, shape, requires_grad, description, blob FROM objects "
+    "SELECT id, dtype, shape, requires_grad, description, blob, seq FROM objects "
     "WHERE id IN (SELECT object_id FROM tags WHERE tag IN (SELECT value FROM json_each(?)) "
     "GROUP BY object_id HAVING COUNT(DISTINCT tag) = ?) ORDER BY seq"
 )
+
+_Row = tuple[str, str, str, int, str, str, int]
+
+
+@dataclass(slots=True)
+class _Live:
+    """An object this process holds in memory: the row version it came from, its version."""
+
+    seq: int
+    version: int
+    obj: StoredObject
 
 
 class SqliteStore:
     """A :class:`~consumer.store.DeviceStore` under ``data_dir`` that survives restarts.
 
-    Safe across threads (one connection per thread) and across processes (SQLite WAL with a
-    busy timeout; tensor files are written to a temporary name and renamed into place).
-    Tensors are stored as raw element bytes with dtype and shape, plans as encoded
-    ``PlanProto`` (their state included). Nothing is pickled.
+    Tensors are raw element bytes in files (a new file per write, renamed into place) with
+    dtype, shape and tags in SQLite (WAL mode, busy timeout): safe across threads and
+    processes. Plans are stored as encoded ``PlanProto`` with their state. Nothing is pickled.
+
+    Like the in-memory store, it hands out *live* objects: the tensors a process loaded stay
+    in memory (with their autograd history and ``.grad``) while the row they came from is
+    unchanged, so in-place ops act on the stored object. :meth:`flush` writes tensors changed
+    in place back to disk; it runs before every stored reply, so a redelivered command never
+    finds its reply without the effects that led to it.
 
     Examples
     --------
@@ -93,14 +95,19 @@ class SqliteStore:
         self.db_path = self.data_dir / "index.sqlite3"
         self._max_replies = max_replies
         self._local = threading.local()
+        self._lock = threading.RLock()
+        self._live: dict[str, _Live] = {}
+        self._plans: dict[str, tuple[int, StoredPlan]] = {}
+        self._pid = os.getpid()
         self._conn().executescript(_SCHEMA)
 
     # -- connections -------------------------------------------------------------------
 
     def _conn(self) -> sqlite3.Connection:
+        if self._pid != os.getpid():  # forked: objects held by the parent are not ours
+            self._pid, self._live, self._plans = os.getpid(), {}, {}
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        pid = getattr(self._local, "pid", None)
-        if conn is None or pid != os.getpid():  # never share a connection across a fork
+        if conn is None or getattr(self._local, "pid", None) != os.getpid():
             conn = sqlite3.connect(self.db_path, timeout=60.0, isolation_level=None)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
@@ -124,46 +131,25 @@ class SqliteStore:
 
     # -- tensors -----------------------------------------------------------------------
 
-    def _blob_name(self, object_id: str) -> str:
-        return hashlib.sha256(object_id.encode()).hexdigest() + ".bin"
-
-    def _write_blob(self, name: str, tensor: torch.Tensor) -> None:
-        t = tensor.detach().contiguous().cpu().reshape(-1)
-        raw = t.view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
-        fd, tmp = tempfile.mkstemp(dir=self.blob_dir, prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(raw.numpy().data)
-            os.replace(tmp, self.blob_dir / name)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-
-    def _read_blob(self, name: str, dtype_name: str, shape: list[int]) -> torch.Tensor:
-        dtype = DTYPES.get(dtype_name)
-        if dtype is None:
-            raise WireError(f"stored tensor has unknown dtype {dtype_name!r}")
-        path = self.blob_dir / name
-        size = path.stat().st_size
-        buf = bytearray(size)
-        with path.open("rb") as f:
-            f.readinto(buf)
-        if size == 0:
-            return torch.empty(shape, dtype=dtype)
-        return torch.frombuffer(buf, dtype=dtype).reshape(shape)
-
-    def put_object(self, obj: StoredObject) -> None:
-        name = self._blob_name(obj.id)
-        self._write_blob(name, obj.tensor)
+    def _write(self, obj: StoredObject, *, only_if_seq: int | None = None) -> int | None:
+        """Write the tensor to a new file and point the row at it; returns the new seq."""
+        stem = hashlib.sha256(obj.id.encode()).hexdigest()[:32]
+        name = f"{stem}-{secrets.token_hex(6)}.bin"
+        write_tensor_file(self.blob_dir / name, obj.tensor)
+        t = obj.tensor
         with self._tx() as db:
+            old = db.execute("SELECT blob, seq FROM objects WHERE id = ?", (obj.id,)).fetchone()
+            if only_if_seq is not None and (old is None or old[1] != only_if_seq):
+                (self.blob_dir / name).unlink(missing_ok=True)  # replaced or deleted meanwhile
+                return None
             seq = self._next_seq(db)
             db.execute(
                 "INSERT OR REPLACE INTO objects VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (
                     obj.id,
-                    str(obj.tensor.dtype).removeprefix("torch."),
-                    json.dumps(list(obj.tensor.shape)),
-                    int(obj.tensor.requires_grad),
+                    dtype_name(t.dtype),
+                    json.dumps(list(t.shape)),
+                    int(t.requires_grad),
                     obj.description,
                     name,
                     seq,
@@ -172,101 +158,127 @@ class SqliteStore:
             db.execute("DELETE FROM tags WHERE object_id = ?", (obj.id,))
             db.executemany(
                 "INSERT OR IGNORE INTO tags VALUES (?, ?, ?)",
-                [(obj.id, t, i) for i, t in enumerate(obj.tags)],
+                [(obj.id, tag, i) for i, tag in enumerate(obj.tags)],
             )
+        if old is not None:
+            (self.blob_dir / old[0]).unlink(missing_ok=True)
+        return seq
 
-    def _load(self, row: tuple[str, str, str, int, str, str]) -> StoredObject:
-        object_id, dtype_name, shape, requires_grad, description, blob = row
-        tensor = self._read_blob(blob, dtype_name, json.loads(shape))
+    def put_object(self, obj: StoredObject) -> None:
+        with self._lock:
+            seq = self._write(obj)
+            assert seq is not None
+            self._live[obj.id] = _Live(seq, obj.tensor._version, obj)
+
+    def _object(self, row: _Row) -> StoredObject:
+        object_id, dtype, shape, requires_grad, description, blob, seq = row
+        live = self._live.get(object_id)
+        if live is not None and live.seq == seq:
+            return live.obj
+        tensor = read_tensor_file(self.blob_dir / blob, dtype, json.loads(shape))
         if requires_grad:
             tensor.requires_grad_(True)
-        tags = (
-            self._conn()
-            .execute("SELECT tag FROM tags WHERE object_id = ? ORDER BY pos", (object_id,))
-            .fetchall()
-        )
-        return StoredObject(object_id, tensor, tuple(t for (t,) in tags), description)
+        q = "SELECT tag FROM tags WHERE object_id = ? ORDER BY pos"
+        tags = tuple(t for (t,) in self._conn().execute(q, (object_id,)).fetchall())
+        obj = StoredObject(object_id, tensor, tags, description)
+        self._live[object_id] = _Live(seq, tensor._version, obj)
+        return obj
 
     def get_object(self, object_id: str) -> StoredObject:
-        row = (
-            self._conn()
-            .execute(
-                _GET_ONE,
-                (object_id,),
-            )
-            .fetchone()
-        )
-        if row is None:
-            raise ObjectNotFound(
-                f"no object {object_id!r} on this device; it may have been fetched with "
-                "get() or deleted already"
-            )
-        return self._load(row)
+        with self._lock:
+            row = self._conn().execute(_GET_ONE, (object_id,)).fetchone()
+            if row is None:
+                self._live.pop(object_id, None)
+                raise ObjectNotFound(
+                    f"no object {object_id!r} on this device; it may have been fetched with "
+                    "get() or deleted already"
+                )
+            return self._object(row)
 
     def has_object(self, object_id: str) -> bool:
         q = "SELECT 1 FROM objects WHERE id = ?"
         return self._conn().execute(q, (object_id,)).fetchone() is not None
 
     def delete_object(self, object_id: str) -> None:
-        with self._tx() as db:
+        with self._lock, self._tx() as db:
             row = db.execute("SELECT blob FROM objects WHERE id = ?", (object_id,)).fetchone()
             if row is None:
                 raise ObjectNotFound(f"no object {object_id!r} to delete on this device")
             db.execute("DELETE FROM objects WHERE id = ?", (object_id,))
             db.execute("DELETE FROM tags WHERE object_id = ?", (object_id,))
+            self._live.pop(object_id, None)
         (self.blob_dir / row[0]).unlink(missing_ok=True)
 
     def search(self, tags: list[str]) -> list[StoredObject]:
         wanted = sorted(set(tags))
         if not wanted:
             return self.list_objects()
-        rows = (
-            self._conn()
-            .execute(
-                _SEARCH,
-                (json.dumps(wanted), len(wanted)),
-            )
-            .fetchall()
-        )
-        return [self._load(r) for r in rows]
+        with self._lock:
+            rows = self._conn().execute(_SEARCH, (json.dumps(wanted), len(wanted))).fetchall()
+            return [self._object(r) for r in rows]
 
     def list_objects(self) -> list[StoredObject]:
-        rows = self._conn().execute(_GET_ALL).fetchall()
-        return [self._load(r) for r in rows]
+        with self._lock:
+            return [self._object(r) for r in self._conn().execute(_GET_ALL).fetchall()]
 
     def clear_objects(self) -> None:
-        with self._tx() as db:
+        with self._lock, self._tx() as db:
             blobs = [b for (b,) in db.execute("SELECT blob FROM objects").fetchall()]
             db.execute("DELETE FROM objects")
             db.execute("DELETE FROM tags")
+            self._live.clear()
         for b in blobs:
             (self.blob_dir / b).unlink(missing_ok=True)
+
+    def flush(self) -> int:
+        """Write back the tensors changed in place since loaded or stored; returns how many."""
+        written = 0
+        with self._lock:
+            self._conn()
+            for live in list(self._live.values()):
+                if live.obj.tensor._version == live.version:
+                    continue
+                seq = self._write(live.obj, only_if_seq=live.seq)
+                if seq is None:
+                    self._live.pop(live.obj.id, None)
+                    continue
+                live.seq, live.version = seq, live.obj.tensor._version
+                written += 1
+        return written
 
     # -- plans -------------------------------------------------------------------------
 
     def put_plan(self, plan: StoredPlan) -> None:
         proto = plan_to_proto(plan.ir, plan_id=plan.id).SerializeToString()
-        with self._tx() as db:
+        with self._lock, self._tx() as db:
+            seq = self._next_seq(db)
             db.execute(
-                "INSERT OR REPLACE INTO plans VALUES (?, ?, ?, ?)",
-                (plan.id, proto, plan.content_hash, json.dumps(list(plan.tags))),
+                "INSERT OR REPLACE INTO plans VALUES (?, ?, ?, ?, ?)",
+                (plan.id, proto, plan.content_hash, json.dumps(list(plan.tags)), seq),
             )
+            self._plans[plan.id] = (seq, plan)
 
     def get_plan(self, plan_id: str) -> StoredPlan:
-        row = (
-            self._conn()
-            .execute("SELECT proto, content_hash, tags FROM plans WHERE id = ?", (plan_id,))
-            .fetchone()
-        )
-        if row is None:
-            raise ObjectNotFound(
-                f"no plan {plan_id!r} on this device; send the plan to it first",
-                plan_id=plan_id,
-            )
-        proto = PlanProto()
-        proto.ParseFromString(row[0])
-        ir, _ = plan_from_proto(proto)
-        return StoredPlan(plan_id, ir, row[1], tuple(json.loads(row[2])))
+        with self._lock:
+            q = "SELECT seq FROM plans WHERE id = ?"
+            found = self._conn().execute(q, (plan_id,)).fetchone()
+            if found is None:
+                self._plans.pop(plan_id, None)
+                raise ObjectNotFound(
+                    f"no plan {plan_id!r} on this device; send the plan to it first",
+                    plan_id=plan_id,
+                )
+            cached = self._plans.get(plan_id)
+            if cached is not None and cached[0] == found[0]:
+                return cached[1]
+            q = "SELECT proto, content_hash, tags, seq FROM plans WHERE id = ?"
+            row = self._conn().execute(q, (plan_id,)).fetchone()
+            proto = PlanProto()
+            proto.ParseFromString(row[0])
+            ir, _ = plan_from_proto(proto)
+            plan = StoredPlan(plan_id, ir, row[1], tuple(json.loads(row[2])))
+            self._plans[plan_id] = (int(row[3]), plan)
+            return plan
 
     def has_plan(self, plan_id: str) -> bool:
         q = "SELECT 1 FROM plans WHERE id = ?"
@@ -277,13 +289,16 @@ class SqliteStore:
         self.put_plan(plan)
 
     def delete_plan(self, plan_id: str) -> None:
-        with self._tx() as db:
+        with self._lock, self._tx() as db:
+            self._plans.pop(plan_id, None)
             if db.execute("DELETE FROM plans WHERE id = ?", (plan_id,)).rowcount == 0:
                 raise ObjectNotFound(f"no plan {plan_id!r} to delete", plan_id=plan_id)
 
     # -- replies (idempotency) ---------------------------------------------------------
 
     def put_reply(self, command_id: str, result_ids: list[str], reply: bytes) -> None:
+        """Remember a command's reply, after writing back what the command changed."""
+        self.flush()
         with self._tx() as db:
             seq = self._next_seq(db)
             db.execute(
@@ -293,9 +308,6 @@ class SqliteStore:
             db.execute("DELETE FROM replies WHERE seq <= ?", (seq - self._max_replies,))
 
     def get_reply(self, command_id: str) -> bytes | None:
-        row = (
-            self._conn()
-            .execute("SELECT reply FROM replies WHERE command_id = ?", (command_id,))
-            .fetchone()
-        )
+        q = "SELECT reply FROM replies WHERE command_id = ?"
+        row = self._conn().execute(q, (command_id,)).fetchone()
         return None if row is None else bytes(row[0])

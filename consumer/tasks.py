@@ -161,6 +161,9 @@ def handle(self: Task, data: bytes) -> None:
         return  # more chunks to come; this one is stored, ack it
     runtime = _runtime(self, _device_id(self), settings)
     reply = runtime.handle(whole)
+    store = runtime.store
+    if isinstance(store, SqliteStore):
+        store.flush()  # in-place changes of commands that stored no reply (reads, errors)
     try:
         parsed = decode_reply(reply)
     except Exception:  # the runtime always encodes; be safe anyway

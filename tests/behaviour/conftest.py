@@ -25,8 +25,15 @@ class TransportCase:
     marks: tuple[pytest.MarkDecorator, ...] = field(default_factory=tuple)
 
 
+def _connect_rabbitmq() -> fp.Fleet:
+    from tests.integration.fleet import connect_rabbitmq  # real Celery workers per device
+
+    return connect_rabbitmq()
+
+
 TRANSPORTS: dict[str, TransportCase] = {
     "embedded": TransportCase(connect=lambda: fp.connect(timeout=60)),
+    "rabbitmq": TransportCase(connect=_connect_rabbitmq, marks=(pytest.mark.rabbitmq,)),
 }
 
 

@@ -1,0 +1,82 @@
+"""A RabbitMQ fleet for the behaviour suite: one real Celery worker process per device.
+
+Workers are started on a device's first use and kept for the whole test session (in a vhost
+of the session's own, deleted at exit), so each behaviour test costs no worker start-up.
+"""
+
+from __future__ import annotations
+
+import atexit
+import secrets
+import shutil
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+import producer as fp
+from producer.collector import ReplyCollector
+from producer.transport.amqp import AmqpTransport
+from tests.integration.broker import RunVhost, WorkerProcess
+
+
+class WorkerPool:
+    """The session's vhost and its device workers (stopped and deleted at exit)."""
+
+    def __init__(self) -> None:
+        self.vhost = RunVhost(secrets.token_hex(4)).create()
+        self.root = Path(tempfile.mkdtemp(prefix="fedplan-workers-"))
+        self.workers: dict[str, WorkerProcess] = {}
+        self._lock = threading.Lock()
+        atexit.register(self.shutdown)
+
+    def ensure(self, device_id: str) -> None:
+        """Start the device's worker unless it runs (commands wait in its durable queue)."""
+        with self._lock:
+            w = self.workers.get(device_id)
+            if w is None or w.proc is None or w.proc.poll() is not None:
+                w = WorkerProcess(device_id, self.root / device_id, self.vhost).start()
+                self.workers[device_id] = w
+
+    def shutdown(self) -> None:
+        for w in self.workers.values():
+            w.stop()
+        self.workers.clear()
+        try:
+            self.vhost.delete()
+        finally:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+
+_pool: WorkerPool | None = None
+_pool_lock = threading.Lock()
+
+
+def worker_pool() -> WorkerPool:
+    """The session's pool, created on first use."""
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = WorkerPool()
+        return _pool
+
+
+class SpawningTransport(AmqpTransport):
+    """An ``AmqpTransport`` whose ``ensure_device`` also starts the device's worker."""
+
+    def __init__(self, *, pool: WorkerPool, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._pool = pool
+
+    def ensure_device(self, device_id: str) -> None:
+        super().ensure_device(device_id)
+        self._pool.ensure(device_id)
+
+
+def connect_rabbitmq(timeout: float = 120.0) -> fp.Fleet:
+    """A fleet over RabbitMQ whose devices are real Celery worker processes."""
+    pool = worker_pool()
+    collector = ReplyCollector()
+    settings = pool.vhost.settings.replace(producer_id=f"b{secrets.token_hex(4)}")
+    transport = SpawningTransport(pool=pool, on_reply=collector.on_reply, settings=settings)
+    return fp.Fleet(transport=transport, collector=collector, timeout=timeout)
