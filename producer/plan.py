@@ -21,6 +21,7 @@ from schemas.errors import PlanBuildError, PlanInputError, PlanNotBuiltError
 from schemas.ir import PlanIR
 
 NOT_BUILT_MESSAGE = "A plan needs to be built before being sent to a worker."
+_PLAN_FIELDS = frozenset({"id", "name", "owner", "location", "self_check"})
 
 
 class State:
@@ -85,7 +86,7 @@ def _python_state(module: nn.Module) -> dict[tuple[str, str], Any]:
         (prefix, key): value
         for prefix, m in module.named_modules()
         for key, value in vars(m).items()
-        if isinstance(value, scalars)
+        if isinstance(value, scalars) and not (isinstance(m, Plan) and key in _PLAN_FIELDS)
     }
 
 
@@ -134,6 +135,7 @@ class Plan(nn.Module):
         self._loaded: Any = None
         self._pointers: dict[Any, Any] = {}
         self._dynamic: dict[str, tuple[int, ...]] | None = None
+        self._attributes: dict[tuple[str, str], Any] = {}
         self.location: Any = None
 
     # -- what is traced -------------------------------------------------------------------
@@ -216,6 +218,8 @@ class Plan(nn.Module):
         traced on copies). Unless ``self_check`` is off, the plan is then replayed against
         the eager function and any difference is a ``PlanBuildError``.
         """
+        if any(_is_pointer(v) for v in (*_leaves(args), *_leaves(kwargs))):
+            args, kwargs = _zeros_like_pointer(args), _zeros_like_pointer(kwargs)
         fn, arg_names = self._target()
         state = self.named_state()
         live = list(state.values())
@@ -255,10 +259,14 @@ class Plan(nn.Module):
                 "accumulation across calls does not carry over",
                 stacklevel=2,
             )
-        self._ir = result.ir
-        self._loaded = None
+        self._ir, self._loaded = result.ir, None
+        self._attributes = _python_state(module) if module is not None else {}
         if self.self_check:
-            self_check(fn, self._replay, state, args, kwargs, name=self.name)
+            try:
+                self_check(fn, self._replay, state, args, kwargs, name=self.name)
+            except BaseException:
+                self._ir, self._loaded = None, None
+                raise
         return self
 
     @property
@@ -304,13 +312,36 @@ class Plan(nn.Module):
             return self._pointers[key](*args, **kwargs)
         if not self.is_built:
             self.build(*args, **kwargs)
+        self._check_attributes()
         return self._replay(args, kwargs, self.named_state())
+
+    def _check_attributes(self) -> None:
+        """Module attributes (``training``...) must be as they were when the plan was built."""
+        module = self._state_module()
+        if module is None:
+            return
+        now = _python_state(module)
+        changed = sorted(
+            f"{m + '.' if m else ''}{k}: {v!r} -> {now.get((m, k))!r}"
+            for (m, k), v in self._attributes.items()
+            if now.get((m, k), v) != v
+        )
+        if changed:
+            raise PlanBuildError(
+                f"plan {self.name!r} was built with other module attributes ({changed[:3]}); "
+                "the plan replays what it traced (e.g. train vs eval mode): call build() "
+                "again after changing them",
+                plan_id=self.id,
+                plan_name=self.name,
+            )
 
     def send(self, device: Any) -> Any:
         """Store the plan (and its current state) on ``device``; returns a ``PointerPlan``."""
         if not self.is_built:
             raise PlanNotBuiltError(NOT_BUILT_MESSAGE, plan_id=self.id, plan_name=self.name)
-        return device.send_plan(self)
+        pointer = device.send_plan(self)
+        self.location = device
+        return pointer
 
     def copy(self) -> Plan:
         """An independent plan: new id, same IR and behaviour, its own copy of the state."""
@@ -332,6 +363,7 @@ class Plan(nn.Module):
         twin._ir = self._ir.copy() if self._ir is not None else None
         twin._loaded = None
         twin._dynamic = self._dynamic
+        twin._attributes = dict(self._attributes)
         twin.self_check = self.self_check
         return twin
 

@@ -10,6 +10,7 @@ escapes into Python) becomes a guard checked on replay; see /work/shared/notes/t
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -407,7 +408,13 @@ def trace(
         state_slots[key] = tracer.bind(tensor).slot
         tracer.state_slots.add(state_slots[key])
     grad_enabled = torch.is_grad_enabled()
-    hook = register_optimizer_step_pre_hook(refuse_stateful_optimizer)
+    tracing_thread = threading.get_ident()
+
+    def optimizer_hook(optimizer: torch.optim.Optimizer, *_: Any) -> None:
+        if threading.get_ident() == tracing_thread:  # other threads are not being traced
+            refuse_stateful_optimizer(optimizer)
+
+    hook = register_optimizer_step_pre_hook(optimizer_hook)
     try:
         with tracer:
             outputs = fn(*args, **kwargs)

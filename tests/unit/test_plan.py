@@ -340,3 +340,40 @@ def test_python_side_state_changes_are_refused_at_build() -> None:
 
     with pytest.raises(PlanBuildError, match="calls"):
         Counting().build(torch.ones(2))
+
+
+def test_calling_a_plan_after_switching_to_eval_mode_asks_for_a_rebuild() -> None:
+    class Norm(fp.Plan):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bn = nn.BatchNorm1d(2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.bn(x)
+
+    plan = Norm().build(torch.randn(4, 2))
+    plan.eval()
+    with pytest.raises(PlanBuildError, match="training"):
+        plan(torch.randn(4, 2))
+    plan.build(torch.randn(4, 2))
+    x = torch.randn(3, 2)
+    assert torch.allclose(plan(x), F.batch_norm(x, plan.bn.running_mean, plan.bn.running_var))
+
+
+def test_a_failed_self_check_leaves_the_plan_unbuilt() -> None:
+    calls: list[int] = []
+
+    def counting(x: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        return x * len(calls)
+
+    plan = fp.func2plan(counting)
+    with pytest.raises(PlanBuildError):
+        plan.build(torch.ones(2))
+    assert not plan.is_built
+
+
+def test_send_records_the_location_in_the_repr() -> None:
+    plan = fp.func2plan(double_abs).build(torch.ones(2))
+    plan.send(FakeDevice())
+    assert "location:device_1" in repr(plan)
