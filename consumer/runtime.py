@@ -11,9 +11,18 @@ import torch
 
 from consumer.lowering import Lowering, get
 from consumer.outputs import flatten_like, output_slots
+from consumer.replies import (
+    encode_safely,
+    error_reply,
+    is_plain_read,
+    ok_reply,
+    plan_info,
+    result_ids_of,
+    tensor_info,
+)
 from consumer.store import DeviceStore, StoredObject, StoredPlan
 from schemas import allowlist
-from schemas.command_pb2 import Command, ErrorInfo, ObjectInfo, Ok, Reply, StoreObject
+from schemas.command_pb2 import Command, ObjectInfo, Ok, StoreObject
 from schemas.errors import (
     DeviceError,
     FedplanError,
@@ -22,12 +31,12 @@ from schemas.errors import (
     TransportError,
     WireError,
 )
-from schemas.ir import SCHEMA_VERSION, DType, ObjectId, PlanIR, Ref, Slice, SymExpr, Value
+from schemas.ir import SCHEMA_VERSION, ObjectId, PlanIR, Ref, Slice, SymExpr, Value
 from schemas.plan_codec import plan_from_proto, plan_to_proto
 from schemas.plan_pb2 import ValueDict
 from schemas.tensor_codec import tensor_from_proto, tensor_to_proto
 from schemas.value_codec import value_from_proto, value_to_proto
-from schemas.wire import decode_command, encode_command, encode_reply, error_to_proto, new_id
+from schemas.wire import decode_command, encode_command, encode_reply, new_id
 
 if TYPE_CHECKING:
     from consumer.interpreter import LoadedPlan
@@ -86,7 +95,7 @@ class DeviceRuntime:
         try:
             command = decode_command(data)
         except Exception as exc:
-            return self._encode_safely(self._error_reply("", [], exc, WireError))
+            return encode_safely(error_reply(self.device_id, "", [], exc, WireError))
         command_id = command.command_id
         try:
             cached = self.store.get_reply(command_id) if command_id else None
@@ -96,14 +105,14 @@ class DeviceRuntime:
         if cached is not None:
             return cached
         body = command.WhichOneof("body") or ""
-        result_ids = _result_ids(command)
+        result_ids = result_ids_of(command)
         try:
             frames: list[torch.Tensor] = []
             ok = self._dispatch(body, command, frames)
-            data_out = encode_reply(self._ok_reply(command_id, result_ids, ok), frames)
+            data_out = encode_reply(ok_reply(self.device_id, command_id, result_ids, ok), frames)
         except Exception as exc:
-            data_out = self._encode_safely(self._error_reply(command_id, result_ids, exc))
-        if command_id and body not in _READ_ONLY and not _is_plain_read(command):
+            data_out = encode_safely(error_reply(self.device_id, command_id, result_ids, exc))
+        if command_id and body not in _READ_ONLY and not is_plain_read(command):
             try:
                 self.store.put_reply(command_id, result_ids, data_out)
             except Exception:
@@ -128,7 +137,7 @@ class DeviceRuntime:
         tensor = tensor_from_proto(msg.tensor)
         obj = StoredObject(msg.id, tensor, tuple(msg.tags), msg.description)
         self.store.put_object(obj)
-        return Ok(objects=[_tensor_info(obj)])
+        return Ok(objects=[tensor_info(obj)])
 
     def _store_plan(self, msg: Any) -> Ok:
         ir, plan_id = plan_from_proto(msg.plan)
@@ -136,11 +145,11 @@ class DeviceRuntime:
         if self.store.has_plan(plan_id):
             held = self.store.get_plan(plan_id)
             if not content_hash or held.content_hash == content_hash:
-                return Ok(objects=[_plan_info(plan_id, held.ir.name)])
+                return Ok(objects=[plan_info(plan_id, held.ir.name)])
         loaded = self._load(ir, plan_id)  # checks every op against the allow-list
         self.store.put_plan(StoredPlan(plan_id, ir, content_hash))
         self._loaded[plan_id] = (content_hash, loaded)
-        return Ok(objects=[_plan_info(plan_id, ir.name)])
+        return Ok(objects=[plan_info(plan_id, ir.name)])
 
     def _run_plan(self, msg: Any) -> Ok:
         stored = self.store.get_plan(msg.plan_id)
@@ -208,10 +217,10 @@ class DeviceRuntime:
 
     def _search(self, msg: Any) -> Ok:
         found = self.store.search(list(msg.tags))
-        return Ok(objects=[_tensor_info(o) for o in found])
+        return Ok(objects=[tensor_info(o) for o in found])
 
     def _list_objects(self, msg: Any) -> Ok:
-        return Ok(objects=[_tensor_info(o) for o in self.store.list_objects()])
+        return Ok(objects=[tensor_info(o) for o in self.store.list_objects()])
 
     def _clear_objects(self, msg: Any) -> Ok:
         self.store.clear_objects()
@@ -223,7 +232,7 @@ class DeviceRuntime:
         if msg.delete:
             self.store.delete_plan(stored.id)
             self._loaded.pop(stored.id, None)
-        return Ok(objects=[_plan_info(stored.id, stored.ir.name)], plan=proto)
+        return Ok(objects=[plan_info(stored.id, stored.ir.name)], plan=proto)
 
     def _move_object(self, msg: Any) -> Ok:
         obj = self.store.get_object(msg.id)
@@ -247,7 +256,7 @@ class DeviceRuntime:
         self._forward(msg.destination_device, encode_command(command, [obj.tensor]))
         self.store.delete_object(msg.id)
         moved = StoredObject(moved_id, obj.tensor, obj.tags, obj.description)
-        return Ok(objects=[_tensor_info(moved)])
+        return Ok(objects=[tensor_info(moved)])
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -310,51 +319,12 @@ class DeviceRuntime:
         return infos
 
     def _tensor_info(self, obj: StoredObject, *, with_value: bool) -> ObjectInfo:
-        info = _tensor_info(obj)
+        info = tensor_info(obj)
         if with_value:  # the bytes follow the reply as a raw frame
             info.value.CopyFrom(tensor_to_proto(obj.tensor, framed=True))
             info.has_value = True
             self._frames.append(obj.tensor)
         return info
-
-    def _ok_reply(self, command_id: str, result_ids: list[str], ok: Ok) -> Reply:
-        return Reply(
-            schema_version=SCHEMA_VERSION,
-            command_id=command_id,
-            device_id=self.device_id,
-            result_ids=result_ids,
-            ok=ok,
-        )
-
-    def _error_reply(
-        self,
-        command_id: str,
-        result_ids: list[str],
-        exc: BaseException,
-        wrap: type[FedplanError] = DeviceError,
-    ) -> Reply:
-        if not isinstance(exc, FedplanError):
-            exc = wrap(f"{type(exc).__name__}: {exc}", device_id=self.device_id)
-        if exc.device_id is None:
-            exc.device_id = self.device_id
-        try:
-            info = error_to_proto(exc, device_id=self.device_id)
-        except Exception:
-            info = ErrorInfo(code=exc.code, message=exc.message, device_id=self.device_id)
-        return Reply(
-            schema_version=SCHEMA_VERSION,
-            command_id=command_id,
-            device_id=self.device_id,
-            result_ids=result_ids,
-            error=info,
-        )
-
-    def _encode_safely(self, reply: Reply) -> bytes:
-        try:
-            return encode_reply(reply)
-        except Exception:  # last resort: the plain protobuf, which the server can still read
-            log.exception("encoding an error reply failed")
-            return reply.SerializeToString()
 
 
 def _own(tensor: torch.Tensor, state_ids: set[int]) -> torch.Tensor:
@@ -363,37 +333,6 @@ def _own(tensor: torch.Tensor, state_ids: set[int]) -> torch.Tensor:
     if id(tensor) in state_ids:
         out = out.clone()
     return out.requires_grad_(tensor.requires_grad) if out.is_floating_point() else out
-
-
-def _tensor_info(obj: StoredObject) -> ObjectInfo:
-    return ObjectInfo(
-        id=obj.id,
-        tags=list(obj.tags),
-        description=obj.description,
-        dtype=DType.of(obj.tensor.dtype).name,
-        shape=list(obj.tensor.shape),
-        kind="tensor",
-    )
-
-
-def _plan_info(plan_id: str, name: str) -> ObjectInfo:
-    return ObjectInfo(id=plan_id, kind="plan", description=name)
-
-
-def _result_ids(command: Command) -> list[str]:
-    body = command.WhichOneof("body")
-    if body in ("run_plan", "run_op"):
-        return list(getattr(command, body).result_ids)
-    if body in ("store_object", "get_object"):
-        return [getattr(command, body).id]
-    if body == "move_object":
-        return [command.move_object.new_id or command.move_object.id]
-    return []
-
-
-def _is_plain_read(command: Command) -> bool:
-    body = command.WhichOneof("body")
-    return body in ("get_object", "get_plan") and not getattr(command, body).delete
 
 
 _HANDLERS: dict[str, Callable[[DeviceRuntime, Any], Ok]] = {

@@ -1,0 +1,93 @@
+"""Building a device's replies: object metadata, success and typed-error replies."""
+
+from __future__ import annotations
+
+import logging
+
+from consumer.store import StoredObject
+from schemas.command_pb2 import Command, ErrorInfo, ObjectInfo, Ok, Reply
+from schemas.errors import DeviceError, FedplanError
+from schemas.ir import SCHEMA_VERSION, DType
+from schemas.wire import encode_reply, error_to_proto
+
+log = logging.getLogger(__name__)
+
+
+def tensor_info(obj: StoredObject) -> ObjectInfo:
+    """Metadata of a stored tensor (no value)."""
+    return ObjectInfo(
+        id=obj.id,
+        tags=list(obj.tags),
+        description=obj.description,
+        dtype=DType.of(obj.tensor.dtype).name,
+        shape=list(obj.tensor.shape),
+        kind="tensor",
+    )
+
+
+def plan_info(plan_id: str, name: str) -> ObjectInfo:
+    """Metadata of a stored plan."""
+    return ObjectInfo(id=plan_id, kind="plan", description=name)
+
+
+def result_ids_of(command: Command) -> list[str]:
+    """The ids a command names for its results (the keys of the server's futures)."""
+    body = command.WhichOneof("body")
+    if body in ("run_plan", "run_op"):
+        return list(getattr(command, body).result_ids)
+    if body in ("store_object", "get_object"):
+        return [getattr(command, body).id]
+    if body == "move_object":
+        return [command.move_object.new_id or command.move_object.id]
+    return []
+
+
+def is_plain_read(command: Command) -> bool:
+    """A ``GetObject``/``GetPlan`` that deletes nothing (safe to run again)."""
+    body = command.WhichOneof("body")
+    return body in ("get_object", "get_plan") and not getattr(command, body).delete
+
+
+def ok_reply(device_id: str, command_id: str, result_ids: list[str], ok: Ok) -> Reply:
+    """A success reply."""
+    return Reply(
+        schema_version=SCHEMA_VERSION,
+        command_id=command_id,
+        device_id=device_id,
+        result_ids=result_ids,
+        ok=ok,
+    )
+
+
+def error_reply(
+    device_id: str,
+    command_id: str,
+    result_ids: list[str],
+    exc: BaseException,
+    wrap: type[FedplanError] = DeviceError,
+) -> Reply:
+    """A typed error reply; an exception from outside the error tree is wrapped in ``wrap``."""
+    if not isinstance(exc, FedplanError):
+        exc = wrap(f"{type(exc).__name__}: {exc}", device_id=device_id)
+    if exc.device_id is None:
+        exc.device_id = device_id
+    try:
+        info = error_to_proto(exc, device_id=device_id)
+    except Exception:
+        info = ErrorInfo(code=exc.code, message=exc.message, device_id=device_id)
+    return Reply(
+        schema_version=SCHEMA_VERSION,
+        command_id=command_id,
+        device_id=device_id,
+        result_ids=result_ids,
+        error=info,
+    )
+
+
+def encode_safely(reply: Reply) -> bytes:
+    """The encoded reply, or its plain protobuf if encoding fails (the server can read it)."""
+    try:
+        return encode_reply(reply)
+    except Exception:
+        log.exception("encoding an error reply failed")
+        return reply.SerializeToString()
