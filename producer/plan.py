@@ -16,7 +16,7 @@ from torch import nn
 
 from producer.listing import render
 from producer.selfcheck import clone_tensor, clone_tree, self_check, swapped
-from producer.tracer import trace
+from producer.tracer import is_tracing, trace
 from schemas.errors import PlanBuildError, PlanInputError, PlanNotBuiltError
 from schemas.ir import PlanIR
 
@@ -300,6 +300,8 @@ class Plan(nn.Module):
         return self._loaded.run(tuple(args), dict(kwargs), state)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if is_tracing():  # inside another plan's trace: be traced as plain torch code
+            return self._target()[0](*args, **kwargs)
         leaves = [*_leaves(args), *_leaves(kwargs)]
         pointers = [v for v in leaves if _is_pointer(v)]
         if pointers:

@@ -48,6 +48,14 @@ _SIZE_READS = {"Tensor.shape.__get__", "Tensor.size", "Tensor.__len__", "Tensor.
                "Tensor.nelement", "Tensor.dim", "Tensor.ndim.__get__"}  # fmt: skip
 
 
+_TRACING = threading.local()
+
+
+def is_tracing() -> bool:
+    """Whether this thread is inside :func:`trace` (plans called then run inline)."""
+    return getattr(_TRACING, "depth", 0) > 0
+
+
 @dataclass
 class Trace:
     """What :func:`trace` produced: the IR and the outputs of the traced (eager) run."""
@@ -415,6 +423,7 @@ def trace(
             refuse_stateful_optimizer(optimizer)
 
     hook = register_optimizer_step_pre_hook(optimizer_hook)
+    _TRACING.depth = getattr(_TRACING, "depth", 0) + 1
     try:
         with tracer:
             outputs = fn(*args, **kwargs)
@@ -422,6 +431,7 @@ def trace(
         tracer.release()
         raise
     finally:
+        _TRACING.depth -= 1
         hook.remove()
         torch.set_grad_enabled(grad_enabled)
     if any(custom_function_output(t) for t in _tensors_in(outputs)):
@@ -445,4 +455,4 @@ def trace(
     return Trace(ir=ir, outputs=outputs)
 
 
-__all__ = ["Trace", "Tracer", "trace", "user_source"]
+__all__ = ["Trace", "Tracer", "is_tracing", "trace", "user_source"]

@@ -377,3 +377,29 @@ def test_send_records_the_location_in_the_repr() -> None:
     plan = fp.func2plan(double_abs).build(torch.ones(2))
     plan.send(FakeDevice())
     assert "location:device_1" in repr(plan)
+
+
+def test_a_plan_called_inside_another_plan_is_traced_inline_once() -> None:
+    class Norm(fp.Plan):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bn = nn.BatchNorm1d(2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.bn(x)
+
+    class Outer(fp.Plan):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = Norm()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.inner(x) * 2
+
+    outer = Outer().build(torch.randn(4, 2))
+    assert sum(op.target.endswith("batch_norm") for op in outer.ir.ops) == 1
+    reference = nn.BatchNorm1d(2)
+    x = torch.randn(5, 2)
+    assert torch.allclose(outer(x), reference(x) * 2, atol=1e-6)
+    assert torch.allclose(outer.inner.bn.running_mean, reference.running_mean, atol=1e-6)
+    assert int(outer.named_state()["inner.bn.num_batches_tracked"]) == 1
