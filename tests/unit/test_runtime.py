@@ -297,3 +297,37 @@ def test_large_values_come_back_exactly_through_framed_replies(dtype: torch.dtyp
     x = (torch.arange(100_000) % 7).to(dtype)
     reply = _send(runtime, "get_object", cmd.GetObject(id=_store(runtime, x)))
     assert torch.equal(_value(reply), x)
+
+
+def test_a_command_for_another_device_is_refused() -> None:
+    runtime = _runtime()
+    command = cmd.Command(command_id=new_id(), device_id="d2", list_objects=cmd.ListObjects())
+    reply = decode_reply(runtime.handle(encode_command(command)))
+    assert reply.error.code == "DEVICE_ERROR"
+    assert "d2" in reply.error.message
+
+
+def test_plan_keyword_arguments_are_resolved_from_the_store() -> None:
+    runtime = _runtime()
+    ir = PlanIR(
+        name="kw",
+        inputs=(Ref(0),),
+        kwinputs={"scale": Ref(1)},
+        ops=[Op("torch.mul", (Ref(0), Ref(1)), {}, Ref(2))],
+        outputs=Ref(2),
+        num_slots=3,
+    )
+    _ok(_store_plan(runtime, ir, plan_id="kw"))
+    x, scale = torch.tensor([1.0, 2.0]), torch.tensor([3.0, -1.0])
+    msg = _run_plan_msg("kw", _store(runtime, x))
+    msg.kwargs.keys.append("scale")
+    msg.kwargs.values.append(value_to_proto(ObjectId(_store(runtime, scale))))
+    assert torch.equal(_value(_send(runtime, "run_plan", msg)), x * scale)
+
+
+def test_a_missing_argument_object_is_not_found_and_nothing_runs() -> None:
+    runtime = _runtime()
+    _ok(_store_plan(runtime, _counter_plan()))
+    reply = _run_plan(runtime, "p1", "no-such-object")
+    assert reply.error.code == "NOT_FOUND"
+    assert torch.equal(runtime.store.get_plan("p1").ir.state_values["w"], torch.ones(2))

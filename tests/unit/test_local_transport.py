@@ -1,0 +1,77 @@
+"""Tests of the embedded transport: device threads fed with command bytes."""
+
+from __future__ import annotations
+
+import queue
+
+import pytest
+import torch
+
+from producer.transport.local import LocalTransport
+from schemas import command_pb2 as cmd
+from schemas.errors import DeviceNotFound, TransportError
+from schemas.tensor_codec import tensor_to_proto
+from schemas.wire import decode_reply, encode_command, new_id
+
+
+def _store(device_id: str, object_id: str) -> tuple[bytes, str]:
+    command = cmd.Command(
+        command_id=new_id(),
+        device_id=device_id,
+        store_object=cmd.StoreObject(id=object_id, tensor=tensor_to_proto(torch.ones(2))),
+    )
+    return encode_command(command), command.command_id
+
+
+def test_commands_are_run_in_order_and_every_one_gets_a_reply() -> None:
+    replies: queue.SimpleQueue[bytes] = queue.SimpleQueue()
+    transport = LocalTransport(replies.put)
+    transport.ensure_device("d1")
+    sent = []
+    for i in range(5):
+        data, command_id = _store("d1", f"x{i}")
+        transport.publish("d1", data, command_id=command_id)
+        sent.append(command_id)
+    got = [decode_reply(replies.get(timeout=10)).command_id for _ in sent]
+    transport.close()
+    assert got == sent
+    assert transport.runtime("d1").store.has_object("x4")
+
+
+def test_publishing_to_a_device_never_started_raises_device_not_found() -> None:
+    transport = LocalTransport(lambda data: None)
+    data, command_id = _store("ghost", "x")
+    with pytest.raises(DeviceNotFound, match="ghost"):
+        transport.publish("ghost", data, command_id=command_id)
+    transport.close()
+
+
+def test_a_closed_transport_refuses_commands_and_new_devices() -> None:
+    transport = LocalTransport(lambda data: None)
+    transport.ensure_device("d1")
+    transport.close()
+    data, command_id = _store("d1", "x")
+    with pytest.raises(TransportError):
+        transport.publish("d1", data, command_id=command_id)
+    with pytest.raises(TransportError):
+        transport.ensure_device("d2")
+
+
+def test_devices_forward_moved_objects_to_each_other() -> None:
+    replies: queue.SimpleQueue[bytes] = queue.SimpleQueue()
+    transport = LocalTransport(replies.put)
+    transport.ensure_device("bob")
+    transport.ensure_device("alice")
+    data, command_id = _store("bob", "x")
+    transport.publish("bob", data, command_id=command_id)
+    move = cmd.Command(
+        command_id=new_id(),
+        device_id="bob",
+        move_object=cmd.MoveObject(id="x", destination_device="alice"),
+    )
+    transport.publish("bob", encode_command(move), command_id=move.command_id)
+    outcomes = {decode_reply(replies.get(timeout=10)).WhichOneof("outcome") for _ in range(3)}
+    transport.close()
+    assert outcomes == {"ok"}
+    assert transport.runtime("alice").store.has_object("x")
+    assert not transport.runtime("bob").store.has_object("x")
