@@ -16,6 +16,7 @@ from torch import nn
 
 from producer.listing import render
 from producer.selfcheck import clone_tensor, clone_tree, self_check, swapped
+from producer.shapes import SymbolicUnsupported
 from producer.tracer import is_tracing, trace
 from schemas.errors import PlanBuildError, PlanInputError, PlanNotBuiltError
 from schemas.ir import PlanIR
@@ -225,20 +226,25 @@ class Plan(nn.Module):
         live = list(state.values())
         module = self._state_module()
         before = _python_state(module) if module is not None else {}
-        examples = clone_tree(args), clone_tree(kwargs)
         dynamic = self._dynamic
-        with swapped(live, [clone_tensor(t) for t in live]):
-            result = trace(
-                fn,
-                examples[0],
-                examples[1],
-                name=self.name,
-                state=state,
-                arg_names=arg_names,
-                dynamic=None if dynamic is None else (lambda path, t: dynamic.get(path, ())),
-            )
-            still_set = [k for k, t in state.items() if t.grad is not None]
-            result.outputs = None  # release the autograd graph before swapping back
+        for symbolic in (True, False):  # fall back to guarded sizes if symbolic ones fail
+            try:
+                with swapped(live, [clone_tensor(t) for t in live]):
+                    result = trace(
+                        fn,
+                        *clone_tree((args, kwargs)),
+                        name=self.name,
+                        state=state,
+                        arg_names=arg_names,
+                        dynamic=None if dynamic is None else (lambda p, t: dynamic.get(p, ())),
+                        symbolic=symbolic,
+                    )
+                    still_set = [k for k, t in state.items() if t.grad is not None]
+                    result.outputs = None  # release the autograd graph before swapping back
+                break
+            except SymbolicUnsupported:
+                if not symbolic:
+                    raise
         if module is not None:
             changed = sorted(
                 f"{m + '.' if m else ''}{k}"

@@ -30,6 +30,10 @@ GuardSink = Callable[[SymExpr | Ref | int, str], None]
 Lowered = SymExpr | Ref | int
 
 
+class SymbolicUnsupported(PlanBuildError):
+    """Symbolic sizes cannot express this trace; build again with guarded concrete sizes."""
+
+
 class _GuardList(list[Any]):
     """``ShapeEnv.guards`` replacement that reports every guard as it is appended."""
 
@@ -73,7 +77,7 @@ class SymbolicSizes:
             positive=True,
         )
         if not isinstance(symbol, sympy.Symbol):  # ShapeEnv specialised it: keep it concrete
-            raise PlanBuildError(f"symbolic size {value} was specialised by torch's ShapeEnv")
+            raise SymbolicUnsupported(f"symbolic size {value} was specialised by the ShapeEnv")
         self._slot_of[symbol] = slot
         node = self._env.create_symintnode(symbol, hint=value)
         assert isinstance(node, torch.SymInt)
@@ -102,7 +106,7 @@ class SymbolicSizes:
         if isinstance(expr, sympy.Symbol):
             slot = self._slot_of.get(expr)
             if slot is None:
-                raise PlanBuildError(f"symbolic size {expr} has no slot (internal tracer error)")
+                raise SymbolicUnsupported(f"symbolic size {expr} has no slot")
             return Ref(slot)
         if isinstance(expr, sympy.Integer | sympy.logic.boolalg.BooleanAtom):
             return int(expr)
@@ -124,7 +128,7 @@ class SymbolicSizes:
             return SymExpr("truediv", tuple(args))
         if kind in {"Pow", "PowByNatural", "FloatPow"}:
             return SymExpr("pow", tuple(args))
-        raise PlanBuildError(
+        raise SymbolicUnsupported(
             f"size expression {expr} uses {kind}, which plans cannot express; compute it "
             "with tensor ops or pass the value as an input"
         )
@@ -155,10 +159,16 @@ class SymbolicSizes:
             return _positive(SymExpr("sub", (rhs, lhs)))
         if kind == "LessThan":
             return _positive(SymExpr("add", (SymExpr("sub", (rhs, lhs)), 1)))
-        raise PlanBuildError(f"size condition {cond} ({kind}) cannot be guarded in a plan")
+        raise SymbolicUnsupported(f"size condition {cond} ({kind}) cannot be guarded in a plan")
 
     def _guard_added(self, guard: Any) -> None:
-        self._on_guard(self._indicator(guard.expr), str(guard.expr))
+        try:
+            indicator = self._indicator(guard.expr)
+        except SymbolicUnsupported:
+            raise
+        except Exception as exc:  # torch internals changed under us
+            raise SymbolicUnsupported(f"cannot read size guard {guard!r}: {exc}") from exc
+        self._on_guard(indicator, str(guard.expr))
 
     @contextlib.contextmanager
     def suppressed(self) -> Any:

@@ -403,3 +403,24 @@ def test_a_plan_called_inside_another_plan_is_traced_inline_once() -> None:
     assert torch.allclose(outer(x), reference(x) * 2, atol=1e-6)
     assert torch.allclose(outer.inner.bn.running_mean, reference.running_mean, atol=1e-6)
     assert int(outer.named_state()["inner.bn.num_batches_tracked"]) == 1
+
+
+def test_build_falls_back_to_guarded_sizes_when_symbolic_sizes_fail(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from producer.shapes import SymbolicSizes, SymbolicUnsupported
+
+    def unsupported(self: SymbolicSizes, value: Any) -> Any:
+        raise SymbolicUnsupported("not expressible")
+
+    monkeypatch.setattr(SymbolicSizes, "lower", unsupported)
+
+    @fp.func2plan(args_shape=[(-1, 4)])
+    def halves(x: torch.Tensor) -> torch.Tensor:
+        return x.view(x.shape[0] * 2, 2)
+
+    assert any(op.is_guard and op.target == "Tensor.size" for op in halves.ir.ops)
+    x = torch.randn(2, 4)
+    assert torch.equal(halves(x), x.view(4, 2))
+    with pytest.raises(PlanGuardError):
+        halves(torch.randn(3, 4))
