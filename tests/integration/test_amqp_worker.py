@@ -192,3 +192,22 @@ def test_the_producer_reconnects_after_the_broker_closes_its_connection(
     assert transport.reconnects >= 1
     got = _call(transport, replies, "erin", cmd.get_object, "x")
     assert torch.equal(_value(got), x)
+
+
+def test_a_restarted_producer_finds_replies_that_arrived_while_it_was_down(
+    vhost: RunVhost, workers: Callable[..., WorkerProcess]
+) -> None:
+    settings = vhost.settings.replace(producer_id=f"r{new_id()}")
+    first = AmqpTransport(on_reply=lambda _: None, settings=settings)
+    first.ensure_device("fay")
+    cid = new_id()
+    first.publish("fay", cmd.store_object(cid, "fay", "x", torch.ones(2)), command_id=cid)
+    first.close()  # the producer is down before the device even starts
+    workers("fay")
+    vhost.wait_queue(names.results_queue(settings.producer_id or ""), messages=1)
+    replies = Replies()
+    second = AmqpTransport(on_reply=replies.on_reply, settings=settings)
+    try:
+        assert replies.wait(cid, 30).WhichOneof("outcome") == "ok"
+    finally:
+        second.close()
