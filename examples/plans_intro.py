@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 
 import torch
@@ -11,8 +12,9 @@ from torch import nn
 import producer as fp
 
 
-def main() -> None:
-    fleet = fp.connect()  # embedded devices; fp.connect("amqp://...") for Celery workers
+def main(url: str | None = None) -> None:
+    """Run the tutorial on embedded devices, or on Celery workers when given an amqp:// URL."""
+    fleet = fp.connect(url)  # embedded devices, or Celery workers for an amqp:// URL
 
     # Devices with some tagged data.
     x11 = fp.tag(torch.tensor([-1, 2.0]), "input_data")
@@ -83,4 +85,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1] if len(sys.argv) > 1 else None)

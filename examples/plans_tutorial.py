@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -21,8 +23,9 @@ class Net(fp.Plan):
         return F.log_softmax(x, dim=0)
 
 
-def main() -> None:
-    fleet = fp.connect()
+def main(url: str | None = None) -> None:
+    """Run the tutorial on embedded devices, or on Celery workers when given an amqp:// URL."""
+    fleet = fp.connect(url)
     x11 = fp.tag(torch.tensor([-1, 2.0]), "input_data")
     x12 = fp.tag(torch.tensor([1, -2.0]), "input_data2")
     x21 = fp.tag(torch.tensor([-1, 2.0]), "input_data")
@@ -111,4 +114,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1] if len(sys.argv) > 1 else None)

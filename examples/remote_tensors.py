@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import nn
 
 import producer as fp
 
 
-def main() -> None:
+def main(url: str | None = None) -> None:
+    """Run the tutorial on embedded devices, or on Celery workers when given an amqp:// URL."""
     fp.hook(torch)  # opt-in: Tensor.send(device) and Tensor.tag(...), as in PySyft
-    with fp.connect() as fleet:
+    with fp.connect(url) as fleet:
         bob = fleet.device("bob")
         alice = fleet.device("alice")
 
@@ -65,4 +68,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1] if len(sys.argv) > 1 else None)
