@@ -62,10 +62,14 @@ class SymbolicSizes:
         self._env.guards = _GuardList(self._guard_added)
         self._on_guard = on_guard
         self._slot_of: dict[sympy.Symbol, int] = {}
+        self._labels: dict[sympy.Symbol, sympy.Symbol] = {}
         self._count = 0
 
-    def symint(self, slot: int, value: int) -> torch.SymInt:
-        """A fresh SymInt standing for the int held in ``slot`` (observed ``value``)."""
+    def symint(self, slot: int, value: int, label: str = "") -> torch.SymInt:
+        """A fresh SymInt standing for the int held in ``slot`` (observed ``value``).
+
+        ``label`` (``x.shape[0]``) names it in guard conditions.
+        """
         from torch._dynamo.source import ConstantSource
         from torch.fx.experimental.symbolic_shapes import DimDynamic
 
@@ -79,6 +83,8 @@ class SymbolicSizes:
         if not isinstance(symbol, sympy.Symbol):  # ShapeEnv specialised it: keep it concrete
             raise SymbolicUnsupported(f"symbolic size {value} was specialised by the ShapeEnv")
         self._slot_of[symbol] = slot
+        if label:
+            self._labels[symbol] = sympy.Symbol(label)
         node = self._env.create_symintnode(symbol, hint=value)
         assert isinstance(node, torch.SymInt)
         return node
@@ -168,7 +174,7 @@ class SymbolicSizes:
             raise
         except Exception as exc:  # torch internals changed under us
             raise SymbolicUnsupported(f"cannot read size guard {guard!r}: {exc}") from exc
-        self._on_guard(indicator, str(guard.expr))
+        self._on_guard(indicator, str(guard.expr.xreplace(self._labels)))
 
     @contextlib.contextmanager
     def suppressed(self) -> Any:

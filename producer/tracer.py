@@ -318,7 +318,8 @@ class Tracer(TorchFunctionMode):
             return value
         out = Ref(self.new_slot())
         self.ops.append(Op("Tensor.size", (Ref(slot), dim), {}, out))
-        sym = self.sizes.symint(out.slot, value)
+        owner = self.specs[slot].path if slot in self.specs else f"_{slot}"
+        sym = self.sizes.symint(out.slot, value, f"{owner}.shape[{dim}]")
         self._sym_cache[(slot, dim)] = sym
         return sym
 
@@ -328,7 +329,7 @@ class Tracer(TorchFunctionMode):
         holder = Ref(self.new_slot())
         self.ops.append(Op("torch.tensor", (indicator,), {}, holder))
         self.ops.append(
-            Op("Tensor.item", (holder,), {}, None, 1, f"{user_source()} [size: {condition}]")
+            Op("Tensor.item", (holder,), {}, None, 1, f"{user_source()} [needs {condition}]")
         )
 
 
