@@ -295,3 +295,16 @@ def test_dropped_result_pointers_are_deleted_from_the_device_but_sent_data_stays
     found = bob.search()
     del found
     assert set(bob.objects()) == {x_ptr.id, kept.id}
+
+
+def test_a_failing_in_place_op_raises_at_the_call_and_no_grad_is_mirrored(
+    fleet: fp.Fleet,
+) -> None:
+    w = torch.tensor([1.0, 2.0], requires_grad=True)
+    w_ptr = fp.send(w, fleet.device("bob"))
+    with pytest.raises(fp.PlanExecutionError, match="add_"):
+        w_ptr.add_(1.0)  # eager torch refuses this too, outside no_grad
+    with torch.no_grad():
+        w_ptr.add_(1.0)
+        w.add_(1.0)
+    assert torch.equal(w_ptr.get().detach(), w.detach())
