@@ -95,3 +95,23 @@ def test_nothing_unpickles_or_evaluates() -> None:
     assert not offenders, "plans are data: nothing is unpickled or evaluated:\n" + "\n".join(
         offenders
     )
+
+
+SCRIPTS = [
+    "scripts/bootstrap",
+    "scripts/test",
+    "scripts/demo",
+    "scripts/ensure_rabbitmq",
+    "scripts/gen_protos",
+    ".ci/run",
+]
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_a_script_is_executable_bash_that_parses(name: str) -> None:
+    path = ROOT / name
+    assert path.is_file(), f"{name} is missing"
+    assert path.stat().st_mode & 0o111, f"{name} is not executable: chmod +x {name}"
+    assert path.read_text().startswith("#!/usr/bin/env bash\n")
+    result = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, f"{name} has a bash syntax error:\n{result.stderr}"
