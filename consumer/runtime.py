@@ -184,7 +184,8 @@ class DeviceRuntime:
         args = [self._resolve(value_from_proto(v)) for v in msg.args.items]
         kwargs = self._resolve_kwargs(msg.kwargs)
         try:
-            out = fn(*args, **kwargs)
+            with torch.set_grad_enabled(not msg.no_grad):
+                out = fn(*args, **kwargs)
         except FedplanError:
             raise
         except Exception as exc:

@@ -191,8 +191,13 @@ class Device:
         *,
         num_results: int = 1,
         return_values: bool = False,
+        no_grad: bool | None = None,
     ) -> Any:
-        """Run one allow-listed op on the device's objects; a pointer (or tuple) comes back."""
+        """Run one allow-listed op on the device's objects; a pointer (or tuple) comes back.
+
+        ``no_grad`` defaults to the caller's mode: inside ``torch.no_grad()`` the op runs
+        with autograd off on the device too.
+        """
         result_ids = tuple(new_id() for _ in range(num_results))
         msg = cmd.RunOp(
             target=target,
@@ -200,6 +205,7 @@ class Device:
             kwargs=self._kwargs(kwargs or {}),
             result_ids=list(result_ids),
             return_values=return_values,
+            no_grad=not torch.is_grad_enabled() if no_grad is None else no_grad,
         )
         pending = self._submit("run_op", msg, result_ids)
         pointers = tuple(

@@ -6,8 +6,6 @@ import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from schemas import allowlist
 from schemas.errors import OpNotAllowedError, PlanInputError
 
@@ -15,9 +13,7 @@ if TYPE_CHECKING:
     from producer.device import Device
     from producer.pointers import PointerTensor
 
-_SET_GRAD = "torch._C._set_grad_enabled"
-
-_RETURNS_NONE = frozenset({"Tensor.backward", _SET_GRAD})
+_RETURNS_NONE = frozenset({"Tensor.backward", "torch._C._set_grad_enabled"})
 """Ops whose result is ``None``: the call waits for the device and returns ``None``."""
 
 
@@ -64,12 +60,7 @@ def run_remote(target: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> A
     if not allowlist.is_allowed(target):
         raise OpNotAllowedError(f"{target} is not in the allow-list; it cannot run on a device")
     device = _device_of([*args, *kwargs.values()])
-    if torch.is_grad_enabled():
-        result = device.run_op(target, args, kwargs)
-    else:  # mirror a local ``no_grad`` on the device: its queue keeps these three in order
-        device.run_op(_SET_GRAD, (False,), {})
-        result = device.run_op(target, args, kwargs)
-        device.run_op(_SET_GRAD, (True,), {})
+    result = device.run_op(target, args, kwargs)  # under no_grad here, no_grad there too
     if target in _RETURNS_NONE:
         result.wait()
         return None

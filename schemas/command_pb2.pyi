@@ -122,8 +122,11 @@ class RunOp(_message.Message):
     KWARGS_FIELD_NUMBER: _builtins.int
     RESULT_IDS_FIELD_NUMBER: _builtins.int
     RETURN_VALUES_FIELD_NUMBER: _builtins.int
+    NO_GRAD_FIELD_NUMBER: _builtins.int
     target: _builtins.str
     return_values: _builtins.bool
+    no_grad: _builtins.bool
+    """Run with autograd off (the caller was inside torch.no_grad()); otherwise on."""
     @_builtins.property
     def args(self) -> _plan_pb2.ValueList: ...
     @_builtins.property
@@ -138,10 +141,11 @@ class RunOp(_message.Message):
         kwargs: _plan_pb2.ValueDict | None = ...,
         result_ids: _abc.Iterable[_builtins.str] | None = ...,
         return_values: _builtins.bool = ...,
+        no_grad: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "kwargs", b"kwargs"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "kwargs", b"kwargs", "result_ids", b"result_ids", "return_values", b"return_values", "target", b"target"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "kwargs", b"kwargs", "no_grad", b"no_grad", "result_ids", b"result_ids", "return_values", b"return_values", "target", b"target"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

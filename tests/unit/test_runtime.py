@@ -331,3 +331,18 @@ def test_a_missing_argument_object_is_not_found_and_nothing_runs() -> None:
     reply = _run_plan(runtime, "p1", "no-such-object")
     assert reply.error.code == "NOT_FOUND"
     assert torch.equal(runtime.store.get_plan("p1").ir.state_values["w"], torch.ones(2))
+
+
+def test_run_op_honours_no_grad_like_eager_torch() -> None:
+    runtime = _runtime()
+    w_id = _store(runtime, torch.tensor([1.0, 2.0], requires_grad=True))
+    args = ValueList(items=[value_to_proto(ObjectId(w_id)), value_to_proto(1.0)])
+    refused = _send(runtime, "run_op", cmd.RunOp(target="Tensor.add_", args=args, result_ids=["a"]))
+    assert refused.error.code == "EXECUTION_FAILED"  # eager torch refuses it with grad on
+    msg = cmd.RunOp(target="Tensor.add_", args=args, result_ids=["b"], no_grad=True)
+    _ok(_send(runtime, "run_op", msg))
+    w = torch.tensor([1.0, 2.0], requires_grad=True)
+    with torch.no_grad():
+        w.add_(1.0)
+    assert torch.equal(runtime.store.get_object(w_id).tensor.detach(), w.detach())
+    assert torch.is_grad_enabled()
