@@ -352,28 +352,11 @@ class Plan(nn.Module):
         return pointer
 
     def copy(self) -> Plan:
-        """An independent plan: new id, same IR and behaviour, its own copy of the state."""
-        bound = self._bound_module
-        if bound is not None:
-            bound = copy.deepcopy(bound)
-            twin = Plan(self.name, function=self._function, bound_module=bound)
-        elif self._function is not None:
-            twin = Plan(
-                self.name,
-                function=self._function,
-                state=State([clone_tensor(t) for t in self._state.tensors]),
-            )
-        else:
-            twin = copy.deepcopy(self)
-            twin.id = uuid.uuid4().hex
-            twin._pointers = {}
-            twin.location = None
-        twin._ir = self._ir.copy() if self._ir is not None else None
-        twin._loaded = None
-        twin._dynamic = self._dynamic
-        twin._attributes = dict(self._attributes)
-        twin.self_check = self.self_check
-        return twin
+        """An independent plan: new id, same IR and behaviour, its own copy of the state.
+
+        A method plan's copy is bound to a copy of its module.
+        """
+        return copy.deepcopy(self)
 
     def __repr__(self) -> str:
         kind = "Plan" if type(self) is Plan else type(self).__name__
@@ -386,9 +369,13 @@ class Plan(nn.Module):
         cls = type(self)
         twin = cls.__new__(cls)
         memo[id(self)] = twin
+        fresh: dict[str, Any] = {"_loaded": None, "_pointers": {}, "location": None}
         for key, value in self.__dict__.items():
-            if key in {"_loaded", "_pointers"}:
-                object.__setattr__(twin, key, None if key == "_loaded" else {})
+            if key in fresh:
+                object.__setattr__(twin, key, fresh[key])
+            elif key == "_ir":  # deepcopy would break the identity of ir.NO_EXPECT
+                object.__setattr__(twin, key, value.copy() if value is not None else None)
             else:
                 object.__setattr__(twin, key, copy.deepcopy(value, memo))
+        object.__setattr__(twin, "id", uuid.uuid4().hex)  # a copy is another plan
         return twin

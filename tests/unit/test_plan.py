@@ -424,3 +424,24 @@ def test_build_falls_back_to_guarded_sizes_when_symbolic_sizes_fail(
     assert torch.equal(halves(x), x.view(4, 2))
     with pytest.raises(PlanGuardError):
         halves(torch.randn(3, 4))
+
+
+def test_copy_of_a_method_plan_is_bound_to_a_copy_of_its_module() -> None:
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(2, 2)
+
+        @fp.method2plan
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x).tanh()
+
+    net = Net()
+    net.forward.build(torch.ones(2))
+    net.forward.send(FakeDevice())
+    twin = net.forward.copy()
+    assert twin.id != net.forward.id and twin.location is None
+    twin.load_state({"fc.bias": torch.full((2,), 5.0)})
+    x = torch.tensor([0.5, -1.0])
+    assert torch.allclose(net(x), torch.tanh(net.fc(x)))  # the original is untouched
+    assert torch.allclose(twin(x), torch.tanh(F.linear(x, net.fc.weight, torch.full((2,), 5.0))))
