@@ -85,7 +85,13 @@ def error_reply(
 
 
 def encode_safely(reply: Reply) -> bytes:
-    """The encoded reply, or its plain protobuf if encoding fails (the server can read it)."""
+    """The encoded reply, or its plain protobuf if encoding fails (the server can read it).
+
+    A reply to a command that could not be decoded has no command id, which the strict
+    encoder refuses; it is sent as the plain protobuf.
+    """
+    if not reply.command_id:
+        return reply.SerializeToString()
     try:
         return encode_reply(reply)
     except Exception:
