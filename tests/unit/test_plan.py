@@ -445,3 +445,29 @@ def test_copy_of_a_method_plan_is_bound_to_a_copy_of_its_module() -> None:
     x = torch.tensor([0.5, -1.0])
     assert torch.allclose(net(x), torch.tanh(net.fc(x)))  # the original is untouched
     assert torch.allclose(twin(x), torch.tanh(F.linear(x, net.fc.weight, torch.full((2,), 5.0))))
+
+
+def test_args_shape_minus_one_lets_view_and_flatten_follow_the_batch() -> None:
+    weight = torch.randn(4, 3)
+
+    @fp.func2plan(args_shape=[(-1, 2, 2)])
+    def head(x: torch.Tensor) -> torch.Tensor:
+        flat = x.view(x.shape[0], -1)
+        return flat @ weight + x.flatten(1).sum(1, keepdim=True)
+
+    assert 0 not in head.ir.input_specs[0].sizes  # the batch dim stays free
+    for batch in (1, 2, 9):
+        x = torch.randn(batch, 2, 2)
+        assert torch.allclose(head(x), x.view(batch, -1) @ weight + x.flatten(1).sum(1, True))
+
+
+def test_args_shape_fixed_dims_that_are_read_are_checked() -> None:
+    @fp.func2plan(args_shape=[(-1, 4)])
+    def pairs(x: torch.Tensor) -> torch.Tensor:
+        return x.view(-1, x.shape[1] // 2, 2).sum(2)
+
+    assert pairs.ir.input_specs[0].sizes == {1: 4}
+    x = torch.randn(3, 4)
+    assert torch.equal(pairs(x), x.view(-1, 2, 2).sum(2))
+    with pytest.raises(fp.PlanShapeError):
+        pairs(torch.randn(3, 6))
