@@ -417,6 +417,8 @@ def trace(
         state_slots[key] = tracer.bind(tensor).slot
         tracer.state_slots.add(state_slots[key])
     grad_enabled = torch.is_grad_enabled()
+    if not grad_enabled:  # built under no_grad: replay must start the same way
+        tracer.ops.append(Op("torch._C._set_grad_enabled", (False,), {}, None))
     tracing_thread = threading.get_ident()
 
     def optimizer_hook(optimizer: torch.optim.Optimizer, *_: Any) -> None:

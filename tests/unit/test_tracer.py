@@ -300,3 +300,11 @@ def test_the_guard_only_fallback_guards_each_size_it_hands_out() -> None:
     assert torch.equal(replay(ir, x), f(x))
     with pytest.raises(PlanGuardError):
         replay(ir, torch.randn(5, 6))
+
+
+def test_a_function_traced_under_no_grad_replays_without_grad() -> None:
+    w = torch.ones(2, requires_grad=True)
+    with torch.no_grad():
+        ir = trace(lambda x: x * w, (torch.ones(2),), name="f", state={"w": w}).ir
+    out = replay(ir, torch.ones(2), state={"w": w})
+    assert not out.requires_grad and torch.is_grad_enabled()
