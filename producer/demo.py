@@ -200,7 +200,12 @@ def run_demo(args: argparse.Namespace) -> int:
                 device = fleet.device(share.device_id, data=share.tagged())
             participants.append(
                 PlanParticipant(
-                    device, plan_for, epochs=spec.epochs, timeout=args.timeout, executor=executor
+                    device,
+                    plan_for,
+                    epochs=spec.epochs,
+                    proximal_mu=spec.proximal_mu,
+                    timeout=args.timeout,
+                    executor=executor,
                 )
             )
         policy = RoundPolicy(

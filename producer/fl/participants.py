@@ -129,10 +129,12 @@ class PlanParticipant:
         x_tags: tuple[str, ...] = ("train", "x"),
         y_tags: tuple[str, ...] = ("train", "y"),
         epochs: int = 1,
+        proximal_mu: float | None = None,
         timeout: float | None = None,
         executor: ThreadPoolExecutor | None = None,
     ) -> None:
         self.device = device
+        self.proximal_mu = proximal_mu
         xs, ys = device.search(*x_tags), device.search(*y_tags)
         if len(xs) != 1 or len(ys) != 1:
             raise ObjectNotFound(
@@ -159,6 +161,14 @@ class PlanParticipant:
         return str(self.device.id)
 
     def start_fit(self, task: FitTask, deliver: Deliver) -> None:
+        mu = task.instructions.config.get("proximal_mu", 0.0)
+        if self.proximal_mu is not None and mu != self.proximal_mu:
+            raise PlanInputError(
+                f"the strategy asks for proximal_mu={mu} but the plan of device "
+                f"{self.device_id!r} was built with {self.proximal_mu}; build the plan with "
+                "the strategy's proximal_mu",
+                device_id=self.device_id,
+            )
         weights = task.instructions.weights
         order = sample_order(self.num_examples, task.seed, self.epochs)
         pointer_plan = self.device.send_plan(self.plan, wait=False)
