@@ -73,6 +73,7 @@ class Tracer(TorchFunctionMode):
         self.constants: dict[int, torch.Tensor] = {}
         self.specs: dict[int, InputSpec] = {}
         self.state_slots: set[int] = set()
+        self.captured: set[int] = set()  # slots holding a tensor captured from outside
         self.dynamic: set[tuple[int, int]] = set()
         self._slot_of: dict[int, int] = {}
         self._alive: list[Any] = []  # keep traced objects alive: ids must not be reused
@@ -98,8 +99,8 @@ class Tracer(TorchFunctionMode):
         previous = self._slot_of.get(id(value))
         if previous in self.state_slots:  # an in-place op returned a state tensor
             self.state_slots.add(slot)
-        elif previous in self.constants:
-            self.constants[slot] = self.constants[previous]
+        elif previous in self.captured:  # e.g. contiguous() returned the captured tensor
+            self.captured.add(slot)
         self._slot_of[id(value)] = slot
         self._alive.append(value)
         return Ref(slot)
@@ -115,6 +116,7 @@ class Tracer(TorchFunctionMode):
         if t.requires_grad and t.is_floating_point():
             const.requires_grad_(True)
         self.constants[slot] = const
+        self.captured.add(slot)
         return slot
 
     def release(self) -> None:
@@ -217,7 +219,7 @@ class Tracer(TorchFunctionMode):
         for value in (*args, *kwargs.values()):
             for t in _tensors_in(value):
                 refuse_custom_function(t)
-        if name == "Tensor.grad.__get__" and self._slot_of.get(id(args[0])) in self.constants:
+        if name == "Tensor.grad.__get__" and self._slot_of.get(id(args[0])) in self.captured:
             raise PlanBuildError(
                 f"{user_source()}: reads .grad of a tensor captured from outside the plan; "
                 "make it plan state (a parameter/buffer or func2plan state=) or an input"
@@ -225,7 +227,7 @@ class Tracer(TorchFunctionMode):
         if is_inplace(name) or "out" in kwargs:
             targets = [*_tensors_in(args[0] if args else None), *_tensors_in(kwargs.get("out"))]
             for t in targets:
-                if self._slot_of.get(id(t)) in self.constants or id(t) not in self._slot_of:
+                if self._slot_of.get(id(t)) in self.captured or id(t) not in self._slot_of:
                     raise PlanBuildError(
                         f"{user_source()}: {name} writes in place to a tensor captured from "
                         "outside the plan (a closure or unregistered attribute); the write "
@@ -304,7 +306,7 @@ class Tracer(TorchFunctionMode):
 
     def _size_of(self, slot: int, dim: int, t: torch.Tensor) -> Any:
         value = int(t.shape[dim])
-        if slot in self.constants or slot in self.state_slots:
+        if slot in self.captured or slot in self.state_slots:
             return value
         spec = self.specs.get(slot)
         if spec is not None and (slot, dim) not in self.dynamic:
