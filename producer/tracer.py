@@ -439,24 +439,26 @@ def trace(
         _TRACING.depth -= 1
         hook.remove()
         torch.set_grad_enabled(grad_enabled)
-    if any(custom_function_output(t) for t in _tensors_in(outputs)):
-        raise PlanBuildError(
-            f"{name}: an output comes from a custom torch.autograd.Function, whose backward "
-            "a plan cannot hold; write it with allow-listed torch ops"
+    try:
+        if any(custom_function_output(t) for t in _tensors_in(outputs)):
+            raise PlanBuildError(
+                f"{name}: an output comes from a custom torch.autograd.Function, whose "
+                "backward a plan cannot hold; write it with allow-listed torch ops"
+            )
+        output_pattern = tracer.lower(outputs)
+        ir = PlanIR(
+            name=name,
+            inputs=inputs,
+            kwinputs=kwinputs,
+            ops=tracer.ops,
+            outputs=output_pattern,
+            num_slots=tracer.num_slots,
+            input_specs=sorted(tracer.specs.values(), key=lambda s: s.slot),
+            state=state_slots,
+            constants=dict(tracer.constants),
         )
-    output_pattern = tracer.lower(outputs)
-    ir = PlanIR(
-        name=name,
-        inputs=inputs,
-        kwinputs=kwinputs,
-        ops=tracer.ops,
-        outputs=output_pattern,
-        num_slots=tracer.num_slots,
-        input_specs=sorted(tracer.specs.values(), key=lambda s: s.slot),
-        state=state_slots,
-        constants=dict(tracer.constants),
-    )
-    tracer.release()
+    finally:
+        tracer.release()
     return Trace(ir=ir, outputs=outputs)
 
 
