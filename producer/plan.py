@@ -91,6 +91,19 @@ def _python_state(module: nn.Module) -> dict[tuple[str, str], Any]:
     }
 
 
+def _restore_state_objects(module: nn.Module, state: Mapping[str, torch.Tensor]) -> list[str]:
+    """Put back parameters/buffers the traced run replaced; the names that were replaced."""
+    now: dict[str, torch.Tensor] = dict(module.named_parameters())
+    now.update(module.named_buffers())
+    replaced = [k for k, t in state.items() if now.get(k) is not t]
+    for key in replaced:
+        owner_path, _, leaf = key.rpartition(".")
+        owner = module.get_submodule(owner_path)
+        table = owner._parameters if isinstance(state[key], nn.Parameter) else owner._buffers
+        table[leaf] = state[key]  # type: ignore[assignment]
+    return replaced
+
+
 class Plan(nn.Module):
     """A traced function or module that runs by replaying its plan, locally or on a device.
 
@@ -245,6 +258,14 @@ class Plan(nn.Module):
             except SymbolicUnsupported:
                 if not symbolic:
                     raise
+        replaced = _restore_state_objects(module, state) if module is not None else []
+        if replaced:
+            raise PlanBuildError(
+                f"plan {self.name!r} replaces its state tensors {replaced[:3]} with new "
+                "objects while running (restored now); update them in place instead "
+                "(p.copy_(...) or p.sub_(...) under torch.no_grad())",
+                plan_name=self.name,
+            )
         if module is not None:
             changed = sorted(
                 f"{m + '.' if m else ''}{k}"

@@ -471,3 +471,20 @@ def test_args_shape_fixed_dims_that_are_read_are_checked() -> None:
     assert torch.equal(pairs(x), x.view(-1, 2, 2).sum(2))
     with pytest.raises(fp.PlanShapeError):
         pairs(torch.randn(3, 6))
+
+
+def test_replacing_a_state_tensor_object_is_refused_and_undone() -> None:
+    class Replacing(fp.Plan):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("scale", torch.ones(2))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.scale = self.scale * 2
+            return x * self.scale
+
+    plan = Replacing()
+    scale = plan.scale
+    with pytest.raises(PlanBuildError, match="replaces its state"):
+        plan.build(torch.ones(2))
+    assert plan.scale is scale and torch.equal(scale, torch.ones(2))
