@@ -286,6 +286,8 @@ class Plan(nn.Module):
                 "accumulation across calls does not carry over",
                 stacklevel=2,
             )
+        if self._ir is not None:  # rebuilt: devices holding the old IR must not be reused
+            self.id, self._pointers, self.location = uuid.uuid4().hex, {}, None
         self._ir, self._loaded = result.ir, None
         self._attributes = _python_state(module) if module is not None else {}
         if self.self_check:

@@ -488,3 +488,14 @@ def test_replacing_a_state_tensor_object_is_refused_and_undone() -> None:
     with pytest.raises(PlanBuildError, match="replaces its state"):
         plan.build(torch.ones(2))
     assert plan.scale is scale and torch.equal(scale, torch.ones(2))
+
+
+def test_rebuilding_a_plan_gives_it_a_new_id_so_devices_get_the_new_ops() -> None:
+    plan = fp.func2plan(double_abs)
+    device = FakeDevice()
+    plan(FakePointer(device, (2,)))
+    first_id = plan.id
+    plan.build(torch.ones(3))
+    assert plan.id != first_id
+    plan(FakePointer(device, (3,)))
+    assert len(device.sent) == 2
