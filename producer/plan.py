@@ -337,10 +337,10 @@ class Plan(nn.Module):
             if not self.is_built:
                 self.build(*_zeros_like_pointer(args), **_zeros_like_pointer(kwargs))
             location = pointers[0].location
-            key = getattr(location, "id", id(location))
-            if key not in self._pointers:
-                self._pointers[key] = self.send(location)
-            return self._pointers[key](*args, **kwargs)
+            pointer_plan = self._pointers.get(getattr(location, "id", id(location)))
+            if pointer_plan is None:
+                pointer_plan = self.send(location)
+            return pointer_plan(*args, **kwargs)
         if not self.is_built:
             self.build(*args, **kwargs)
         self._check_attributes()
@@ -372,6 +372,7 @@ class Plan(nn.Module):
             raise PlanNotBuiltError(NOT_BUILT_MESSAGE, plan_id=self.id, plan_name=self.name)
         pointer = device.send_plan(self)
         self.location = device
+        self._pointers[getattr(device, "id", id(device))] = pointer
         return pointer
 
     def copy(self) -> Plan:
