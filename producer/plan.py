@@ -91,6 +91,13 @@ def _python_state(module: nn.Module) -> dict[tuple[str, str], Any]:
     }
 
 
+def _takes_state(function: Callable[..., Any]) -> bool:
+    try:
+        return "state" in inspect.signature(function).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def _restore_state_objects(module: nn.Module, state: Mapping[str, torch.Tensor]) -> list[str]:
     """Put back parameters/buffers the traced run replaced; the names that were replaced."""
     now: dict[str, torch.Tensor] = dict(module.named_parameters())
@@ -160,7 +167,7 @@ class Plan(nn.Module):
             fn: Callable[..., Any] = self.forward
         elif self._bound_module is not None:
             fn = functools.partial(self._function, self._bound_module)
-        elif self._state.tensors:
+        elif self._state.tensors or _takes_state(self._function):
             fn = self._with_state(self._function)
         else:
             fn = self._function
@@ -178,7 +185,7 @@ class Plan(nn.Module):
         return fn, params
 
     def _with_state(self, function: Callable[..., Any]) -> Callable[..., Any]:
-        wants_keyword = "state" in inspect.signature(function).parameters
+        wants_keyword = _takes_state(function)
 
         def with_state(*args: Any, **kwargs: Any) -> Any:
             if wants_keyword:
