@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch.utils import swap_tensors
 
+from producer.tracer import inline_plans
 from schemas.errors import FedplanError, PlanBuildError
 
 Replay = Callable[[tuple[Any, ...], dict[str, Any], Mapping[str, torch.Tensor]], Any]
@@ -170,7 +171,7 @@ def self_check(
         replay_state = {k: clone_tensor(t) for k, t in state.items()}
         eager_outs, replay_outs = [], []
         torch.manual_seed(_SEED)
-        with swapped(live, list(eager_state.values())):
+        with swapped(live, list(eager_state.values())), inline_plans():
             for _ in range(runs):
                 _clear_grads(live)
                 eager_outs.append(clone_tree(fn(*clone_tree(args), **clone_tree(kwargs))))

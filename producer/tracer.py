@@ -10,8 +10,9 @@ escapes into Python) becomes a guard checked on replay; see /work/shared/notes/t
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,8 +53,21 @@ _TRACING = threading.local()
 
 
 def is_tracing() -> bool:
-    """Whether this thread is inside :func:`trace` (plans called then run inline)."""
+    """Whether this thread is inside :func:`trace` or :func:`inline_plans`.
+
+    Plans called then run their Python code (to be traced as part of the caller).
+    """
     return getattr(_TRACING, "depth", 0) > 0
+
+
+@contextlib.contextmanager
+def inline_plans() -> Iterator[None]:
+    """Within the block, plans called on this thread run their Python code (eager runs)."""
+    _TRACING.depth = getattr(_TRACING, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _TRACING.depth -= 1
 
 
 @dataclass
@@ -428,15 +442,13 @@ def trace(
             refuse_stateful_optimizer(optimizer)
 
     hook = register_optimizer_step_pre_hook(optimizer_hook)
-    _TRACING.depth = getattr(_TRACING, "depth", 0) + 1
     try:
-        with tracer:
+        with inline_plans(), tracer:
             outputs = fn(*args, **kwargs)
     except BaseException:
         tracer.release()
         raise
     finally:
-        _TRACING.depth -= 1
         hook.remove()
         torch.set_grad_enabled(grad_enabled)
     try:
@@ -462,4 +474,4 @@ def trace(
     return Trace(ir=ir, outputs=outputs)
 
 
-__all__ = ["Trace", "Tracer", "is_tracing", "trace", "user_source"]
+__all__ = ["Trace", "Tracer", "inline_plans", "is_tracing", "trace", "user_source"]

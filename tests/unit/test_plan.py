@@ -398,6 +398,7 @@ def test_a_plan_called_inside_another_plan_is_traced_inline_once() -> None:
 
     outer = Outer().build(torch.randn(4, 2))
     assert sum(op.target.endswith("batch_norm") for op in outer.ir.ops) == 1
+    assert not outer.inner.is_built  # the inner plan ran as plain Python code
     reference = nn.BatchNorm1d(2)
     x = torch.randn(5, 2)
     assert torch.allclose(outer(x), reference(x) * 2, atol=1e-6)
