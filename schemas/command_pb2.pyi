@@ -299,6 +299,47 @@ class MoveObject(_message.Message):
 Global___MoveObject: _TypeAlias = MoveObject  # noqa: Y015
 
 @_typing.final
+class StorePointer(_message.Message):
+    """Store a pointer to an object held by another device (a pointer to a pointer)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    LOCATION_FIELD_NUMBER: _builtins.int
+    REMOTE_ID_FIELD_NUMBER: _builtins.int
+    TAGS_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    DTYPE_FIELD_NUMBER: _builtins.int
+    SHAPE_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    location: _builtins.str
+    remote_id: _builtins.str
+    description: _builtins.str
+    dtype: _builtins.str
+    @_builtins.property
+    def tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        location: _builtins.str = ...,
+        remote_id: _builtins.str = ...,
+        tags: _abc.Iterable[_builtins.str] | None = ...,
+        description: _builtins.str = ...,
+        dtype: _builtins.str = ...,
+        shape: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "dtype", b"dtype", "id", b"id", "location", b"location", "remote_id", b"remote_id", "shape", b"shape", "tags", b"tags"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StorePointer: _TypeAlias = StorePointer  # noqa: Y015
+
+@_typing.final
 class Command(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -316,6 +357,7 @@ class Command(_message.Message):
     CLEAR_OBJECTS_FIELD_NUMBER: _builtins.int
     GET_PLAN_FIELD_NUMBER: _builtins.int
     MOVE_OBJECT_FIELD_NUMBER: _builtins.int
+    STORE_POINTER_FIELD_NUMBER: _builtins.int
     schema_version: _builtins.int
     command_id: _builtins.str
     """Unique per command; the reply's command_id and the AMQP correlation_id."""
@@ -342,6 +384,8 @@ class Command(_message.Message):
     def get_plan(self) -> Global___GetPlan: ...
     @_builtins.property
     def move_object(self) -> Global___MoveObject: ...
+    @_builtins.property
+    def store_pointer(self) -> Global___StorePointer: ...
     def __init__(
         self,
         *,
@@ -359,12 +403,13 @@ class Command(_message.Message):
         clear_objects: Global___ClearObjects | None = ...,
         get_plan: Global___GetPlan | None = ...,
         move_object: Global___MoveObject | None = ...,
+        store_pointer: Global___StorePointer | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "clear_objects", b"clear_objects", "delete_objects", b"delete_objects", "get_object", b"get_object", "get_plan", b"get_plan", "list_objects", b"list_objects", "move_object", b"move_object", "run_op", b"run_op", "run_plan", b"run_plan", "search", b"search", "store_object", b"store_object", "store_plan", b"store_plan"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "clear_objects", b"clear_objects", "delete_objects", b"delete_objects", "get_object", b"get_object", "get_plan", b"get_plan", "list_objects", b"list_objects", "move_object", b"move_object", "run_op", b"run_op", "run_plan", b"run_plan", "search", b"search", "store_object", b"store_object", "store_plan", b"store_plan", "store_pointer", b"store_pointer"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "clear_objects", b"clear_objects", "command_id", b"command_id", "delete_objects", b"delete_objects", "device_id", b"device_id", "get_object", b"get_object", "get_plan", b"get_plan", "list_objects", b"list_objects", "move_object", b"move_object", "run_op", b"run_op", "run_plan", b"run_plan", "schema_version", b"schema_version", "search", b"search", "store_object", b"store_object", "store_plan", b"store_plan"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "clear_objects", b"clear_objects", "command_id", b"command_id", "delete_objects", b"delete_objects", "device_id", b"device_id", "get_object", b"get_object", "get_plan", b"get_plan", "list_objects", b"list_objects", "move_object", b"move_object", "run_op", b"run_op", "run_plan", b"run_plan", "schema_version", b"schema_version", "search", b"search", "store_object", b"store_object", "store_plan", b"store_plan", "store_pointer", b"store_pointer"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["store_object", "store_plan", "run_plan", "run_op", "get_object", "delete_objects", "search", "list_objects", "clear_objects", "get_plan", "move_object"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["store_object", "store_plan", "run_plan", "run_op", "get_object", "delete_objects", "search", "list_objects", "clear_objects", "get_plan", "move_object", "store_pointer"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
@@ -383,13 +428,18 @@ class ObjectInfo(_message.Message):
     HAS_VALUE_FIELD_NUMBER: _builtins.int
     KIND_FIELD_NUMBER: _builtins.int
     PYTHON_VALUE_FIELD_NUMBER: _builtins.int
+    POINTS_TO_DEVICE_FIELD_NUMBER: _builtins.int
+    POINTS_TO_ID_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     description: _builtins.str
     dtype: _builtins.str
     """For tensors: metadata always, value when asked for."""
     has_value: _builtins.bool
     kind: _builtins.str
-    """"tensor", "plan" or "value" (a Python number returned by a plan)"""
+    """"tensor", "plan", "value" (a Python number returned by a plan) or "pointer" """
+    points_to_device: _builtins.str
+    """For kind "pointer": the device and id of the object it points at."""
+    points_to_id: _builtins.str
     @_builtins.property
     def tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -410,10 +460,12 @@ class ObjectInfo(_message.Message):
         has_value: _builtins.bool = ...,
         kind: _builtins.str = ...,
         python_value: _plan_pb2.Value | None = ...,
+        points_to_device: _builtins.str = ...,
+        points_to_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["python_value", b"python_value", "value", b"value"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "dtype", b"dtype", "has_value", b"has_value", "id", b"id", "kind", b"kind", "python_value", b"python_value", "shape", b"shape", "tags", b"tags", "value", b"value"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "dtype", b"dtype", "has_value", b"has_value", "id", b"id", "kind", b"kind", "points_to_device", b"points_to_device", "points_to_id", b"points_to_id", "python_value", b"python_value", "shape", b"shape", "tags", b"tags", "value", b"value"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
