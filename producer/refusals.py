@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import linecache
 import os
 import sys
 import sysconfig
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from schemas.errors import PlanBuildError
 
@@ -62,14 +67,59 @@ def refuse_custom_function(t: torch.Tensor) -> None:
 
 
 def refuse_stateful_optimizer(optimizer: torch.optim.Optimizer, *_: Any) -> None:
-    """Optimizer step pre-hook active while tracing: only stateless SGD is allowed."""
+    """Refuse a step of an optimizer that keeps state between calls (only plain SGD passes)."""
     if isinstance(optimizer, torch.optim.SGD) and all(
         not g.get("momentum") for g in optimizer.param_groups
     ):
         return
     raise PlanBuildError(
-        f"{user_source()}: {type(optimizer).__name__} keeps state between steps (momentum, "
-        "moments) that a plan would silently re-create on every call; use "
-        "torch.optim.SGD without momentum inside plans (or write the update with tensor "
-        "ops on plan state)"
+        f"{user_source()}: {type(optimizer).__name__} was created outside the plan and keeps "
+        "state between steps (momentum, moments) that a plan would silently re-create on "
+        "every call; use torch.optim.SGD without momentum, or create the optimizer inside "
+        "the plan's function (its state then lives for one call, as in eager code)"
     )
+
+
+_LOCAL = threading.local()
+_INSTALL_LOCK = threading.Lock()
+
+
+def _record_creation(init: Callable[..., None]) -> Callable[..., None]:
+    @functools.wraps(init)
+    def recording_init(self: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        created = getattr(_LOCAL, "created", None)
+        if created is not None:  # this thread is tracing
+            created.append(self)
+
+    recording_init.__fedplan_records__ = True  # type: ignore[attr-defined]
+    return recording_init
+
+
+@contextlib.contextmanager
+def stateful_optimizers_refused() -> Iterator[None]:
+    """While tracing on this thread, refuse steps of stateful optimizers made before it.
+
+    Optimizers created during the trace live for one call, as in eager code, so any of
+    them may step. To tell them apart, ``Optimizer.__init__`` is wrapped once (a no-op for
+    threads that are not tracing).
+    """
+    with _INSTALL_LOCK:
+        init = torch.optim.Optimizer.__init__
+        if not getattr(init, "__fedplan_records__", False):
+            torch.optim.Optimizer.__init__ = _record_creation(init)  # type: ignore[method-assign]
+    outer = getattr(_LOCAL, "created", None)
+    created: list[torch.optim.Optimizer] = []
+    _LOCAL.created = created
+    thread = threading.get_ident()
+
+    def pre_hook(optimizer: torch.optim.Optimizer, *_: Any) -> None:
+        if threading.get_ident() == thread and not any(o is optimizer for o in created):
+            refuse_stateful_optimizer(optimizer)
+
+    handle = register_optimizer_step_pre_hook(pre_hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+        _LOCAL.created = outer

@@ -17,14 +17,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.overrides import TorchFunctionMode
 
 from producer.refusals import (
     custom_function_output,
     is_inplace,
     refuse_custom_function,
-    refuse_stateful_optimizer,
+    stateful_optimizers_refused,
     user_source,
 )
 from producer.shapes import SymbolicSizes, make_symbolic_sizes
@@ -435,21 +434,13 @@ def trace(
     grad_enabled = torch.is_grad_enabled()
     if not grad_enabled:  # built under no_grad: replay must start the same way
         tracer.ops.append(Op("torch._C._set_grad_enabled", (False,), {}, None))
-    tracing_thread = threading.get_ident()
-
-    def optimizer_hook(optimizer: torch.optim.Optimizer, *_: Any) -> None:
-        if threading.get_ident() == tracing_thread:  # other threads are not being traced
-            refuse_stateful_optimizer(optimizer)
-
-    hook = register_optimizer_step_pre_hook(optimizer_hook)
     try:
-        with inline_plans(), tracer:
+        with inline_plans(), stateful_optimizers_refused(), tracer:
             outputs = fn(*args, **kwargs)
     except BaseException:
         tracer.release()
         raise
     finally:
-        hook.remove()
         torch.set_grad_enabled(grad_enabled)
     try:
         if any(custom_function_output(t) for t in _tensors_in(outputs)):

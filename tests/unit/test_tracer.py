@@ -241,12 +241,11 @@ def test_reading_the_grad_of_a_captured_tensor_is_refused() -> None:
         trace(f, (torch.ones(2),), name="f")
 
 
-def test_momentum_sgd_and_adam_are_refused_but_plain_sgd_traces() -> None:
+def test_momentum_sgd_and_adam_made_outside_the_plan_are_refused() -> None:
     w = torch.randn(2, requires_grad=True)
 
-    def make(opt_factory: Any) -> Any:
+    def stepping(opt: torch.optim.Optimizer) -> Any:
         def step(x: torch.Tensor) -> torch.Tensor:
-            opt = opt_factory([w])
             opt.zero_grad()
             loss = (x * w).sum()
             loss.backward()
@@ -255,13 +254,35 @@ def test_momentum_sgd_and_adam_are_refused_but_plain_sgd_traces() -> None:
 
         return step
 
-    for bad in (
-        lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
-        lambda p: torch.optim.Adam(p, lr=0.1),
-    ):
+    for bad in (torch.optim.SGD([w], lr=0.1, momentum=0.9), torch.optim.Adam([w], lr=0.1)):
         with pytest.raises(PlanBuildError, match="SGD without momentum"):
-            trace(make(bad), (torch.ones(2),), name="f", state={"w": w})
-    trace(make(lambda p: torch.optim.SGD(p, lr=0.1)), (torch.ones(2),), name="f", state={"w": w})
+            trace(stepping(bad), (torch.ones(2),), name="f", state={"w": w})
+    trace(stepping(torch.optim.SGD([w], lr=0.1)), (torch.ones(2),), name="f", state={"w": w})
+
+
+def test_an_optimizer_made_inside_the_plan_may_keep_momentum_for_the_call() -> None:
+    def two_steps(w: torch.Tensor) -> Any:
+        def run(x: torch.Tensor) -> torch.Tensor:
+            opt = torch.optim.SGD([w], lr=0.1, momentum=0.9)
+            for _ in range(2):
+                opt.zero_grad()
+                loss = ((x * w).sum() - 1) ** 2
+                loss.backward()
+                opt.step()
+            w.grad = None
+            return loss
+
+        return run
+
+    w = torch.randn(3, requires_grad=True)
+    eager_w = w.detach().clone().requires_grad_(True)
+    plan_w = w.detach().clone().requires_grad_(True)
+    ir = trace(two_steps(w), (torch.ones(3),), name="f", state={"w": w}).ir
+    eager = two_steps(eager_w)
+    for _ in range(3):
+        x = torch.randn(3)
+        assert torch.allclose(replay(ir, x, state={"w": plan_w}), eager(x), atol=1e-6)
+    assert torch.allclose(plan_w, eager_w, atol=1e-6)
 
 
 def test_inference_mode_inside_a_plan_is_refused() -> None:
