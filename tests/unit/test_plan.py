@@ -500,3 +500,32 @@ def test_rebuilding_a_plan_gives_it_a_new_id_so_devices_get_the_new_ops() -> Non
     assert plan.id != first_id
     plan(FakePointer(device, (3,)))
     assert len(device.sent) == 2
+
+
+def test_the_listing_shows_guards_with_their_source_and_state_by_name() -> None:
+    class Gate(fp.Plan):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(2, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x.shape[0] > 1:
+                return self.fc(x).sum(0)
+            return self.fc(x)[0]
+
+    code = Gate().build(torch.ones(3, 2)).code
+    assert "torch.nn.functional.linear(x, self.fc.weight, self.fc.bias)" in code
+    assert "# test_plan.py:" in code and "if x.shape[0] > 1: [needs x.shape[0] > 1]" in code
+
+
+def test_self_check_can_be_turned_off_for_a_plan() -> None:
+    calls: list[int] = []
+
+    def counting(x: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        return x * len(calls)
+
+    plan = fp.func2plan(counting)
+    plan.self_check = False
+    plan.build(torch.ones(2))
+    assert plan.is_built and len(calls) == 1
