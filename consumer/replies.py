@@ -35,7 +35,7 @@ def result_ids_of(command: Command) -> list[str]:
     body = command.WhichOneof("body")
     if body in ("run_plan", "run_op"):
         return list(getattr(command, body).result_ids)
-    if body in ("store_object", "get_object"):
+    if body in ("store_object", "store_pointer", "get_object"):
         return [getattr(command, body).id]
     if body == "move_object":
         return [command.move_object.new_id or command.move_object.id]

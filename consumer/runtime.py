@@ -11,6 +11,7 @@ import torch
 
 from consumer.lowering import Lowering, get
 from consumer.outputs import flatten_like, output_slots
+from consumer.pointer_records import PointerRecords
 from consumer.replies import (
     encode_safely,
     error_reply,
@@ -22,10 +23,11 @@ from consumer.replies import (
 )
 from consumer.store import DeviceStore, StoredObject, StoredPlan
 from schemas import allowlist
-from schemas.command_pb2 import Command, ObjectInfo, Ok, StoreObject
+from schemas.command_pb2 import Command, ObjectInfo, Ok, StoreObject, StorePointer
 from schemas.errors import (
     DeviceError,
     FedplanError,
+    ObjectNotFound,
     PlanExecutionError,
     PlanInputError,
     TransportError,
@@ -76,6 +78,7 @@ class DeviceRuntime:
         self.store = store
         self._forward = forward
         self._loaded: dict[str, tuple[str, LoadedPlan]] = {}
+        self._pointers = PointerRecords()  # pointers to objects on other devices
         self._frames: list[torch.Tensor] = []  # tensors sent raw after the current reply
         self._lowering = Lowering(lambda message, _index: WireError(message))
         self._lock = threading.RLock()  # one command at a time: plan state is mutated in place
@@ -137,7 +140,14 @@ class DeviceRuntime:
         tensor = tensor_from_proto(msg.tensor)
         obj = StoredObject(msg.id, tensor, tuple(msg.tags), msg.description)
         self.store.put_object(obj)
+        self._pointers.pop(msg.id)  # the value a pointer record named has arrived
         return Ok(objects=[tensor_info(obj)])
+
+    def _store_pointer(self, msg: StorePointer) -> Ok:
+        if self.store.has_object(msg.id):
+            self.store.delete_object(msg.id)
+        self._pointers.put(msg)
+        return Ok(objects=[PointerRecords.info(msg)])
 
     def _store_plan(self, msg: Any) -> Ok:
         ir, plan_id = plan_from_proto(msg.plan)
@@ -204,6 +214,9 @@ class DeviceRuntime:
         return Ok(objects=self._store_results(msg.result_ids, results, msg.return_values))
 
     def _get_object(self, msg: Any) -> Ok:
+        record = self._pointers.pop(msg.id) if msg.delete else self._pointers.get(msg.id)
+        if record is not None:
+            return Ok(objects=[PointerRecords.info(record)])
         obj = self.store.get_object(msg.id)
         info = self._tensor_info(obj, with_value=True)
         if msg.delete:
@@ -212,19 +225,24 @@ class DeviceRuntime:
 
     def _delete_objects(self, msg: Any) -> Ok:
         for object_id in msg.ids:
+            self._pointers.pop(object_id)
             if self.store.has_object(object_id):
                 self.store.delete_object(object_id)
         return Ok()
 
     def _search(self, msg: Any) -> Ok:
         found = self.store.search(list(msg.tags))
-        return Ok(objects=[tensor_info(o) for o in found])
+        records = self._pointers.search(list(msg.tags))
+        return Ok(objects=[*map(tensor_info, found), *map(PointerRecords.info, records)])
 
     def _list_objects(self, msg: Any) -> Ok:
-        return Ok(objects=[tensor_info(o) for o in self.store.list_objects()])
+        records = self._pointers.search([])
+        objects = self.store.list_objects()
+        return Ok(objects=[*map(tensor_info, objects), *map(PointerRecords.info, records)])
 
     def _clear_objects(self, msg: Any) -> Ok:
         self.store.clear_objects()
+        self._pointers.clear()
         return Ok()
 
     def _get_plan(self, msg: Any) -> Ok:
@@ -236,13 +254,27 @@ class DeviceRuntime:
         return Ok(objects=[plan_info(stored.id, stored.ir.name)], plan=proto)
 
     def _move_object(self, msg: Any) -> Ok:
-        obj = self.store.get_object(msg.id)
         if self._forward is None:
             raise TransportError(
                 f"device {self.device_id!r} cannot publish to other devices; move the object "
                 "through the server with get() and send()"
             )
         moved_id = msg.new_id or msg.id
+        record = self._pointers.get(msg.id)
+        if record is not None:  # moving a pointer moves the record, not the value
+            moved_record = StorePointer()
+            moved_record.CopyFrom(record)
+            moved_record.id = moved_id
+            command = Command(
+                schema_version=SCHEMA_VERSION,
+                command_id=new_id(),
+                device_id=msg.destination_device,
+                store_pointer=moved_record,
+            )
+            self._forward(msg.destination_device, encode_command(command))
+            self._pointers.pop(msg.id)
+            return Ok(objects=[PointerRecords.info(moved_record)])
+        obj = self.store.get_object(msg.id)
         command = Command(
             schema_version=SCHEMA_VERSION,
             command_id=new_id(),
@@ -280,6 +312,14 @@ class DeviceRuntime:
 
     def _fill(self, value: Value) -> Value:
         if isinstance(value, ObjectId):
+            record = self._pointers.get(value.id)
+            if record is not None:
+                raise ObjectNotFound(
+                    f"object {value.id!r} on device {self.device_id!r} is a pointer to "
+                    f"{record.location}:{record.remote_id}, not a tensor; get() the pointer, "
+                    "or bring the value here with remote_get()",
+                    device_id=self.device_id,
+                )
             return self.store.get_object(value.id).tensor
         if isinstance(value, Ref | SymExpr):
             raise WireError("a command argument names a plan slot; send objects by id instead")
@@ -348,6 +388,7 @@ _HANDLERS: dict[str, Callable[[DeviceRuntime, Any], Ok]] = {
     "clear_objects": DeviceRuntime._clear_objects,
     "get_plan": DeviceRuntime._get_plan,
     "move_object": DeviceRuntime._move_object,
+    "store_pointer": DeviceRuntime._store_pointer,
 }
 
 __all__ = ["DeviceRuntime", "Forward"]

@@ -70,6 +70,19 @@ __all__ += [
     "tags_of",
 ]
 
+# modules on devices, federated datasets (producer/remote_module.py, federated_data.py)
+from producer.federated_data import FederatedDataLoader, FederatedDataset, federate  # noqa: E402
+from producer.remote_module import copy_module, get_module, move_module  # noqa: E402
+
+__all__ += [
+    "FederatedDataLoader",
+    "FederatedDataset",
+    "copy_module",
+    "federate",
+    "get_module",
+    "move_module",
+]
+
 # plans (producer/plan.py, tracer.py)
 from producer.decorators import func2plan, method2plan  # noqa: E402
 from producer.plan import Plan, State  # noqa: E402

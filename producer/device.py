@@ -18,7 +18,7 @@ from schemas.ir import Device as IRDevice
 from schemas.ir import DType, EllipsisValue, MemoryFormat, ObjectId, PlanIR, Slice, Value
 from schemas.plan_codec import plan_from_proto, plan_to_proto
 from schemas.plan_pb2 import ValueDict, ValueList
-from schemas.tensor_codec import tensor_from_proto, tensor_to_proto
+from schemas.tensor_codec import dtype_from_name, tensor_from_proto, tensor_to_proto
 from schemas.value_codec import value_to_proto
 from schemas.wire import new_id
 
@@ -80,6 +80,29 @@ class Device:
             description=description,
         )
 
+    def send_pointer(self, pointer: PointerTensor) -> PointerTensor:
+        """Store on this device a pointer to ``pointer``'s object (a pointer to a pointer)."""
+        if pointer.location.fleet is not self.fleet:
+            raise PlanInputError(
+                f"pointer {pointer.id} belongs to another fleet; devices can only point at "
+                "objects within one fleet"
+            )
+        object_id = new_id()
+        info = pointer.wait()
+        msg = cmd.StorePointer(
+            id=object_id,
+            location=info.location.id,
+            remote_id=info.id,
+            tags=list(info.tags),
+            description=info.description,
+            dtype=DType.of(info.dtype).name if info.dtype is not None else "",
+            shape=list(info.shape) if info.dtype is not None else [],
+        )
+        pending = self._submit("store_pointer", msg, (object_id,))
+        result = PointerTensor(object_id, self, pending=pending, tags=info.tags)
+        result.wait()
+        return result
+
     def search(self, *tags: str) -> list[PointerTensor]:
         """Pointers to the device's objects that carry every one of ``tags``.
 
@@ -115,16 +138,35 @@ class Device:
         reply = self._call(
             "get_object", cmd.GetObject(id=object_id, delete=delete), timeout=timeout
         )
-        return tensor_from_proto(reply.ok.objects[0].value)
+        info = reply.ok.objects[0]
+        if info.kind == "pointer":  # a pointer to a pointer: its value is the inner pointer
+            return PointerTensor(
+                info.points_to_id,
+                self.fleet.device(info.points_to_device),
+                tags=tuple(info.tags),
+                shape=torch.Size(info.shape),
+                dtype=dtype_from_name(info.dtype) if info.dtype else None,
+                description=info.description,
+            )
+        return tensor_from_proto(info.value)
 
-    def move_object(self, object_id: str, destination: Device, *, timeout: float | None) -> None:
-        """Have the device hand an object to ``destination`` directly, under the same id."""
+    def move_object(
+        self,
+        object_id: str,
+        destination: Device,
+        *,
+        timeout: float | None,
+        new_id: str | None = None,
+    ) -> None:
+        """Have the device hand an object to ``destination`` directly (under ``new_id`` if set)."""
         if destination.fleet is not self.fleet:
             raise PlanInputError(
                 f"device {destination.id!r} belongs to another fleet; devices can only move "
                 "objects within one fleet"
             )
-        msg = cmd.MoveObject(id=object_id, destination_device=destination.id, new_id=object_id)
+        msg = cmd.MoveObject(
+            id=object_id, destination_device=destination.id, new_id=new_id or object_id
+        )
         self._call("move_object", msg, timeout=timeout)
 
     # -- plans -------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import torch
 
 from producer.collector import PendingCommand
 from schemas.command_pb2 import ObjectInfo
-from schemas.errors import ObjectNotFound
+from schemas.errors import ObjectNotFound, PlanInputError
 from schemas.tensor_codec import dtype_from_name, tensor_from_proto
 from schemas.value_codec import value_from_proto
 from schemas.wire import new_id
@@ -66,6 +66,7 @@ class PointerTensor:
         self._has_value = False
         self._gone = False
         self._owned = owned  # a result this pointer created: deleted remotely when dropped
+        self._points_to: tuple[str, str] | None = None  # kind "pointer": (device, object id)
         if info is not None:
             self._take(info)
 
@@ -80,6 +81,8 @@ class PointerTensor:
             self._value = value_from_proto(info.python_value)
             self._has_value = True
             return
+        if self._kind == "pointer":
+            self._points_to = (info.points_to_device, info.points_to_id)
         self._shape = torch.Size(info.shape)
         self._dtype = dtype_from_name(info.dtype)
         if info.has_value:
@@ -105,6 +108,14 @@ class PointerTensor:
         if pending is not None and pending.done() and pending.exception() is not None:
             self.wait()
 
+    def resolved(self, timeout: float | None = None) -> Any:
+        """Wait; a Python result (``None``, a number) comes back as itself, a tensor as ``self``.
+
+        ``ptr.grad.resolved() is None`` tells whether the remote tensor has a gradient.
+        """
+        self.wait(timeout)
+        return self.get() if self._kind == "value" else self
+
     @property
     def ready(self) -> bool:
         """Whether the reply for this object has arrived (success or error)."""
@@ -123,6 +134,24 @@ class PointerTensor:
         """The remote tensor's dtype (waits for the device's reply if needed)."""
         self.wait()
         return self._dtype
+
+    @property
+    def is_sparse(self) -> bool:
+        """Always ``False``: devices hold dense tensors."""
+        return False
+
+    @property
+    def layout(self) -> torch.layout:
+        """Always ``torch.strided``: devices hold dense tensors."""
+        return torch.strided
+
+    def is_complex(self) -> bool:
+        """Whether the remote dtype is complex (from metadata, no command)."""
+        return bool(self.dtype is not None and self.dtype.is_complex)
+
+    def is_floating_point(self) -> bool:
+        """Whether the remote dtype is floating point (from metadata, no command)."""
+        return bool(self.dtype is not None and self.dtype.is_floating_point)
 
     def size(self, dim: int | None = None) -> Any:
         """Like ``Tensor.size``: the shape, or one dimension of it."""
@@ -169,6 +198,38 @@ class PointerTensor:
             value = self.location.fetch(self.id, delete=True, timeout=self._timeout(timeout))
         self._gone = True
         return value
+
+    @property
+    def points_to(self) -> tuple[str, str] | None:
+        """For a pointer to a pointer: the (device id, object id) it names; else ``None``."""
+        self.wait()
+        return self._points_to
+
+    def send(self, device: Device) -> PointerTensor:
+        """Give ``device`` a pointer to this object: a pointer to a pointer (seed 003).
+
+        The value stays where it is; ``get()`` on the result returns a pointer to it, and
+        ``remote_get()`` has the value sent straight to ``device`` (not through the server).
+        """
+        return device.send_pointer(self)
+
+    def remote_get(self) -> PointerTensor:
+        """For a pointer to a pointer: move the value it names to where the pointer is.
+
+        The device holding the value publishes it to this pointer's device itself; this
+        pointer then points at the value.
+        """
+        target = self.points_to
+        if target is None:
+            raise PlanInputError(
+                f"{self.id} on {self.location.id!r} is not a pointer to a pointer; "
+                "use get() or move() instead"
+            )
+        device_id, object_id = target
+        source = self.location.fleet.device(device_id)
+        source.move_object(object_id, self.location, new_id=self.id, timeout=self._timeout(None))
+        self._kind, self._points_to = "tensor", None
+        return self
 
     def copy(self) -> PointerTensor:
         """A new, independent copy of the remote tensor on the same device."""
@@ -221,6 +282,8 @@ class PointerTensor:
         text = f"[PointerTensor | me:{self.pointer_id} -> {self.location.id}:{self.id}]"
         if self.tags:
             text += "\n\tTags: " + " ".join(self.tags)
+        if self._points_to is not None:
+            text = text[:-1] + f" -> {self._points_to[0]}:{self._points_to[1]}]"
         if self._shape is not None:
             text += f"\n\tShape: {self._shape}"
         return text

@@ -6,6 +6,8 @@ import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from schemas import allowlist
 from schemas.errors import OpNotAllowedError, PlanInputError
 
@@ -15,6 +17,16 @@ if TYPE_CHECKING:
 
 _RETURNS_NONE = frozenset({"Tensor.backward", "torch._C._set_grad_enabled"})
 """Ops whose result is ``None``: the call waits for the device and returns ``None``."""
+
+POINTER_ATTR = "_fedplan_pointer"
+"""Attribute of a local tensor (a sent module's parameter) naming its remote pointer."""
+
+
+def pointer_of(value: Any) -> PointerTensor | None:
+    """The pointer behind a sent module's parameter or buffer; ``None`` for anything else."""
+    if isinstance(value, torch.Tensor):
+        return value.__dict__.get(POINTER_ATTR)
+    return None
 
 
 def op_name(func: Callable[..., Any]) -> str:
@@ -59,14 +71,28 @@ def run_remote(target: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> A
     """Run one allow-listed op on the device that holds every pointer among the arguments."""
     if not allowlist.is_allowed(target):
         raise OpNotAllowedError(f"{target} is not in the allow-list; it cannot run on a device")
+    args = tuple(_swap(a) for a in args)
+    kwargs = {k: _swap(v) for k, v in kwargs.items()}
     device = _device_of([*args, *kwargs.values()])
     result = device.run_op(target, args, kwargs)  # under no_grad here, no_grad there too
-    if target in _RETURNS_NONE:
+    if target in _RETURNS_NONE or target.endswith(".__set__"):
         result.wait()
         return None
     if _is_in_place(target):
         result.wait()  # nobody reads an in-place op's result: report its failure here
     return result
+
+
+def _swap(value: Any) -> Any:
+    """A sent module's parameters (anywhere in the arguments) replaced by their pointers."""
+    pointer = pointer_of(value)
+    if pointer is not None:
+        return pointer
+    if isinstance(value, tuple | list):
+        return type(value)(_swap(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _swap(v) for k, v in value.items()}
+    return value
 
 
 def _is_in_place(target: str) -> bool:

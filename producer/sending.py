@@ -1,18 +1,36 @@
-"""``fp.send``: copy a local tensor to a device and get a pointer to the copy."""
+"""``fp.send``: copy a local tensor or module to a device, or give a device a pointer."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import torch
+from torch import nn
+
+from producer.pointers import PointerTensor
 
 if TYPE_CHECKING:
     from producer.device import Device
-    from producer.pointers import PointerTensor
+
+M = TypeVar("M", bound=nn.Module)
 
 
-def send(tensor: torch.Tensor, device: Device) -> PointerTensor:
-    """Store a copy of ``tensor`` (with its tags) on ``device``; local and remote are independent.
+@overload
+def send(obj: torch.Tensor, device: Device) -> PointerTensor: ...
+@overload
+def send(obj: PointerTensor, device: Device) -> PointerTensor: ...
+@overload
+def send(obj: M, device: Device) -> M: ...
+
+
+def send(obj: Any, device: Device) -> Any:
+    """Send ``obj`` to ``device``; local and remote copies are independent afterwards.
+
+    - a tensor: a copy (with its tags) is stored on the device; returns a ``PointerTensor``;
+    - an ``nn.Module``: its parameters and buffers go to the device and the same module
+      object is returned, now computing there (``fp.get_module`` brings it back);
+    - a ``PointerTensor``: the device gets a pointer to that pointer's object (the value
+      stays where it is); returns a pointer to that pointer.
 
     Examples
     --------
@@ -23,4 +41,10 @@ def send(tensor: torch.Tensor, device: Device) -> PointerTensor:
     ...     ptr.get()
     tensor([1, 2, 3])
     """
-    return device.send_tensor(tensor)
+    if isinstance(obj, PointerTensor):
+        return device.send_pointer(obj)
+    if isinstance(obj, nn.Module):
+        from producer.remote_module import send_module
+
+        return send_module(obj, device)
+    return device.send_tensor(obj)

@@ -1,0 +1,236 @@
+"""``model.send(device)``: an ``nn.Module`` whose parameters and buffers live on a device."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import torch
+from torch import nn
+
+from producer.remote_ops import POINTER_ATTR, pointer_of, run_remote
+from schemas import allowlist
+from schemas.errors import OpNotAllowedError, PlanInputError
+
+if TYPE_CHECKING:
+    from producer.device import Device
+    from producer.pointers import PointerTensor
+
+M = TypeVar("M", bound=nn.Module)
+
+_LOCAL = frozenset(
+    {
+        "Tensor.shape.__get__", "Tensor.dtype.__get__", "Tensor.device.__get__",
+        "Tensor.is_leaf.__get__", "Tensor.requires_grad.__get__", "Tensor.is_sparse.__get__",
+        "Tensor.layout.__get__",
+        "Tensor.ndim.__get__", "Tensor.is_cpu.__get__", "Tensor.is_cuda.__get__",
+        "Tensor.itemsize.__get__", "Tensor.nbytes.__get__", "Tensor.size", "Tensor.dim",
+        "Tensor.numel", "Tensor.nelement", "Tensor.is_complex", "Tensor.is_floating_point",
+        "torch.is_complex", "torch.is_floating_point", "torch.numel",
+    }
+)  # fmt: skip
+"""Metadata a remote parameter answers from its local twin (same shape and dtype)."""
+
+_LOCAL_SPECIAL: dict[Callable[..., Any], Callable[..., Any]] = {
+    torch.Tensor.__hash__: id,  # optimizers key their state by parameter
+    torch.Tensor.__repr__: lambda t, *a, **k: _describe(t),
+    torch.Tensor.__format__: lambda t, *a, **k: _describe(t),
+}
+
+
+def _describe(tensor: torch.Tensor) -> str:
+    pointer = pointer_of(tensor)
+    where = "?" if pointer is None else f"{pointer.location.id}:{pointer.id}"
+    with torch._C.DisableTorchFunctionSubclass():
+        return f"(remote {type(tensor).__name__} -> {where}, shape {tuple(tensor.shape)})"
+
+
+def _dispatch(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Run a torch call on remote parameters: metadata locally, everything else on the device."""
+    special = _LOCAL_SPECIAL.get(func)
+    if special is not None:
+        return special(*args, **kwargs)
+    name = allowlist.name_of(func)
+    if name in _LOCAL:
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **kwargs)
+    if name is None:
+        raise OpNotAllowedError(
+            f"{func!r} is not an allow-listed op, and this tensor's value lives on a device; "
+            "bring the module back with model.get() (fp.get_module) first"
+        )
+    if name == "Tensor.requires_grad_":
+        with torch._C.DisableTorchFunctionSubclass():  # mirror it: requires_grad is read here
+            func(*args, **kwargs)
+    if name == "Tensor.grad.__get__":
+        # ``if p.grad is not None`` (optimizers) needs to know whether a gradient exists
+        return run_remote(name, args, kwargs).resolved()
+    return run_remote(name, args, kwargs)
+
+
+class RemoteParameter(nn.Parameter):
+    """A module parameter whose value lives on a device (the class it has while sent).
+
+    Torch calls on it run on the device (one command each, like pointers); shape and dtype
+    are answered locally. ``fp.get_module`` turns it back into a plain ``nn.Parameter``.
+    """
+
+    @classmethod
+    def __torch_function__(
+        cls,
+        func: Callable[..., Any],
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        return _dispatch(func, args, kwargs or {})
+
+
+class RemoteBuffer(torch.Tensor):
+    """A module buffer whose value lives on a device (see :class:`RemoteParameter`)."""
+
+    @classmethod
+    def __torch_function__(
+        cls,
+        func: Callable[..., Any],
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        return _dispatch(func, args, kwargs or {})
+
+
+def _tensors(module: nn.Module) -> Iterator[torch.Tensor]:
+    """Every parameter and buffer of the module once (shared ones once)."""
+    seen: set[int] = set()
+    for tensor in (*module.parameters(), *module.buffers()):
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            yield tensor
+
+
+def is_remote(module: nn.Module) -> bool:
+    """Whether the module's parameters currently live on a device."""
+    return any(pointer_of(t) is not None for t in _tensors(module))
+
+
+def location_of(module: nn.Module) -> Device | None:
+    """The device holding the module's parameters, or ``None`` when it is local."""
+    for tensor in _tensors(module):
+        pointer = pointer_of(tensor)
+        if pointer is not None:
+            return pointer.location
+    return None
+
+
+def send_module(module: M, device: Device) -> M:
+    """Put the module's parameters and buffers on ``device``; the module object stays the same.
+
+    Each parameter keeps its identity (an optimizer made before still updates it) but its
+    value lives on the device: a forward pass with pointer inputs, ``loss.backward()`` and
+    ``optimizer.step()`` run there, op by op. A module already on another device is moved
+    there directly (device to device); on the same device nothing is sent.
+
+    Examples
+    --------
+    >>> import torch
+    >>> import producer as fp
+    >>> from torch import nn
+    >>> with fp.connect() as fleet:
+    ...     bob = fleet.device("bob")
+    ...     model = nn.Linear(2, 1)
+    ...     _ = model.weight.data.fill_(1.0), model.bias.data.fill_(0.5)
+    ...     _ = fp.send(model, bob)
+    ...     out = model(fp.send(torch.tensor([[1.0, 2.0]]), bob))
+    ...     _ = fp.get_module(model)
+    ...     out.get().detach()
+    tensor([[3.5000]])
+    """
+    current = location_of(module)
+    if current is not None:
+        return move_module(module, device)
+    for tensor in _tensors(module):
+        pointer = device.send_tensor(tensor.detach().requires_grad_(tensor.requires_grad))
+        setattr(tensor, POINTER_ATTR, pointer)
+        tensor.__class__ = RemoteParameter if isinstance(tensor, nn.Parameter) else RemoteBuffer
+    for tensor in _tensors(module):
+        _pointer(tensor).wait()  # a refused parameter fails here, not at the first forward
+    return module
+
+
+def get_module(module: M, *, with_grads: bool = True) -> M:
+    """Bring the parameters (and their gradients) back into the module; the device drops them.
+
+    Examples
+    --------
+    >>> import torch
+    >>> import producer as fp
+    >>> from torch import nn
+    >>> with fp.connect() as fleet:
+    ...     model = nn.Linear(2, 1)
+    ...     before = model.weight.detach().clone()
+    ...     _ = fp.get_module(fp.send(model, fleet.device("bob")))
+    ...     torch.equal(model.weight.detach(), before)
+    True
+    """
+    remote = [t for t in _tensors(module) if pointer_of(t) is not None]
+    grads: dict[int, PointerTensor] = {}
+    if with_grads:
+        for tensor in remote:
+            if isinstance(tensor, nn.Parameter) and tensor.requires_grad:
+                grads[id(tensor)] = run_remote("Tensor.grad.__get__", (_pointer(tensor),), {})
+    values = {id(t): _pointer(t).get() for t in remote}
+    for tensor in remote:
+        grad = grads.get(id(tensor))
+        grad_value = None if grad is None else grad.resolved()
+        if grad is not None and grad_value is not None:
+            grad_value = grad_value.get()
+        delattr(tensor, POINTER_ATTR)
+        tensor.__class__ = nn.Parameter if isinstance(tensor, nn.Parameter) else torch.Tensor
+        with torch.no_grad():
+            tensor.data = values[id(tensor)].detach()
+            if isinstance(tensor, nn.Parameter):
+                tensor.grad = grad_value.detach() if isinstance(grad_value, torch.Tensor) else None
+    return module
+
+
+def move_module(module: M, device: Device) -> M:
+    """Move a sent module's parameters to another device, device to device."""
+    for tensor in _tensors(module):
+        pointer = pointer_of(tensor)
+        if pointer is None:
+            raise PlanInputError(
+                "this module is not on a device; send it with fp.send(model, device) first"
+            )
+        if pointer.location is not device:
+            pointer.move(device)
+    return module
+
+
+def copy_module(module: M) -> M:
+    """An independent deep copy of a local module (the seeds' ``model.copy()``)."""
+    if is_remote(module):
+        raise PlanInputError(
+            "cannot copy a module whose parameters live on a device; copy it before sending, "
+            "or get() it back first"
+        )
+    return copy.deepcopy(module)
+
+
+def _pointer(tensor: torch.Tensor) -> PointerTensor:
+    pointer = pointer_of(tensor)
+    assert pointer is not None
+    return pointer
+
+
+__all__ = [
+    "RemoteBuffer",
+    "RemoteParameter",
+    "copy_module",
+    "get_module",
+    "is_remote",
+    "location_of",
+    "move_module",
+    "send_module",
+]
