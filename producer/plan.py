@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from producer.listing import render
+from producer.optim_state import optimizer_state
 from producer.selfcheck import clone_tensor, clone_tree, self_check, swapped
 from producer.shapes import SymbolicUnsupported
 from producer.tracer import is_tracing, trace
@@ -102,7 +103,8 @@ def _restore_state_objects(module: nn.Module, state: Mapping[str, torch.Tensor])
     """Put back parameters/buffers the traced run replaced; the names that were replaced."""
     now: dict[str, torch.Tensor] = dict(module.named_parameters())
     now.update(module.named_buffers())
-    replaced = [k for k, t in state.items() if now.get(k) is not t]
+    optimizer_buffers = optimizer_state(module)[0]
+    replaced = [k for k, t in state.items() if k not in optimizer_buffers and now.get(k) is not t]
     for key in replaced:
         owner_path, _, leaf = key.rpartition(".")
         owner = module.get_submodule(owner_path)
@@ -206,6 +208,7 @@ class Plan(nn.Module):
             return self._state.named()
         named: dict[str, torch.Tensor] = dict(module.named_parameters())
         named.update(module.named_buffers())
+        named.update(optimizer_state(module)[0])
         return named
 
     def load_state(self, values: Mapping[str, torch.Tensor]) -> None:
@@ -258,6 +261,7 @@ class Plan(nn.Module):
                         arg_names=arg_names,
                         dynamic=None if dynamic is None else (lambda p, t: dynamic.get(p, ())),
                         symbolic=symbolic,
+                        optimizers=optimizer_state(module)[1] if module is not None else (),
                     )
                     still_set = [k for k, t in state.items() if t.grad is not None]
                     result.outputs = None  # release the autograd graph before swapping back

@@ -9,7 +9,7 @@ import os
 import sys
 import sysconfig
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -97,19 +97,21 @@ def _record_creation(init: Callable[..., None]) -> Callable[..., None]:
 
 
 @contextlib.contextmanager
-def stateful_optimizers_refused() -> Iterator[None]:
+def stateful_optimizers_refused(
+    allowed: Sequence[torch.optim.Optimizer] = (),
+) -> Iterator[None]:
     """While tracing on this thread, refuse steps of stateful optimizers made before it.
 
     Optimizers created during the trace live for one call, as in eager code, so any of
-    them may step. To tell them apart, ``Optimizer.__init__`` is wrapped once (a no-op for
-    threads that are not tracing).
+    them may step; so may the ``allowed`` ones, whose state is plan state. To tell them
+    apart, ``Optimizer.__init__`` is wrapped once (a no-op for threads not tracing).
     """
     with _INSTALL_LOCK:
         init = torch.optim.Optimizer.__init__
         if not getattr(init, "__fedplan_records__", False):
             torch.optim.Optimizer.__init__ = _record_creation(init)  # type: ignore[method-assign]
     outer = getattr(_LOCAL, "created", None)
-    created: list[torch.optim.Optimizer] = []
+    created: list[torch.optim.Optimizer] = list(allowed)
     _LOCAL.created = created
     thread = threading.get_ident()
 

@@ -394,6 +394,7 @@ def trace(
     arg_names: Sequence[str] = (),
     dynamic: Callable[[str, torch.Tensor], Sequence[int]] | None = None,
     symbolic: bool = True,
+    optimizers: Sequence[torch.optim.Optimizer] = (),
 ) -> Trace:
     """Run ``fn(*args, **kwargs)`` once under a :class:`Tracer` and return its ``PlanIR``.
 
@@ -415,6 +416,9 @@ def trace(
         Sizes read on other dims are recorded in the input specs.
     symbolic
         ``False`` turns off symbolic sizes: every size read is guarded.
+    optimizers
+        Optimizers made before the trace whose state is part of ``state``: they may step
+        (other stateful ones made before the trace are refused).
 
     Examples
     --------
@@ -435,7 +439,7 @@ def trace(
     if not grad_enabled:  # built under no_grad: replay must start the same way
         tracer.ops.append(Op("torch._C._set_grad_enabled", (False,), {}, None))
     try:
-        with inline_plans(), stateful_optimizers_refused(), tracer:
+        with inline_plans(), stateful_optimizers_refused(optimizers), tracer:
             outputs = fn(*args, **kwargs)
     except BaseException:
         tracer.release()

@@ -529,3 +529,41 @@ def test_self_check_can_be_turned_off_for_a_plan() -> None:
     plan.self_check = False
     plan.build(torch.ones(2))
     assert plan.is_built and len(calls) == 1
+
+
+def test_momentum_sgd_made_in_init_carries_its_buffers_as_plan_state() -> None:
+    class MomentumStep(TrainStep):
+        def __init__(self) -> None:
+            super().__init__()
+            self.opt = torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+    torch.manual_seed(3)
+    plan = MomentumStep()
+    model = nn.Module()
+    model.fc1, model.fc2 = nn.Linear(4, 8), nn.Linear(8, 3)
+    model.load_state_dict({k: v for k, v in plan.state_dict().items() if "." in k})
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    batches = [(torch.randn(5, 4), torch.randint(0, 3, (5,))) for _ in range(5)]
+    with pytest.warns(UserWarning):
+        plan.build(*batches[0])
+    assert "opt.momentum_buffer.fc1.weight" in plan.ir.state
+    for x, y in batches:
+        got = plan(x, y)
+        opt.zero_grad()
+        loss = F.cross_entropy(model.fc2(F.relu(model.fc1(x))), y)
+        loss.backward()
+        opt.step()
+        assert torch.allclose(got, loss, atol=1e-6)
+    assert torch.allclose(plan.fc1.weight, model.fc1.weight, atol=1e-6)
+    momentum = opt.state[model.fc1.weight]["momentum_buffer"]
+    assert torch.allclose(plan.named_state()["opt.momentum_buffer.fc1.weight"], momentum, atol=1e-6)
+
+
+def test_adam_made_in_init_is_refused() -> None:
+    class AdamStep(TrainStep):
+        def __init__(self) -> None:
+            super().__init__()
+            self.opt = torch.optim.Adam(self.parameters(), lr=0.1)
+
+    with pytest.raises(PlanBuildError, match="created outside the plan"):
+        AdamStep().build(torch.randn(5, 4), torch.randint(0, 3, (5,)))
