@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import re
 
 import pytest
@@ -207,3 +208,28 @@ def test_new_ids_are_sixteen_hex_characters_and_distinct() -> None:
     ids = {new_id() for _ in range(1000)}
     assert len(ids) == 1000
     assert all(re.fullmatch(r"[0-9a-f]{16}", i) for i in ids)
+
+
+def test_every_truncation_or_bit_flip_of_a_command_decodes_or_raises_wire_error() -> None:
+    tensor = torch.arange(6.0).reshape(2, 3)
+    _, framed = framed_store(tensor)
+    plain = encode_command(run_plan_command())
+    rng = random.Random(0)
+    samples: list[bytes] = []
+    for data in (framed, plain):
+        samples += [data[:cut] for cut in range(len(data))]
+        for _ in range(300):
+            flipped = bytearray(data)
+            flipped[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
+            samples.append(bytes(flipped))
+    samples += [bytes(rng.randrange(256) for _ in range(rng.randrange(64))) for _ in range(300)]
+    for sample in samples:
+        try:
+            cmd = decode_command(sample)
+        except WireError:
+            continue
+        if cmd.WhichOneof("body") == "store_object":
+            try:
+                tensor_from_proto(cmd.store_object.tensor)
+            except WireError:
+                continue
