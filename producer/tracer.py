@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -87,6 +88,7 @@ class Tracer(TorchFunctionMode):
         self.specs: dict[int, InputSpec] = {}
         self.state_slots: set[int] = set()
         self.captured: set[int] = set()  # slots holding a tensor captured from outside
+        self.data_reads: list[Any] = []  # floats/lists read from tensor data (item, tolist)
         self.dynamic: set[tuple[int, int]] = set()
         self._slot_of: dict[int, int] = {}
         self._alive: list[Any] = []  # keep traced objects alive: ids must not be reused
@@ -274,6 +276,8 @@ class Tracer(TorchFunctionMode):
             )
             if spec is not None and op.target == "Tensor.dtype.__get__":
                 spec.dtype = DType.of(result)  # the trace relied on the input's dtype
+            if isinstance(result, float | list):
+                self.data_reads.append(result)
 
     def _lower_expect(self, target: str, value: Any) -> Value:
         try:
@@ -360,6 +364,17 @@ def _tensors_in(value: Any) -> list[torch.Tensor]:
 
 def _has_tensor(value: Any) -> bool:
     return bool(_tensors_in(value))
+
+
+def _warn_on_baked_outputs(name: str, outputs: Any, data_reads: list[Any]) -> None:
+    leaves = outputs if isinstance(outputs, tuple | list) else (outputs,)
+    if any(any(leaf is read for read in data_reads) for leaf in leaves):
+        warnings.warn(
+            f"plan {name!r} returns a Python number read from tensor data (item(), "
+            "tolist()): it is fixed at build and guarded, so calls with other data raise "
+            "PlanGuardError; return the tensor instead (loss.detach())",
+            stacklevel=4,
+        )
 
 
 def _pattern(
@@ -453,6 +468,7 @@ def trace(
                 "backward a plan cannot hold; write it with allow-listed torch ops"
             )
         output_pattern = tracer.lower(outputs)
+        _warn_on_baked_outputs(name, outputs, tracer.data_reads)
         ir = PlanIR(
             name=name,
             inputs=inputs,

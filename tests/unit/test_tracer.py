@@ -329,3 +329,8 @@ def test_a_function_traced_under_no_grad_replays_without_grad() -> None:
         ir = trace(lambda x: x * w, (torch.ones(2),), name="f", state={"w": w}).ir
     out = replay(ir, torch.ones(2), state={"w": w})
     assert not out.requires_grad and torch.is_grad_enabled()
+
+
+def test_returning_item_warns_that_the_value_is_baked_in() -> None:
+    with pytest.warns(UserWarning, match=r"item\(\)"):
+        trace(lambda x: (x * 2, x.sum().item()), (torch.ones(2),), name="f")
