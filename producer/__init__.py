@@ -83,9 +83,9 @@ __all__ += [
     "move_module",
 ]
 
-# plans (producer/plan.py, tracer.py)
+# plans (producer/plan.py, decorators.py, tracing.py)
 from producer.decorators import func2plan, method2plan  # noqa: E402
 from producer.plan import Plan, State  # noqa: E402
-from producer.tracer import trace  # noqa: E402
+from producer.tracing import trace  # noqa: E402
 
 __all__ += ["Plan", "State", "func2plan", "method2plan", "trace"]

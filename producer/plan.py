@@ -18,7 +18,8 @@ from producer.listing import render
 from producer.optim_state import optimizer_state
 from producer.selfcheck import clone_tensor, clone_tree, self_check, swapped
 from producer.shapes import SymbolicUnsupported
-from producer.tracer import is_tracing, trace
+from producer.tracer import is_tracing
+from producer.tracing import trace
 from schemas.errors import PlanBuildError, PlanInputError, PlanNotBuiltError
 from schemas.ir import PlanIR
 

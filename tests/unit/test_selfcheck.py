@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import producer as fp
 from consumer.interpreter import LoadedPlan
 from producer.selfcheck import clone_tree, self_check, swapped
-from producer.tracer import trace
+from producer.tracing import trace
 from schemas.errors import PlanBuildError
 
 

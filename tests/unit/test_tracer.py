@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from consumer.interpreter import LoadedPlan
-from producer.tracer import trace
+from producer.tracing import trace
 from schemas.allowlist import is_allowed
 from schemas.errors import PlanBuildError, PlanGuardError, PlanShapeError
 from schemas.ir import PlanIR, SymExpr, refs_in
