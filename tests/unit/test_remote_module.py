@@ -1,0 +1,132 @@
+"""Modules on devices (producer/remote_module.py) on embedded devices, against eager torch."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+
+import pytest
+import torch
+from torch import nn, optim
+
+import producer as fp
+from producer.remote_module import RemoteBuffer, RemoteParameter, is_remote, location_of
+
+
+@pytest.fixture
+def fleet() -> Iterator[fp.Fleet]:
+    with fp.connect(timeout=30) as fleet:
+        yield fleet
+
+
+def count_commands(fleet: fp.Fleet) -> list[str]:
+    """Record the body of every command the fleet publishes from now on."""
+    bodies: list[str] = []
+    original = fleet.submit
+
+    def submit(device_id: str, body: str, *args: object, **kwargs: object) -> object:
+        bodies.append(body)
+        return original(device_id, body, *args, **kwargs)  # type: ignore[arg-type]
+
+    fleet.submit = submit  # type: ignore[method-assign,assignment]
+    return bodies
+
+
+def test_sent_parameters_keep_their_identity_and_answer_metadata_without_commands(
+    fleet: fp.Fleet,
+) -> None:
+    model = nn.Linear(3, 2)
+    weight = model.weight
+    fp.send(model, fleet.device("bob"))
+    assert model.weight is weight and type(weight) is RemoteParameter
+    assert is_remote(model) and location_of(model) is fleet.device("bob")
+    bodies = count_commands(fleet)
+    assert (weight.shape, weight.dtype, weight.requires_grad) == (
+        torch.Size([2, 3]),
+        torch.float32,
+        True,
+    )
+    assert (weight.dim(), weight.numel(), torch.is_complex(weight)) == (2, 6, False)
+    assert {weight: 1}[weight] == 1  # hashable by identity, as optimizers need
+    assert "remote RemoteParameter -> bob:" in repr(weight)
+    assert bodies == []
+
+
+def test_ops_outside_the_allow_list_on_a_sent_parameter_ask_for_get(fleet: fp.Fleet) -> None:
+    model = fp.send(nn.Linear(2, 1), fleet.device("bob"))
+    with pytest.raises(fp.OpNotAllowedError, match=r"model\.get\(\)"):
+        model.weight.numpy()
+
+
+def test_get_module_restores_plain_parameters_and_gradients(fleet: fp.Fleet) -> None:
+    bob = fleet.device("bob")
+    torch.manual_seed(0)
+    model = nn.Linear(2, 1)
+    eager = copy.deepcopy(model)
+    x = torch.tensor([[1.0, 2.0], [3.0, -1.0]])
+    x_ptr = fp.send(x, bob)
+    fp.send(model, bob)
+    model(x_ptr).sum().backward()
+    fp.get_module(model)
+    eager(x).sum().backward()
+    assert type(model.weight) is nn.Parameter and not is_remote(model)
+    torch.testing.assert_close(model.weight.grad, eager.weight.grad)
+    torch.testing.assert_close(model.bias.grad, eager.bias.grad)
+    fp.send(model, bob)
+    fp.get_module(model)  # no backward this time: the device has no gradient
+    assert model.weight.grad is None
+    assert list(bob.objects()) == [x_ptr.id]
+
+
+def test_buffers_go_along_and_batch_norm_statistics_update_on_the_device(
+    fleet: fp.Fleet,
+) -> None:
+    bob = fleet.device("bob")
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    eager = copy.deepcopy(model)
+    x = torch.randn(6, 3)
+    fp.send(model, bob)
+    assert type(model[1].running_mean) is RemoteBuffer
+    out = model(fp.send(x, bob)).get()
+    fp.get_module(model)
+    torch.testing.assert_close(out.detach(), eager(x).detach())
+    torch.testing.assert_close(model[1].running_mean, eager[1].running_mean)
+    assert int(model[1].num_batches_tracked) == 1
+    assert type(model[1].running_mean) is torch.Tensor
+
+
+def test_an_optimizer_made_before_sending_updates_the_remote_parameters(
+    fleet: fp.Fleet,
+) -> None:
+    bob = fleet.device("bob")
+    torch.manual_seed(2)
+    model = nn.Linear(2, 2)
+    eager = copy.deepcopy(model)
+    opt = optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    eager_opt = optim.SGD(eager.parameters(), lr=0.1, momentum=0.9)
+    x, y = torch.randn(4, 2), torch.randn(4, 2)
+    x_ptr, y_ptr = fp.send(x, bob), fp.send(y, bob)
+    fp.send(model, bob)
+    for _ in range(3):
+        opt.zero_grad()
+        ((model(x_ptr) - y_ptr) ** 2).mean().backward()
+        opt.step()
+        eager_opt.zero_grad()
+        ((eager(x) - y) ** 2).mean().backward()
+        eager_opt.step()
+    fp.get_module(model)
+    torch.testing.assert_close(model.weight.detach(), eager.weight.detach())
+
+
+def test_moving_a_local_module_asks_to_send_it_first(fleet: fp.Fleet) -> None:
+    with pytest.raises(fp.PlanInputError, match="send it with"):
+        fp.move_module(nn.Linear(1, 1), fleet.device("bob"))
+
+
+def test_copy_module_is_independent_of_the_original() -> None:
+    model = nn.Linear(2, 1)
+    twin = fp.copy_module(model)
+    with torch.no_grad():
+        twin.weight.add_(1.0)
+    assert not torch.equal(twin.weight, model.weight)
