@@ -14,7 +14,6 @@ when they are unavailable, and the tracer falls back to guarding every size it h
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -175,12 +174,6 @@ class SymbolicSizes:
         except Exception as exc:  # torch internals changed under us
             raise SymbolicUnsupported(f"cannot read size guard {guard!r}: {exc}") from exc
         self._on_guard(indicator, str(guard.expr.xreplace(self._labels)))
-
-    @contextlib.contextmanager
-    def suppressed(self) -> Any:
-        """Evaluate sizes without recording guards (the tracer's own bookkeeping)."""
-        with self._env.suppress_guards():
-            yield
 
 
 def _fold(op: str, args: list[Lowered]) -> Lowered:
