@@ -28,7 +28,7 @@ from schemas.errors import (
     PlanShapeError,
     WireError,
 )
-from schemas.ir import Op, PlanIR, Ref, refs_in
+from schemas.ir import NoExpect, Op, PlanIR, Ref, refs_in
 
 Step = Callable[[Slots], None]
 
@@ -149,7 +149,7 @@ class LoadedPlan:
                 raise self._malformed(f"input spec {spec.path!r} has dtype {spec.dtype.name!r}")
         for index, op in enumerate(ir.ops):
             read((op.args, op.kwargs), f"op {index} ({op.target})", index)
-            if op.is_guard and refs_in(op.expect):
+            if not isinstance(op.expect, NoExpect) and refs_in(op.expect):
                 raise self._malformed(f"guard op {index} expects a slot value", index)
             check_out(op.out, index)
             for ref in refs_in(op.out):
@@ -185,7 +185,7 @@ class LoadedPlan:
         kwargs = {k: self._lower.value(v, what, index) for k, v in op.kwargs.items()}
         call = make_call(func, args, kwargs)
         out = op.out
-        if op.is_guard:
+        if not isinstance(op.expect, NoExpect):
             expected = self._lower.value(op.expect, what, index)
             assert isinstance(expected, Const)  # refs in expect were refused above
             return self._guard_step(index, op, call, expected.value)

@@ -7,6 +7,7 @@ from schemas.ir import (
     DType,
     EllipsisValue,
     MemoryFormat,
+    NoExpect,
     Op,
     PlanIR,
     Ref,
@@ -74,7 +75,7 @@ def _render_op(op: Op, name: _Names) -> str:
     args = [render_value(a, name) for a in op.args]
     args += [f"{k}={render_value(v, name)}" for k, v in op.kwargs.items()]
     call = f"{op.target}({', '.join(args)})"
-    if op.is_guard:
+    if not isinstance(op.expect, NoExpect):
         return f"assert {call} == {render_value(op.expect, name)}  # {op.source}"
     if op.out is None:
         return call

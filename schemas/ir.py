@@ -131,7 +131,19 @@ Value: TypeAlias = Union[  # noqa: UP007 - recursive alias needs Union
 references to device objects); inside a plan, tensors are slots (constants or state)."""
 
 
-NO_EXPECT = EllipsisValue()
+class NoExpect:
+    """Type of :data:`NO_EXPECT`; a singleton that survives ``copy.deepcopy``."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "NO_EXPECT"
+
+    def __reduce__(self) -> str:
+        return "NO_EXPECT"
+
+
+NO_EXPECT = NoExpect()
 """Marker for ``Op.expect`` of ordinary (non-guard) ops."""
 
 
@@ -149,12 +161,12 @@ class Op:
     args: tuple[Value, ...]
     kwargs: dict[str, Value]
     out: Value
-    expect: Value = NO_EXPECT
+    expect: Value | NoExpect = NO_EXPECT
     source: str = ""
 
     @property
     def is_guard(self) -> bool:
-        return self.expect is not NO_EXPECT
+        return not isinstance(self.expect, NoExpect)
 
 
 @dataclass(slots=True)

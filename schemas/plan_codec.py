@@ -24,7 +24,17 @@ from __future__ import annotations
 import hashlib
 
 from schemas.errors import SchemaVersionError, WireError
-from schemas.ir import NO_EXPECT, SCHEMA_VERSION, DType, InputSpec, Op, PlanIR, Value, refs_in
+from schemas.ir import (
+    NO_EXPECT,
+    SCHEMA_VERSION,
+    DType,
+    InputSpec,
+    NoExpect,
+    Op,
+    PlanIR,
+    Value,
+    refs_in,
+)
 from schemas.plan_pb2 import InputSpecProto, NamedTensor, OpProto, PlanProto
 from schemas.tensor_codec import DTYPES, tensor_from_proto, tensor_to_proto
 from schemas.value_codec import (
@@ -179,7 +189,7 @@ def _op_to_proto(op: Op) -> OpProto:
         is_guard=op.is_guard,
         source=op.source,
     )
-    if op.is_guard:
+    if not isinstance(op.expect, NoExpect):
         proto.expect.CopyFrom(value_to_proto(op.expect))
     return proto
 
@@ -193,7 +203,7 @@ def _op_from_proto(proto: OpProto, index: int) -> Op:
             "its expected value",
             op_index=index,
         )
-    expect: Value = value_from_proto(proto.expect) if proto.is_guard else NO_EXPECT
+    expect: Value | NoExpect = value_from_proto(proto.expect) if proto.is_guard else NO_EXPECT
     return Op(
         target=proto.target,
         args=tuple(value_from_proto(a) for a in proto.args),
