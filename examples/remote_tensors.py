@@ -44,6 +44,19 @@ def main(url: str | None = None) -> None:
         print(x)
         alice.clear_objects()
 
+        # Send a pointer to a remote machine: alice holds a pointer to bob's tensor.
+        x_ptr = torch.tensor([1, 2, 3, 4]).send(bob)  # type: ignore[attr-defined]
+        pointer_to_x_ptr = x_ptr.send(alice)
+        print("  bob:", bob.objects())
+        print("alice:", alice.objects())  # alice: a pointer -> bob's tensor
+        print(pointer_to_x_ptr.get().get())  # the pointer to bob's tensor, then the tensor
+        x_ptr = torch.tensor([6, 7]).send(bob)  # type: ignore[attr-defined]
+        pointer_to_x_ptr = x_ptr.send(alice)
+        pointer_to_x_ptr.remote_get()  # bob publishes the tensor to alice directly
+        print("  bob:", list(bob.objects()))
+        print("alice:", alice.objects())
+        alice.clear_objects()
+
         # Train a toy model on remote data, op by op (each op is one command).
         data = torch.tensor([[0, 0], [0, 1], [1, 0], [1, 1.0]])
         target = torch.tensor([[0], [0], [1], [1.0]])

@@ -72,11 +72,13 @@ __all__ += [
 
 # modules on devices, federated datasets (producer/remote_module.py, federated_data.py)
 from producer.federated_data import FederatedDataLoader, FederatedDataset, federate  # noqa: E402
+from producer.optims import Optims  # noqa: E402
 from producer.remote_module import copy_module, get_module, move_module  # noqa: E402
 
 __all__ += [
     "FederatedDataLoader",
     "FederatedDataset",
+    "Optims",
     "copy_module",
     "federate",
     "get_module",

@@ -18,7 +18,9 @@ EXPECTED = {
     ],
     "plans_notes": ["{'run_plan': 5, 'get_object': 1}", "tensor([2, 1])"],
     "plans_usage": ["tensor([3., 3., 3., 3., 3.])"],
-    "remote_tensors": ["tensor([6, 6, 6, 6, 6])", "alice: []"],
+    "remote_tensors": ["tensor([6, 6, 6, 6, 6])", "alice: []", "tensor([1, 2, 3, 4])"],
+    "federated_training": ["Bob:tensor(", " Alice:tensor(", "final predictions:"],
+    "federated_digits": ["Train Epoch: 1 [0/", "Test set: Average loss:"],
 }
 
 
