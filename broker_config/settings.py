@@ -32,6 +32,7 @@ ENV_VARS: dict[str, str] = {
     "FEDPLAN_CONFIRM_TIMEOUT": "confirm_timeout",
     "FEDPLAN_RECONNECT_MAX_DELAY": "reconnect_max_delay",
     "FEDPLAN_HEARTBEAT": "heartbeat",
+    "FEDPLAN_WORKER_DECLARES": "worker_declares",
 }
 
 
@@ -60,6 +61,8 @@ class Settings:
     confirm_timeout: float = 60.0
     reconnect_max_delay: float = 10.0
     heartbeat: int = 60
+    worker_declares: bool = True
+    """False for workers under a least-privilege device user: the queue exists already."""
 
     def __post_init__(self) -> None:
         if urlsplit(self.broker_url).scheme not in ("amqp", "amqps"):
@@ -119,6 +122,11 @@ class Settings:
 
 
 def _convert(name: str, type_name: str, raw: str) -> Any:
+    if type_name == "bool":
+        flag = raw.strip().lower()
+        if flag not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            _bad(name, raw, "true or false")
+        return flag in ("1", "true", "yes", "on")
     try:
         if "float" in type_name:
             return float(raw)

@@ -11,17 +11,22 @@ from broker_config import names, topology
 from broker_config.management import ManagementClient
 from broker_config.settings import Settings
 
+CELERY_EVENT_EXCHANGE = "celeryev"
+
 
 def device_permissions(device_id: str) -> dict[str, str]:
     """Least privilege for a device: read its own queue, write the results exchange only.
 
-    Nothing may be configured (declared or deleted) and the default exchange is not
-    writable, so a device can neither read another device's commands nor publish into
-    another producer's results queue except through the results exchange.
+    No fedplan queue or exchange may be configured (declared or deleted) and the default
+    exchange is not writable, so a device can neither read another device's commands nor
+    publish into a producer's results queue except through the results exchange. The one
+    exception is Celery's event exchange (``celeryev``), which a worker declares and writes
+    to for task events (Flower); run such workers with ``FEDPLAN_WORKER_DECLARES=false``.
     """
+    events = re.escape(CELERY_EVENT_EXCHANGE)
     return {
-        "configure": "^$",
-        "write": f"^{re.escape(names.results_exchange())}$",
+        "configure": f"^{events}$",
+        "write": f"^({re.escape(names.results_exchange())}|{events})$",
         "read": f"^{re.escape(names.device_queue(device_id))}$",
     }
 

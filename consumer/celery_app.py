@@ -32,6 +32,7 @@ class _DeviceQueues(Queues):
             spec.routing_key,
             queue_arguments=spec.arguments,
             durable=True,
+            no_declare=not self.settings.worker_declares,
         )
 
 

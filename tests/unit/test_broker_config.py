@@ -75,7 +75,8 @@ def test_a_device_user_reads_only_its_queue_and_writes_only_the_results_exchange
     assert re.fullmatch(perms["write"], "fedplan.results")
     assert not re.fullmatch(perms["write"], "")  # no default exchange
     assert not re.fullmatch(perms["write"], "fedplan.commands")
-    assert not re.fullmatch(perms["configure"], "fedplan.device.alice")
+    for name in ("fedplan.device.alice", "fedplan.results", "fedplan.commands", "fedplan.dead"):
+        assert not re.fullmatch(perms["configure"], name)
 
 
 def test_definitions_json_matches_the_names_module() -> None:
@@ -83,3 +84,10 @@ def test_definitions_json_matches_the_names_module() -> None:
     d = json.loads(path.read_text())
     assert {e["name"] for e in d["exchanges"]} == {e.name for e in topology.exchanges()}
     assert {q["name"] for q in d["queues"]} == {names.dead_letter_queue()}
+
+
+def test_boolean_settings_read_the_usual_spellings_and_refuse_others() -> None:
+    assert Settings.from_env({"FEDPLAN_WORKER_DECLARES": "false"}).worker_declares is False
+    assert Settings.from_env({"FEDPLAN_WORKER_DECLARES": "1"}).worker_declares is True
+    with pytest.raises(FedplanError, match="true or false"):
+        Settings.from_env({"FEDPLAN_WORKER_DECLARES": "maybe"})

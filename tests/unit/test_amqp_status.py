@@ -1,0 +1,44 @@
+"""Tests of ``fedplan status`` against a fake management API."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from broker_config.management import ManagementClient
+from producer.status import device_statuses, format_table
+
+
+class FakeApi(ManagementClient):
+    """Answers the two calls ``fedplan status`` makes with canned management API JSON."""
+
+    def request(self, method: str, path: str, body: Any = None) -> Any:
+        if path.endswith("/get"):
+            dead = {"properties": {"headers": {"x-death": [{"queue": "fedplan.device.bob"}]}}}
+            return [dead, dead, {"properties": {}}]
+        return [
+            {
+                "name": "fedplan.device.bob",
+                "messages_ready": 3,
+                "messages_unacknowledged": 1,
+                "consumers": 1,
+                "message_stats": {
+                    "publish_details": {"rate": 2.5},
+                    "deliver_get_details": {"rate": 2.0},
+                },
+            },
+            {"name": "fedplan.results.p1", "messages_ready": 9, "consumers": 1},
+            {"name": "fedplan.device.alice", "messages_ready": 7, "consumers": 0},
+        ]
+
+
+def test_status_has_one_row_per_device_queue_with_depth_consumers_and_dead_letters() -> None:
+    rows = device_statuses(FakeApi(api_url="http://127.0.0.1:15672/api/", user="u", password="p"))
+    assert [r.device_id for r in rows] == ["alice", "bob"]
+    alice, bob = rows
+    assert (alice.ready, alice.online, alice.dead_lettered) == (7, False, 0)
+    assert (bob.ready, bob.unacked, bob.online, bob.dead_lettered) == (3, 1, True, 2)
+    assert bob.publish_rate == 2.5 and bob.deliver_rate == 2.0
+    table = format_table(rows).splitlines()
+    assert table[0].split()[:3] == ["DEVICE", "STATE", "READY"]
+    assert table[1].split()[:3] == ["alice", "offline", "7"]
+    assert table[2].split()[:2] == ["bob", "online"]
