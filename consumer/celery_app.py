@@ -78,7 +78,6 @@ def make_app(settings: Settings | None = None) -> Celery:
         task_create_missing_queues=True,
         broker_heartbeat=s.heartbeat,
         broker_connection_retry_on_startup=True,
-        broker_transport_options={"confirm_publish": True},
         worker_cancel_long_running_tasks_on_connection_loss=False,
         worker_hijack_root_logger=False,
     )

@@ -78,28 +78,48 @@ def _publish(
     correlation_id: str,
     reply_to: str | None = None,
 ) -> None:
-    """Publish with publisher confirms (``confirm_publish``): returns once the broker has it."""
+    """Publish with publisher confirms: returns once the broker has taken every piece."""
     settings = _settings(task)
-    with task.app.producer_or_acquire() as producer:
-        assert isinstance(producer, Producer)
-        conn: Connection = producer.connection
-        pieces = split_chunks(body, settings.max_message_size)
-        for i, piece in enumerate(pieces):
-            extra = chunk_headers(correlation_id, i, len(pieces)) if len(pieces) > 1 else {}
-            producer.publish(
-                bytes(piece),
-                exchange=exchange,
-                routing_key=routing_key,
-                content_type=CONTENT_TYPE,
-                content_encoding=CONTENT_ENCODING,
-                headers={**headers, **extra},
-                correlation_id=correlation_id,
-                reply_to=reply_to,
-                user_id=conn.userid,
-                delivery_mode=2,
-                retry=True,
-                declare=[],
-            )
+    producer = _confirming_producer(settings)
+    pieces = split_chunks(body, settings.max_message_size)
+    for i, piece in enumerate(pieces):
+        extra = chunk_headers(correlation_id, i, len(pieces)) if len(pieces) > 1 else {}
+        producer.publish(
+            bytes(piece),
+            exchange=exchange,
+            routing_key=routing_key,
+            content_type=CONTENT_TYPE,
+            content_encoding=CONTENT_ENCODING,
+            headers={**headers, **extra},
+            correlation_id=correlation_id,
+            reply_to=reply_to,
+            user_id=producer.connection.userid,
+            delivery_mode=2,
+            retry=True,
+            declare=[],
+        )
+
+
+_producers: dict[int, Producer] = {}
+
+
+def _confirming_producer(settings: Settings) -> Producer:
+    """This process's producer for replies, on a connection in publisher-confirm mode.
+
+    Only replies (and forwarded commands) wait for confirms; Celery's own event messages
+    keep the worker's connection without them.
+    """
+    producer = _producers.get(os.getpid())
+    if producer is None:
+        conn = Connection(
+            settings.broker_url,
+            heartbeat=0,  # nobody would send them between tasks; TCP keepalive instead
+            transport_options={"confirm_publish": True},
+        )
+        producer = Producer(conn, auto_declare=False)
+        _producers.clear()  # a forked child never uses its parent's connection
+        _producers[os.getpid()] = producer
+    return producer
 
 
 def _forward(task: Task, device_id: str, command: bytes) -> None:
