@@ -8,6 +8,7 @@ The Flower app itself (ClientApp, ServerApp) is in ``flower_app.py``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -70,6 +71,25 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def _descendants(root: int) -> list[int]:
+    """Pids of every process descending from ``root`` (read from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, stack = [], [root]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            out.append(child)
+            stack.append(child)
+    return out
 
 
 def _wait_port(port: int, timeout: float = 120.0) -> None:
@@ -169,9 +189,13 @@ def run_deployment_engine() -> dict[str, object]:
                 break
             time.sleep(0.5)
     finally:
+        family = _descendants(os.getpid())
         for p in procs:
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGTERM)
+        for pid in family:  # ServerApp/ClientApp processes started in sessions of their own
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
         for p in procs:
             try:
                 p.wait(timeout=15)
@@ -195,6 +219,7 @@ def cli() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--engine", choices=("simulation", "deployment"), default="simulation")
     engine = parser.parse_args().engine
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the clean-up on SIGTERM
     emit(run_simulation_engine() if engine == "simulation" else run_deployment_engine())
 
 
