@@ -29,6 +29,8 @@ def send(obj: Any, device: Device) -> Any:
     - a tensor: a copy (with its tags) is stored on the device; returns a ``PointerTensor``;
     - an ``nn.Module``: its parameters and buffers go to the device and the same module
       object is returned, now computing there (``fp.get_module`` brings it back);
+    - a built ``fp.Plan``: stored on the device like ``plan.send(device)``; returns a
+      ``PointerPlan``;
     - a ``PointerTensor``: the device gets a pointer to that pointer's object (the value
       stays where it is); returns a pointer to that pointer.
 
@@ -44,7 +46,11 @@ def send(obj: Any, device: Device) -> Any:
     if isinstance(obj, PointerTensor):
         return device.send_pointer(obj)
     if isinstance(obj, nn.Module):
+        from producer.plan import Plan
         from producer.remote_module import send_module
+
+        if isinstance(obj, Plan):
+            return obj.send(device)  # a plan is stored whole and returns a PointerPlan
 
         return send_module(obj, device)
     return device.send_tensor(obj)

@@ -130,3 +130,21 @@ def test_copy_module_is_independent_of_the_original() -> None:
     with torch.no_grad():
         twin.weight.add_(1.0)
     assert not torch.equal(twin.weight, model.weight)
+
+
+def test_fp_send_of_a_plan_stores_the_plan_rather_than_its_parameters(fleet: fp.Fleet) -> None:
+    class Net(fp.Plan):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(2, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x)
+
+    net = Net()
+    x = torch.tensor([[1.0, 2.0]])
+    net.build(x)
+    bob = fleet.device("bob")
+    pointer_plan = fp.send(net, bob)
+    assert isinstance(pointer_plan, fp.PointerPlan) and not is_remote(net)
+    torch.testing.assert_close(pointer_plan(fp.send(x, bob)).get().detach(), net.fc(x).detach())
