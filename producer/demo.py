@@ -145,6 +145,9 @@ def run_demo(args: argparse.Namespace) -> int:
     import producer as fp
 
     launch = time.monotonic()
+    for name, digits, mnist in (("lr", 0.2, 0.1), ("batch_size", 32, 64), ("epochs", 5, 1)):
+        if getattr(args, name) is None:  # the training loop unrolls in the plan: keep it short
+            setattr(args, name, mnist if args.mnist else digits)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     ds = load_mnist(args.mnist) if args.mnist else load_digits(seed=args.seed)
@@ -276,9 +279,19 @@ def register(subparsers: Any) -> None:
     p.add_argument("--strategy", choices=("fedavg", "fedprox", "fedadam"), default="fedavg")
     p.add_argument("--mu", type=float, default=0.01, help="FedProx proximal strength")
     p.add_argument("--server-lr", type=float, default=0.01, help="FedAdam server learning rate")
-    p.add_argument("--lr", type=float, default=0.2, help="local SGD learning rate")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--epochs", type=int, default=5, help="local epochs per round")
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="local SGD learning rate (default 0.2 on digits, 0.1 on MNIST)",
+    )
+    p.add_argument("--batch-size", type=int, default=None, help="default 32 (digits), 64 (MNIST)")
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="local epochs per round (default 5 on digits, 1 on MNIST)",
+    )
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--fraction", type=float, default=1.0, help="share of devices per round")
     p.add_argument("--over-selection", type=float, default=1.0)
