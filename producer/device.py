@@ -56,8 +56,12 @@ class Device:
         *,
         tags: Sequence[str] | None = None,
         description: str | None = None,
+        owned: bool = False,
     ) -> PointerTensor:
-        """Store a copy of ``tensor`` on the device; tags default to those given by ``fp.tag``."""
+        """Store a copy of ``tensor`` on the device; tags default to those given by ``fp.tag``.
+
+        ``owned`` pointers delete the remote copy when they are dropped without ``get()``.
+        """
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"send_tensor takes a torch.Tensor, got {type(tensor).__name__}")
         tags = tuple(tags_of(tensor) if tags is None else tags)
@@ -78,6 +82,7 @@ class Device:
             shape=tensor.shape,
             dtype=tensor.dtype,
             description=description,
+            owned=owned,
         )
 
     def send_pointer(self, pointer: PointerTensor) -> PointerTensor:

@@ -130,7 +130,8 @@ def send_module(module: M, device: Device) -> M:
     Each parameter keeps its identity (an optimizer made before still updates it) but its
     value lives on the device: a forward pass with pointer inputs, ``loss.backward()`` and
     ``optimizer.step()`` run there, op by op. A module already on another device is moved
-    there directly (device to device); on the same device nothing is sent.
+    there directly (device to device); on the same device nothing is sent. A sent module
+    that is dropped without ``get`` has its remote copies deleted (with the next command).
 
     Examples
     --------
@@ -151,7 +152,8 @@ def send_module(module: M, device: Device) -> M:
     if current is not None:
         return move_module(module, device)
     for tensor in _tensors(module):
-        pointer = device.send_tensor(tensor.detach().requires_grad_(tensor.requires_grad))
+        value = tensor.detach().requires_grad_(tensor.requires_grad)
+        pointer = device.send_tensor(value, owned=True)  # a dropped module frees the device
         setattr(tensor, POINTER_ATTR, pointer)
         tensor.__class__ = RemoteParameter if isinstance(tensor, nn.Parameter) else RemoteBuffer
     for tensor in _tensors(module):

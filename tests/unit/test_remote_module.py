@@ -148,3 +148,14 @@ def test_fp_send_of_a_plan_stores_the_plan_rather_than_its_parameters(fleet: fp.
     pointer_plan = fp.send(net, bob)
     assert isinstance(pointer_plan, fp.PointerPlan) and not is_remote(net)
     torch.testing.assert_close(pointer_plan(fp.send(x, bob)).get().detach(), net.fc(x).detach())
+
+
+def test_a_dropped_sent_module_is_deleted_from_its_device(fleet: fp.Fleet) -> None:
+    import gc
+
+    bob = fleet.device("bob")
+    model = fp.send(nn.Linear(2, 1), fleet.device("bob"))
+    assert len(bob.objects()) == 2
+    del model
+    gc.collect()
+    assert bob.objects() == {}  # the deletes went out with the listing command
