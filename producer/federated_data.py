@@ -38,7 +38,9 @@ class FederatedDataset:
     """A dataset whose examples live on several devices, one shard per device.
 
     Build it with :func:`federate` (or ``dataset.federate((bob, alice))`` once hooked), or
-    from shards already on the devices. The server only knows each shard's length.
+    from data already on the devices: :class:`DeviceShard` objects or
+    ``(data_ptr, target_ptr)`` pairs (the seeds' ``datasets`` list). The server only knows
+    each shard's length.
 
     Examples
     --------
@@ -53,10 +55,10 @@ class FederatedDataset:
     [('bob', 3), ('alice', 2)]
     """
 
-    def __init__(self, shards: Sequence[DeviceShard]) -> None:
+    def __init__(self, shards: Sequence[DeviceShard | tuple[PointerTensor, PointerTensor]]) -> None:
         if not shards:
             raise PlanInputError("a federated dataset needs at least one device shard")
-        self.shards = tuple(shards)
+        self.shards = tuple(s if isinstance(s, DeviceShard) else _shard(*s) for s in shards)
 
     @property
     def workers(self) -> list[str]:
@@ -75,6 +77,18 @@ class FederatedDataset:
     def __repr__(self) -> str:
         parts = ", ".join(f"{s.location.id}: {s.length}" for s in self.shards)
         return f"<FederatedDataset {parts}>"
+
+
+def _shard(data: PointerTensor, targets: PointerTensor) -> DeviceShard:
+    """A shard from pointers to one device's examples and targets."""
+    if data.location is not targets.location:
+        raise PlanInputError(
+            f"a shard's data is on {data.location.id!r} but its targets are on "
+            f"{targets.location.id!r}; move one of them with ptr.move(device)"
+        )
+    if len(data) != len(targets):
+        raise PlanInputError(f"{len(data)} examples but {len(targets)} targets")
+    return DeviceShard(data, targets, len(data))
 
 
 def _materialize(dataset: Dataset[Any]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -127,3 +127,19 @@ def test_any_dataset_of_pairs_can_be_federated(device: DeviceFactory) -> None:
     assert torch.equal(second.get()[:, 0, 0], torch.tensor([3.0, 4.0]))
     with pytest.raises(KeyError, match="no shard"):
         fed["carol"]
+
+
+def test_pointer_pairs_already_on_devices_make_a_federated_dataset(
+    device: DeviceFactory,
+) -> None:
+    bob, alice = device("bob"), device("alice")
+    x, y = torch.arange(6.0).reshape(3, 2), torch.tensor([1, 0, 1])
+    fed = fp.FederatedDataset(
+        [(fp.send(x[:2], bob), fp.send(y[:2], bob)), (fp.send(x[2:], alice), fp.send(y[2:], alice))]
+    )
+    assert fed.workers == [bob.id, alice.id] and len(fed) == 3
+    batches = [(d.get(), t.get()) for d, t in fp.FederatedDataLoader(fed, batch_size=8)]
+    assert torch.equal(torch.cat([d for d, _ in batches]), x)
+    assert torch.equal(torch.cat([t for _, t in batches]), y)
+    with pytest.raises(fp.PlanInputError, match="move one of them"):
+        fp.FederatedDataset([(fp.send(x, bob), fp.send(y, alice))])
