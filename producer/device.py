@@ -11,6 +11,7 @@ import torch
 from consumer.outputs import output_slots, rebuild_like
 from producer.collector import PendingCommand
 from producer.pointers import PointerPlan, PointerTensor
+from producer.remote_ops import pointer_of
 from producer.tagging import description_of, tags_of
 from schemas import command_pb2 as cmd
 from schemas.errors import PlanInputError, PlanNotBuiltError
@@ -285,6 +286,9 @@ class Device:
 
     def _arg(self, value: Any) -> Value:
         """A call argument as a command value: pointers become ``ObjectId`` on this device."""
+        pointer = pointer_of(value)  # a sent module's parameter stands for its pointer
+        if pointer is not None:
+            value = pointer
         if isinstance(value, PointerTensor):
             if value.location is not self:
                 raise PlanInputError(

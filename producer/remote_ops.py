@@ -88,9 +88,11 @@ def _swap(value: Any) -> Any:
     pointer = pointer_of(value)
     if pointer is not None:
         return pointer
-    if isinstance(value, tuple | list):
-        return type(value)(_swap(v) for v in value)
-    if isinstance(value, dict):
+    if type(value) is tuple:
+        return tuple(_swap(v) for v in value)
+    if type(value) is list:
+        return [_swap(v) for v in value]
+    if type(value) is dict:
         return {k: _swap(v) for k, v in value.items()}
     return value
 

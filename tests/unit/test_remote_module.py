@@ -159,3 +159,15 @@ def test_a_dropped_sent_module_is_deleted_from_its_device(fleet: fp.Fleet) -> No
     del model
     gc.collect()
     assert bob.objects() == {}  # the deletes went out with the listing command
+
+
+def test_a_sent_parameter_passed_to_a_plan_stands_for_its_remote_value(fleet: fp.Fleet) -> None:
+    @fp.func2plan(args_shape=[(1, 2)])
+    def double(w: torch.Tensor) -> torch.Tensor:
+        return w * 2
+
+    bob = fleet.device("bob")
+    model = nn.Linear(2, 1)
+    expected = model.weight.detach() * 2
+    fp.send(model, bob)
+    torch.testing.assert_close(double.send(bob)(model.weight).get(), expected)
