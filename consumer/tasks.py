@@ -11,6 +11,7 @@ from typing import Any
 
 from celery import Task, shared_task
 from celery.exceptions import Reject
+from celery.worker.strategy import default as default_strategy
 from kombu import Connection, Producer
 
 from broker_config import names
@@ -164,8 +165,34 @@ def _done_with_chunks(settings: Settings, request: Any) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def guarded_strategy(task: Task, app: Any, consumer: Any, **kwargs: Any) -> Any:
+    """Celery's default strategy, except that an empty body is dead-lettered at once.
+
+    kombu hands an empty body to no decoder, so Celery would fail to unpack it inside its
+    consumer, restart the connection and receive the same message again, forever.
+    """
+    handler = default_strategy(task, app, consumer, **kwargs)
+
+    def on_message(message: Any, *args: Any, **kw: Any) -> Any:
+        if not message.body:
+            log.error(
+                "rejecting an empty message %s to the dead-letter queue",
+                (message.headers or {}).get("id"),
+            )
+            message.reject_log_error(log, consumer.connection_errors, requeue=False)
+            return None
+        return handler(message, *args, **kw)
+
+    return on_message
+
+
 @shared_task(
-    name=names.TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True
+    name=names.TASK_NAME,
+    bind=True,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    ignore_result=True,
+    Strategy="consumer.tasks:guarded_strategy",
 )
 def handle(self: Task, data: bytes) -> None:
     """Run one command (or collect one chunk of it) and publish the reply before the ack.
