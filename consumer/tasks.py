@@ -166,19 +166,17 @@ def _done_with_chunks(settings: Settings, request: Any) -> None:
 
 
 def guarded_strategy(task: Task, app: Any, consumer: Any, **kwargs: Any) -> Any:
-    """Celery's default strategy, except that an empty body is dead-lettered at once.
+    """Celery's default strategy, except that malformed messages are dead-lettered at once.
 
-    kombu hands an empty body to no decoder, so Celery would fail to unpack it inside its
-    consumer, restart the connection and receive the same message again, forever.
+    kombu hands an empty body to no decoder, and a message without an ``id`` header fails
+    inside Celery's consumer: either way Celery would restart its connection and receive
+    the same message again, forever.
     """
     handler = default_strategy(task, app, consumer, **kwargs)
 
     def on_message(message: Any, *args: Any, **kw: Any) -> Any:
-        if not message.body:
-            log.error(
-                "rejecting an empty message %s to the dead-letter queue",
-                (message.headers or {}).get("id"),
-            )
+        if not message.body or not (message.headers or {}).get("id"):
+            log.error("rejecting a message without body or id header to the dead-letter queue")
             message.reject_log_error(log, consumer.connection_errors, requeue=False)
             return None
         return handler(message, *args, **kw)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from broker_config import names
-from consumer.serialization import task_headers
+from consumer.serialization import CONTENT_TYPE, task_headers
 from producer.transport.amqp import AmqpTransport
 from schemas.errors import DeviceNotFound
 from schemas.ir import Op, PlanIR, Ref
@@ -117,15 +117,25 @@ def test_bad_messages_get_an_error_reply_are_dead_lettered_and_the_worker_keeps_
     assert r.error.code == "OP_NOT_ALLOWED"  # type: ignore[attr-defined]
     _publish_json_task(vhost, "carol")
     transport.publish("carol", b"", command_id=new_id())  # no decoder ever sees it
-    vhost.wait_queue(names.dead_letter_queue(), messages=dead_before + 5)
+    _publish_json_task(vhost, "carol", content_type=CONTENT_TYPE, without_id=True)
+    vhost.wait_queue(names.dead_letter_queue(), messages=dead_before + 6)
     x = torch.arange(3.0)
     _call(transport, replies, "carol", cmd.store_object, "x", x)
     got = _call(transport, replies, "carol", cmd.get_object, "x")
     assert torch.equal(_value(got), x)
 
 
-def _publish_json_task(vhost: RunVhost, device: str) -> None:
+def _publish_json_task(
+    vhost: RunVhost,
+    device: str,
+    *,
+    content_type: str = "application/json",
+    without_id: bool = False,
+) -> None:
     """A JSON Celery task message (what a stock client would send): must be refused."""
+    headers = task_headers(new_id())
+    if without_id:
+        del headers["id"]
     conn = pika.BlockingConnection(pika.URLParameters(vhost.url))
     try:
         ch = conn.channel()
@@ -134,9 +144,9 @@ def _publish_json_task(vhost: RunVhost, device: str) -> None:
             names.device_routing_key(device),
             b'[["x"], {}, {}]',
             pika.BasicProperties(
-                content_type="application/json",
+                content_type=content_type,
                 content_encoding="utf-8",
-                headers=task_headers(new_id()),
+                headers=headers,
                 delivery_mode=2,
             ),
         )
