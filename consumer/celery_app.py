@@ -8,7 +8,7 @@ from kombu import Exchange, Queue
 
 from broker_config import names, topology
 from broker_config.settings import Settings
-from consumer.serialization import CONTENT_TYPE, SERIALIZER, register_content_type
+from consumer.serialization import CONTENT_TYPE, register_content_type
 
 
 class _DeviceQueues(Queues):
@@ -62,7 +62,7 @@ def make_app(settings: Settings | None = None) -> Celery:
     app.conf.update(
         accept_content=[CONTENT_TYPE],
         result_accept_content=[CONTENT_TYPE],
-        task_serializer=SERIALIZER,
+        task_serializer="json",  # only Celery control messages (Flower); commands are raw
         task_ignore_result=True,
         task_acks_late=True,
         task_reject_on_worker_lost=True,
