@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -37,12 +38,27 @@ def run_one(name: str, argv: list[str], timeout: float) -> dict[str, object]:
     """Run one implementation; its last ``BENCH-RESULT`` line is the result."""
     print(f"== {name}: {' '.join(argv)}", flush=True)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(
+        argv,
+        cwd=HERE,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
-        proc = subprocess.run(
-            argv, cwd=HERE, env=env, capture_output=True, text=True, timeout=timeout, check=False
-        )
+        stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGTERM)  # the runners clean up their workers on SIGTERM
+        try:
+            proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
         return {"name": name, "error": f"timed out after {timeout:.0f}s"}
+    proc_out = subprocess.CompletedProcess(argv, proc.returncode, stdout, stderr)
+    proc = proc_out  # type: ignore[assignment]
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH-RESULT ")]
     if proc.returncode != 0 or not lines:
         tail = "\n".join((proc.stderr or proc.stdout).splitlines()[-15:])
@@ -114,7 +130,7 @@ def main() -> int:
         help="floor, embedded, rabbitmq, flower-sim, flower-deploy",
     )
     parser.add_argument("--write", default=str(HERE / "RESULTS.md"))
-    parser.add_argument("--timeout", type=float, default=900.0)
+    parser.add_argument("--timeout", type=float, default=2400.0, help="seconds per implementation")
     args = parser.parse_args()
 
     py = sys.executable
