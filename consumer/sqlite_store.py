@@ -13,6 +13,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from consumer.store import StoredObject, StoredPlan
 from consumer.tensor_files import dtype_name, read_tensor_file, write_tensor_file
 from schemas.errors import ObjectNotFound
@@ -33,6 +35,10 @@ CREATE INDEX IF NOT EXISTS tags_by_tag ON tags(tag);
 CREATE TABLE IF NOT EXISTS plans (
     id TEXT PRIMARY KEY, proto BLOB NOT NULL, content_hash TEXT NOT NULL, tags TEXT NOT NULL,
     seq INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS plan_state (
+    plan_id TEXT NOT NULL, name TEXT NOT NULL, dtype TEXT NOT NULL, shape TEXT NOT NULL,
+    requires_grad INTEGER NOT NULL, blob TEXT NOT NULL, PRIMARY KEY (plan_id, name)
 );
 CREATE TABLE IF NOT EXISTS replies (
     command_id TEXT PRIMARY KEY, result_ids TEXT NOT NULL, reply BLOB NOT NULL,
@@ -56,6 +62,9 @@ _SEARCH = (
 
 _Row = tuple[str, str, str, int, str, str, int]
 
+_Marks = dict[str, tuple[torch.Tensor, int]]
+"""Per state name: the tensor last persisted (or loaded) and its ``_version`` then."""
+
 
 @dataclass(slots=True)
 class _Live:
@@ -71,7 +80,9 @@ class SqliteStore:
 
     Tensors are raw element bytes in files (a new file per write, renamed into place) with
     dtype, shape and tags in SQLite (WAL mode, busy timeout): safe across threads and
-    processes. Plans are stored as encoded ``PlanProto`` with their state. Nothing is pickled.
+    processes. Plans are stored as encoded ``PlanProto`` with their initial state; a state
+    tensor changed by a run is written to a file of its own, and only when it changed (its
+    identity or ``_version`` differ from when it was last persisted). Nothing is pickled.
 
     Like the in-memory store, it hands out *live* objects: the tensors a process loaded stay
     in memory (with their autograd history and ``.grad``) while the row they came from is
@@ -98,6 +109,7 @@ class SqliteStore:
         self._lock = threading.RLock()
         self._live: dict[str, _Live] = {}
         self._plans: dict[str, tuple[int, StoredPlan]] = {}
+        self._marks: dict[str, _Marks] = {}
         self._pid = os.getpid()
         self._conn().executescript(_SCHEMA)
 
@@ -105,7 +117,7 @@ class SqliteStore:
 
     def _conn(self) -> sqlite3.Connection:
         if self._pid != os.getpid():  # forked: objects held by the parent are not ours
-            self._pid, self._live, self._plans = os.getpid(), {}, {}
+            self._pid, self._live, self._plans, self._marks = os.getpid(), {}, {}, {}
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None or getattr(self._local, "pid", None) != os.getpid():
             conn = sqlite3.connect(self.db_path, timeout=60.0, isolation_level=None)
@@ -250,13 +262,17 @@ class SqliteStore:
 
     def put_plan(self, plan: StoredPlan) -> None:
         proto = plan_to_proto(plan.ir, plan_id=plan.id).SerializeToString()
-        with self._lock, self._tx() as db:
-            seq = self._next_seq(db)
-            db.execute(
-                "INSERT OR REPLACE INTO plans VALUES (?, ?, ?, ?, ?)",
-                (plan.id, proto, plan.content_hash, json.dumps(list(plan.tags)), seq),
-            )
+        with self._lock:
+            with self._tx() as db:
+                seq = self._next_seq(db)
+                db.execute(
+                    "INSERT OR REPLACE INTO plans VALUES (?, ?, ?, ?, ?)",
+                    (plan.id, proto, plan.content_hash, json.dumps(list(plan.tags)), seq),
+                )
+                stale = self._drop_state_rows(db, plan.id)
             self._plans[plan.id] = (seq, plan)
+            self._marks[plan.id] = _marks_of(plan)
+        self._unlink(stale)
 
     def get_plan(self, plan_id: str) -> StoredPlan:
         with self._lock:
@@ -276,8 +292,13 @@ class SqliteStore:
             proto = PlanProto()
             proto.ParseFromString(row[0])
             ir, _ = plan_from_proto(proto)
+            q = "SELECT name, dtype, shape, requires_grad, blob FROM plan_state WHERE plan_id = ?"
+            for name, dtype, shape, requires_grad, blob in self._conn().execute(q, (plan_id,)):
+                tensor = read_tensor_file(self.blob_dir / blob, dtype, json.loads(shape))
+                ir.state_values[name] = tensor.requires_grad_(True) if requires_grad else tensor
             plan = StoredPlan(plan_id, ir, row[1], tuple(json.loads(row[2])))
             self._plans[plan_id] = (int(row[3]), plan)
+            self._marks[plan_id] = _marks_of(plan)
             return plan
 
     def has_plan(self, plan_id: str) -> bool:
@@ -285,14 +306,74 @@ class SqliteStore:
         return self._conn().execute(q, (plan_id,)).fetchone() is not None
 
     def save_plan_state(self, plan: StoredPlan) -> None:
-        """Write the plan again with its current state (state tensors live in the proto)."""
-        self.put_plan(plan)
+        """Persist the state tensors a run changed; a run that changed none writes nothing.
+
+        A state tensor counts as changed when it is another tensor than the one last
+        persisted or loaded, or when its ``_version`` (bumped by every in-place op) moved.
+        """
+        with self._lock:
+            self._conn()
+            marks = self._marks.setdefault(plan.id, {})
+            changed = [
+                (name, t)
+                for name, t in plan.ir.state_values.items()
+                if name not in marks or marks[name][0] is not t or marks[name][1] != t._version
+            ]
+            if not changed:
+                return
+            files = {name: self._state_file(plan.id, name, t) for name, t in changed}
+            stale: list[str] = []
+            with self._tx() as db:
+                if db.execute("SELECT 1 FROM plans WHERE id = ?", (plan.id,)).fetchone() is None:
+                    stale = list(files.values())  # deleted meanwhile: keep nothing
+                else:
+                    q = "SELECT blob FROM plan_state WHERE plan_id = ? AND name = ?"
+                    for name, t in changed:
+                        old = db.execute(q, (plan.id, name)).fetchone()
+                        stale += [old[0]] if old else []
+                        db.execute(
+                            "INSERT OR REPLACE INTO plan_state VALUES (?, ?, ?, ?, ?, ?)",
+                            (
+                                plan.id,
+                                name,
+                                dtype_name(t.dtype),
+                                json.dumps(list(t.shape)),
+                                int(t.requires_grad),
+                                files[name],
+                            ),
+                        )
+                    seq = self._next_seq(db)  # other processes' cached copies are stale now
+                    db.execute("UPDATE plans SET seq = ? WHERE id = ?", (seq, plan.id))
+                    self._plans[plan.id] = (seq, plan)
+                    for name, t in changed:
+                        marks[name] = (t, t._version)
+            self._unlink(stale)
+
+    def _state_file(self, plan_id: str, name: str, tensor: torch.Tensor) -> str:
+        stem = hashlib.sha256(f"{plan_id}/{name}".encode()).hexdigest()[:32]
+        file = f"state-{stem}-{secrets.token_hex(6)}.bin"
+        write_tensor_file(self.blob_dir / file, tensor)
+        return file
+
+    def _drop_state_rows(self, db: sqlite3.Connection, plan_id: str) -> list[str]:
+        q = "SELECT blob FROM plan_state WHERE plan_id = ?"
+        blobs = [b for (b,) in db.execute(q, (plan_id,)).fetchall()]
+        db.execute("DELETE FROM plan_state WHERE plan_id = ?", (plan_id,))
+        return blobs
+
+    def _unlink(self, blobs: list[str]) -> None:
+        for b in blobs:
+            (self.blob_dir / b).unlink(missing_ok=True)
 
     def delete_plan(self, plan_id: str) -> None:
-        with self._lock, self._tx() as db:
-            self._plans.pop(plan_id, None)
-            if db.execute("DELETE FROM plans WHERE id = ?", (plan_id,)).rowcount == 0:
-                raise ObjectNotFound(f"no plan {plan_id!r} to delete", plan_id=plan_id)
+        with self._lock:
+            with self._tx() as db:
+                self._plans.pop(plan_id, None)
+                self._marks.pop(plan_id, None)
+                if db.execute("DELETE FROM plans WHERE id = ?", (plan_id,)).rowcount == 0:
+                    raise ObjectNotFound(f"no plan {plan_id!r} to delete", plan_id=plan_id)
+                stale = self._drop_state_rows(db, plan_id)
+            self._unlink(stale)
 
     # -- replies (idempotency) ---------------------------------------------------------
 
@@ -311,3 +392,7 @@ class SqliteStore:
         q = "SELECT reply FROM replies WHERE command_id = ?"
         row = self._conn().execute(q, (command_id,)).fetchone()
         return None if row is None else bytes(row[0])
+
+
+def _marks_of(plan: StoredPlan) -> _Marks:
+    return {name: (t, t._version) for name, t in plan.ir.state_values.items()}

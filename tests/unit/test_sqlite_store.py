@@ -163,3 +163,91 @@ def test_a_plan_and_its_updated_state_survive_a_restart(tmp_path: Path) -> None:
     assert not store.has_plan("p1")
     with pytest.raises(ObjectNotFound):
         store.get_plan("p1")
+
+
+def _counter_plan(w: torch.Tensor) -> PlanIR:
+    """``x -> w.add_(x)``: state ``w`` changed in place by every run."""
+    return PlanIR(
+        name="accumulate",
+        inputs=(Ref(0),),
+        ops=[Op("Tensor.add_", (Ref(1), Ref(0)), {}, Ref(2))],
+        outputs=Ref(2),
+        num_slots=3,
+        state={"w": 1},
+        state_values={"w": w},
+    )
+
+
+def _writes(store: SqliteStore) -> tuple[int, frozenset[str]]:
+    """The store's write counter and its blob files: both move with every write."""
+    n = store._conn().execute("SELECT n FROM counter").fetchone()[0]
+    return int(n), frozenset(p.name for p in store.blob_dir.iterdir())
+
+
+def test_saving_the_state_of_a_plan_whose_state_did_not_change_writes_nothing(
+    tmp_path: Path,
+) -> None:
+    store = SqliteStore(tmp_path)
+    plan = StoredPlan("p", _counter_plan(torch.zeros(3)))
+    store.put_plan(plan)
+    before = _writes(store)
+    for _ in range(3):
+        plan.ir.state_values["w"] + 1  # an out-of-place op reads the state, changes nothing
+        store.save_plan_state(plan)
+    assert _writes(store) == before
+    restarted = SqliteStore(tmp_path)
+    restarted.save_plan_state(restarted.get_plan("p"))  # a freshly loaded plan is unchanged
+    assert _writes(store) == before
+
+
+def test_only_the_state_changed_in_place_is_written_and_it_survives_a_restart(
+    tmp_path: Path,
+) -> None:
+    store = SqliteStore(tmp_path)
+    w, b = torch.randn(4), torch.randn(2)
+    ir = _counter_plan(w.clone())
+    ir.state["b"] = 3
+    ir.num_slots = 4
+    ir.state_values["b"] = b.clone()
+    plan = StoredPlan("p", ir)
+    store.put_plan(plan)
+    n0, files0 = _writes(store)
+    x = torch.randn(4)
+    for _ in range(2):
+        plan.ir.state_values["w"].add_(x)
+        store.save_plan_state(plan)
+    n1, files1 = _writes(store)
+    assert len(files1 - files0) == 1 and len(files0 - files1) == 0  # one state file, replaced
+    got = SqliteStore(tmp_path).get_plan("p").ir.state_values
+    assert torch.allclose(got["w"], w + x + x)
+    assert torch.equal(got["b"], b)
+    assert n1 > n0
+
+
+def test_another_process_sees_the_state_a_run_changed(tmp_path: Path) -> None:
+    w = torch.randn(3)
+    first, second = SqliteStore(tmp_path), SqliteStore(tmp_path)
+    first.put_plan(StoredPlan("p", _counter_plan(w.clone())))
+    assert torch.equal(second.get_plan("p").ir.state_values["w"], w)  # cached in `second`
+    mine = first.get_plan("p")
+    mine.ir.state_values["w"].mul_(2)
+    first.save_plan_state(mine)
+    assert torch.equal(second.get_plan("p").ir.state_values["w"], w * 2)
+
+
+def test_deleting_or_storing_a_plan_again_removes_its_saved_state_files(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path)
+    plan = StoredPlan("p", _counter_plan(torch.zeros(2)))
+    store.put_plan(plan)
+    plan.ir.state_values["w"].add_(1)
+    store.save_plan_state(plan)
+    assert any(store.blob_dir.iterdir())
+    fresh = torch.full((2,), 5.0)
+    store.put_plan(StoredPlan("p", _counter_plan(fresh.clone())))
+    assert not any(store.blob_dir.iterdir())
+    assert torch.equal(SqliteStore(tmp_path).get_plan("p").ir.state_values["w"], fresh)
+    again = store.get_plan("p")
+    again.ir.state_values["w"].add_(1)
+    store.save_plan_state(again)
+    store.delete_plan("p")
+    assert not any(store.blob_dir.iterdir())
