@@ -115,13 +115,12 @@ def write_section(path: Path, body: str) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    default_flower = (
-        "/work/flwr-venv/bin/python" if Path("/work/flwr-venv/bin/python").exists() else ""
-    )
+    repo_flower = Path(__file__).resolve().parent.parent / ".flwr-venv" / "bin" / "python"
+    default_flower = str(repo_flower) if repo_flower.exists() else ""
     parser.add_argument(
         "--flower-python",
         default=os.environ.get("FLOWER_PYTHON", default_flower),
-        help="a Python with flwr installed (empty: skip Flower)",
+        help="a Python with flwr (default: .flwr-venv, see scripts/flower_venv; empty: no Flower)",
     )
     parser.add_argument(
         "--skip",
