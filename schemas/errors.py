@@ -79,9 +79,12 @@ class PlanBuildError(FedplanError):
 
 
 class PlanNotBuiltError(FedplanError, RuntimeError):
-    """A plan was sent or run before being built."""
+    """A plan was sent or run before being built (the message alone, as PySyft printed it)."""
 
     code = "NOT_BUILT"
+
+    def __str__(self) -> str:
+        return self.message
 
 
 class PlanInputError(FedplanError, TypeError):

@@ -103,8 +103,10 @@ def test_sending_an_unbuilt_plan_raises_the_pysyft_runtime_error() -> None:
     plan = fp.func2plan()(double_abs)
     with pytest.raises(RuntimeError, match="A plan needs to be built before being sent"):
         plan.send(FakeDevice())
-    with pytest.raises(PlanNotBuiltError):
+    with pytest.raises(PlanNotBuiltError) as info:
         plan.send(FakeDevice())
+    assert str(info.value) == "A plan needs to be built before being sent to a worker."
+    assert info.value.plan_id == plan.id
 
 
 def test_send_hands_the_built_plan_to_the_device() -> None:
