@@ -6,9 +6,9 @@ import logging
 
 from consumer.store import StoredObject
 from schemas.command_pb2 import Command, ErrorInfo, ObjectInfo, Ok, Reply
-from schemas.errors import DeviceError, FedplanError
+from schemas.errors import DeviceError, FedplanError, PlanExecutionError
 from schemas.ir import SCHEMA_VERSION, DType
-from schemas.wire import encode_reply, error_to_proto
+from schemas.wire import decode_command, encode_reply, error_to_proto
 
 log = logging.getLogger(__name__)
 
@@ -97,3 +97,27 @@ def encode_safely(reply: Reply) -> bytes:
     except Exception:
         log.exception("encoding an error reply failed")
         return reply.SerializeToString()
+
+
+def crashed_reply(device_id: str, data: bytes, deliveries: int, message_id: str) -> bytes:
+    """The error reply to a command refused because running it killed the worker before.
+
+    It carries the command's id and result ids (when the command decodes) so the server's
+    futures fail with a :class:`~schemas.errors.PlanExecutionError` instead of waiting.
+    """
+    try:
+        command: Command | None = decode_command(data)
+    except Exception:
+        command = None
+    command_id = command.command_id if command is not None else message_id
+    plan_id = command.run_plan.plan_id if command and command.HasField("run_plan") else None
+    exc = PlanExecutionError(
+        f"command {command_id} was delivered {deliveries} times and the worker died running "
+        f"it {deliveries - 1} times; it was not run again and went to the dead-letter queue. "
+        "Look for an op or input that exhausts the device's memory or crashes torch, and "
+        "send a corrected command",
+        device_id=device_id,
+        plan_id=plan_id or None,
+    )
+    result_ids = result_ids_of(command) if command is not None else []
+    return encode_safely(error_reply(device_id, command_id, result_ids, exc))

@@ -16,6 +16,8 @@ from kombu import Connection, Producer
 
 from broker_config import names
 from broker_config.settings import Settings
+from consumer.delivery_attempts import DeliveryAttempts
+from consumer.replies import crashed_reply
 from consumer.runtime import DeviceRuntime
 from consumer.serialization import (
     CHUNK_HEADER,
@@ -38,6 +40,7 @@ log = logging.getLogger(__name__)
 DEAD_LETTER_CODES = frozenset({"DECODE_FAILED", "UNSUPPORTED_SCHEMA", "OP_NOT_ALLOWED"})
 
 _runtimes: dict[tuple[int, str, str], DeviceRuntime] = {}
+_attempts: dict[tuple[int, str], DeliveryAttempts] = {}
 
 
 def _settings(task: Task) -> Settings:
@@ -165,6 +168,17 @@ def _done_with_chunks(settings: Settings, request: Any) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def _deliveries(settings: Settings, request: Any) -> int:
+    """How often this message was delivered; redeliveries are counted durably first."""
+    if not (request.delivery_info or {}).get("redelivered"):
+        return 1
+    key = (os.getpid(), str(settings.data_dir))
+    attempts = _attempts.get(key)
+    if attempts is None:
+        attempts = _attempts[key] = DeliveryAttempts(settings.data_dir)
+    return attempts.record_redelivery(str(request.id))
+
+
 def guarded_strategy(task: Task, app: Any, consumer: Any, **kwargs: Any) -> Any:
     """Celery's default strategy, except that malformed messages are dead-lettered at once.
 
@@ -205,6 +219,9 @@ def handle(self: Task, data: bytes) -> None:
     if whole is None:
         return  # more chunks to come; this one is stored, ack it
     runtime = _runtime(self, _device_id(self), settings)
+    deliveries = _deliveries(settings, request)
+    if deliveries > settings.delivery_limit:
+        _refuse_unless_done(self, runtime, whole, deliveries)
     reply = runtime.handle(whole)
     store = runtime.store
     if isinstance(store, SqliteStore):
@@ -232,3 +249,26 @@ def handle(self: Task, data: bytes) -> None:
     _done_with_chunks(settings, request)
     if parsed.WhichOneof("outcome") == "error" and parsed.error.code in DEAD_LETTER_CODES:
         raise Reject(f"{parsed.error.code}: {parsed.error.message}", requeue=False)
+
+
+def _refuse_unless_done(task: Task, runtime: DeviceRuntime, data: bytes, deliveries: int) -> None:
+    """Answer a poison command with an error reply and reject it to the dead-letter queue
+    without running it; returns when the command has a stored reply (it ran to the end)."""
+    request = task.request
+    message_id = str(request.correlation_id or request.id)
+    reply = crashed_reply(runtime.device_id, data, deliveries, message_id)
+    command_id = decode_reply(reply).command_id or message_id
+    if runtime.store.get_reply(command_id) is not None:
+        return  # it ran to the end once, only the ack got lost: republish its reply
+    log.error("command %s delivered %d times: refused, dead-lettered", command_id, deliveries)
+    if request.reply_to:
+        _publish(
+            task,
+            reply,
+            exchange=names.results_exchange(),
+            routing_key=request.reply_to,
+            headers={},
+            correlation_id=command_id,
+        )
+    _done_with_chunks(_settings(task), request)
+    raise Reject(f"command {command_id} crashed its worker {deliveries - 1} times", requeue=False)

@@ -84,9 +84,16 @@ class WorkerProcess:
     """A stock ``celery -A consumer worker`` serving one device, in its own process group."""
 
     def __init__(
-        self, device_id: str, data_dir: Path, vhost: RunVhost, env: dict[str, str] | None = None
+        self,
+        device_id: str,
+        data_dir: Path,
+        vhost: RunVhost,
+        env: dict[str, str] | None = None,
+        *,
+        app: str = "consumer",
     ) -> None:
         self.device_id = device_id
+        self.app = app
         self.env = dict(env or {})
         self.data_dir = data_dir
         self.vhost = vhost
@@ -99,9 +106,11 @@ class WorkerProcess:
         env.update(extra_env or {})
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        argv = worker_argv(self.device_id, loglevel="info")
+        argv[argv.index("-A") + 1] = self.app
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, *worker_argv(self.device_id, loglevel="info")],
+                [sys.executable, *argv],
                 cwd=REPO,
                 env=env,
                 stdout=log,

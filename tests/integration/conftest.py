@@ -25,8 +25,10 @@ def workers(vhost: RunVhost, tmp_path: Path) -> Iterator[Callable[..., WorkerPro
     """Start a worker for a device: ``workers("alice", env={...})``; all stop afterwards."""
     started: list[WorkerProcess] = []
 
-    def start(device_id: str, env: dict[str, str] | None = None) -> WorkerProcess:
-        w = WorkerProcess(device_id, tmp_path / device_id, vhost, env).start()
+    def start(
+        device_id: str, env: dict[str, str] | None = None, app: str = "consumer"
+    ) -> WorkerProcess:
+        w = WorkerProcess(device_id, tmp_path / device_id, vhost, env, app=app).start()
         started.append(w)
         return w.wait_ready()
 

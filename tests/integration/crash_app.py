@@ -1,0 +1,26 @@
+"""The device Celery app, except that running a command carrying a marker kills the worker.
+
+Test-only stand-in for a command that crashes its worker process every time (an op that
+exhausts memory or crashes torch): ``os._exit`` inside ``DeviceRuntime.handle``, exactly
+where such an op would run. The marker comes from ``FEDPLAN_TEST_CRASH_MARKER``.
+"""
+
+from __future__ import annotations
+
+import os
+
+from consumer.celery_app import app
+from consumer.runtime import DeviceRuntime
+
+MARKER = os.environ.get("FEDPLAN_TEST_CRASH_MARKER", "").encode()
+_handle = DeviceRuntime.handle
+
+
+def _crashing_handle(self: DeviceRuntime, data: bytes) -> bytes:
+    if MARKER and MARKER in data:
+        os._exit(70)
+    return _handle(self, data)
+
+
+DeviceRuntime.handle = _crashing_handle  # type: ignore[method-assign]
+celery = app
