@@ -96,7 +96,7 @@ def test_a_command_that_kills_its_worker_every_time_gets_an_error_reply_and_the_
     w, x = torch.randn(4), torch.randn(4)
     _setup(transport, replies, "frank", w, x)
     dead = names.dead_letter_queue()
-    dead_before = int(vhost.queue(dead)["messages"])  # type: ignore[arg-type]
+    dead_before = int(vhost.queue(dead)["messages"])  # type: ignore[call-overload]
     cid = new_id()
     poison = cmd.run_plan(cid, "frank", "acc", ["x"], [marker])
     reply = _send(transport, replies, poison, cid, "frank")
