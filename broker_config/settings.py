@@ -57,6 +57,8 @@ class Settings:
     queue_max_length: int = 100_000
     queue_type: str = "classic"
     delivery_limit: int = 5
+    """Deliveries of one command before it is refused: a quorum queue's x-delivery-limit, and
+    on classic queues the worker's own count (an error reply, then the dead-letter queue)."""
     results_queue_expires: float = 7 * 24 * 3600.0
     confirm_timeout: float = 60.0
     reconnect_max_delay: float = 10.0
