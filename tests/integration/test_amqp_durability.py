@@ -80,10 +80,7 @@ def test_plan_state_changed_by_runs_survives_a_worker_restart(
 
 
 def test_a_command_that_kills_its_worker_every_time_gets_an_error_reply_and_the_dlq(
-    vhost: RunVhost,
-    workers: Callable[..., WorkerProcess],
-    transport: AmqpTransport,
-    replies: Replies,
+    vhost: RunVhost, workers: Callable[..., WorkerProcess], replies: Replies
 ) -> None:
     marker = f"crash-{secrets.token_hex(4)}"
     limit = 3
@@ -92,6 +89,22 @@ def test_a_command_that_kills_its_worker_every_time_gets_an_error_reply_and_the_
         env={"FEDPLAN_TEST_CRASH_MARKER": marker, "FEDPLAN_DELIVERY_LIMIT": str(limit)},
         app="tests.integration.crash_app",
     )
+    settings = vhost.settings.replace(producer_id=f"t{secrets.token_hex(4)}", delivery_limit=limit)
+    transport = AmqpTransport(on_reply=replies.on_reply, settings=settings)  # same queue args
+    try:
+        _poison_then_valid(vhost, frank, transport, replies, marker, limit)
+    finally:
+        transport.close()
+
+
+def _poison_then_valid(
+    vhost: RunVhost,
+    frank: WorkerProcess,
+    transport: AmqpTransport,
+    replies: Replies,
+    marker: str,
+    limit: int,
+) -> None:
     transport.ensure_device("frank")
     w, x = torch.randn(4), torch.randn(4)
     _setup(transport, replies, "frank", w, x)
