@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
+
+import torch
 
 from schemas.ir import Ref, SymExpr, Value
 
@@ -72,3 +74,42 @@ def _rebuild(pattern: Value, nxt: Callable[[], Any]) -> Any:
     if isinstance(pattern, dict):
         return {key: _rebuild(item, nxt) for key, item in pattern.items()}
     return pattern
+
+
+def inline_flags(results: list[Any], limit: int, others: Iterable[Any]) -> list[bool]:
+    """Which results may travel in the reply: tensors of at most ``limit`` bytes sharing no memory.
+
+    A result that shares memory with a tensor in ``others`` (the call's arguments, the plan's
+    state and constants) or with another result could change on the device without its
+    pointer being named by a later command, so its value is not sent (``get()`` fetches it).
+
+    Examples
+    --------
+    >>> x = torch.zeros(4)
+    >>> inline_flags([x + 1, x[:2], torch.zeros(1000)], 64, [x])
+    [True, False, False]
+    """
+    taken = {_storage(t) for t in _tensors(others)}
+    keys = [_storage(v) if isinstance(v, torch.Tensor) else None for v in results]
+    flags = []
+    for value, key in zip(results, keys, strict=True):
+        flags.append(
+            isinstance(value, torch.Tensor)
+            and value.numel() * value.element_size() <= limit
+            and (key == 0 or (key not in taken and keys.count(key) == 1))
+        )
+    return flags
+
+
+def _storage(tensor: torch.Tensor) -> int:
+    return int(tensor.untyped_storage().data_ptr())
+
+
+def _tensors(values: Iterable[Any]) -> Iterator[torch.Tensor]:
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            yield value
+        elif isinstance(value, tuple | list):
+            yield from _tensors(value)
+        elif isinstance(value, dict):
+            yield from _tensors(value.values())

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from consumer.lowering import Lowering, get
-from consumer.outputs import flatten_like, output_slots
+from consumer.outputs import flatten_like, inline_flags, output_slots
 from consumer.pointer_records import PointerRecords
 from consumer.replies import (
     encode_safely,
@@ -187,7 +187,13 @@ class DeviceRuntime:
             _own(v, state) if isinstance(v, torch.Tensor) else v
             for v in flatten_like(stored.ir.outputs, out)
         ]
-        return Ok(objects=self._store_results(msg.result_ids, results, msg.return_values))
+        inline = inline_flags(
+            results,
+            msg.inline_limit,
+            [args, kwargs, stored.ir.state_values, stored.ir.constants],
+        )
+        with_values = [msg.return_values or flag for flag in inline]
+        return Ok(objects=self._store_results(msg.result_ids, results, with_values))
 
     def _run_op(self, msg: Any) -> Ok:
         fn = allowlist.resolve(msg.target)
@@ -211,7 +217,8 @@ class DeviceRuntime:
                 f"{len(msg.result_ids)} result ids; pass num_results={len(results)}",
                 device_id=self.device_id,
             )
-        return Ok(objects=self._store_results(msg.result_ids, results, msg.return_values))
+        with_values = [msg.return_values] * len(results)
+        return Ok(objects=self._store_results(msg.result_ids, results, with_values))
 
     def _get_object(self, msg: Any) -> Ok:
         record = self._pointers.pop(msg.id) if msg.delete else self._pointers.get(msg.id)
@@ -340,14 +347,14 @@ class DeviceRuntime:
         }
 
     def _store_results(
-        self, result_ids: Any, results: list[Any], return_values: bool
+        self, result_ids: Any, results: list[Any], with_values: list[bool]
     ) -> list[ObjectInfo]:
         infos: list[ObjectInfo] = []
-        for result_id, value in zip(result_ids, results, strict=False):
+        for result_id, value, with_value in zip(result_ids, results, with_values, strict=False):
             if isinstance(value, torch.Tensor):
                 obj = StoredObject(result_id, value)
                 self.store.put_object(obj)
-                infos.append(self._tensor_info(obj, with_value=return_values))
+                infos.append(self._tensor_info(obj, with_value=with_value))
             else:  # a Python value (loss.item()): it travels in the reply, nothing is stored
                 infos.append(
                     ObjectInfo(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
@@ -28,18 +29,30 @@ if TYPE_CHECKING:
 
 NOT_BUILT_MESSAGE = "A plan needs to be built before being sent to a worker."
 
+INLINE_LIMIT = 64 * 1024
+"""Bytes: a plan output at most this big comes back in the ``RunPlan`` reply (``get()`` is free)."""
+
 
 class Device:
     """A device of a fleet, by id; get one with ``fleet.device(id)``.
 
     Every method publishes one command to the device's queue. Methods returning pointers
     return at once; the others wait for the device's reply (``fleet.timeout`` seconds).
+
+    A plan's tensor outputs of at most ``inline_limit`` bytes come back with the ``RunPlan``
+    reply, so ``get()`` on them sends nothing (the remote copy is deleted with the next
+    command). Set ``inline_limit = 0`` to fetch every output with its own ``GetObject``.
     """
 
     def __init__(self, id: str, fleet: Fleet) -> None:
         self.id = id
         self.fleet = fleet
+        self.inline_limit = INLINE_LIMIT
         self._plans: dict[str, object] = {}  # plan id -> the op list (build) sent
+        # Result pointers that may hold a value from their reply, by object id.
+        self._carriers: weakref.WeakValueDictionary[str, PointerTensor] = (
+            weakref.WeakValueDictionary()
+        )
 
     @property
     def timeout(self) -> float | None:
@@ -94,6 +107,7 @@ class Device:
                 "objects within one fleet"
             )
         object_id = new_id()
+        pointer.location._named(pointer.id)  # the pointed-at object may be moved from now on
         info = pointer.wait()
         msg = cmd.StorePointer(
             id=object_id,
@@ -133,14 +147,21 @@ class Device:
 
     def clear_objects(self) -> None:
         """Delete every object held by the device (its plans stay)."""
+        for object_id in list(self._carriers):
+            self._named(object_id)
         self._call("clear_objects", cmd.ClearObjects())
 
     def delete_objects(self, ids: Iterable[str]) -> PendingCommand:
         """Delete objects by id (missing ones are ignored); does not wait."""
-        return self._submit("delete_objects", cmd.DeleteObjects(ids=list(ids)))
+        ids = list(ids)
+        for object_id in ids:
+            self._named(object_id)
+        return self._submit("delete_objects", cmd.DeleteObjects(ids=ids))
 
     def fetch(self, object_id: str, *, delete: bool = False, timeout: float | None = None) -> Any:
         """The value of a stored object (removing it from the device when ``delete``)."""
+        if delete:
+            self._named(object_id)
         reply = self._call(
             "get_object", cmd.GetObject(id=object_id, delete=delete), timeout=timeout
         )
@@ -170,6 +191,7 @@ class Device:
                 f"device {destination.id!r} belongs to another fleet; devices can only move "
                 "objects within one fleet"
             )
+        self._named(object_id)
         msg = cmd.MoveObject(
             id=object_id, destination_device=destination.id, new_id=new_id or object_id
         )
@@ -226,9 +248,12 @@ class Device:
             kwargs=self._kwargs(kwargs or {}),
             result_ids=list(result_ids),
             return_values=return_values,
+            inline_limit=max(0, int(self.inline_limit)),
         )
         pending = self._submit("run_plan", msg, result_ids)
         pointers = [PointerTensor(rid, self, pending=pending, owned=True) for rid in result_ids]
+        for pointer in pointers:
+            self._carriers[pointer.id] = pointer
         return rebuild_like(ir.outputs, lambda i: pointers[i])
 
     def run_op(
@@ -259,6 +284,9 @@ class Device:
         pointers = tuple(
             PointerTensor(rid, self, pending=pending, owned=True) for rid in result_ids
         )
+        if return_values:
+            for pointer in pointers:
+                self._carriers[pointer.id] = pointer
         return pointers[0] if num_results == 1 else pointers
 
     def fetch_plan(
@@ -272,6 +300,12 @@ class Device:
         return ir
 
     # -- plumbing ----------------------------------------------------------------------------
+
+    def _named(self, object_id: str) -> None:
+        """A command names ``object_id``: a value its pointer got with a reply may be stale."""
+        carrier = self._carriers.pop(object_id, None)
+        if carrier is not None:
+            carrier._drop_carried_value()
 
     def _submit(self, body: str, msg: Any, result_ids: tuple[str, ...] = ()) -> PendingCommand:
         return self.fleet.submit(self.id, body, msg, result_ids)
@@ -297,6 +331,7 @@ class Device:
                     device_id=self.id,
                 )
             value.raise_if_failed()  # the cause, rather than "no object" from the device
+            self._named(value.id)  # the command may change it (in place, move, ...)
             return ObjectId(value.id)
         if isinstance(value, tuple):
             return tuple(self._arg(v) for v in value)

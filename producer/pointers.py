@@ -64,6 +64,7 @@ class PointerTensor:
         self._pending = pending
         self._value: Any = None
         self._has_value = False
+        self._stale = False  # a later command named this object: a value in its reply is old
         self._gone = False
         self._owned = owned  # a result this pointer created: deleted remotely when dropped
         self._points_to: tuple[str, str] | None = None  # kind "pointer": (device, object id)
@@ -85,9 +86,15 @@ class PointerTensor:
             self._points_to = (info.points_to_device, info.points_to_id)
         self._shape = torch.Size(info.shape)
         self._dtype = dtype_from_name(info.dtype)
-        if info.has_value:
+        if info.has_value and not self._stale:
             self._value = tensor_from_proto(info.value)
             self._has_value = True
+
+    def _drop_carried_value(self) -> None:
+        """Forget a tensor value that came with the reply: a later command may change it."""
+        self._stale = True
+        if self._kind != "value":  # a Python result lives only here, never on the device
+            self._value, self._has_value = None, False
 
     def wait(self, timeout: float | None = None) -> PointerTensor:
         """Block until the device has produced this object; raise its typed error if it failed."""
@@ -177,6 +184,11 @@ class PointerTensor:
     def get(self, timeout: float | None = None) -> Any:
         """Bring the value back and remove it from the device; a second ``get`` raises.
 
+        A small plan output came back with the plan's reply: ``get()`` then returns it at
+        once and its remote copy is deleted with the next command sent to the fleet.
+        Once any command has named this object (an in-place op, a move, another plan call),
+        ``get()`` fetches the device's current value instead.
+
         Raises
         ------
         ObjectNotFound
@@ -193,7 +205,7 @@ class PointerTensor:
             return self._value
         if self._has_value:
             value, self._value, self._has_value = self._value, None, False
-            self.location.delete_objects([self.id])
+            self.location.fleet.discard(self.location.id, self.id)  # rides the next command
         else:
             value = self.location.fetch(self.id, delete=True, timeout=self._timeout(timeout))
         self._gone = True

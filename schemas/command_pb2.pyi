@@ -85,9 +85,14 @@ class RunPlan(_message.Message):
     KWARGS_FIELD_NUMBER: _builtins.int
     RESULT_IDS_FIELD_NUMBER: _builtins.int
     RETURN_VALUES_FIELD_NUMBER: _builtins.int
+    INLINE_LIMIT_FIELD_NUMBER: _builtins.int
     plan_id: _builtins.str
     return_values: _builtins.bool
     """Put the output values in the reply (saves a GetObject round trip)."""
+    inline_limit: _builtins.int
+    """Also put in the reply each tensor output of at most this many bytes that shares no
+    memory with an argument, the plan's state or another output (0: only return_values).
+    """
     @_builtins.property
     def args(self) -> _plan_pb2.ValueList: ...
     @_builtins.property
@@ -102,10 +107,11 @@ class RunPlan(_message.Message):
         kwargs: _plan_pb2.ValueDict | None = ...,
         result_ids: _abc.Iterable[_builtins.str] | None = ...,
         return_values: _builtins.bool = ...,
+        inline_limit: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "kwargs", b"kwargs"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "kwargs", b"kwargs", "plan_id", b"plan_id", "result_ids", b"result_ids", "return_values", b"return_values"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "inline_limit", b"inline_limit", "kwargs", b"kwargs", "plan_id", b"plan_id", "result_ids", b"result_ids", "return_values", b"return_values"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -16,7 +16,7 @@ EXPECTED = {
         "tensor([2., 4.])",
         "tensor([2, 1])",
     ],
-    "plans_notes": ["{'run_plan': 5, 'get_object': 1}", "tensor([2, 1])"],
+    "plans_notes": ["{'run_plan': 5}", "tensor([2, 1])"],
     "plans_usage": ["tensor([3., 3., 3., 3., 3.])"],
     "remote_tensors": ["tensor([6, 6, 6, 6, 6])", "alice: []", "tensor([1, 2, 3, 4])"],
     "federated_training": ["Bob:tensor(", " Alice:tensor(", "final predictions:"],
