@@ -23,7 +23,14 @@ from consumer.replies import (
 )
 from consumer.store import DeviceStore, StoredObject, StoredPlan
 from schemas import allowlist
-from schemas.command_pb2 import Command, ObjectInfo, Ok, StoreObject, StorePointer
+from schemas.command_pb2 import (
+    Command,
+    DeleteObjects,
+    ObjectInfo,
+    Ok,
+    StoreObject,
+    StorePointer,
+)
 from schemas.errors import (
     DeviceError,
     FedplanError,
@@ -134,6 +141,8 @@ class DeviceRuntime:
         if handler is None:
             raise WireError(f"command has no known body ({body or 'empty'}); upgrade the device")
         self._frames = frames
+        if command.delete_first:  # deletes batched by the server ride with the next command
+            self._delete_objects(DeleteObjects(ids=command.delete_first))
         return handler(self, getattr(command, body))
 
     def _store_object(self, msg: Any) -> Ok:

@@ -88,8 +88,13 @@ class Fleet:
 
         ``tensors`` are those encoded with ``tensor_to_proto(t, framed=True)`` in ``msg``.
         """
-        self._collect_garbage()
-        command = Command(schema_version=SCHEMA_VERSION, command_id=new_id(), device_id=device_id)
+        riding = self._collect_garbage(device_id)
+        command = Command(
+            schema_version=SCHEMA_VERSION,
+            command_id=new_id(),
+            device_id=device_id,
+            delete_first=riding,
+        )
         getattr(command, body).CopyFrom(msg)
         data = encode_command(command, tensors)
         pending = self.collector.expect(
@@ -106,8 +111,12 @@ class Fleet:
         """Delete a remote object with the next command (safe from finalizers: no locks)."""
         self._garbage.append((device_id, object_id))
 
-    def _collect_garbage(self) -> None:
-        """Publish one ``DeleteObjects`` per device for dropped result pointers (no reply)."""
+    def _collect_garbage(self, riding_device: str | None = None) -> list[str]:
+        """Publish one ``DeleteObjects`` per device for dropped result pointers (no reply).
+
+        The ids for ``riding_device`` are returned instead: they go in the ``delete_first``
+        field of the command about to be sent there (no extra message).
+        """
         by_device: dict[str, list[str]] = {}
         while self._garbage:
             try:
@@ -115,6 +124,7 @@ class Fleet:
             except IndexError:  # emptied by another thread
                 break
             by_device.setdefault(device_id, []).append(object_id)
+        riding = by_device.pop(riding_device, []) if riding_device is not None else []
         for device_id, ids in by_device.items():
             command = Command(
                 schema_version=SCHEMA_VERSION,
@@ -126,6 +136,7 @@ class Fleet:
                 self.transport.publish(
                     device_id, encode_command(command), command_id=command.command_id
                 )
+        return riding
 
     def close(self) -> None:
         """Stop the transport; commands still awaiting a reply fail with ``TransportError``."""

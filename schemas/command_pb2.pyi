@@ -352,6 +352,7 @@ class Command(_message.Message):
     SCHEMA_VERSION_FIELD_NUMBER: _builtins.int
     COMMAND_ID_FIELD_NUMBER: _builtins.int
     DEVICE_ID_FIELD_NUMBER: _builtins.int
+    DELETE_FIRST_FIELD_NUMBER: _builtins.int
     STORE_OBJECT_FIELD_NUMBER: _builtins.int
     STORE_PLAN_FIELD_NUMBER: _builtins.int
     RUN_PLAN_FIELD_NUMBER: _builtins.int
@@ -368,6 +369,12 @@ class Command(_message.Message):
     command_id: _builtins.str
     """Unique per command; the reply's command_id and the AMQP correlation_id."""
     device_id: _builtins.str
+    @_builtins.property
+    def delete_first(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Objects to delete before running the body (result pointers the server dropped or
+        fetched from a reply since its last command to this device; missing ones are ignored).
+        """
+
     @_builtins.property
     def store_object(self) -> Global___StoreObject: ...
     @_builtins.property
@@ -398,6 +405,7 @@ class Command(_message.Message):
         schema_version: _builtins.int = ...,
         command_id: _builtins.str = ...,
         device_id: _builtins.str = ...,
+        delete_first: _abc.Iterable[_builtins.str] | None = ...,
         store_object: Global___StoreObject | None = ...,
         store_plan: Global___StorePlan | None = ...,
         run_plan: Global___RunPlan | None = ...,
@@ -413,7 +421,7 @@ class Command(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "clear_objects", b"clear_objects", "delete_objects", b"delete_objects", "get_object", b"get_object", "get_plan", b"get_plan", "list_objects", b"list_objects", "move_object", b"move_object", "run_op", b"run_op", "run_plan", b"run_plan", "search", b"search", "store_object", b"store_object", "store_plan", b"store_plan", "store_pointer", b"store_pointer"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "clear_objects", b"clear_objects", "command_id", b"command_id", "delete_objects", b"delete_objects", "device_id", b"device_id", "get_object", b"get_object", "get_plan", b"get_plan", "list_objects", b"list_objects", "move_object", b"move_object", "run_op", b"run_op", "run_plan", b"run_plan", "schema_version", b"schema_version", "search", b"search", "store_object", b"store_object", "store_plan", b"store_plan", "store_pointer", b"store_pointer"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "clear_objects", b"clear_objects", "command_id", b"command_id", "delete_first", b"delete_first", "delete_objects", b"delete_objects", "device_id", b"device_id", "get_object", b"get_object", "get_plan", b"get_plan", "list_objects", b"list_objects", "move_object", b"move_object", "run_op", b"run_op", "run_plan", b"run_plan", "schema_version", b"schema_version", "search", b"search", "store_object", b"store_object", "store_plan", b"store_plan", "store_pointer", b"store_pointer"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["store_object", "store_plan", "run_plan", "run_op", "get_object", "delete_objects", "search", "list_objects", "clear_objects", "get_plan", "move_object", "store_pointer"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015

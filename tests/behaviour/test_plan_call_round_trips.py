@@ -74,3 +74,17 @@ def test_a_large_output_is_fetched_with_its_own_command(
     assert bodies == ["run_plan", "get_object"]
     with pytest.raises(fp.ObjectNotFound):
         out.get()
+
+
+def test_repeated_calls_send_only_run_plan_and_leave_no_outputs_behind(
+    fleet: fp.Fleet, device: DeviceFactory
+) -> None:
+    bob = device("bob")
+    pointer_plan = double_abs.send(bob)
+    x = torch.tensor([0.5, -1.5])
+    x_ptr = fp.send(x, bob).wait()
+    bodies = _record_commands(fleet)
+    for _ in range(3):
+        assert torch.equal(pointer_plan(x_ptr).get(), torch.abs(x + x))
+    assert bodies == ["run_plan"] * 3  # each delete rides with the next command
+    assert set(bob.objects()) == {x_ptr.id}

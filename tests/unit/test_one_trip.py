@@ -74,6 +74,22 @@ def test_a_plan_call_and_get_of_a_small_output_cost_one_command_and_one_reply(
     assert transport.replies == 1
 
 
+def test_repeated_calls_send_only_run_plan_and_leave_no_outputs_behind(
+    counted: tuple[Fleet, CountingTransport],
+) -> None:
+    fleet, transport = counted
+    bob = fleet.device("bob")
+    pointer_plan = bob.send_plan(double_abs())
+    x = torch.tensor([1.0, -3.0])
+    x_ptr = fp.send(x, bob).wait()
+    transport.reset()
+    for _ in range(3):
+        assert torch.equal(pointer_plan(x_ptr).get(), torch.abs(x + x))
+    assert transport.bodies == ["run_plan"] * 3  # each delete rode with the next command
+    assert transport.replies == 3
+    assert set(bob.objects()) == {x_ptr.id}
+
+
 def test_a_second_get_raises_and_listing_no_longer_shows_the_fetched_output(
     counted: tuple[Fleet, CountingTransport],
 ) -> None:
