@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import logging
 import queue
 import threading
+from pathlib import Path
+from typing import Any
+
+import torch
 
 from consumer.memory_store import MemoryStore
 from consumer.runtime import DeviceRuntime
@@ -16,11 +22,47 @@ log = logging.getLogger(__name__)
 _STOP = None
 
 
+@functools.cache
+def _openmp() -> Any:
+    """The OpenMP runtime torch runs its intra-op work on, or ``None`` (another backend)."""
+    if "OpenMP" not in torch.__config__.parallel_info():
+        return None
+    for lib in sorted((Path(torch.__file__).parent / "lib").glob("lib*omp*.so*")):
+        try:
+            runtime = ctypes.CDLL(str(lib))  # already loaded by torch: the same handle
+            if hasattr(runtime, "omp_set_num_threads"):
+                return runtime
+        except OSError:
+            continue
+    return None
+
+
+def limit_intra_op_threads(threads: int) -> None:
+    """Cap torch's intra-op threads for the calling thread only (other threads keep theirs).
+
+    ``torch.set_num_threads`` would also change the default every thread created later
+    starts from; the OpenMP setting is per thread. Does nothing when torch's parallel
+    backend is not OpenMP.
+    """
+    runtime = _openmp()
+    if runtime is None:
+        return
+    torch.get_num_threads()  # torch initialises a thread's setting on first use: do it first
+    runtime.omp_set_num_threads(max(1, threads))
+
+
 class _EmbeddedDevice:
     """One device: a FIFO of command bytes drained by one worker thread."""
 
-    def __init__(self, device_id: str, runtime: DeviceRuntime, on_reply: ReplyHandler) -> None:
+    def __init__(
+        self,
+        device_id: str,
+        runtime: DeviceRuntime,
+        on_reply: ReplyHandler,
+        intra_op_threads: int | None,
+    ) -> None:
         self.device_id = device_id
+        self._intra_op_threads = intra_op_threads
         self.runtime = runtime
         self.inbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self._on_reply = on_reply
@@ -30,6 +72,8 @@ class _EmbeddedDevice:
         self.thread.start()
 
     def _serve(self) -> None:
+        if self._intra_op_threads is not None:
+            limit_intra_op_threads(self._intra_op_threads)
         while True:
             data = self.inbox.get()
             if data is _STOP:
@@ -48,6 +92,10 @@ class LocalTransport:
     ----------
     on_reply
         Called from the device threads with every encoded ``Reply``.
+    intra_op_threads
+        Torch intra-op threads per device thread (default 1: the devices already run in
+        parallel, and each device splitting small ops across all cores makes their threads
+        wait on each other); ``None`` keeps torch's default.
 
     Examples
     --------
@@ -59,8 +107,9 @@ class LocalTransport:
     >>> transport.close()
     """
 
-    def __init__(self, on_reply: ReplyHandler) -> None:
+    def __init__(self, on_reply: ReplyHandler, *, intra_op_threads: int | None = 1) -> None:
         self._on_reply = on_reply
+        self._intra_op_threads = intra_op_threads
         self._lock = threading.Lock()
         self._devices: dict[str, _EmbeddedDevice] = {}
         self._closed = False
@@ -79,7 +128,9 @@ class LocalTransport:
             if device_id in self._devices:
                 return
             runtime = DeviceRuntime(device_id=device_id, store=MemoryStore(), forward=self._forward)
-            self._devices[device_id] = _EmbeddedDevice(device_id, runtime, self._on_reply)
+            self._devices[device_id] = _EmbeddedDevice(
+                device_id, runtime, self._on_reply, self._intra_op_threads
+            )
 
     def publish(self, device_id: str, command: bytes, *, command_id: str) -> None:
         """Queue the command bytes for the device; ``DeviceNotFound`` if it was never started."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import queue
+import threading
 
 import pytest
 import torch
@@ -75,3 +76,39 @@ def test_devices_forward_moved_objects_to_each_other() -> None:
     assert outcomes == {"ok"}
     assert transport.runtime("alice").store.has_object("x")
     assert not transport.runtime("bob").store.has_object("x")
+
+
+def _threads_seen_by_device(**options: int | None) -> int:
+    """torch.get_num_threads() inside a device thread (the reply handler runs there)."""
+    seen: queue.SimpleQueue[int] = queue.SimpleQueue()
+    transport = LocalTransport(lambda _reply: seen.put(torch.get_num_threads()), **options)
+    transport.ensure_device("d1")
+    data, command_id = _store("d1", "x")
+    transport.publish("d1", data, command_id=command_id)
+    threads = seen.get(timeout=10)
+    transport.close()
+    return threads
+
+
+openmp_only = pytest.mark.skipif(
+    "OpenMP" not in torch.__config__.parallel_info() or torch.get_num_threads() < 2,
+    reason="per-thread intra-op limits need torch's OpenMP backend and 2+ threads",
+)
+
+
+@openmp_only
+def test_device_threads_use_one_intra_op_thread_and_leave_the_callers_setting_alone() -> None:
+    before = torch.get_num_threads()
+    assert _threads_seen_by_device() == 1
+    assert torch.get_num_threads() == before
+    seen_later: queue.SimpleQueue[int] = queue.SimpleQueue()
+    later = threading.Thread(target=lambda: seen_later.put(torch.get_num_threads()))
+    later.start()
+    later.join()
+    assert seen_later.get(timeout=10) == before  # threads started later keep torch's default
+
+
+@openmp_only
+def test_device_threads_keep_torchs_default_when_asked_to() -> None:
+    assert _threads_seen_by_device(intra_op_threads=None) == torch.get_num_threads()
+    assert _threads_seen_by_device(intra_op_threads=2) == 2
