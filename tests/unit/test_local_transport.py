@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -78,10 +80,12 @@ def test_devices_forward_moved_objects_to_each_other() -> None:
     assert not transport.runtime("bob").store.has_object("x")
 
 
-def _threads_seen_by_device(**options: int | None) -> int:
+def _threads_seen_by_device(intra_op_threads: int | None = 1) -> int:
     """torch.get_num_threads() inside a device thread (the reply handler runs there)."""
     seen: queue.SimpleQueue[int] = queue.SimpleQueue()
-    transport = LocalTransport(lambda _reply: seen.put(torch.get_num_threads()), **options)
+    transport = LocalTransport(
+        lambda _reply: seen.put(torch.get_num_threads()), intra_op_threads=intra_op_threads
+    )
     transport.ensure_device("d1")
     data, command_id = _store("d1", "x")
     transport.publish("d1", data, command_id=command_id)
@@ -112,3 +116,65 @@ def test_device_threads_use_one_intra_op_thread_and_leave_the_callers_setting_al
 def test_device_threads_keep_torchs_default_when_asked_to() -> None:
     assert _threads_seen_by_device(intra_op_threads=None) == torch.get_num_threads()
     assert _threads_seen_by_device(intra_op_threads=2) == 2
+
+
+def _watch_overlap(transport: LocalTransport, device_ids: list[str], inside: list[int]) -> None:
+    """Make every device's runtime record how many commands are running when one starts."""
+    lock = threading.Lock()
+    active = [0]
+    for device_id in device_ids:
+        runtime = transport.runtime(device_id)
+        original = runtime.handle
+
+        def handle(data: bytes, original: Callable[[bytes], bytes] = original) -> bytes:
+            with lock:
+                active[0] += 1
+                inside.append(active[0])
+            try:
+                time.sleep(0.05)  # leave room for another device to start meanwhile
+                return original(data)
+            finally:
+                with lock:
+                    active[0] -= 1
+
+        runtime.handle = handle  # type: ignore[method-assign]
+
+
+def test_devices_run_one_command_at_a_time_across_the_transport() -> None:
+    replies: queue.SimpleQueue[bytes] = queue.SimpleQueue()
+    transport = LocalTransport(replies.put)
+    devices = ["d1", "d2", "d3"]
+    for device_id in devices:
+        transport.ensure_device(device_id)
+    inside: list[int] = []
+    _watch_overlap(transport, devices, inside)
+    for device_id in devices * 2:
+        data, command_id = _store(device_id, f"x-{device_id}-{new_id()[:6]}")
+        transport.publish(device_id, data, command_id=command_id)
+    for _ in range(6):
+        assert decode_reply(replies.get(timeout=10)).WhichOneof("outcome") == "ok"
+    transport.close()
+    assert inside and max(inside) == 1
+
+
+def test_devices_may_overlap_when_one_at_a_time_is_off() -> None:
+    replies: queue.SimpleQueue[bytes] = queue.SimpleQueue()
+    transport = LocalTransport(replies.put, one_at_a_time=False)
+    barrier = threading.Barrier(2, timeout=10)  # passes only if both devices run together
+    for device_id in ("d1", "d2"):
+        transport.ensure_device(device_id)
+        runtime = transport.runtime(device_id)
+        original = runtime.handle
+
+        def handle(data: bytes, original: Callable[[bytes], bytes] = original) -> bytes:
+            barrier.wait()
+            return original(data)
+
+        runtime.handle = handle  # type: ignore[method-assign]
+    for device_id in ("d1", "d2"):
+        data, command_id = _store(device_id, "x")
+        transport.publish(device_id, data, command_id=command_id)
+    got = {decode_reply(replies.get(timeout=20)).device_id for _ in range(2)}
+    transport.close()
+    assert got == {"d1", "d2"}
+    assert not barrier.broken
