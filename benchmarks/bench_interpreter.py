@@ -22,7 +22,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from consumer.interpreter import LoadedPlan
+from consumer.runtime.interpreter import LoadedPlan
 from schemas.ir import Op, PlanIR, Ref
 
 R = Ref

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 # its subparser(s) and sets ``func=<callable(args) -> int>`` as the default.
 SUBCOMMAND_MODULES: tuple[str, ...] = (
     "broker_config.setup",
-    "consumer.worker_cli",
+    "consumer.worker.cli",
     "producer.status",
     "producer.demo",
 )

@@ -114,9 +114,9 @@ class Workers:
 
 def spawn_workers(shares: list[DeviceData], root: Path, broker: str) -> Workers:
     """Store each share in its device's data dir, then start one Celery worker per device."""
-    from consumer.sqlite_store import SqliteStore
-    from consumer.store import StoredObject
-    from consumer.worker_cli import worker_argv, worker_env
+    from consumer.store.base import StoredObject
+    from consumer.store.sqlite import SqliteStore
+    from consumer.worker.cli import worker_argv, worker_env
     from producer.tagging import tags_of
 
     workers = Workers()

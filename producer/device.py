@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from consumer.outputs import output_slots, rebuild_like
 from producer.collector import PendingCommand
 from producer.pointers import PointerPlan, PointerTensor
 from producer.remote_ops import pointer_of
@@ -18,6 +17,7 @@ from schemas import command_pb2 as cmd
 from schemas.errors import PlanInputError, PlanNotBuiltError
 from schemas.ir import Device as IRDevice
 from schemas.ir import DType, EllipsisValue, MemoryFormat, ObjectId, PlanIR, Slice, Value
+from schemas.outputs import output_slots, rebuild_like
 from schemas.plan_codec import plan_from_proto, plan_to_proto
 from schemas.plan_pb2 import ValueDict, ValueList
 from schemas.tensor_codec import dtype_from_name, tensor_from_proto, tensor_to_proto

@@ -334,7 +334,7 @@ class Plan(nn.Module):
         self, args: tuple[Any, ...], kwargs: dict[str, Any], state: Mapping[str, torch.Tensor]
     ) -> Any:
         if self._loaded is None:
-            from consumer.interpreter import LoadedPlan
+            from consumer.runtime.interpreter import LoadedPlan
 
             assert self._ir is not None
             self._loaded = LoadedPlan(self._ir, plan_id=self.id)

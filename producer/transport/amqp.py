@@ -15,8 +15,7 @@ import pika.exceptions as pex
 from pika.adapters.blocking_connection import BlockingChannel
 
 from broker_config import names, topology
-from broker_config.settings import Settings
-from consumer.serialization import (
+from broker_config.envelope import (
     CHUNK_HEADER,
     CHUNKS_HEADER,
     CONTENT_ENCODING,
@@ -26,6 +25,7 @@ from consumer.serialization import (
     split_chunks,
     task_headers,
 )
+from broker_config.settings import Settings
 from producer.transport.base import ReplyHandler
 from schemas.errors import BrokerUnavailable, DeviceNotFound, TransportError
 

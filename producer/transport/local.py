@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
-from consumer.memory_store import MemoryStore
-from consumer.runtime import DeviceRuntime
+from consumer.runtime.device import DeviceRuntime
+from consumer.store.memory import MemoryStore
 from producer.transport.base import ReplyHandler
 from schemas.errors import DeviceNotFound, TransportError
 

@@ -15,7 +15,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 from broker_config import names
 from broker_config.management import ManagementClient
 from broker_config.settings import Settings
-from consumer.worker_cli import worker_argv, worker_env
+from consumer.worker.cli import worker_argv, worker_env
 from schemas.command_pb2 import Reply
 from schemas.wire import decode_reply
 

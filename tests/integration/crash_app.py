@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import os
 
-from consumer.celery_app import app
-from consumer.runtime import DeviceRuntime
+from consumer.runtime.device import DeviceRuntime
+from consumer.worker.celery_app import app
 
 MARKER = os.environ.get("FEDPLAN_TEST_CRASH_MARKER", "").encode()
 _handle = DeviceRuntime.handle

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from broker_config import names
-from consumer.serialization import CONTENT_TYPE, task_headers
+from broker_config.envelope import CONTENT_TYPE, task_headers
 from producer.transport.amqp import AmqpTransport
 from schemas.errors import DeviceNotFound
 from schemas.ir import Op, PlanIR, Ref

@@ -7,15 +7,10 @@ from kombu.exceptions import ContentDisallowed
 from kombu.serialization import dumps, loads
 
 from broker_config import names
+from broker_config.envelope import CONTENT_TYPE, split_chunks, task_headers
 from broker_config.settings import Settings
-from consumer.celery_app import make_app
-from consumer.serialization import (
-    CONTENT_TYPE,
-    SERIALIZER,
-    register_content_type,
-    split_chunks,
-    task_headers,
-)
+from consumer.worker.celery_app import make_app
+from consumer.worker.serialization import SERIALIZER, register_content_type
 
 register_content_type()
 

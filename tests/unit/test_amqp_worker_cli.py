@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import save_file
 
 from broker_config import names
-from consumer.sqlite_store import SqliteStore
-from consumer.worker_cli import add_data, load_tensors, worker_argv, worker_env
+from consumer.store.sqlite import SqliteStore
+from consumer.worker.cli import add_data, load_tensors, worker_argv, worker_env
 from producer.cli import main
 from schemas.errors import FedplanError
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from consumer.delivery_attempts import DeliveryAttempts
+from consumer.worker.delivery_attempts import DeliveryAttempts
 
 
 def test_redeliveries_are_counted_per_message_and_survive_reopening(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from consumer.interpreter import LoadedPlan
+from consumer.runtime.interpreter import LoadedPlan
 from schemas.errors import (
     OpNotAllowedError,
     PlanExecutionError,

@@ -7,8 +7,8 @@ import threading
 import pytest
 import torch
 
-from consumer.memory_store import MemoryStore
-from consumer.store import StoredObject, StoredPlan
+from consumer.store.base import StoredObject, StoredPlan
+from consumer.store.memory import MemoryStore
 from schemas.errors import ObjectNotFound
 from schemas.ir import PlanIR, Ref
 

@@ -1,4 +1,4 @@
-"""Pointer records on a device (consumer/pointer_records.py) and how the runtime serves them."""
+"""Pointer records on a device (consumer/runtime/pointer_records.py) and how it serves them."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ from typing import Any
 
 import torch
 
-from consumer.memory_store import MemoryStore
-from consumer.pointer_records import PointerRecords
-from consumer.runtime import DeviceRuntime
+from consumer.runtime.device import DeviceRuntime
+from consumer.runtime.pointer_records import PointerRecords
+from consumer.store.memory import MemoryStore
 from schemas import command_pb2 as cmd
 from schemas.ir import ObjectId
 from schemas.plan_pb2 import ValueList

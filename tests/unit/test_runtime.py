@@ -7,8 +7,8 @@ from typing import Any
 import pytest
 import torch
 
-from consumer.memory_store import MemoryStore
-from consumer.runtime import DeviceRuntime
+from consumer.runtime.device import DeviceRuntime
+from consumer.store.memory import MemoryStore
 from schemas import command_pb2 as cmd
 from schemas.ir import ObjectId, Op, PlanIR, Ref
 from schemas.plan_codec import plan_from_proto, plan_to_proto

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import producer as fp
-from consumer.interpreter import LoadedPlan
+from consumer.runtime.interpreter import LoadedPlan
 from producer.selfcheck import clone_tree, self_check, swapped
 from producer.tracing import trace
 from schemas.errors import PlanBuildError

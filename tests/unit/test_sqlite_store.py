@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from consumer.sqlite_store import SqliteStore
-from consumer.store import StoredObject, StoredPlan
+from consumer.store.base import StoredObject, StoredPlan
+from consumer.store.sqlite import SqliteStore
 from schemas.errors import ObjectNotFound
 from schemas.ir import Op, PlanIR, Ref
 

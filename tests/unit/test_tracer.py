@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from consumer.interpreter import LoadedPlan
+from consumer.runtime.interpreter import LoadedPlan
 from producer.tracing import trace
 from schemas.allowlist import is_allowed
 from schemas.errors import PlanBuildError, PlanGuardError, PlanShapeError

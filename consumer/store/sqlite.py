@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from consumer.store import StoredObject, StoredPlan
-from consumer.tensor_files import dtype_name, read_tensor_file, write_tensor_file
+from consumer.store.base import StoredObject, StoredPlan
+from consumer.store.tensor_files import dtype_name, read_tensor_file, write_tensor_file
 from schemas.errors import ObjectNotFound
 from schemas.plan_codec import plan_from_proto, plan_to_proto
 from schemas.plan_pb2 import PlanProto

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from consumer.store import StoredObject
+from consumer.store.base import StoredObject
 from schemas.command_pb2 import Command, ErrorInfo, ObjectInfo, Ok, Reply
 from schemas.errors import DeviceError, FedplanError, PlanExecutionError
 from schemas.ir import SCHEMA_VERSION, DType

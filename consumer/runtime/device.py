@@ -9,10 +9,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from consumer.lowering import Lowering, get
-from consumer.outputs import flatten_like, inline_flags, output_slots
-from consumer.pointer_records import PointerRecords
-from consumer.replies import (
+from consumer.runtime.lowering import Lowering, get
+from consumer.runtime.pointer_records import PointerRecords
+from consumer.runtime.replies import (
     encode_safely,
     error_reply,
     is_plain_read,
@@ -21,7 +20,7 @@ from consumer.replies import (
     result_ids_of,
     tensor_info,
 )
-from consumer.store import DeviceStore, StoredObject, StoredPlan
+from consumer.store.base import DeviceStore, StoredObject, StoredPlan
 from schemas import allowlist
 from schemas.command_pb2 import (
     Command,
@@ -41,6 +40,7 @@ from schemas.errors import (
     WireError,
 )
 from schemas.ir import SCHEMA_VERSION, ObjectId, PlanIR, Ref, Slice, SymExpr, Value
+from schemas.outputs import flatten_like, inline_flags, output_slots
 from schemas.plan_codec import plan_from_proto, plan_to_proto
 from schemas.plan_pb2 import ValueDict
 from schemas.tensor_codec import tensor_from_proto, tensor_to_proto
@@ -48,7 +48,7 @@ from schemas.value_codec import value_from_proto, value_to_proto
 from schemas.wire import decode_command, encode_command, encode_reply, new_id
 
 if TYPE_CHECKING:
-    from consumer.interpreter import LoadedPlan
+    from consumer.runtime.interpreter import LoadedPlan
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ class DeviceRuntime:
 
     Examples
     --------
-    >>> from consumer.memory_store import MemoryStore
+    >>> from consumer.store.memory import MemoryStore
     >>> runtime = DeviceRuntime(device_id="device_1", store=MemoryStore())
     >>> reply_bytes = runtime.handle(b"not a command")  # never raises: an error reply
     """
@@ -310,7 +310,9 @@ class DeviceRuntime:
     # -- helpers -----------------------------------------------------------------------------
 
     def _load(self, ir: PlanIR, plan_id: str) -> LoadedPlan:
-        from consumer.interpreter import LoadedPlan  # the interpreter pulls in all of torch's ops
+        from consumer.runtime.interpreter import (
+            LoadedPlan,  # the interpreter pulls in all of torch's ops
+        )
 
         return LoadedPlan(ir, plan_id=plan_id, device_id=self.device_id)
 

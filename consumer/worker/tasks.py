@@ -15,11 +15,7 @@ from celery.worker.strategy import default as default_strategy
 from kombu import Connection, Producer
 
 from broker_config import names
-from broker_config.settings import Settings
-from consumer.delivery_attempts import DeliveryAttempts
-from consumer.replies import crashed_reply
-from consumer.runtime import DeviceRuntime
-from consumer.serialization import (
+from broker_config.envelope import (
     CHUNK_HEADER,
     CHUNKS_HEADER,
     CONTENT_ENCODING,
@@ -29,7 +25,11 @@ from consumer.serialization import (
     split_chunks,
     task_headers,
 )
-from consumer.sqlite_store import SqliteStore
+from broker_config.settings import Settings
+from consumer.runtime.device import DeviceRuntime
+from consumer.runtime.replies import crashed_reply
+from consumer.store.sqlite import SqliteStore
+from consumer.worker.delivery_attempts import DeliveryAttempts
 from schemas.command_pb2 import Reply
 from schemas.errors import DeviceError
 from schemas.wire import decode_reply, encode_reply
@@ -204,7 +204,7 @@ def guarded_strategy(task: Task, app: Any, consumer: Any, **kwargs: Any) -> Any:
     acks_late=True,
     reject_on_worker_lost=True,
     ignore_result=True,
-    Strategy="consumer.tasks:guarded_strategy",
+    Strategy="consumer.worker.tasks:guarded_strategy",
 )
 def handle(self: Task, data: bytes) -> None:
     """Run one command (or collect one chunk of it) and publish the reply before the ack.

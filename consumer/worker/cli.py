@@ -14,8 +14,8 @@ import torch
 
 from broker_config import names
 from broker_config.settings import Settings
-from consumer.sqlite_store import SqliteStore
-from consumer.store import StoredObject
+from consumer.store.base import StoredObject
+from consumer.store.sqlite import SqliteStore
 from schemas.errors import FedplanError
 
 

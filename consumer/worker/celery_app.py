@@ -7,8 +7,9 @@ from celery.app.amqp import AMQP, Queues
 from kombu import Exchange, Queue
 
 from broker_config import names, topology
+from broker_config.envelope import CONTENT_TYPE
 from broker_config.settings import Settings
-from consumer.serialization import CONTENT_TYPE, register_content_type
+from consumer.worker.serialization import register_content_type
 
 
 class _DeviceQueues(Queues):
@@ -82,7 +83,7 @@ def make_app(settings: Settings | None = None) -> Celery:
         worker_hijack_root_logger=False,
     )
     app.conf.fedplan_settings = s
-    app.autodiscover_tasks(["consumer"], related_name="tasks", force=True)
+    app.autodiscover_tasks(["consumer.worker"], related_name="tasks", force=True)
     return app
 
 

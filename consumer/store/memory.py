@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 
-from consumer.store import StoredObject, StoredPlan
+from consumer.store.base import StoredObject, StoredPlan
 from schemas.errors import ObjectNotFound
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from consumer.lowering import (
+from consumer.runtime.lowering import (
     DTYPES,
     Const,
     Getter,

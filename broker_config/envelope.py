@@ -1,4 +1,8 @@
-"""The fedplan protobuf content type for kombu/Celery, and Celery task-message headers."""
+"""The Celery task-message envelope both transports speak: content type, headers, chunks.
+
+Pure Python (no kombu, no pika): the pika transport on the producer and the Celery worker on
+the device build and read the same envelope from here.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +11,8 @@ import os
 import socket
 from typing import Any
 
-from kombu.serialization import register
-
 from broker_config.names import TASK_NAME
 
-SERIALIZER = "fedplan-protobuf"
 CONTENT_TYPE = "application/x-fedplan-protobuf"
 CONTENT_ENCODING = "binary"
 
@@ -19,40 +20,6 @@ CONTENT_ENCODING = "binary"
 TRANSFER_HEADER = "fedplan_transfer"
 CHUNK_HEADER = "fedplan_chunk"
 CHUNKS_HEADER = "fedplan_chunks"
-
-_EMBED: dict[str, Any] = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
-
-
-def _encode(value: Any) -> bytes:
-    """Celery-side encoder: bytes, or a ``((bytes,), {}, embed)`` task payload, as is."""
-    if isinstance(value, tuple) and len(value) == 3 and len(value[0]) == 1:
-        value = value[0][0]
-    if isinstance(value, bytes | bytearray | memoryview):
-        return bytes(value)
-    raise TypeError(f"the {SERIALIZER} serializer sends bytes only, not {type(value).__name__}")
-
-
-def _decode(data: Any) -> tuple[tuple[bytes], dict[str, Any], dict[str, Any]]:
-    """Wrap the body as the task's only argument; never parses and never raises.
-
-    Celery decodes a task body twice (in the worker and in the pool process) and acks and
-    drops a message whose decoder raises; the task parses the protobuf exactly once.
-    """
-    try:
-        if isinstance(data, str):
-            raw = data.encode("latin-1", errors="replace")
-        else:
-            raw = data if isinstance(data, bytes) else bytes(data)
-    except Exception:
-        raw = b""
-    return (raw,), {}, dict(_EMBED)
-
-
-def register_content_type() -> None:
-    """Register the fedplan serializer with kombu (idempotent)."""
-    register(
-        SERIALIZER, _encode, _decode, content_type=CONTENT_TYPE, content_encoding=CONTENT_ENCODING
-    )
 
 
 def task_headers(task_id: str, *, extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -88,7 +55,13 @@ def task_headers(task_id: str, *, extra: dict[str, Any] | None = None) -> dict[s
 
 
 def split_chunks(data: bytes, max_size: int) -> list[memoryview]:
-    """``data`` cut into pieces of at most ``max_size`` bytes (one piece when it fits)."""
+    """``data`` cut into pieces of at most ``max_size`` bytes (one piece when it fits).
+
+    Examples
+    --------
+    >>> [bytes(p) for p in split_chunks(b"abcde", 2)]
+    [b'ab', b'cd', b'e']
+    """
     view = memoryview(data)
     n = max(1, math.ceil(len(data) / max_size))
     return [view[i * max_size : (i + 1) * max_size] for i in range(n)]
