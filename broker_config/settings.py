@@ -33,6 +33,14 @@ ENV_VARS: dict[str, str] = {
     "FEDPLAN_RECONNECT_MAX_DELAY": "reconnect_max_delay",
     "FEDPLAN_HEARTBEAT": "heartbeat",
     "FEDPLAN_WORKER_DECLARES": "worker_declares",
+    "FEDPLAN_MAX_COMMAND_SIZE": "max_command_size",
+    "FEDPLAN_CHUNK_TTL": "chunk_ttl",
+    "FEDPLAN_MAX_PENDING_CHUNK_BYTES": "max_pending_chunk_bytes",
+    "FEDPLAN_DEAD_LETTER_MAX_LENGTH": "dead_letter_max_length",
+    "FEDPLAN_DEAD_LETTER_TTL": "dead_letter_ttl",
+    "FEDPLAN_LOG_FILE": "log_file",
+    "FEDPLAN_LOG_MAX_BYTES": "log_max_bytes",
+    "FEDPLAN_LOG_BACKUPS": "log_backups",
 }
 
 
@@ -65,6 +73,20 @@ class Settings:
     heartbeat: int = 60
     worker_declares: bool = True
     """False for workers under a least-privilege device user: the queue exists already."""
+    max_command_size: int = 1024 * MIB
+    """Largest command a device assembles from chunks; bigger chunk counts are refused unread."""
+    chunk_ttl: float = 3600.0
+    """Seconds an incomplete chunked transfer is kept after its last chunk (then deleted)."""
+    max_pending_chunk_bytes: int = 2048 * MIB
+    """Bytes of incomplete transfers a device keeps on disk; chunks beyond it are refused."""
+    dead_letter_max_length: int = 10_000
+    """Messages the dead-letter queue keeps (the oldest are dropped first)."""
+    dead_letter_ttl: float = 7 * 24 * 3600.0
+    """Seconds a dead-lettered message is kept."""
+    log_file: Path | None = None
+    """The worker's log file, rotated at ``log_max_bytes`` (None: log to stderr only)."""
+    log_max_bytes: int = 10 * MIB
+    log_backups: int = 5
 
     def __post_init__(self) -> None:
         if urlsplit(self.broker_url).scheme not in ("amqp", "amqps"):
@@ -79,6 +101,8 @@ class Settings:
             "results_queue_expires",
             "confirm_timeout",
             "reconnect_max_delay",
+            "chunk_ttl",
+            "dead_letter_ttl",
         ):
             if not getattr(self, name) > 0:
                 _bad(name, getattr(self, name), "a positive number of seconds")
@@ -86,7 +110,19 @@ class Settings:
             _bad("time_limit", self.time_limit, "larger than soft_time_limit")
         if self.max_message_size < 4096:
             _bad("max_message_size", self.max_message_size, "at least 4096 bytes")
-        for name in ("queue_max_length", "delivery_limit"):
+        if self.max_command_size < self.max_message_size:
+            _bad("max_command_size", self.max_command_size, "at least max_message_size")
+        if self.max_pending_chunk_bytes < self.max_command_size:
+            _bad(
+                "max_pending_chunk_bytes", self.max_pending_chunk_bytes, "at least max_command_size"
+            )
+        for name in (
+            "queue_max_length",
+            "delivery_limit",
+            "dead_letter_max_length",
+            "log_max_bytes",
+            "log_backups",
+        ):
             if getattr(self, name) < 1:
                 _bad(name, getattr(self, name), "a positive integer")
         if self.heartbeat < 0:
@@ -111,6 +147,8 @@ class Settings:
                 values[name] = value
         if "data_dir" in values:
             values["data_dir"] = Path(values["data_dir"])
+        if values.get("log_file") is not None:
+            values["log_file"] = Path(values["log_file"])
         return cls(**values)
 
     def replace(self, **changes: Any) -> Settings:

@@ -36,9 +36,20 @@ def exchanges() -> list[ExchangeSpec]:
     ]
 
 
-def dead_letter_queue() -> QueueSpec:
-    """Where rejected commands end up (bound to the fanout dead-letter exchange)."""
-    return QueueSpec(names.dead_letter_queue(), {}, names.dead_letter_exchange(), "")
+def dead_letter_queue(settings: Settings | None = None) -> QueueSpec:
+    """Where rejected commands end up (bound to the fanout dead-letter exchange).
+
+    Bounded in length and age (RabbitMQ's disk alarm stops the whole node, so a flood of
+    refused messages must not pile up): the oldest are dropped first. ``settings`` default
+    to :meth:`Settings.from_env`.
+    """
+    s = settings or Settings.from_env()
+    args: dict[str, Any] = {
+        "x-max-length": s.dead_letter_max_length,
+        "x-message-ttl": int(s.dead_letter_ttl * 1000),
+        "x-overflow": "drop-head",
+    }
+    return QueueSpec(names.dead_letter_queue(), args, names.dead_letter_exchange(), "")
 
 
 def device_queue_arguments(settings: Settings) -> dict[str, Any]:

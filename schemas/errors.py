@@ -188,3 +188,22 @@ def error_from_code(code: str, message: str, **fields: Any) -> FedplanError:
     """The exception for a wire error code (``DeviceError`` for codes this side lacks)."""
     cls = _BY_CODE.get(code, DeviceError)
     return cls(message, **{k: v for k, v in fields.items() if v is not None})
+
+
+# -- device-side refusals (issue 8) ------------------------------------------------------------
+
+
+class MessageRefused(FedplanError):
+    """A device's gate refused a message before running it: a forbidden header, content
+    type, encoding or size; the message went to the dead-letter queue unrun."""
+
+    code = "MESSAGE_REFUSED"
+
+
+class TimeLimitError(FedplanError):
+    """A command ran past the device's time limit and was stopped (no result was kept)."""
+
+    code = "TIME_LIMIT"
+
+
+_BY_CODE.update({cls.code: cls for cls in (MessageRefused, TimeLimitError)})

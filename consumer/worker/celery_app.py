@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
-from celery import Celery
+import logging
+import logging.handlers
+from typing import Any
+
+from celery import Celery, signals
 from celery.app.amqp import AMQP, Queues
 from kombu import Exchange, Queue
 
 from broker_config import names, topology
 from broker_config.envelope import CONTENT_TYPE
 from broker_config.settings import Settings
+from consumer.worker.chunks import collect_expired
+from consumer.worker.gate import Gate, GatedConsumer
 from consumer.worker.serialization import register_content_type
+
+log = logging.getLogger(__name__)
 
 
 class _DeviceQueues(Queues):
@@ -39,16 +47,41 @@ class _DeviceQueues(Queues):
 
 class _DeviceAMQP(AMQP):
     queues_cls = _DeviceQueues
+    Consumer = GatedConsumer  # what TaskConsumer builds: the gate sees every delivery first
+
+
+def _on_worker_init(sender: Any = None, **_: Any) -> None:
+    """Worker start (main process): rotate the log file, drop expired chunked transfers."""
+    s = GatedConsumer.gate.settings if GatedConsumer.gate is not None else Settings.from_env()
+    if s.log_file is not None:
+        s.log_file.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.handlers.RotatingFileHandler(
+            s.log_file, maxBytes=s.log_max_bytes, backupCount=s.log_backups
+        )
+        handler.setFormatter(
+            logging.Formatter("[%(asctime)s: %(levelname)s/%(processName)s] %(message)s")
+        )
+        root = logging.getLogger()
+        root.addHandler(handler)
+        if root.level > logging.INFO or root.level == logging.NOTSET:
+            root.setLevel(logging.INFO)
+    try:
+        collect_expired(s)
+    except Exception:
+        log.exception("collecting expired chunked transfers failed")
 
 
 def make_app(settings: Settings | None = None) -> Celery:
     """A Celery app configured for fedplan devices.
 
     Late acks (a command is acked only after its reply was confirmed by the broker),
-    prefetch 1, soft/hard time limits, requeue when the pool process dies, task events on,
-    and only the fedplan protobuf content type accepted (pickle or JSON task messages are
-    rejected to the dead-letter queue). The prefork pool runs commands in a child process so
-    the main process keeps answering broker heartbeats during long plans.
+    prefetch 1, requeue when the pool process dies, task events on, and every delivery
+    checked by the gate (:mod:`consumer.worker.gate`) before Celery reads it: only the
+    fedplan envelope is served, anything else is refused to the dead-letter queue. The soft
+    time limit is enforced in the pool process (:mod:`consumer.worker.limits`); Celery
+    keeps only the hard limit, and a failed or timed-out task is dead-lettered, not acked.
+    The prefork pool runs commands in a child process so the main process keeps answering
+    broker heartbeats during long plans.
 
     Examples
     --------
@@ -59,6 +92,7 @@ def make_app(settings: Settings | None = None) -> Celery:
     s = settings or Settings.from_env()
     register_content_type()
     _DeviceQueues.settings = s
+    GatedConsumer.gate = Gate(s)
     app = Celery("fedplan", broker=s.broker_url, set_as_current=False, amqp=_DeviceAMQP)
     app.conf.update(
         accept_content=[CONTENT_TYPE],
@@ -67,11 +101,11 @@ def make_app(settings: Settings | None = None) -> Celery:
         task_ignore_result=True,
         task_acks_late=True,
         task_reject_on_worker_lost=True,
-        task_acks_on_failure_or_timeout=True,
+        task_acks_on_failure_or_timeout=False,
         worker_prefetch_multiplier=1,
         worker_concurrency=1,
         worker_pool="prefork",
-        task_soft_time_limit=s.soft_time_limit,
+        task_soft_time_limit=None,  # enforced in the pool process: no timer per task
         task_time_limit=s.time_limit,
         worker_send_task_events=True,
         task_send_sent_event=False,
@@ -83,6 +117,7 @@ def make_app(settings: Settings | None = None) -> Celery:
         worker_hijack_root_logger=False,
     )
     app.conf.fedplan_settings = s
+    signals.worker_init.connect(_on_worker_init, weak=False, dispatch_uid="fedplan-worker-init")
     app.autodiscover_tasks(["consumer.worker"], related_name="tasks", force=True)
     return app
 

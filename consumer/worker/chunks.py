@@ -1,0 +1,139 @@
+"""Chunked commands on a device: bounded assembly on disk and expiry of incomplete transfers.
+
+The gate has checked the chunk headers (integers, ``0 <= index < count <= max_chunks``);
+here every chunk is checked against the assembled size and the bytes all incomplete
+transfers hold together before it is written, and transfers whose last chunk arrived more
+than ``chunk_ttl`` seconds ago are deleted (at worker start and while chunks arrive).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from broker_config.envelope import CHUNK_HEADER, CHUNKS_HEADER, TRANSFER_HEADER
+from broker_config.settings import Settings
+from schemas.errors import MessageRefused
+
+log = logging.getLogger(__name__)
+
+GC_INTERVAL = 60.0
+"""Seconds between two sweeps for expired transfers while chunks arrive."""
+
+_last_sweep: dict[str, float] = {}
+
+
+def chunks_dir(settings: Settings) -> Path:
+    """Where a device keeps the chunks of incomplete transfers."""
+    return Path(settings.data_dir) / "chunks"
+
+
+def transfer_dir(settings: Settings, transfer: str, count: int) -> Path:
+    """The folder of one transfer (its chunk count is part of the name: no mixing)."""
+    key = hashlib.sha256(f"{transfer}\0{count}".encode()).hexdigest()
+    return chunks_dir(settings) / key
+
+
+def _sizes(folder: Path) -> dict[str, int]:
+    try:
+        entries = list(os.scandir(folder))
+    except FileNotFoundError:
+        return {}
+    return {e.name: e.stat().st_size for e in entries if not e.name.startswith(".")}
+
+
+def pending_bytes(settings: Settings) -> int:
+    """Bytes held by all incomplete transfers."""
+    total = 0
+    try:
+        folders = list(os.scandir(chunks_dir(settings)))
+    except FileNotFoundError:
+        return 0
+    for folder in folders:
+        if folder.is_dir():
+            total += sum(_sizes(Path(folder.path)).values())
+    return total
+
+
+def collect_expired(settings: Settings, *, now: float | None = None) -> int:
+    """Delete transfers with no chunk for ``chunk_ttl`` seconds; returns how many.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> collect_expired(Settings(data_dir=tempfile.mkdtemp()))
+    0
+    """
+    now = time.time() if now is None else now
+    _last_sweep[str(settings.data_dir)] = time.monotonic()
+    removed = 0
+    try:
+        folders = list(os.scandir(chunks_dir(settings)))
+    except FileNotFoundError:
+        return 0
+    for folder in folders:
+        try:
+            if folder.is_dir() and now - folder.stat().st_mtime > settings.chunk_ttl:
+                shutil.rmtree(folder.path, ignore_errors=True)
+                removed += 1
+        except OSError:
+            continue
+    if removed:
+        log.warning(
+            "deleted %d incomplete chunked transfers older than %gs", removed, settings.chunk_ttl
+        )
+    return removed
+
+
+def _maybe_sweep(settings: Settings) -> None:
+    last = _last_sweep.get(str(settings.data_dir))
+    if last is None or time.monotonic() - last > GC_INTERVAL:
+        collect_expired(settings)
+
+
+def assemble(settings: Settings, request: Any, data: bytes) -> bytes | None:
+    """Store one chunk; the whole command once every chunk is there, else None.
+
+    Raises :class:`~schemas.errors.MessageRefused` when the chunk would make the transfer
+    larger than ``max_command_size`` or the incomplete transfers together larger than
+    ``max_pending_chunk_bytes`` (nothing is written then).
+    """
+    count = getattr(request, CHUNKS_HEADER, None)
+    if not isinstance(count, int) or count <= 1:
+        return data
+    transfer = str(getattr(request, TRANSFER_HEADER, ""))
+    index = int(getattr(request, CHUNK_HEADER, 0))
+    _maybe_sweep(settings)
+    folder = transfer_dir(settings, transfer, count)
+    sizes = _sizes(folder)
+    is_new = str(index) not in sizes
+    sizes[str(index)] = len(data)
+    if sum(sizes.values()) > settings.max_command_size:
+        raise MessageRefused(
+            f"transfer {transfer} grows past max_command_size ({settings.max_command_size} bytes)"
+        )
+    if is_new and pending_bytes(settings) + len(data) > settings.max_pending_chunk_bytes:
+        raise MessageRefused(
+            f"incomplete transfers hold max_pending_chunk_bytes "
+            f"({settings.max_pending_chunk_bytes} bytes) already; send again later"
+        )
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{index}.tmp"
+    tmp.write_bytes(data)
+    os.replace(tmp, folder / str(index))
+    if len(sizes) < count:
+        return None
+    return b"".join((folder / str(i)).read_bytes() for i in range(count))
+
+
+def done_with_chunks(settings: Settings, request: Any) -> None:
+    """Delete the chunks of the request's transfer (if it was one)."""
+    count = getattr(request, CHUNKS_HEADER, None)
+    transfer = getattr(request, TRANSFER_HEADER, None)
+    if transfer is not None and isinstance(count, int):
+        shutil.rmtree(transfer_dir(settings, str(transfer), count), ignore_errors=True)

@@ -1,0 +1,366 @@
+"""The gate in front of Celery: every delivery of a device queue is checked first.
+
+Celery and kombu act on a message's properties and headers before any fedplan code runs:
+they decompress (``compression``), decode content types of their own, look up the task
+named in ``task`` (Celery's built-ins too), schedule ``eta``/``countdown``, expire
+``expires`` and take ``timelimit`` from the sender. The gate sits in the kombu consumer
+Celery reads its device queue with (:class:`GatedConsumer`), sees the raw AMQP message
+before all of that, and either
+
+- admits it: the headers Celery sees are rebuilt from the validated fedplan envelope only
+  (no eta, expiry, time limits or retries from the sender: the device's settings apply),
+  plus the delivery count the gate recorded (``fedplan_deliveries``); or
+- refuses it: a typed ``MESSAGE_REFUSED`` error reply where a reply address is known
+  (``reply_to`` + ``correlation_id``), then a reject to the dead-letter queue.
+
+The gate never raises into Celery: a failure inside it refuses the message.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from kombu import Consumer
+
+from broker_config import names
+from broker_config.envelope import (
+    CHUNK_HEADER,
+    CHUNKS_HEADER,
+    CONTENT_ENCODING,
+    CONTENT_TYPE,
+    TRANSFER_HEADER,
+)
+from broker_config.settings import Settings
+from consumer.worker.delivery_attempts import DeliveryAttempts
+from consumer.worker.publishing import send_error
+from schemas.errors import FedplanError, MessageRefused, PlanExecutionError
+
+log = logging.getLogger(__name__)
+
+DELIVERIES_HEADER = "fedplan_deliveries"
+"""Set by the gate only (a sender's value is dropped): how often this message was delivered."""
+
+MAX_HEADER_BYTES = 16 * 1024
+"""Bound on the headers of one message (names, strings and nesting together)."""
+
+MAX_REFUSED_HARD = 2
+"""Deliveries beyond ``delivery_limit + MAX_REFUSED_HARD`` are refused by the gate itself,
+without the pool process ever seeing the message again."""
+
+MIN_CHUNK_BYTES = 64 * 1024
+"""Chunks of a transfer are this big at least (but the last): bounds the chunk count."""
+
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,199}$")
+_REPLY_TO = re.compile(r"^fedplan\.results\.[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_TEXT = 1024  # argsrepr, kwargsrepr, origin
+
+# Celery headers that must be absent or hold exactly what fedplan's envelope sends.
+_NULL_HEADERS = ("eta", "countdown", "expires", "shadow", "group", "group_index", "meth")
+_PASSED_TEXT = ("argsrepr", "kwargsrepr", "origin")
+
+
+@dataclass
+class Verdict:
+    """What the gate decided about one message."""
+
+    refusal: str | None = None
+    headers: dict[str, Any] = field(default_factory=dict)
+    message_id: str | None = None
+    reply_to: str | None = None
+    command_id: str | None = None
+    chunked: bool = False
+
+
+class _TooBig(Exception):
+    pass
+
+
+def header_size(value: Any, limit: int = MAX_HEADER_BYTES) -> int:
+    """An upper estimate of the encoded size of a header value; raises past ``limit``.
+
+    Examples
+    --------
+    >>> header_size({"id": "abc", "n": [1, 2]})
+    36
+    """
+    total, stack = 0, [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > 8:
+            raise _TooBig("nested too deep")
+        if isinstance(item, dict):
+            total += 4
+            for k, v in item.items():
+                total += len(str(k)) + 1
+                stack.append((v, depth + 1))
+        elif isinstance(item, list | tuple):
+            total += 4
+            stack.extend((v, depth + 1) for v in item)
+        elif isinstance(item, str | bytes | bytearray):
+            total += len(item) + 4
+        else:
+            total += 8
+        if total > limit:
+            raise _TooBig(f"headers larger than {limit} bytes")
+    return total
+
+
+def _text(headers: dict[str, Any], key: str, limit: int = _TEXT) -> str | None:
+    value = headers.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str) or len(value) > limit:
+        raise _Refuse(f"header {key!r} must be a string of at most {limit} characters")
+    return value
+
+
+class _Refuse(Exception):
+    pass
+
+
+def _int(headers: dict[str, Any], key: str) -> int:
+    value = headers.get(key)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _Refuse(f"header {key!r} must be an integer, not {type(value).__name__}")
+    return value
+
+
+def max_chunks(settings: Settings) -> int:
+    """The most chunks one transfer may have: the assembled size over the smallest chunk."""
+    return max(1, math.ceil(settings.max_command_size / MIN_CHUNK_BYTES))
+
+
+def _chunk_headers(headers: dict[str, Any], settings: Settings) -> dict[str, Any]:
+    present = [k for k in (TRANSFER_HEADER, CHUNK_HEADER, CHUNKS_HEADER) if k in headers]
+    if not present:
+        return {}
+    if len(present) != 3:
+        raise _Refuse(f"chunk headers {present} without the other ones")
+    transfer = headers[TRANSFER_HEADER]
+    if not isinstance(transfer, str) or not _ID.match(transfer):
+        raise _Refuse(f"header {TRANSFER_HEADER!r} must be an id string")
+    count, index = _int(headers, CHUNKS_HEADER), _int(headers, CHUNK_HEADER)
+    most = max_chunks(settings)
+    if not 1 <= count <= most:
+        raise _Refuse(
+            f"a transfer of {count} chunks: the device takes 1 to {most} (chunks of at least "
+            f"{MIN_CHUNK_BYTES} bytes, max_command_size {settings.max_command_size})"
+        )
+    if not 0 <= index < count:
+        raise _Refuse(f"chunk {index} of a transfer of {count}")
+    return {TRANSFER_HEADER: transfer, CHUNK_HEADER: index, CHUNKS_HEADER: count}
+
+
+def _timelimit_is_default(value: Any) -> bool:
+    if value is None:
+        return True
+    return isinstance(value, list | tuple) and len(value) == 2 and all(v is None for v in value)
+
+
+def inspect(properties: Any, body: Any, settings: Settings) -> Verdict:
+    """Check one raw message; the :class:`Verdict` holds the clean headers or the refusal.
+
+    Pure (no I/O) and total: it never raises.
+
+    Examples
+    --------
+    >>> from broker_config.envelope import task_headers
+    >>> props = {"content_type": CONTENT_TYPE, "content_encoding": CONTENT_ENCODING,
+    ...          "application_headers": task_headers("c1"), "correlation_id": "c1"}
+    >>> inspect(props, b"x", Settings()).refusal is None
+    True
+    >>> props["application_headers"]["eta"] = "2099-01-01T00:00:00"
+    >>> inspect(props, b"x", Settings()).refusal
+    "header 'eta' is not honoured: it must be absent or null"
+    """
+    verdict = Verdict()
+    try:
+        _inspect(properties, body, settings, verdict)
+    except _Refuse as why:
+        verdict.refusal = str(why)
+    except _TooBig as why:
+        verdict.refusal = str(why)
+    except Exception as exc:  # the gate must not raise: refuse what it cannot judge
+        verdict.refusal = f"the gate could not check this message ({type(exc).__name__})"
+    return verdict
+
+
+def _inspect(properties: Any, body: Any, settings: Settings, verdict: Verdict) -> None:
+    if not isinstance(properties, dict):
+        raise _Refuse("message without properties")
+    correlation_id = properties.get("correlation_id")
+    if isinstance(correlation_id, str) and _ID.match(correlation_id):
+        verdict.command_id = correlation_id
+    reply_to = properties.get("reply_to")
+    if reply_to is not None:
+        if not isinstance(reply_to, str) or not _REPLY_TO.match(reply_to):
+            raise _Refuse("reply_to is not a fedplan results routing key")
+        verdict.reply_to = reply_to
+    headers = properties.get("application_headers")
+    if headers is None:
+        headers = {}
+    if not isinstance(headers, dict):
+        raise _Refuse("headers must be a table")
+    header_size(headers)
+    content_type = properties.get("content_type")
+    if content_type != CONTENT_TYPE:
+        raise _Refuse(f"content type {str(content_type)[:64]!r}: only {CONTENT_TYPE} is served")
+    if properties.get("content_encoding") != CONTENT_ENCODING:
+        raise _Refuse(f"content encoding must be {CONTENT_ENCODING!r}")
+    if headers.get("compression") is not None:
+        raise _Refuse("compressed messages are not accepted")
+    task_id = headers.get("id")
+    if not isinstance(task_id, str) or not _ID.match(task_id):
+        raise _Refuse("header 'id' must be an id string")
+    verdict.message_id = task_id
+    if verdict.command_id is None:
+        verdict.command_id = task_id
+    if headers.get("task") != names.TASK_NAME:
+        raise _Refuse(f"header 'task' must be {names.TASK_NAME!r}; no other task is served")
+    if headers.get("lang", "py") != "py":
+        raise _Refuse("header 'lang' must be 'py'")
+    for key in _NULL_HEADERS:
+        if headers.get(key) is not None:
+            raise _Refuse(f"header {key!r} is not honoured: it must be absent or null")
+    if headers.get("retries") not in (None, 0) or isinstance(headers.get("retries"), bool):
+        raise _Refuse("header 'retries' is not honoured: it must be absent or 0")
+    if not _timelimit_is_default(headers.get("timelimit")):
+        raise _Refuse("header 'timelimit' is not honoured: the device's limits apply")
+    if not isinstance(body, bytes | bytearray | memoryview) or len(body) == 0:
+        raise _Refuse("the body must be non-empty bytes")
+    if len(body) > settings.max_message_size:
+        raise _Refuse(f"a body of {len(body)} bytes; the device takes {settings.max_message_size}")
+    clean: dict[str, Any] = {
+        "lang": "py",
+        "task": names.TASK_NAME,
+        "id": task_id,
+        "root_id": _text(headers, "root_id", 200) or task_id,
+        "parent_id": _text(headers, "parent_id", 200),
+        "shadow": None,
+        "eta": None,
+        "expires": None,
+        "group": None,
+        "group_index": None,
+        "retries": 0,
+        "timelimit": [None, None],
+        "ignore_result": True,
+    }
+    for key in _PASSED_TEXT:
+        clean[key] = _text(headers, key)
+    chunks = _chunk_headers(headers, settings)
+    verdict.chunked = bool(chunks)
+    clean.update(chunks)
+    verdict.headers = clean
+
+
+def quorum_deliveries(headers: Any) -> int:
+    """Deliveries a quorum queue counted (``x-delivery-count`` + 1), 1 when absent."""
+    value = headers.get("x-delivery-count") if isinstance(headers, dict) else None
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value + 1
+    return 1
+
+
+class Gate:
+    """The gate of one worker: settings, the delivery counter and what to do with a verdict."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._attempts: DeliveryAttempts | None = None
+
+    @property
+    def device_id(self) -> str:
+        return os.environ.get("FEDPLAN_DEVICE_ID", "")
+
+    def deliveries(self, verdict: Verdict, redelivered: bool, headers: Any) -> int:
+        """Count this delivery durably (redeliveries only) before anything else is done."""
+        n = 1
+        if redelivered and verdict.message_id:
+            if self._attempts is None:
+                self._attempts = DeliveryAttempts(self.settings.data_dir)
+            n = self._attempts.record_redelivery(verdict.message_id)
+        return max(n, quorum_deliveries(headers))
+
+    def admit(self, raw: Any) -> bool:
+        """Check a raw py-amqp message: True to hand it on to Celery, else it was refused."""
+        properties = getattr(raw, "properties", None)
+        verdict = inspect(properties, getattr(raw, "body", None), self.settings)
+        device = self.device_id or names.device_from_queue(
+            str((getattr(raw, "delivery_info", None) or {}).get("routing_key", ""))
+        )
+        if verdict.refusal is None:
+            try:
+                info = getattr(raw, "delivery_info", None) or {}
+                original = properties.get("application_headers") if properties else None
+                n = self.deliveries(verdict, bool(info.get("redelivered")), original)
+            except Exception as exc:
+                log.exception("counting a delivery failed")
+                verdict.refusal = f"the delivery could not be counted ({type(exc).__name__})"
+            else:
+                limit = self.settings.delivery_limit
+                if n > limit + MAX_REFUSED_HARD:
+                    return self._refuse(raw, verdict, device, _crashed(verdict, n))
+                verdict.headers[DELIVERIES_HEADER] = n
+                if isinstance(properties, dict):  # always, once admitted
+                    properties["application_headers"] = verdict.headers
+                    return True
+        return self._refuse(raw, verdict, device, MessageRefused(verdict.refusal or ""))
+
+    def _refuse(self, raw: Any, verdict: Verdict, device: str | None, exc: FedplanError) -> bool:
+        log.error(
+            "refused message %s (command %s) to the dead-letter queue: %s [%s]",
+            verdict.message_id,
+            verdict.command_id,
+            exc.message,
+            exc.code,
+        )
+        exc.device_id = device or None
+        send_error(
+            self.settings,
+            device or "",
+            exc,
+            reply_to=verdict.reply_to,
+            command_id=verdict.command_id,
+        )
+        try:
+            raw.channel.basic_reject(raw.delivery_tag, requeue=False)
+        except Exception:
+            log.exception("rejecting a refused message failed; it will come back")
+        return False
+
+
+def _crashed(verdict: Verdict, n: int) -> FedplanError:
+    return PlanExecutionError(
+        f"command {verdict.command_id} was delivered {n} times and its worker died every "
+        "time; it was not run again and went to the dead-letter queue"
+    )
+
+
+class GatedConsumer(Consumer):
+    """The kombu consumer of a device worker's task queues: the gate runs first.
+
+    Celery builds it through ``app.amqp.TaskConsumer``; :data:`gate` is set by ``make_app``.
+    """
+
+    gate: ClassVar[Gate | None] = None
+
+    def _receive_callback(self, message: Any) -> Any:
+        gate = type(self).gate
+        if gate is not None and hasattr(message, "properties"):
+            try:
+                admitted = gate.admit(message)
+            except Exception:  # never into Celery
+                log.exception("the gate failed; rejecting the message")
+                admitted = False
+                try:
+                    message.channel.basic_reject(message.delivery_tag, requeue=False)
+                except Exception:
+                    log.exception("rejecting the message failed; it will come back")
+            if not admitted:
+                return None
+        return super()._receive_callback(message)

@@ -1,0 +1,79 @@
+"""The Celery request of a device task: an error reply at the hard time limit, bounded timers.
+
+Runs in the worker's main process. When Celery's hard time limit kills the pool process,
+the command still gets its typed ``TIME_LIMIT`` error reply (the producer's call ends with
+it, not with its own timeout) and, with ``task_acks_on_failure_or_timeout`` off, the message
+goes to the dead-letter queue instead of being acked without a trace.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from celery.worker.request import Request
+from kombu.asynchronous import get_event_loop
+
+from broker_config import names
+from broker_config.settings import Settings
+from consumer.worker.limits import purge_cancelled_timers
+from consumer.worker.publishing import send_error
+from schemas.errors import TimeLimitError
+
+log = logging.getLogger(__name__)
+
+
+def _purge() -> None:
+    try:
+        hub = get_event_loop()
+        if hub is not None:
+            purge_cancelled_timers(hub.timer)
+    except Exception:  # bookkeeping only
+        log.debug("purging cancelled timers failed", exc_info=True)
+
+
+class DeviceRequest(Request):
+    """Celery's request, plus a typed error reply when the hard time limit strikes."""
+
+    def _fedplan_settings(self) -> Settings:
+        s = getattr(self.task.app.conf, "fedplan_settings", None)
+        return s if isinstance(s, Settings) else Settings.from_env()
+
+    def on_timeout(self, soft: bool, timeout: float) -> None:
+        """Answer the command with ``TIME_LIMIT`` (hard limit), then let Celery reject it."""
+        if not soft:
+            try:
+                device = os.environ.get("FEDPLAN_DEVICE_ID") or names.device_from_queue(
+                    str((self.delivery_info or {}).get("routing_key") or "")
+                )
+                exc = TimeLimitError(
+                    f"the command hit the device's hard time limit of {timeout:g} s; its "
+                    "process was killed and the command went to the dead-letter queue",
+                    device_id=device or None,
+                )
+                send_error(
+                    self._fedplan_settings(),
+                    device or "",
+                    exc,
+                    reply_to=self.reply_to,
+                    command_id=str(self.correlation_id or self.id),
+                )
+            except Exception:
+                log.exception("answering a timed-out command failed")
+        super().on_timeout(soft, timeout)
+        _purge()
+
+    def on_success(self, failed__retval__runtime: Any, **kwargs: Any) -> Any:
+        try:
+            return super().on_success(failed__retval__runtime, **kwargs)
+        finally:
+            _purge()
+
+    def on_failure(
+        self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False
+    ) -> Any:
+        try:
+            return super().on_failure(exc_info, send_failed_event, return_ok)
+        finally:
+            _purge()
