@@ -57,7 +57,10 @@ def test_the_celery_app_acks_late_prefetches_one_and_accepts_only_protobuf() -> 
     assert c.task_acks_late and c.task_reject_on_worker_lost
     assert c.worker_prefetch_multiplier == 1
     assert list(c.accept_content) == [CONTENT_TYPE]
-    assert (c.task_soft_time_limit, c.task_time_limit) == (5, 7)
+    # the soft limit is enforced in the pool process (no Celery timer per task)
+    assert (c.task_soft_time_limit, c.task_time_limit) == (None, 7)
+    assert c.fedplan_settings.soft_time_limit == 5
+    assert not c.task_acks_on_failure_or_timeout  # failed or timed out: dead-lettered
     assert c.worker_send_task_events
     assert names.TASK_NAME in app.tasks
 
