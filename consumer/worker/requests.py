@@ -12,6 +12,7 @@ import logging
 import os
 from typing import Any
 
+from celery.exceptions import TimeLimitExceeded
 from celery.worker.request import Request
 from kombu.asynchronous import get_event_loop
 
@@ -40,27 +41,42 @@ class DeviceRequest(Request):
         s = getattr(self.task.app.conf, "fedplan_settings", None)
         return s if isinstance(s, Settings) else Settings.from_env()
 
+    def _answer_hard_limit(self, timeout: Any) -> None:
+        """Once per request: the TIME_LIMIT reply, then a reject to the dead-letter queue.
+
+        Celery reports a hard time limit twice (``on_failure`` with ``TimeLimitExceeded``,
+        then ``on_timeout``) and, depending on its version, requeues the message there: it
+        would hit the same limit again, so it is dead-lettered here first. Celery's own
+        ack/reject after this one is a no-op (the request is acknowledged).
+        """
+        if getattr(self, "_fedplan_answered", False):
+            return
+        self._fedplan_answered = True
+        try:
+            device = os.environ.get("FEDPLAN_DEVICE_ID") or names.device_from_queue(
+                str((self.delivery_info or {}).get("routing_key") or "")
+            )
+            exc = TimeLimitError(
+                f"the command hit the device's hard time limit of {timeout} s; its process "
+                "was killed and the command went to the dead-letter queue",
+                device_id=device or None,
+            )
+            send_error(
+                self._fedplan_settings(),
+                device or "",
+                exc,
+                reply_to=self.reply_to,
+                command_id=str(self.correlation_id or self.id),
+            )
+        except Exception:
+            log.exception("answering a timed-out command failed")
+        if self.task.acks_late:
+            self.reject(requeue=False)
+
     def on_timeout(self, soft: bool, timeout: float) -> None:
-        """Answer the command with ``TIME_LIMIT`` (hard limit), then let Celery reject it."""
+        """Answer the command with ``TIME_LIMIT`` (hard limit), then let Celery go on."""
         if not soft:
-            try:
-                device = os.environ.get("FEDPLAN_DEVICE_ID") or names.device_from_queue(
-                    str((self.delivery_info or {}).get("routing_key") or "")
-                )
-                exc = TimeLimitError(
-                    f"the command hit the device's hard time limit of {timeout:g} s; its "
-                    "process was killed and the command went to the dead-letter queue",
-                    device_id=device or None,
-                )
-                send_error(
-                    self._fedplan_settings(),
-                    device or "",
-                    exc,
-                    reply_to=self.reply_to,
-                    command_id=str(self.correlation_id or self.id),
-                )
-            except Exception:
-                log.exception("answering a timed-out command failed")
+            self._answer_hard_limit(f"{timeout:g}")
         super().on_timeout(soft, timeout)
         _purge()
 
@@ -73,6 +89,11 @@ class DeviceRequest(Request):
     def on_failure(
         self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False
     ) -> Any:
+        exc = getattr(exc_info, "exception", None)
+        exc = getattr(exc, "exc", exc)  # ExceptionWithTraceback
+        if isinstance(exc, TimeLimitExceeded):
+            limit = exc.args[0] if exc.args else "?"
+            self._answer_hard_limit(f"{limit:g}" if isinstance(limit, float | int) else limit)
         try:
             return super().on_failure(exc_info, send_failed_event, return_ok)
         finally:
