@@ -80,9 +80,17 @@ class DeviceRequest(Request):
         super().on_timeout(soft, timeout)
         _purge()
 
-    def on_success(self, failed__retval__runtime: Any, **kwargs: Any) -> Any:
+    # Celery's optimised request class overrides on_success without calling up, but every
+    # finished task is acked or rejected: the cancelled time-limit timer goes there.
+    def acknowledge(self) -> None:
         try:
-            return super().on_success(failed__retval__runtime, **kwargs)
+            super().acknowledge()
+        finally:
+            _purge()
+
+    def reject(self, requeue: bool = False) -> None:
+        try:
+            super().reject(requeue=requeue)
         finally:
             _purge()
 
