@@ -252,3 +252,28 @@ def test_an_unfinished_chunked_transfer_expires_and_is_collected_at_worker_start
     workers("jo", env=env)  # a new worker on the same directory collects them at start
     _wait_for(lambda: not list(chunks.glob("*")))
     _ok(transport, replies, "jo", torch.arange(4.0))
+
+
+def test_the_worker_log_file_rotates_and_stays_bounded(
+    vhost: RunVhost,
+    workers: Callable[..., WorkerProcess],
+    transport: AmqpTransport,
+    replies: Replies,
+    sender: RawSender,
+    tmp_path: Path,
+) -> None:
+    log_file = tmp_path / "logs" / "kim.log"
+    env = {
+        "FEDPLAN_LOG_FILE": str(log_file),
+        "FEDPLAN_LOG_MAX_BYTES": "20000",
+        "FEDPLAN_LOG_BACKUPS": "2",
+    }
+    workers("kim", env=env)
+    transport.ensure_device("kim")
+    cids = [sender.send("kim", b"x", headers={"retries": 9}) for _ in range(300)]
+    for cid in cids:
+        assert replies.wait(cid, 60).error.code == "MESSAGE_REFUSED"
+    files = sorted(log_file.parent.glob("kim.log*"))
+    assert [f.name for f in files] == ["kim.log", "kim.log.1", "kim.log.2"]
+    assert all(f.stat().st_size <= 20000 for f in files)
+    assert "retries" in log_file.read_text() + files[1].read_text()
