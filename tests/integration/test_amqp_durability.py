@@ -109,7 +109,7 @@ def _poison_then_valid(
     w, x = torch.randn(4), torch.randn(4)
     _setup(transport, replies, "frank", w, x)
     dead = names.dead_letter_queue()
-    dead_before = int(vhost.queue(dead)["messages"])  # type: ignore[call-overload]
+    dead_before = int(vhost.queue(dead).get("messages", 0))  # type: ignore[call-overload]
     cid = new_id()
     poison = cmd.run_plan(cid, "frank", "acc", ["x"], [marker])
     reply = _send(transport, replies, poison, cid, "frank")

@@ -102,7 +102,7 @@ def _ok(transport: AmqpTransport, replies: Replies, device: str, x: torch.Tensor
 
 
 def _dead(vhost: RunVhost) -> int:
-    return int(vhost.queue(names.dead_letter_queue())["messages"])  # type: ignore[call-overload]
+    return int(vhost.queue(names.dead_letter_queue()).get("messages", 0))  # type: ignore[call-overload]
 
 
 def _hostile(valid: bytes) -> list[tuple[str, bytes, dict[str, Any], dict[str, Any]]]:
