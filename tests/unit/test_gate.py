@@ -262,3 +262,27 @@ def test_cancelled_timer_entries_leave_the_heap() -> None:
         timer.call_after(600, print).cancel()
     assert purge_cancelled_timers(timer) == 100
     assert len(timer) == 1 and not keep.canceled
+
+
+def test_the_dead_letter_queue_is_bounded_in_topology_and_definitions() -> None:
+    import json
+
+    from broker_config import names, topology
+
+    s = Settings(dead_letter_max_length=7, dead_letter_ttl=60)
+    args = topology.dead_letter_queue(s).arguments
+    assert args == {"x-max-length": 7, "x-message-ttl": 60_000, "x-overflow": "drop-head"}
+    path = Path(names.__file__).with_name("definitions.json")
+    (dlq,) = [q for q in json.loads(path.read_text())["queues"] if q["name"] == "fedplan.dead"]
+    assert dlq["arguments"] == topology.dead_letter_queue(Settings()).arguments
+
+
+def test_bound_settings_are_read_from_the_environment_and_checked() -> None:
+    from schemas.errors import FedplanError
+
+    s = Settings.from_env({"FEDPLAN_CHUNK_TTL": "5", "FEDPLAN_LOG_FILE": "/tmp/w.log"})
+    assert s.chunk_ttl == 5.0 and s.log_file == Path("/tmp/w.log")
+    with pytest.raises(FedplanError, match="max_command_size"):
+        Settings(max_command_size=1024)
+    with pytest.raises(FedplanError, match="chunk_ttl"):
+        Settings.from_env({"FEDPLAN_CHUNK_TTL": "0"})
