@@ -277,3 +277,41 @@ def test_the_worker_log_file_rotates_and_stays_bounded(
     assert [f.name for f in files] == ["kim.log", "kim.log.1", "kim.log.2"]
     assert all(f.stat().st_size <= 20000 for f in files)
     assert "retries" in log_file.read_text() + files[1].read_text()
+
+
+def test_a_chunked_command_that_kills_its_worker_is_counted_refused_and_its_chunks_deleted(
+    vhost: RunVhost, workers: Callable[..., WorkerProcess], replies: Replies
+) -> None:
+    marker = f"crash-{secrets.token_hex(4)}"
+    size = 65536
+    lee = workers(
+        "lee",
+        env={
+            "FEDPLAN_TEST_CRASH_MARKER": marker,
+            "FEDPLAN_DELIVERY_LIMIT": "2",
+            "FEDPLAN_MAX_MESSAGE_SIZE": str(size),
+        },
+        app="tests.integration.crash_app",
+    )
+    settings = vhost.settings.replace(
+        producer_id=f"t{secrets.token_hex(4)}", max_message_size=size, delivery_limit=2
+    )
+    transport = AmqpTransport(on_reply=replies.on_reply, settings=settings)
+    try:
+        transport.ensure_device("lee")
+        dead_before = _dead(vhost)
+        cid = new_id()
+        big = cmd.store_object(cid, "lee", marker, torch.randn(100_000))  # 7 chunks
+        assert len(big) > 6 * size
+        transport.publish("lee", big, command_id=cid)
+        reply = replies.wait(cid, 120)
+        assert reply.error.code == "EXECUTION_FAILED", reply
+        assert "delivered 3 times" in reply.error.message
+        vhost.wait_queue(names.dead_letter_queue(), messages=dead_before + 1)
+        vhost.wait_queue(names.device_queue("lee"), messages=0, messages_unacknowledged=0)
+        assert not list((lee.data_dir / "chunks").glob("*"))  # the transfer's chunks are gone
+        assert lee.log_tail(400).count("WorkerLostError") >= 2
+        _ok(transport, replies, "lee", torch.arange(7.0))
+        assert replies.count(cid) == 1
+    finally:
+        transport.close()
