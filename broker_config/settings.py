@@ -33,6 +33,10 @@ ENV_VARS: dict[str, str] = {
     "FEDPLAN_RECONNECT_MAX_DELAY": "reconnect_max_delay",
     "FEDPLAN_HEARTBEAT": "heartbeat",
     "FEDPLAN_WORKER_DECLARES": "worker_declares",
+    "FEDPLAN_MAX_REPLY_SIZE": "max_reply_size",
+    "FEDPLAN_REPLY_TRANSFER_TTL": "reply_transfer_ttl",
+    "FEDPLAN_UNCLAIMED_REPLY_TTL": "unclaimed_reply_ttl",
+    "FEDPLAN_JOURNAL_DIR": "journal_dir",
 }
 
 
@@ -65,6 +69,16 @@ class Settings:
     heartbeat: int = 60
     worker_declares: bool = True
     """False for workers under a least-privilege device user: the queue exists already."""
+    max_reply_size: int = 1024 * MIB
+    """Largest reply (all chunks) the producer assembles; incomplete replies hold at most
+    twice this in memory, the oldest dropped first."""
+    reply_transfer_ttl: float = 600.0
+    """Seconds an incomplete chunked reply waits for its next chunk before it is dropped."""
+    unclaimed_reply_ttl: float = 24 * 3600.0
+    """Seconds a reply to a command this producer is not waiting for is kept (in the journal
+    when there is one) for a later ``expect``/``recover`` to claim; then it is dropped."""
+    journal_dir: Path = Path("fedplan-journal")
+    """Where a producer with a fixed ``producer_id`` keeps its in-flight journal (SQLite)."""
 
     def __post_init__(self) -> None:
         if urlsplit(self.broker_url).scheme not in ("amqp", "amqps"):
@@ -79,6 +93,8 @@ class Settings:
             "results_queue_expires",
             "confirm_timeout",
             "reconnect_max_delay",
+            "reply_transfer_ttl",
+            "unclaimed_reply_ttl",
         ):
             if not getattr(self, name) > 0:
                 _bad(name, getattr(self, name), "a positive number of seconds")
@@ -89,6 +105,8 @@ class Settings:
         for name in ("queue_max_length", "delivery_limit"):
             if getattr(self, name) < 1:
                 _bad(name, getattr(self, name), "a positive integer")
+        if self.max_reply_size < self.max_message_size:
+            _bad("max_reply_size", self.max_reply_size, "at least max_message_size")
         if self.heartbeat < 0:
             _bad("heartbeat", self.heartbeat, "0 (off) or a positive number of seconds")
 
@@ -109,8 +127,9 @@ class Settings:
                 raise FedplanError(f"unknown setting {name!r}; known: {', '.join(types)}")
             if value is not None:
                 values[name] = value
-        if "data_dir" in values:
-            values["data_dir"] = Path(values["data_dir"])
+        for name in ("data_dir", "journal_dir"):
+            if name in values:
+                values[name] = Path(values[name])
         return cls(**values)
 
     def replace(self, **changes: Any) -> Settings:

@@ -188,3 +188,26 @@ def error_from_code(code: str, message: str, **fields: Any) -> FedplanError:
     """The exception for a wire error code (``DeviceError`` for codes this side lacks)."""
     cls = _BY_CODE.get(code, DeviceError)
     return cls(message, **{k: v for k, v in fields.items() if v is not None})
+
+
+class ReplyTimeout(FedplanError, TimeoutError):
+    """No reply came within the caller's timeout (also a builtin ``TimeoutError``).
+
+    The command may still run; its reply, if it comes later, is kept (see
+    ``producer.collector``) and can be claimed by its command or result id.
+    """
+
+    code = "REPLY_TIMEOUT"
+
+
+class PublishTimeout(TransportError, TimeoutError):
+    """A publish was not confirmed by the broker within ``confirm_timeout``.
+
+    Only that call fails; the transport stays usable. The rest of a chunked command is not
+    sent, but pieces the broker already took (or a single message) may still arrive.
+    """
+
+    code = "PUBLISH_TIMEOUT"
+
+
+_BY_CODE.update({cls.code: cls for cls in (ReplyTimeout, PublishTimeout)})
