@@ -201,6 +201,16 @@ class AmqpTransport:
 
         self._call(work)
 
+    @property
+    def incomplete_replies(self) -> tuple[int, int]:
+        """How many chunked replies are incomplete, and how many bytes they hold."""
+        return self._assembler.transfers, self._assembler.pending_bytes
+
+    @property
+    def alive(self) -> bool:
+        """Whether the I/O thread runs (it stops only on ``close``)."""
+        return self._thread.is_alive()
+
     def close(self) -> None:
         """Stop the I/O thread and close the connection (pending replies stay queued)."""
         self._closing.set()
