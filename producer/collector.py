@@ -3,8 +3,9 @@
 A reply is accepted for a command only from the device the command went to: its own
 ``device_id`` must name that device and, when the transport knows who sent it (a
 least-privilege broker user, ``sender=``), so must the sender. A reply nobody awaits is kept,
-not dropped, for ``unclaimed_ttl`` seconds (at most ``MAX_UNCLAIMED``, oldest dropped first;
-an ``ok`` reply carrying no objects has nothing to claim and is dropped), so that a later
+not dropped, for ``unclaimed_ttl`` seconds (at most ``MAX_UNCLAIMED`` replies and
+``MAX_UNCLAIMED_BYTES``, oldest dropped first; an ``ok`` reply carrying no objects has
+nothing to claim and is dropped), so that a later
 :meth:`ReplyCollector.expect` or :meth:`ReplyCollector.recover` with its command id gets it.
 With a :class:`~producer.transport.journal.Journal` both what is in flight and the kept
 replies survive a killed process (see that module for the rules).
@@ -20,7 +21,7 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
-from producer.transport.journal import MAX_UNCLAIMED, Journal
+from producer.transport.journal import MAX_UNCLAIMED, MAX_UNCLAIMED_BYTES, Journal
 from schemas.command_pb2 import ObjectInfo, Reply
 from schemas.errors import FedplanError, ObjectNotFound, ReplyTimeout
 from schemas.tensor_codec import tensor_from_proto
@@ -120,7 +121,8 @@ class ReplyCollector:
         self._pending: dict[str, PendingCommand] = {}
         self._done: OrderedDict[str, PendingCommand] = OrderedDict()
         self._by_result: dict[str, PendingCommand] = {}
-        self._unclaimed: OrderedDict[str, tuple[Reply, str | None, float]] = OrderedDict()
+        self._unclaimed: OrderedDict[str, tuple[Reply, str | None, float, int]] = OrderedDict()
+        self._unclaimed_bytes = 0
         self._recovered: dict[str, PendingCommand] = {}
         self.journal = journal
         self.unclaimed_ttl = unclaimed_ttl
@@ -147,9 +149,10 @@ class ReplyCollector:
             for result_id in result_ids:
                 self._by_result[result_id] = pending
             kept = self._unclaimed.pop(command_id, None)
+            if kept is not None:
+                self._unclaimed_bytes -= kept[3]
         if kept is not None:
-            reply, sender, _ = kept
-            self._deliver(pending, reply, sender)
+            self._deliver(pending, kept[0], kept[1])
         return pending
 
     def recover(self, *, in_flight_ttl: float | None = None) -> dict[str, PendingCommand]:
@@ -169,7 +172,7 @@ class ReplyCollector:
                 self.journal.done(kept.command_id)
                 continue
             with self._lock:
-                self._unclaimed[kept.command_id] = (reply, kept.sender, kept.received)
+                self._store_unclaimed(kept.command_id, reply, kept.sender, kept.received, kept.data)
         drop = None if in_flight_ttl is None else now - in_flight_ttl
         for entry in self.journal.in_flight(older_than_drop=drop):
             if entry.command_id not in self._pending:
@@ -240,20 +243,34 @@ class ReplyCollector:
         ok = reply.WhichOneof("outcome") == "ok"
         if ok and not reply.ok.objects and not reply.ok.HasField("plan"):
             return  # nothing to claim (a delete's reply)
+        if len(data) > MAX_UNCLAIMED_BYTES:
+            log.warning("a reply to unknown command %s is too large to keep", reply.command_id)
+            return
         log.debug("keeping the reply to unknown command %s from %s", reply.command_id, sender)
-        now = time.time()
-        self._unclaimed[reply.command_id] = (reply, sender, now)
-        self._unclaimed.move_to_end(reply.command_id)
-        while self._unclaimed and (
-            len(self._unclaimed) > MAX_UNCLAIMED
-            or next(iter(self._unclaimed.values()))[2] < now - self.unclaimed_ttl
-        ):
-            self._unclaimed.popitem(last=False)
+        self._store_unclaimed(reply.command_id, reply, sender, time.time(), data)
         if self.journal is not None:
             try:
                 self.journal.keep(reply.command_id, sender, data)
             except Exception:
                 log.exception("could not journal the reply to command %s", reply.command_id)
+
+    def _store_unclaimed(
+        self, command_id: str, reply: Reply, sender: str | None, received: float, data: bytes
+    ) -> None:
+        """Called with the lock held; drops the oldest past the bounds or the TTL."""
+        old = self._unclaimed.pop(command_id, None)
+        if old is not None:
+            self._unclaimed_bytes -= old[3]
+        self._unclaimed[command_id] = (reply, sender, received, len(data))
+        self._unclaimed_bytes += len(data)
+        limit = time.time() - self.unclaimed_ttl
+        while self._unclaimed and (
+            len(self._unclaimed) > MAX_UNCLAIMED
+            or self._unclaimed_bytes > MAX_UNCLAIMED_BYTES
+            or next(iter(self._unclaimed.values()))[2] < limit
+        ):
+            _, dropped = self._unclaimed.popitem(last=False)
+            self._unclaimed_bytes -= dropped[3]
 
     def _deliver(self, pending: PendingCommand, reply: Reply, sender: str | None) -> bool:
         """Resolve ``pending`` with ``reply`` if it comes from the command's device."""

@@ -13,8 +13,11 @@ Rules (also in ``broker_config.settings``):
   ``results_queue_expires`` seconds (after that the results queue, and any reply in it, is
   gone); ``fleet.close()`` keeps rows: the commands are still at the broker;
 - a reply to a command nobody awaits is kept (``unclaimed``) for ``unclaimed_reply_ttl``
-  seconds, at most ``MAX_UNCLAIMED`` of them (the oldest dropped first), until a command
-  or recovery with its id claims it.
+  seconds, at most ``MAX_UNCLAIMED`` of them and ``MAX_UNCLAIMED_BYTES`` in all (the
+  oldest dropped first), until a command or recovery with its id claims it;
+- a producer killed between a command's journal row and its publish recovers a command
+  that was never sent: waiting on it raises ``ReplyTimeout``, and its row goes with the
+  ``results_queue_expires`` rule.
 
 Example
 -------
@@ -42,6 +45,10 @@ from schemas.errors import FedplanError
 
 MAX_UNCLAIMED = 1024
 """Unclaimed replies kept at most (in memory and in the journal)."""
+
+MAX_UNCLAIMED_BYTES = 256 * 1024 * 1024
+"""Bytes of unclaimed replies kept at most (the oldest dropped first; a larger one alone is
+not kept)."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS in_flight (
@@ -132,9 +139,11 @@ class Journal:
                 (command_id, sender, data, time.time()),
             )
             self._db.execute(
-                "DELETE FROM unclaimed WHERE command_id NOT IN (SELECT command_id FROM "
-                "unclaimed ORDER BY received DESC LIMIT ?)",
-                (MAX_UNCLAIMED,),
+                "DELETE FROM unclaimed WHERE command_id IN (SELECT command_id FROM (SELECT "
+                "command_id, ROW_NUMBER() OVER w AS n, SUM(length(data)) OVER w AS total "
+                "FROM unclaimed WINDOW w AS (ORDER BY received DESC, rowid DESC)) "
+                "WHERE n > ? OR total > ?)",
+                (MAX_UNCLAIMED, MAX_UNCLAIMED_BYTES),
             )
 
     def unclaimed(self, *, ttl: float) -> list[Unclaimed]:

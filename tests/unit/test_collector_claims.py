@@ -129,3 +129,27 @@ def test_the_journal_keeps_at_most_max_unclaimed_replies(
     for i in range(5):
         j.keep(f"c{i}", None, b"x")
     assert len(j.unclaimed(ttl=60)) == 2
+
+
+def test_unclaimed_replies_are_bounded_in_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
+    big = _value("c0", "r0", "x" * 500)
+    monkeypatch.setattr("producer.collector.MAX_UNCLAIMED_BYTES", 2 * len(big) + 10)
+    collector = ReplyCollector()
+    for i in range(5):
+        collector.on_reply(_value(f"c{i}", f"r{i}", "x" * 500))
+    with pytest.raises(ReplyTimeout):
+        collector.expect("c2", device_id="alice", result_ids=("r2",)).value("r2", 0)
+    assert collector.expect("c4", device_id="alice", result_ids=("r4",)).value("r4", 0)
+    collector.on_reply(_value("huge", "rh", "x" * 5000))  # larger than the bound: not kept
+    with pytest.raises(ReplyTimeout):
+        collector.expect("huge", device_id="alice", result_ids=("rh",)).value("rh", 0)
+
+
+def test_the_journal_keeps_at_most_max_unclaimed_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(journal_module, "MAX_UNCLAIMED_BYTES", 250)
+    j = Journal(tmp_path / "p.sqlite3")
+    for i in range(5):
+        j.keep(f"c{i}", None, b"x" * 100)
+    assert [u.command_id for u in j.unclaimed(ttl=60)] == ["c3", "c4"]
