@@ -146,7 +146,7 @@ class AmqpTransport:
 
         def work(ch: BlockingChannel) -> None:
             for i, piece in enumerate(pieces):
-                if abandoned.is_set():
+                if abandoned.is_set() or self._closing.is_set():
                     raise PublishTimeout(
                         f"command {command_id} abandoned after {i} of {len(pieces)} pieces",
                         device_id=device_id,
