@@ -37,6 +37,7 @@ ENV_VARS: dict[str, str] = {
     "FEDPLAN_REPLY_TRANSFER_TTL": "reply_transfer_ttl",
     "FEDPLAN_UNCLAIMED_REPLY_TTL": "unclaimed_reply_ttl",
     "FEDPLAN_JOURNAL_DIR": "journal_dir",
+    "FEDPLAN_TRUSTED_REPLY_USERS": "trusted_reply_users",
 }
 
 
@@ -79,6 +80,10 @@ class Settings:
     when there is one) for a later ``expect``/``recover`` to claim; then it is dropped."""
     journal_dir: Path = Path("fedplan-journal")
     """Where a producer with a fixed ``producer_id`` keeps its in-flight journal (SQLite)."""
+    trusted_reply_users: str = ""
+    """Comma-separated broker users, besides the producer's own, whose replies are accepted
+    for any device (workers sharing one user); ``fedplan-device-<id>`` users need no entry:
+    they may answer only their own device's commands. Replies from other users are dropped."""
 
     def __post_init__(self) -> None:
         if urlsplit(self.broker_url).scheme not in ("amqp", "amqps"):

@@ -279,6 +279,8 @@ class ReplyCollector:
         )
         if wrong:
             self.refused += 1
+            if self.refused > 10 and self.refused % 1000:
+                return False  # a flood: log the first ten and every thousandth
             log.warning(
                 "refused a reply to command %s (sent to %r) claiming device %r from sender %r",
                 pending.command_id,

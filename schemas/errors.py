@@ -15,9 +15,11 @@
     ├── WireError                     a message could not be decoded
     │   └── SchemaVersionError        a message of a schema version this side does not speak
     ├── DeviceError                   anything else a device reported
-    └── TransportError                the transport failed (broker down, publish refused)
-        ├── DeviceNotFound            no queue for that device
-        └── BrokerUnavailable         cannot reach the broker
+    ├── TransportError                the transport failed (broker down, publish refused)
+    │   ├── DeviceNotFound            no queue for that device
+    │   ├── BrokerUnavailable         cannot reach the broker
+    │   └── PublishTimeout            (also TimeoutError) a publish outlived confirm_timeout
+    └── ReplyTimeout                  (also TimeoutError) no reply within the caller's timeout
 
 Every class has a stable wire ``code``; a device turns an exception into ``(code, message,
 fields)`` and the server raises the same class again with :func:`error_from_code`.

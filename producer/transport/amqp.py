@@ -70,7 +70,8 @@ class AmqpTransport:
     on_reply
         Called from the I/O thread with each encoded ``Reply`` (chunks reassembled), as
         ``on_reply(data)`` for a reply from the producer's own broker user (everything on
-        one shared user, e.g. ``guest``: devices cannot be told apart) and as
+        one shared user, e.g. ``guest``: devices cannot be told apart) or one listed in
+        ``settings.trusted_reply_users``, and as
         ``on_reply(data, sender=device_id)`` for one from a least-privilege device user
         ``fedplan-device-<id>`` (``ReplyCollector.on_reply`` then accepts it only for a
         command sent to that device). Messages from any other user, or with no
@@ -108,7 +109,8 @@ class AmqpTransport:
         self.results_queue = names.results_queue(self.producer_id)
         self._on_reply = on_reply
         self._params = connection_parameters(s, self.producer_id)
-        self._trusted_users = frozenset({self._params.credentials.username})
+        extra = {u.strip() for u in s.trusted_reply_users.split(",") if u.strip()}
+        self._trusted_users = frozenset({self._params.credentials.username, *extra})
         self._assembler = ReplyAssembler(
             max_reply_size=s.max_reply_size,
             max_pending_bytes=2 * s.max_reply_size,
@@ -394,7 +396,14 @@ class AmqpTransport:
                     self._on_reply(data, sender=sender.device_id)
         except RejectedReply as e:
             self.rejected_replies += 1
-            log.warning("refused a message in %s: %s", self.results_queue, e)
+            if self.rejected_replies <= 10 or self.rejected_replies % 1000 == 0:  # floods
+                log.warning(
+                    "refused a message in %s (%d so far): %s; workers on a shared broker "
+                    "user other than this producer's need FEDPLAN_TRUSTED_REPLY_USERS",
+                    self.results_queue,
+                    self.rejected_replies,
+                    e,
+                )
         except Exception:
             self.rejected_replies += 1
             log.exception("the reply handler failed on a reply; the reply is dropped")

@@ -44,6 +44,7 @@ def test_reply_limits_come_from_fedplan_variables_and_are_checked() -> None:
         "FEDPLAN_REPLY_TRANSFER_TTL": "30",
         "FEDPLAN_UNCLAIMED_REPLY_TTL": "3600",
         "FEDPLAN_JOURNAL_DIR": "/tmp/j",
+        "FEDPLAN_TRUSTED_REPLY_USERS": "workers,ops",
     }
     s = Settings.from_env(env)
     assert (s.max_reply_size, s.reply_transfer_ttl, s.unclaimed_reply_ttl) == (
@@ -52,6 +53,7 @@ def test_reply_limits_come_from_fedplan_variables_and_are_checked() -> None:
         3600.0,
     )
     assert str(s.journal_dir) == "/tmp/j"
+    assert s.trusted_reply_users == "workers,ops"
     with pytest.raises(FedplanError, match="FEDPLAN_MAX_REPLY_SIZE"):
         Settings(max_reply_size=4096, max_message_size=8192)
     with pytest.raises(FedplanError, match="FEDPLAN_REPLY_TRANSFER_TTL"):
