@@ -190,3 +190,46 @@ def test_a_publish_that_outlives_its_confirm_timeout_fails_alone(
         assert t.alive
     finally:
         t.close()
+
+
+@pytest.fixture
+def shared_user(vhost: RunVhost) -> Iterator[tuple[str, str]]:
+    """A broker user with full rights in the vhost, other than the producer's: (name, URL)."""
+    user, password = f"fedplan-shared-{secrets.token_hex(3)}", secrets.token_hex(8)
+    vhost.admin.request("PUT", f"users/{vhost.admin.q(user)}", {"password": password, "tags": ""})
+    vhost.admin.request(
+        "PUT",
+        f"permissions/{vhost.admin.q(vhost.name)}/{vhost.admin.q(user)}",
+        {"configure": ".*", "write": ".*", "read": ".*"},
+    )
+    yield user, f"amqp://{user}:{password}@127.0.0.1:5672/{quote(vhost.name, safe='')}"
+    vhost.admin.request("DELETE", f"users/{vhost.admin.q(user)}")
+
+
+def test_workers_on_another_shared_user_are_heard_only_when_it_is_trusted(
+    vhost: RunVhost,
+    workers: Callable[..., WorkerProcess],
+    collector: ReplyCollector,
+    shared_user: tuple[str, str],
+) -> None:
+    user, url = shared_user
+    workers("jo", env={"FEDPLAN_BROKER_URL": url})
+    base = vhost.settings.replace(producer_id=f"h{secrets.token_hex(4)}")
+    deaf = AmqpTransport(on_reply=collector.on_reply, settings=base)
+    try:
+        deaf.ensure_device("jo")
+        cid = new_id()
+        pending = collector.expect(cid, device_id="jo")
+        deaf.publish("jo", cmd.store_object(cid, "jo", "x", torch.ones(2)), command_id=cid)
+        _until(lambda: deaf.rejected_replies >= 1, "the untrusted user's reply was refused")
+        assert not pending.done()
+    finally:
+        deaf.close()
+    trusting = AmqpTransport(
+        on_reply=collector.on_reply,
+        settings=base.replace(producer_id=f"h{secrets.token_hex(4)}", trusted_reply_users=user),
+    )
+    try:
+        _round_trip(trusting, collector, "jo")
+    finally:
+        trusting.close()
