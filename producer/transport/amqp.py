@@ -35,6 +35,10 @@ _Work = Callable[[BlockingChannel], Any]
 MAX_INCOMPLETE_REPLIES = 256
 """Incomplete chunked replies held at once (the oldest is dropped to make room)."""
 
+PREFETCH = 64
+"""Unacked reply messages the broker sends ahead; half of them may be chunks of incomplete
+replies left unacked until their reply is whole, so a killed producer gets them again."""
+
 
 def connection_parameters(settings: Settings, producer_id: str) -> pika.URLParameters:
     """The pika connection parameters for ``settings.broker_url`` (one place to build them)."""
@@ -116,6 +120,7 @@ class AmqpTransport:
             max_pending_bytes=2 * s.max_reply_size,
             max_transfers=MAX_INCOMPLETE_REPLIES,
             ttl=s.reply_transfer_ttl,
+            max_held=PREFETCH // 2,
         )
         self.rejected_replies = 0
         """Reply messages refused (malformed, over a bound, or from a user not allowed)."""
@@ -316,7 +321,8 @@ class AmqpTransport:
         self._declare_queue(ch, topology.results_queue(self.producer_id, self.settings))
         for device in sorted(self._devices):  # queues may have been deleted meanwhile
             self._declare_queue(ch, topology.device_queue(device, self.settings))
-        ch.basic_qos(prefetch_count=64)
+        ch.basic_qos(prefetch_count=PREFETCH)
+        self._assembler.forget_tokens()  # unacked chunks come again on this channel
         ch.basic_consume(self.results_queue, self._on_message, auto_ack=False)
         return ch
 
@@ -332,6 +338,8 @@ class AmqpTransport:
             if time.monotonic() >= next_expiry:
                 if self._assembler.expire():
                     log.warning("dropped incomplete chunked replies past their TTL")
+                    for tag in self._assembler.releasable():
+                        ch.basic_ack(tag)
                 next_expiry = time.monotonic() + 5.0
         self._drain(ch)
 
@@ -385,10 +393,15 @@ class AmqpTransport:
 
         A message refused by the checks (see ``reassembly``) is acked and counted in
         ``rejected_replies``: it can neither stop this thread nor be redelivered forever.
+        A chunk of an incomplete reply stays unacked (within bounds) until the reply is
+        whole and handed over, so a producer killed meanwhile loses none of it.
         """
+        tag = method.delivery_tag
+        ours = True  # False: the assembler holds the tag
         try:
             sender = reply_sender(props.user_id, self._trusted_users)
-            data = self._assembler.add(props.headers, body, sender=sender.user)
+            data = self._assembler.add(props.headers, body, sender=sender.user, token=tag)
+            ours = data is not None
             if data is not None:
                 if sender.device_id is None:
                     self._on_reply(data)
@@ -407,7 +420,10 @@ class AmqpTransport:
         except Exception:
             self.rejected_replies += 1
             log.exception("the reply handler failed on a reply; the reply is dropped")
-        ch.basic_ack(method.delivery_tag)
+        if ours:
+            ch.basic_ack(tag)
+        for held in self._assembler.releasable():
+            ch.basic_ack(held)
 
 
 _CONNECTION_ERRORS = (

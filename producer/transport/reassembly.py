@@ -11,7 +11,13 @@ joins chunked replies without letting a message grow memory beyond stated bounds
   (the oldest transfer is dropped to make room) and expire after ``ttl`` seconds without a
   new chunk;
 - transfers are keyed by sender and transfer id, so one device cannot complete or spoil
-  another's transfer.
+  another's transfer;
+- each chunk can come with a ``token`` (the transport's delivery tag): tokens of an
+  incomplete transfer are held (the transport does not ack those messages, so a killed
+  producer gets them again) and become :meth:`ReplyAssembler.releasable` once the transfer
+  completes or is dropped. At most ``max_held`` tokens are held: past that the oldest
+  transfer's tokens are released early (its data is kept, only crash safety is lost), so the
+  broker's prefetch window never fills with held messages.
 
 A rejected message raises :class:`RejectedReply`; the transport acks it and goes on.
 
@@ -93,6 +99,7 @@ class _Transfer:
     parts: dict[int, bytes] = field(default_factory=dict)
     size: int = 0
     touched: float = 0.0
+    tokens: list[int] = field(default_factory=list)
 
 
 def _int_header(headers: Mapping[str, Any], name: str) -> int:
@@ -112,6 +119,7 @@ class ReplyAssembler:
         max_pending_bytes: int,
         max_transfers: int,
         ttl: float,
+        max_held: int = 0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.max_reply_size = max_reply_size
@@ -123,17 +131,38 @@ class ReplyAssembler:
         self.pending_bytes = 0
         self.dropped = 0
         """Incomplete transfers dropped (expired or evicted) so far."""
+        self.max_held = max_held
+        self._held = 0
+        self._releasable: list[int] = []
+
+    def releasable(self) -> list[int]:
+        """Tokens no longer held (their transfer completed, was dropped, or held too many);
+        each is returned once."""
+        out, self._releasable = self._releasable, []
+        return out
+
+    def forget_tokens(self) -> None:
+        """Drop every token without releasing it (the channel they belong to is gone; the
+        broker delivers those messages again)."""
+        for transfer in self._transfers.values():
+            transfer.tokens.clear()
+        self._held = 0
+        self._releasable.clear()
 
     @property
     def transfers(self) -> int:
         """How many incomplete transfers are held."""
         return len(self._transfers)
 
-    def add(self, headers: object, body: bytes, *, sender: str | None) -> bytes | None:
+    def add(
+        self, headers: object, body: bytes, *, sender: str | None, token: int | None = None
+    ) -> bytes | None:
         """The whole reply once complete (``body`` itself for an unchunked one), else None.
 
         Raises :class:`RejectedReply` for a message that is malformed or over a bound;
-        nothing of it is kept then.
+        nothing of it is kept then. ``token`` is held while the reply is incomplete, and
+        released (see :meth:`releasable`) with the rest of the transfer's; the token of a
+        message that is not held (complete, rejected) is the caller's to release.
         """
         self.expire()
         if headers is None:
@@ -183,9 +212,30 @@ class ReplyAssembler:
         self._transfers.move_to_end(key)
         self.pending_bytes += len(body) - old
         if len(transfer.parts) < count:
+            if token is not None:
+                self._hold(transfer, token)
             return None
         self._drop(key, counted=False)
         return b"".join(transfer.parts[i] for i in range(count))
+
+    def _hold(self, transfer: _Transfer, token: int) -> None:
+        if transfer.count > self.max_held:  # it could never be held whole
+            self._releasable.append(token)
+            return
+        transfer.tokens.append(token)
+        self._held += 1
+        for other in list(self._transfers.values()):
+            if self._held <= self.max_held:
+                break
+            if other is not transfer:
+                self._release(other)
+        if self._held > self.max_held:
+            self._release(transfer)
+
+    def _release(self, transfer: _Transfer) -> None:
+        self._releasable.extend(transfer.tokens)
+        self._held -= len(transfer.tokens)
+        transfer.tokens.clear()
 
     def expire(self) -> int:
         """Drop transfers that got no chunk for ``ttl`` seconds; returns how many."""
@@ -215,3 +265,4 @@ class ReplyAssembler:
         if transfer is not None:
             self.pending_bytes -= transfer.size
             self.dropped += counted
+            self._release(transfer)

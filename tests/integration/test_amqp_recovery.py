@@ -13,9 +13,11 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pika
 import pytest
 import torch
 
@@ -83,3 +85,48 @@ def test_a_killed_producers_pending_results_reach_a_new_producer_with_its_id(
         assert missing.value.device_id == "alice"
         assert collector.journal is not None
         assert collector.journal.in_flight() == []
+
+
+def test_a_chunked_reply_half_received_by_a_stopped_producer_reaches_the_next_one(
+    vhost: RunVhost, tmp_path: Path
+) -> None:
+    from broker_config import names
+    from broker_config.envelope import CHUNK_HEADER, CHUNKS_HEADER, TRANSFER_HEADER
+    from producer.transport.amqp import AmqpTransport
+    from schemas.command_pb2 import ObjectInfo, Ok, Reply
+    from schemas.value_codec import value_to_proto
+    from schemas.wire import encode_reply, new_id
+
+    producer_id = f"c{new_id()[:12]}"
+    journal = tmp_path / "journal"
+    info = ObjectInfo(id="r", kind="value", python_value=value_to_proto("x" * 5000))
+    cid = new_id()
+    reply = encode_reply(Reply(command_id=cid, device_id="alice", ok=Ok(objects=[info])))
+    half = len(reply) // 2
+
+    def chunk(i: int, data: bytes) -> None:
+        conn = pika.BlockingConnection(pika.URLParameters(vhost.url))
+        try:
+            ch = conn.channel()
+            ch.confirm_delivery()
+            headers = {TRANSFER_HEADER: cid, CHUNK_HEADER: i, CHUNKS_HEADER: 2}
+            props = pika.BasicProperties(headers=headers, user_id="guest", delivery_mode=2)
+            ch.basic_publish(
+                names.results_exchange(), names.results_routing_key(producer_id), data, props
+            )
+        finally:
+            conn.close()
+
+    first = fp.connect(vhost.url, producer_id=producer_id, journal_dir=journal)
+    first.collector.expect(cid, device_id="alice", result_ids=("r",))  # as if sent
+    transport = first.transport
+    assert isinstance(transport, AmqpTransport)
+    chunk(0, reply[:half])
+    deadline = time.monotonic() + 60
+    while transport.incomplete_replies[0] != 1:
+        assert time.monotonic() < deadline, "the first chunk never arrived"
+        time.sleep(0.05)
+    first.close()  # like a kill for the broker: the unacked chunk is queued again
+    chunk(1, reply[half:])
+    with fp.connect(vhost.url, producer_id=producer_id, journal_dir=journal) as second:
+        assert second.recover()[cid].value("r", 60) == "x" * 5000

@@ -142,3 +142,45 @@ def test_one_sender_cannot_complete_or_spoil_another_senders_transfer() -> None:
 def test_an_unchunked_reply_passes_through_unchanged() -> None:
     assert _assembler().add(None, b"whole", sender=None) == b"whole"
     assert _assembler().add({"other": 1}, b"whole", sender=None) == b"whole"
+
+
+def test_tokens_of_an_incomplete_reply_are_held_until_it_is_whole() -> None:
+    a = _assembler(max_held=8)
+    assert a.add(_chunk("t", 0, 3), b"ab", sender="alice", token=1) is None
+    assert a.add(_chunk("t", 2, 3), b"ef", sender="alice", token=2) is None
+    assert a.releasable() == []
+    assert a.add(_chunk("t", 1, 3), b"cd", sender="alice", token=3) == b"abcdef"
+    assert sorted(a.releasable()) == [1, 2]  # token 3 is the caller's to ack
+    assert a.releasable() == []
+
+
+def test_tokens_of_a_dropped_or_expired_transfer_are_released() -> None:
+    clock = Clock()
+    a = _assembler(clock, max_held=8)
+    a.add(_chunk("t", 0, 2), b"ab", sender="alice", token=1)
+    with pytest.raises(RejectedReply):
+        a.add(_chunk("t", 1, 5), b"cd", sender="alice", token=2)
+    assert a.releasable() == [1]
+    a.add(_chunk("u", 0, 2), b"ab", sender="alice", token=3)
+    clock.now = 11.0
+    a.expire()
+    assert a.releasable() == [3]
+
+
+def test_past_max_held_the_oldest_tokens_are_released_but_the_data_is_kept() -> None:
+    a = _assembler(max_held=2)
+    a.add(_chunk("t", 0, 2), b"ab", sender="alice", token=1)
+    a.add(_chunk("u", 0, 2), b"ab", sender="alice", token=2)
+    a.add(_chunk("v", 0, 2), b"ab", sender="alice", token=3)
+    assert a.releasable() == [1]
+    assert a.add(_chunk("t", 1, 2), b"cd", sender="alice", token=4) == b"abcd"
+    a.add(_chunk("w", 0, 3), b"ab", sender="alice", token=5)  # 3 chunks can never be held
+    assert a.releasable() == [5]
+
+
+def test_forgotten_tokens_are_never_released() -> None:
+    a = _assembler(max_held=8)
+    a.add(_chunk("t", 0, 2), b"ab", sender="alice", token=1)
+    a.forget_tokens()
+    assert a.add(_chunk("t", 1, 2), b"cd", sender="alice", token=2) == b"abcd"
+    assert a.releasable() == []
