@@ -41,6 +41,11 @@ ENV_VARS: dict[str, str] = {
     "FEDPLAN_LOG_FILE": "log_file",
     "FEDPLAN_LOG_MAX_BYTES": "log_max_bytes",
     "FEDPLAN_LOG_BACKUPS": "log_backups",
+    "FEDPLAN_MAX_REPLY_SIZE": "max_reply_size",
+    "FEDPLAN_REPLY_TRANSFER_TTL": "reply_transfer_ttl",
+    "FEDPLAN_UNCLAIMED_REPLY_TTL": "unclaimed_reply_ttl",
+    "FEDPLAN_JOURNAL_DIR": "journal_dir",
+    "FEDPLAN_TRUSTED_REPLY_USERS": "trusted_reply_users",
 }
 
 
@@ -87,6 +92,20 @@ class Settings:
     """The worker's log file, rotated at ``log_max_bytes`` (None: log to stderr only)."""
     log_max_bytes: int = 10 * MIB
     log_backups: int = 5
+    max_reply_size: int = 1024 * MIB
+    """Largest reply (all chunks) the producer assembles; incomplete replies hold at most
+    twice this in memory, the oldest dropped first."""
+    reply_transfer_ttl: float = 600.0
+    """Seconds an incomplete chunked reply waits for its next chunk before it is dropped."""
+    unclaimed_reply_ttl: float = 24 * 3600.0
+    """Seconds a reply to a command this producer is not waiting for is kept (in the journal
+    when there is one) for a later ``expect``/``recover`` to claim; then it is dropped."""
+    journal_dir: Path = Path("fedplan-journal")
+    """Where a producer with a fixed ``producer_id`` keeps its in-flight journal (SQLite)."""
+    trusted_reply_users: str = ""
+    """Comma-separated broker users, besides the producer's own, whose replies are accepted
+    for any device (workers sharing one user); ``fedplan-device-<id>`` users need no entry:
+    they may answer only their own device's commands. Replies from other users are dropped."""
 
     def __post_init__(self) -> None:
         if urlsplit(self.broker_url).scheme not in ("amqp", "amqps"):
@@ -103,6 +122,8 @@ class Settings:
             "reconnect_max_delay",
             "chunk_ttl",
             "dead_letter_ttl",
+            "reply_transfer_ttl",
+            "unclaimed_reply_ttl",
         ):
             if not getattr(self, name) > 0:
                 _bad(name, getattr(self, name), "a positive number of seconds")
@@ -125,6 +146,8 @@ class Settings:
         ):
             if getattr(self, name) < 1:
                 _bad(name, getattr(self, name), "a positive integer")
+        if self.max_reply_size < self.max_message_size:
+            _bad("max_reply_size", self.max_reply_size, "at least max_message_size")
         if self.heartbeat < 0:
             _bad("heartbeat", self.heartbeat, "0 (off) or a positive number of seconds")
 
@@ -145,10 +168,9 @@ class Settings:
                 raise FedplanError(f"unknown setting {name!r}; known: {', '.join(types)}")
             if value is not None:
                 values[name] = value
-        if "data_dir" in values:
-            values["data_dir"] = Path(values["data_dir"])
-        if values.get("log_file") is not None:
-            values["log_file"] = Path(values["log_file"])
+        for name in ("data_dir", "journal_dir", "log_file"):
+            if values.get(name) is not None:
+                values[name] = Path(values[name])
         return cls(**values)
 
     def replace(self, **changes: Any) -> Settings:

@@ -138,8 +138,28 @@ class Fleet:
                 )
         return riding
 
+    def recover(self) -> dict[str, PendingCommand]:
+        """The commands a previous producer with this producer id left in flight, by id.
+
+        ``fp.connect(url, producer_id=...)`` re-registers them from the producer's journal
+        before it consumes replies, so each resolves with its reply (a result, a plain
+        Python output or a typed error) as if this process had sent it; results are also
+        found by result id (``fleet.collector.for_result(rid).value(rid)``).
+
+        Examples
+        --------
+        >>> import producer as fp
+        >>> with fp.connect() as fleet:  # embedded devices: nothing to recover
+        ...     fleet.recover()
+        {}
+        """
+        return self.collector.recovered
+
     def close(self) -> None:
-        """Stop the transport; commands still awaiting a reply fail with ``TransportError``."""
+        """Stop the transport; commands still awaiting a reply fail with ``TransportError``.
+
+        Their journal rows stay: a producer with the same id recovers them.
+        """
         if self._closed:
             return
         self._closed = True
@@ -147,6 +167,8 @@ class Fleet:
             self.transport.close()
         finally:
             self.collector.fail_all(TransportError("the fleet was closed before the reply came"))
+            if self.collector.journal is not None:
+                self.collector.journal.close()
 
     def __enter__(self) -> Fleet:
         return self
@@ -177,6 +199,8 @@ def connect(
         Seconds to wait for a device's reply before raising ``TimeoutError``.
     **settings
         Broker settings (``broker_config.settings.Settings`` fields) for an ``amqp://`` URL.
+        With a ``producer_id`` the fleet keeps an in-flight journal in ``journal_dir`` and
+        recovers what a killed producer of that id left in flight (:meth:`Fleet.recover`).
 
     Examples
     --------
@@ -198,10 +222,20 @@ def connect(
     elif url.startswith(("amqp://", "amqps://")):
         from broker_config.settings import Settings
         from producer.transport.amqp import AmqpTransport
+        from producer.transport.journal import Journal, journal_path
 
-        transport = AmqpTransport(
-            settings=Settings.from_env(broker_url=url, **settings), on_reply=collector.on_reply
-        )
+        s = Settings.from_env(broker_url=url, **settings)
+        journal = None
+        if s.producer_id is not None:  # a named producer can be restarted: journal it
+            journal = Journal(journal_path(s.journal_dir, s.producer_id))
+        collector = ReplyCollector(journal=journal, unclaimed_ttl=s.unclaimed_reply_ttl)
+        collector.recover(in_flight_ttl=s.results_queue_expires)  # before replies flow
+        try:
+            transport = AmqpTransport(settings=s, on_reply=collector.on_reply)
+        except BaseException:
+            if journal is not None:
+                journal.close()
+            raise
     else:
         raise ValueError(f"unsupported fleet URL {url!r}; use None (embedded) or amqp://...")
     return Fleet(transport=transport, collector=collector, timeout=timeout)

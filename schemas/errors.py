@@ -15,9 +15,11 @@
     ├── WireError                     a message could not be decoded
     │   └── SchemaVersionError        a message of a schema version this side does not speak
     ├── DeviceError                   anything else a device reported
-    └── TransportError                the transport failed (broker down, publish refused)
-        ├── DeviceNotFound            no queue for that device
-        └── BrokerUnavailable         cannot reach the broker
+    ├── TransportError                the transport failed (broker down, publish refused)
+    │   ├── DeviceNotFound            no queue for that device
+    │   ├── BrokerUnavailable         cannot reach the broker
+    │   └── PublishTimeout            (also TimeoutError) a publish outlived confirm_timeout
+    └── ReplyTimeout                  (also TimeoutError) no reply within the caller's timeout
 
 Every class has a stable wire ``code``; a device turns an exception into ``(code, message,
 fields)`` and the server raises the same class again with :func:`error_from_code`.
@@ -207,3 +209,26 @@ class TimeLimitError(FedplanError):
 
 
 _BY_CODE.update({cls.code: cls for cls in (MessageRefused, TimeLimitError)})
+
+
+class ReplyTimeout(FedplanError, TimeoutError):
+    """No reply came within the caller's timeout (also a builtin ``TimeoutError``).
+
+    The command may still run; its reply, if it comes later, is kept (see
+    ``producer.collector``) and can be claimed by its command or result id.
+    """
+
+    code = "REPLY_TIMEOUT"
+
+
+class PublishTimeout(TransportError, TimeoutError):
+    """A publish was not confirmed by the broker within ``confirm_timeout``.
+
+    Only that call fails; the transport stays usable. The rest of a chunked command is not
+    sent, but pieces the broker already took (or a single message) may still arrive.
+    """
+
+    code = "PUBLISH_TIMEOUT"
+
+
+_BY_CODE.update({cls.code: cls for cls in (ReplyTimeout, PublishTimeout)})

@@ -5,10 +5,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from typing import Any
+from urllib.parse import quote
 
 import pika
 import pika.exceptions as pex
@@ -16,22 +18,44 @@ from pika.adapters.blocking_connection import BlockingChannel
 
 from broker_config import names, topology
 from broker_config.envelope import (
-    CHUNK_HEADER,
-    CHUNKS_HEADER,
     CONTENT_ENCODING,
     CONTENT_TYPE,
-    TRANSFER_HEADER,
     chunk_headers,
     split_chunks,
     task_headers,
 )
 from broker_config.settings import Settings
-from producer.transport.base import ReplyHandler
-from schemas.errors import BrokerUnavailable, DeviceNotFound, TransportError
+from producer.transport.reassembly import RejectedReply, ReplyAssembler, reply_sender
+from schemas.errors import BrokerUnavailable, DeviceNotFound, PublishTimeout, TransportError
 
 log = logging.getLogger(__name__)
 
 _Work = Callable[[BlockingChannel], Any]
+
+MAX_INCOMPLETE_REPLIES = 256
+"""Incomplete chunked replies held at once (the oldest is dropped to make room)."""
+
+PREFETCH = 64
+"""Unacked reply messages the broker sends ahead; half of them may be chunks of incomplete
+replies left unacked until their reply is whole, so a killed producer gets them again."""
+
+
+def connection_parameters(settings: Settings, producer_id: str) -> pika.URLParameters:
+    """The pika connection parameters for ``settings.broker_url`` (one place to build them)."""
+    params = pika.URLParameters(settings.broker_url)
+    params.heartbeat = settings.heartbeat
+    params.blocked_connection_timeout = settings.confirm_timeout
+    params.client_properties = {"connection_name": f"fedplan producer {producer_id}"}
+    return params
+
+
+def _settle(fut: Future[Any], result: Any = None, error: BaseException | None = None) -> None:
+    """Complete a future unless its caller cancelled it meanwhile (never raises)."""
+    with contextlib.suppress(InvalidStateError):
+        if error is not None:
+            fut.set_exception(error)
+        else:
+            fut.set_result(result)
 
 
 class AmqpTransport:
@@ -48,7 +72,15 @@ class AmqpTransport:
     Parameters
     ----------
     on_reply
-        Called from the I/O thread with each encoded ``Reply`` (chunks reassembled).
+        Called from the I/O thread with each encoded ``Reply`` (chunks reassembled), as
+        ``on_reply(data)`` for a reply from the producer's own broker user (everything on
+        one shared user, e.g. ``guest``: devices cannot be told apart) or one listed in
+        ``settings.trusted_reply_users``, and as
+        ``on_reply(data, sender=device_id)`` for one from a least-privilege device user
+        ``fedplan-device-<id>`` (``ReplyCollector.on_reply`` then accepts it only for a
+        command sent to that device). Messages from any other user, or with no
+        ``user_id``, and malformed or oversized chunks are acked and dropped
+        (``rejected_replies`` counts them); see ``producer.transport.reassembly``.
     settings
         Broker URL, producer id, maximum message size, timeouts.
     url
@@ -65,7 +97,7 @@ class AmqpTransport:
     def __init__(
         self,
         *,
-        on_reply: ReplyHandler,
+        on_reply: Callable[..., None],
         settings: Settings | None = None,
         url: str | None = None,
     ) -> None:
@@ -80,16 +112,23 @@ class AmqpTransport:
         self.producer_id: str = s.producer_id or ""
         self.results_queue = names.results_queue(self.producer_id)
         self._on_reply = on_reply
-        self._params = pika.URLParameters(s.broker_url)
-        self._params.heartbeat = s.heartbeat
-        self._params.blocked_connection_timeout = s.confirm_timeout
-        self._params.client_properties = {"connection_name": f"fedplan producer {self.producer_id}"}
+        self._params = connection_parameters(s, self.producer_id)
+        extra = {u.strip() for u in s.trusted_reply_users.split(",") if u.strip()}
+        self._trusted_users = frozenset({self._params.credentials.username, *extra})
+        self._assembler = ReplyAssembler(
+            max_reply_size=s.max_reply_size,
+            max_pending_bytes=2 * s.max_reply_size,
+            max_transfers=MAX_INCOMPLETE_REPLIES,
+            ttl=s.reply_transfer_ttl,
+            max_held=PREFETCH // 2,
+        )
+        self.rejected_replies = 0
+        """Reply messages refused (malformed, over a bound, or from a user not allowed)."""
         self._work: deque[tuple[_Work, Future[Any]]] = deque()
         self._lock = threading.Lock()
         self._conn: pika.BlockingConnection | None = None
         self._closing = threading.Event()
         self._ready: Future[None] = Future()
-        self._chunks: dict[str, dict[int, bytes]] = {}
         self._devices: set[str] = set()
         self.reconnects = 0
         self._thread = threading.Thread(target=self._run, name="fedplan-amqp-io", daemon=True)
@@ -110,9 +149,15 @@ class AmqpTransport:
         """
         routing_key = names.device_routing_key(device_id)
         pieces = split_chunks(command, self.settings.max_message_size)
+        abandoned = threading.Event()  # set when the caller stops waiting
 
         def work(ch: BlockingChannel) -> None:
             for i, piece in enumerate(pieces):
+                if abandoned.is_set() or self._closing.is_set():
+                    raise PublishTimeout(
+                        f"command {command_id} abandoned after {i} of {len(pieces)} pieces",
+                        device_id=device_id,
+                    )
                 extra = chunk_headers(command_id, i, len(pieces)) if len(pieces) > 1 else None
                 task_id = command_id if len(pieces) == 1 else f"{command_id}.{i}"
                 props = pika.BasicProperties(
@@ -142,7 +187,16 @@ class AmqpTransport:
                         device_id=device_id,
                     ) from None
 
-        self._call(work)
+        try:
+            self._call(work, abandoned)
+        except PublishTimeout as e:
+            raise PublishTimeout(
+                f"the broker did not confirm command {command_id} ({len(command)} bytes, "
+                f"{len(pieces)} message(s)) for device {device_id!r} within "
+                f"{self.settings.confirm_timeout}s; the rest of it is not sent (pieces already "
+                "taken may still arrive); raise FEDPLAN_CONFIRM_TIMEOUT for large commands",
+                device_id=device_id,
+            ) from e
 
     def ensure_device(self, device_id: str) -> None:
         """Declare the device's durable queue and bind it (idempotent)."""
@@ -154,6 +208,16 @@ class AmqpTransport:
 
         self._call(work)
 
+    @property
+    def incomplete_replies(self) -> tuple[int, int]:
+        """How many chunked replies are incomplete, and how many bytes they hold."""
+        return self._assembler.transfers, self._assembler.pending_bytes
+
+    @property
+    def alive(self) -> bool:
+        """Whether the I/O thread runs (it stops only on ``close``)."""
+        return self._thread.is_alive()
+
     def close(self) -> None:
         """Stop the I/O thread and close the connection (pending replies stay queued)."""
         self._closing.set()
@@ -163,8 +227,13 @@ class AmqpTransport:
 
     # -- hand-over to the I/O thread ---------------------------------------------------
 
-    def _call(self, work: _Work) -> Any:
-        """Run ``work`` on the I/O thread (after a reconnect if need be) and wait for it."""
+    def _call(self, work: _Work, abandoned: threading.Event | None = None) -> Any:
+        """Run ``work`` on the I/O thread (after a reconnect if need be) and wait for it.
+
+        Past ``confirm_timeout`` the call fails alone: work not started is withdrawn
+        (``BrokerUnavailable`` while reconnecting, else ``TransportError``); work under way
+        gets ``abandoned`` set and the caller a ``PublishTimeout``. The I/O thread goes on.
+        """
         if self._closing.is_set():
             raise TransportError("the transport is closed; connect again with fp.connect(url)")
         fut: Future[Any] = Future()
@@ -173,16 +242,27 @@ class AmqpTransport:
         if threading.current_thread() is self._thread:  # from on_reply: runs after it returns
             return None
         self._wake()
+        timeout = self.settings.confirm_timeout
         try:
-            return fut.result(timeout=self.settings.confirm_timeout)
+            return fut.result(timeout=timeout)
         except TimeoutError:
-            if fut.cancel():
-                raise BrokerUnavailable(
-                    f"the broker at {_safe_url(self.settings)} did not confirm within "
-                    f"{self.settings.confirm_timeout}s (reconnecting); retry later or raise "
-                    "FEDPLAN_CONFIRM_TIMEOUT"
+            if fut.cancel():  # never started: withdrawn (the I/O thread skips it)
+                if self._conn is None:
+                    raise BrokerUnavailable(
+                        f"the broker at {_safe_url(self.settings)} did not answer within "
+                        f"{timeout}s (reconnecting); retry later or raise "
+                        "FEDPLAN_CONFIRM_TIMEOUT"
+                    ) from None
+                raise TransportError(
+                    f"the transport to {_safe_url(self.settings)} was busy with earlier "
+                    f"sends for {timeout}s; this one was not sent (raise "
+                    "FEDPLAN_CONFIRM_TIMEOUT for large commands)"
                 ) from None
-            return fut.result()  # it started meanwhile: it finishes or raises
+            if abandoned is not None:
+                abandoned.set()
+            raise PublishTimeout(
+                f"the broker at {_safe_url(self.settings)} did not confirm within {timeout}s"
+            ) from None
 
     def _wake(self) -> None:
         conn = self._conn
@@ -193,6 +273,7 @@ class AmqpTransport:
     # -- the I/O thread ----------------------------------------------------------------
 
     def _run(self) -> None:
+        """The I/O thread: connect, serve, reconnect with backoff; survives any error."""
         attempt = 0
         while not self._closing.is_set():
             try:
@@ -204,14 +285,8 @@ class AmqpTransport:
                     log.info("reconnected to the broker after %d attempt(s)", attempt)
                 attempt = 0
                 self._loop(self._conn, ch)
-            except (
-                pex.AMQPConnectionError,
-                pex.ConnectionClosed,
-                pex.StreamLostError,
-                pex.ChannelClosed,
-                pex.ChannelWrongStateError,
-                OSError,
-            ) as e:
+            except Exception as e:
+                lost = isinstance(e, _CONNECTION_ERRORS)
                 if not self._ready.done():
                     self._ready.set_exception(
                         BrokerUnavailable(
@@ -225,7 +300,10 @@ class AmqpTransport:
                 attempt += 1
                 self.reconnects += 1
                 delay = min(self.settings.reconnect_max_delay, 0.05 * 2**attempt)
-                log.warning("broker connection lost (%r); reconnecting in %.2fs", e, delay)
+                if lost:
+                    log.warning("broker connection lost (%r); reconnecting in %.2fs", e, delay)
+                else:  # a bug or a hostile input got this far: start over, never die
+                    log.exception("the transport's I/O thread failed; reconnecting in %.2fs", delay)
                 self._closing.wait(delay)
             finally:
                 conn, self._conn = self._conn, None
@@ -243,7 +321,8 @@ class AmqpTransport:
         self._declare_queue(ch, topology.results_queue(self.producer_id, self.settings))
         for device in sorted(self._devices):  # queues may have been deleted meanwhile
             self._declare_queue(ch, topology.device_queue(device, self.settings))
-        ch.basic_qos(prefetch_count=64)
+        ch.basic_qos(prefetch_count=PREFETCH)
+        self._assembler.forget_tokens()  # unacked chunks come again on this channel
         ch.basic_consume(self.results_queue, self._on_message, auto_ack=False)
         return ch
 
@@ -252,9 +331,16 @@ class AmqpTransport:
         ch.queue_bind(spec.name, spec.exchange, routing_key=spec.routing_key)
 
     def _loop(self, conn: pika.BlockingConnection, ch: BlockingChannel) -> None:
+        next_expiry = time.monotonic()
         while not self._closing.is_set():
             self._drain(ch)
             conn.process_data_events(time_limit=0.2)
+            if time.monotonic() >= next_expiry:
+                if self._assembler.expire():
+                    log.warning("dropped incomplete chunked replies past their TTL")
+                    for tag in self._assembler.releasable():
+                        ch.basic_ack(tag)
+                next_expiry = time.monotonic() + 5.0
         self._drain(ch)
 
     def _drain(self, ch: BlockingChannel) -> None:
@@ -263,8 +349,8 @@ class AmqpTransport:
                 if not self._work:
                     return
                 work, fut = self._work[0]
-            if fut.done():  # the caller gave up waiting
-                with self._lock:
+            if fut.done() or not (fut.running() or fut.set_running_or_notify_cancel()):
+                with self._lock:  # the caller withdrew it before it started
                     self._work.popleft()
                 continue
             try:
@@ -279,48 +365,80 @@ class AmqpTransport:
             except pex.ChannelClosedByBroker as e:
                 with self._lock:
                     self._work.popleft()
-                fut.set_exception(
-                    TransportError(
+                _settle(
+                    fut,
+                    error=TransportError(
                         f"the broker refused the operation: {e.reply_code} {e.reply_text}"
-                    )
+                    ),
                 )
                 raise
             except Exception as e:
                 with self._lock:
                     self._work.popleft()
-                fut.set_exception(e)
+                _settle(fut, error=e)
             else:
                 with self._lock:
                     self._work.popleft()
-                fut.set_result(result)
+                _settle(fut, result)
 
     def _fail_pending(self, exc: Exception) -> None:
         with self._lock:
             items, self._work = list(self._work), deque()
         for _, fut in items:
             if not fut.done():
-                fut.set_exception(exc)
+                _settle(fut, error=exc)
 
     def _on_message(self, ch: BlockingChannel, method: Any, props: Any, body: bytes) -> None:
-        headers = props.headers or {}
-        data: bytes | None = body
-        count = int(headers.get(CHUNKS_HEADER, 1) or 1)
-        if count > 1:
-            transfer = str(headers.get(TRANSFER_HEADER, ""))
-            parts = self._chunks.setdefault(transfer, {})
-            parts[int(headers.get(CHUNK_HEADER, 0))] = body
-            data = None
-            if len(parts) == count:
-                data = b"".join(parts[i] for i in range(count))
-                del self._chunks[transfer]
-        if data is not None:
-            try:
-                self._on_reply(data)
-            except Exception:
-                log.exception("the reply handler failed on a reply; the reply is dropped")
-        ch.basic_ack(method.delivery_tag)
+        """One message from the results queue: checked, assembled, handed over, acked.
+
+        A message refused by the checks (see ``reassembly``) is acked and counted in
+        ``rejected_replies``: it can neither stop this thread nor be redelivered forever.
+        A chunk of an incomplete reply stays unacked (within bounds) until the reply is
+        whole and handed over, so a producer killed meanwhile loses none of it.
+        """
+        tag = method.delivery_tag
+        ours = True  # False: the assembler holds the tag
+        try:
+            sender = reply_sender(props.user_id, self._trusted_users)
+            data = self._assembler.add(props.headers, body, sender=sender.user, token=tag)
+            ours = data is not None
+            if data is not None:
+                if sender.device_id is None:
+                    self._on_reply(data)
+                else:
+                    self._on_reply(data, sender=sender.device_id)
+        except RejectedReply as e:
+            self.rejected_replies += 1
+            if self.rejected_replies <= 10 or self.rejected_replies % 1000 == 0:  # floods
+                log.warning(
+                    "refused a message in %s (%d so far): %s; workers on a shared broker "
+                    "user other than this producer's need FEDPLAN_TRUSTED_REPLY_USERS",
+                    self.results_queue,
+                    self.rejected_replies,
+                    e,
+                )
+        except Exception:
+            self.rejected_replies += 1
+            log.exception("the reply handler failed on a reply; the reply is dropped")
+        if ours:
+            ch.basic_ack(tag)
+        for held in self._assembler.releasable():
+            ch.basic_ack(held)
+
+
+_CONNECTION_ERRORS = (
+    pex.AMQPConnectionError,
+    pex.ConnectionClosed,
+    pex.StreamLostError,
+    pex.ChannelClosed,
+    pex.ChannelWrongStateError,
+    OSError,
+)
 
 
 def _safe_url(settings: Settings) -> str:
+    """The broker URL without credentials, for messages (``amqp://host:port/vhost``)."""
     params = pika.URLParameters(settings.broker_url)
-    return f"amqp://{params.host}:{params.port}{params.virtual_host}"
+    vhost = "" if params.virtual_host == "/" else quote(params.virtual_host, safe="")
+    scheme = "amqps" if settings.broker_url.startswith("amqps") else "amqp"
+    return f"{scheme}://{params.host}:{params.port}/{vhost}"

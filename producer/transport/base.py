@@ -6,7 +6,12 @@ from collections.abc import Callable
 from typing import Protocol
 
 ReplyHandler = Callable[[bytes], None]
-"""Called by the transport, from any thread, with each encoded ``Reply``."""
+"""Called by the transport, from any thread, with each encoded ``Reply``.
+
+A transport that knows which device the broker vouches sent a reply (the RabbitMQ transport
+with least-privilege device users) also passes ``sender=<device id>``; give such a transport
+a handler that takes it (``ReplyCollector.on_reply`` does) or one taking ``*args, **kwargs``.
+"""
 
 
 class Transport(Protocol):

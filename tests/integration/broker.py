@@ -173,8 +173,10 @@ class Replies:
         self._cond = threading.Condition()
         self.by_id: dict[str, list[Reply]] = defaultdict(list)
 
-    def on_reply(self, data: bytes) -> None:
+    def on_reply(self, data: bytes, *, sender: str | None = None) -> None:
         reply = decode_reply(data)
+        if sender is not None:
+            assert sender == reply.device_id, (sender, reply.device_id)
         with self._cond:
             self.by_id[reply.command_id].append(reply)
             self._cond.notify_all()

@@ -8,7 +8,13 @@ import pytest
 
 from producer.collector import ReplyCollector
 from schemas.command_pb2 import ObjectInfo, Ok, Reply
-from schemas.errors import ObjectNotFound, PlanGuardError, TransportError
+from schemas.errors import (
+    FedplanError,
+    ObjectNotFound,
+    PlanGuardError,
+    ReplyTimeout,
+    TransportError,
+)
 from schemas.wire import encode_reply, error_to_proto
 
 
@@ -62,14 +68,15 @@ def test_an_error_reply_raises_the_typed_error_for_every_result_id() -> None:
         assert (info.value.device_id, info.value.op_index) == ("d1", 4)
 
 
-def test_waiting_too_long_raises_timeout_error_naming_device_and_command() -> None:
+def test_waiting_too_long_raises_a_reply_timeout_naming_device_and_command() -> None:
     collector = ReplyCollector()
     collector.expect("c7", device_id="device_9")
-    with pytest.raises(TimeoutError, match=r"device_9.*c7"):
+    with pytest.raises(ReplyTimeout, match=r"device_9.*c7") as err:
         collector.wait("c7", timeout=0.01)
+    assert isinstance(err.value, TimeoutError) and isinstance(err.value, FedplanError)
 
 
-def test_replies_to_unknown_commands_and_garbage_are_dropped() -> None:
+def test_garbage_is_dropped_and_a_reply_to_an_unknown_command_awaits_no_one() -> None:
     collector = ReplyCollector()
     collector.on_reply(_ok("never-sent", "r"))
     collector.on_reply(b"\x00garbage")

@@ -1,0 +1,161 @@
+"""The producer's durable in-flight journal: what it awaits, and replies nobody claimed yet.
+
+A small SQLite file per producer id (``<journal_dir>/<producer_id>.sqlite3``, WAL mode; a
+commit survives a SIGKILL of the process). The reply collector writes a command's row
+*before* the command is published and deletes it once the reply has been handed to the
+command's future, so a producer killed with commands in flight finds them again when it
+connects with the same producer id (``fp.connect(url, producer_id=...)``) and re-registers
+them before it consumes its results queue.
+
+Rules (also in ``broker_config.settings``):
+
+- an in-flight row is kept until its reply is handed over, or for at most
+  ``results_queue_expires`` seconds (after that the results queue, and any reply in it, is
+  gone); ``fleet.close()`` keeps rows: the commands are still at the broker;
+- a reply to a command nobody awaits is kept (``unclaimed``) for ``unclaimed_reply_ttl``
+  seconds, at most ``MAX_UNCLAIMED`` of them and ``MAX_UNCLAIMED_BYTES`` in all (the
+  oldest dropped first), until a command or recovery with its id claims it;
+- a producer killed between a command's journal row and its publish recovers a command
+  that was never sent: waiting on it raises ``ReplyTimeout``, and its row goes with the
+  ``results_queue_expires`` rule.
+
+Example
+-------
+>>> import tempfile, pathlib
+>>> j = Journal(pathlib.Path(tempfile.mkdtemp()) / "p1.sqlite3")
+>>> j.record("c1", "alice", ("r1",))
+>>> [(e.command_id, e.device_id, e.result_ids) for e in j.in_flight()]
+[('c1', 'alice', ('r1',))]
+>>> j.done("c1"); j.in_flight()
+[]
+>>> j.close()
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from broker_config import names
+from schemas.errors import FedplanError
+
+MAX_UNCLAIMED = 1024
+"""Unclaimed replies kept at most (in memory and in the journal)."""
+
+MAX_UNCLAIMED_BYTES = 256 * 1024 * 1024
+"""Bytes of unclaimed replies kept at most (the oldest dropped first; a larger one alone is
+not kept)."""
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS in_flight (
+    command_id TEXT PRIMARY KEY, device_id TEXT NOT NULL, result_ids TEXT NOT NULL,
+    created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS unclaimed (
+    command_id TEXT PRIMARY KEY, sender TEXT, data BLOB NOT NULL, received REAL NOT NULL);
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class InFlight:
+    """One journaled command: where it went and the result ids its reply carries."""
+
+    command_id: str
+    device_id: str
+    result_ids: tuple[str, ...]
+    created: float
+
+
+@dataclass(frozen=True, slots=True)
+class Unclaimed:
+    """One reply kept for a later claim; ``sender`` is the device user's device, if any."""
+
+    command_id: str
+    sender: str | None
+    data: bytes
+    received: float
+
+
+def journal_path(journal_dir: Path, producer_id: str) -> Path:
+    """Where the journal of ``producer_id`` lives."""
+    return Path(journal_dir) / f"{names.check_id('producer', producer_id)}.sqlite3"
+
+
+class Journal:
+    """The SQLite journal of one producer; thread-safe (one connection behind a lock)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")  # durable across a process kill
+            self._db.executescript(_SCHEMA)
+        except (OSError, sqlite3.Error) as e:
+            raise FedplanError(f"cannot open the producer journal {self.path}: {e}") from e
+        self._lock = threading.Lock()
+
+    def record(self, command_id: str, device_id: str, result_ids: tuple[str, ...]) -> None:
+        """Note a command before it is published."""
+        with self._lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO in_flight VALUES (?, ?, ?, ?)",
+                (command_id, device_id, json.dumps(list(result_ids)), time.time()),
+            )
+
+    def done(self, command_id: str) -> None:
+        """Forget a command (its reply was handed over, or it was never published)."""
+        with self._lock:
+            self._db.execute("DELETE FROM in_flight WHERE command_id = ?", (command_id,))
+            self._db.execute("DELETE FROM unclaimed WHERE command_id = ?", (command_id,))
+
+    def in_flight(self, *, older_than_drop: float | None = None) -> list[InFlight]:
+        """The journaled commands, oldest first; rows created before ``older_than_drop``
+        (a ``time.time()`` value) are deleted instead of returned."""
+        with self._lock:
+            if older_than_drop is not None:
+                self._db.execute("DELETE FROM in_flight WHERE created < ?", (older_than_drop,))
+            rows = self._db.execute(
+                "SELECT command_id, device_id, result_ids, created FROM in_flight ORDER BY created"
+            ).fetchall()
+        found = []
+        for command_id, device_id, result_ids, created in rows:
+            try:
+                ids = tuple(str(r) for r in json.loads(result_ids))
+            except (ValueError, TypeError):
+                ids = ()
+            found.append(InFlight(command_id, device_id, ids, created))
+        return found
+
+    def keep(self, command_id: str, sender: str | None, data: bytes) -> None:
+        """Keep a reply nobody awaits (the oldest go past ``MAX_UNCLAIMED``)."""
+        with self._lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO unclaimed VALUES (?, ?, ?, ?)",
+                (command_id, sender, data, time.time()),
+            )
+            self._db.execute(
+                "DELETE FROM unclaimed WHERE command_id IN (SELECT command_id FROM (SELECT "
+                "command_id, ROW_NUMBER() OVER w AS n, SUM(length(data)) OVER w AS total "
+                "FROM unclaimed WINDOW w AS (ORDER BY received DESC, rowid DESC)) "
+                "WHERE n > ? OR total > ?)",
+                (MAX_UNCLAIMED, MAX_UNCLAIMED_BYTES),
+            )
+
+    def unclaimed(self, *, ttl: float) -> list[Unclaimed]:
+        """The kept replies younger than ``ttl`` seconds, oldest first (older ones deleted)."""
+        with self._lock:
+            self._db.execute("DELETE FROM unclaimed WHERE received < ?", (time.time() - ttl,))
+            rows = self._db.execute(
+                "SELECT command_id, sender, data, received FROM unclaimed ORDER BY received"
+            ).fetchall()
+        return [Unclaimed(c, s, bytes(d), r) for c, s, d, r in rows]
+
+    def close(self) -> None:
+        """Close the file (rows stay for the next producer with this id)."""
+        with self._lock:
+            self._db.close()
