@@ -132,6 +132,19 @@ def _without_state(
     return params
 
 
+def _plain_arity(signature: inspect.Signature | None) -> int | None:
+    """The positional parameter count when a call passing that many arguments is bound as is.
+
+    ``None`` when keyword-only parameters or ``*args`` need binding in any case.
+    """
+    if signature is None:
+        return None
+    kinds = [p.kind for p in signature.parameters.values()]
+    if any(k not in (*_POSITIONAL, inspect.Parameter.VAR_KEYWORD) for k in kinds):
+        return None
+    return sum(k in _POSITIONAL for k in kinds)
+
+
 def _restore_state_objects(module: nn.Module, state: Mapping[str, torch.Tensor]) -> list[str]:
     """Put back parameters/buffers the traced run replaced; the names that were replaced."""
     now: dict[str, torch.Tensor] = dict(module.named_parameters())
@@ -249,6 +262,7 @@ class Plan(nn.Module):
             else:
                 signature = signature.replace(parameters=params)
         self.__dict__["_signature"] = signature
+        self.__dict__["_arity"] = _plain_arity(signature)
         return signature
 
     def bind_arguments(
@@ -274,6 +288,8 @@ class Plan(nn.Module):
         signature = self.call_signature()
         if signature is None:
             return tuple(args), dict(kwargs)
+        if not kwargs and len(args) == self.__dict__["_arity"]:
+            return tuple(args), {}  # every parameter given by position: already bound
         try:
             bound = signature.bind(*args, **kwargs)
         except TypeError as exc:
@@ -514,8 +530,9 @@ class Plan(nn.Module):
         twin = cls.__new__(cls)
         memo[id(self)] = twin
         fresh: dict[str, Any] = {"_loaded": None, "_pointers": {}, "location": None}
-        if "_signature" in self.__dict__:  # a method plan's copy is bound to another module
-            fresh["_signature"] = self.__dict__["_signature"]
+        for cached in ("_signature", "_arity"):  # a method plan's copy has another module
+            if cached in self.__dict__:
+                fresh[cached] = self.__dict__[cached]
         for key, value in self.__dict__.items():
             if key in fresh:
                 object.__setattr__(twin, key, fresh[key])
