@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import numbers
 from collections.abc import Callable, Sequence
 from typing import Any, overload
 
@@ -33,7 +34,7 @@ def _checked_shape(shape: Any, name: str) -> tuple[int, ...]:
             f"got {shape!r}"
         )
     for dim, size in enumerate(shape):
-        if isinstance(size, bool) or not isinstance(size, int):
+        if isinstance(size, bool) or not isinstance(size, numbers.Integral):
             raise PlanShapeError(
                 f"args_shape for argument {name!r}: dimension {dim} is {size!r}, not an "
                 "integer; use a size >= 0, or -1 for any size"
@@ -43,7 +44,7 @@ def _checked_shape(shape: Any, name: str) -> tuple[int, ...]:
                 f"args_shape for argument {name!r}: dimension {dim} is {size}; use a "
                 "size >= 0, or -1 for any size"
             )
-    return tuple(shape)
+    return tuple(int(size) for size in shape)
 
 
 @overload

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -125,6 +126,11 @@ def test_an_invalid_args_shape_is_a_value_error_naming_the_argument_and_dimensio
     with pytest.raises(ValueError, match=message) as caught:
         fp.func2plan(args_shape=args_shape)(affine)  # type: ignore[arg-type]
     assert isinstance(caught.value, fp.PlanShapeError)
+
+
+def test_numpy_integers_are_valid_args_shape_sizes() -> None:
+    plan = fp.func2plan(args_shape=[(np.int64(-1), np.int32(2))])(lambda x: x * 2)
+    torch.testing.assert_close(plan(torch.ones(5, 2)), torch.full((5, 2), 2.0))
 
 
 def test_what_send_returns_for_a_model_gets_the_model_back(fleet: fp.Fleet) -> None:
