@@ -175,7 +175,7 @@ def main() -> int:
 
     body = (
         "## FedAvg on digits, 8 IID devices, MLP 64-64-10, 20 rounds\n\n"
-        "The task of `../shared/bench/fedavg-digits.md`, run by every implementation in a "
+        "The task of `benchmarks/fedavg_digits_task.md`, run by every implementation in a "
         "fresh process, one after the other, on "
         f"{os.cpu_count()} CPU cores ({platform.machine()}, Python {platform.python_version()}, "
         f"torch {torch.__version__}{', flwr ' + flwr_version if flwr_version else ''}), "

@@ -1,4 +1,4 @@
-"""The fixed FedAvg comparison task (../shared/bench/fedavg-digits.md) and its measurements.
+"""The fixed FedAvg comparison task (benchmarks/fedavg_digits_task.md) and its measurements.
 
 Imported by every implementation of the benchmark (plain loop, fedplan, Flower): the data,
 the partition, the model, the client step, the server FedAvg and the timing rules are

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import numbers
 from collections.abc import Callable, Sequence
 from typing import Any, overload
 
@@ -10,17 +11,40 @@ import torch
 from torch import nn
 
 from producer.plan import Plan, State
-from schemas.errors import PlanBuildError
+from schemas.errors import PlanBuildError, PlanShapeError
 
 
 def _examples(
-    args_shape: Sequence[Sequence[int]],
+    args_shape: Sequence[Sequence[int]], names: Sequence[str]
 ) -> tuple[tuple[torch.Tensor, ...], list[tuple[int, ...]]]:
+    """``torch.ones`` examples for ``args_shape`` (``-1`` -> size 2, symbolic on replay)."""
     examples, dynamic = [], []
-    for shape in args_shape:
-        examples.append(torch.ones(tuple(2 if d == -1 else d for d in shape)))
-        dynamic.append(tuple(i for i, d in enumerate(shape) if d == -1))
+    for index, shape in enumerate(args_shape):
+        dims = _checked_shape(shape, names[index] if index < len(names) else f"args[{index}]")
+        examples.append(torch.ones(tuple(2 if d == -1 else d for d in dims)))
+        dynamic.append(tuple(i for i, d in enumerate(dims) if d == -1))
     return tuple(examples), dynamic
+
+
+def _checked_shape(shape: Any, name: str) -> tuple[int, ...]:
+    """The dims of one ``args_shape`` entry; ``PlanShapeError`` (a ``ValueError``) if invalid."""
+    if isinstance(shape, str | bytes) or not isinstance(shape, Sequence):
+        raise PlanShapeError(
+            f"args_shape for argument {name!r} must be a sequence of sizes such as (-1, 3), "
+            f"got {shape!r}"
+        )
+    for dim, size in enumerate(shape):
+        if isinstance(size, bool) or not isinstance(size, numbers.Integral):
+            raise PlanShapeError(
+                f"args_shape for argument {name!r}: dimension {dim} is {size!r}, not an "
+                "integer; use a size >= 0, or -1 for any size"
+            )
+        if size < -1:
+            raise PlanShapeError(
+                f"args_shape for argument {name!r}: dimension {dim} is {size}; use a "
+                "size >= 0, or -1 for any size"
+            )
+    return tuple(int(size) for size in shape)
 
 
 @overload
@@ -49,8 +73,11 @@ def func2plan(
     """Turn a function into a :class:`Plan` (decorator, with or without parentheses).
 
     With ``args_shape`` the plan is built at once on ``torch.ones`` examples; ``-1`` dims
-    are symbolic (any size on replay). ``state`` tensors are read inside the function with
-    ``state.read()`` (a parameter named ``state``) and are named ``state.0``, ``state.1``...
+    are symbolic (any size on replay); any other negative or non-integer size raises
+    ``PlanShapeError`` (a ``ValueError``) naming the argument and the dimension. ``state``
+    tensors are read inside the function with ``state.read()`` (a parameter named
+    ``state``) and are named ``state.0``, ``state.1``... The plan is called like the
+    function: keyword arguments bind by parameter name and defaults apply.
 
     Examples
     --------
@@ -73,14 +100,14 @@ def func2plan(
     def decorate(fn: Callable[..., Any]) -> Plan:
         plan = Plan(name or fn.__name__, function=fn, state=State(list(state or ())))
         if args_shape is not None:
-            examples, dynamic = _examples(args_shape)
             names = plan._target()[1]
-            if len(names) < len(examples):
+            if len(names) < len(args_shape):
                 raise PlanBuildError(
-                    f"args_shape gives {len(examples)} shapes but {fn.__name__} takes "
+                    f"args_shape gives {len(args_shape)} shapes but {fn.__name__} takes "
                     f"{len(names)} positional arguments",
                     plan_name=plan.name,
                 )
+            examples, dynamic = _examples(args_shape, names)
             plan._dynamic = dict(zip(names, dynamic, strict=False))
             plan.build(*examples)
         return plan

@@ -21,7 +21,7 @@ from producer.fl.job import FederatedJob, JobResult
 from producer.fl.participants import PlanParticipant
 from producer.fl.progress import ProgressBar, plot_metrics, write_metrics
 from producer.fl.rounds import RoundPolicy
-from producer.fl.strategy import FedAdam, FedAvg, FedProx, Strategy
+from producer.fl.strategy import STRATEGIES, Strategy, make_strategy
 from producer.fl.training import TrainingSpec, build_training_plan, evaluate, get_weights
 from schemas.errors import FedplanError
 
@@ -84,13 +84,9 @@ def partition(
     return out
 
 
-def make_strategy(args: argparse.Namespace) -> Strategy:
-    """The strategy named by ``--strategy``."""
-    if args.strategy == "fedprox":
-        return FedProx(proximal_mu=args.mu)
-    if args.strategy == "fedadam":
-        return FedAdam(lr=args.server_lr)
-    return FedAvg()
+def strategy_from_args(args: argparse.Namespace) -> Strategy:
+    """The registered strategy named by ``--strategy``, with the demo's strategy flags."""
+    return make_strategy(args.strategy, proximal_mu=args.mu, server_lr=args.server_lr)
 
 
 @dataclass(slots=True)
@@ -140,11 +136,37 @@ def spawn_workers(shares: list[DeviceData], root: Path, broker: str) -> Workers:
     return workers
 
 
+_SETTINGS = (
+    "mnist", "devices", "partition", "alpha", "hidden", "lr", "batch_size", "epochs",
+    "strategy", "mu", "server_lr",
+)  # fmt: skip
+"""The arguments that define the job: kept in checkpoints, a resume must match them."""
+
+
+@dataclass(slots=True)
+class DemoSetup:
+    """Everything ``run_demo`` prepares before any device is involved."""
+
+    data: Dataset
+    shares: list[DeviceData]
+    model: MLP
+    spec: TrainingSpec
+    strategy: Strategy
+    out: Path
+
+
 def run_demo(args: argparse.Namespace) -> int:
     """``fedplan demo``: partition, start devices, train R rounds, write metrics and a plot."""
-    import producer as fp
-
     launch = time.monotonic()
+    setup = prepare(args)
+    announce(args, setup)
+    result = train(args, setup)
+    report(result, setup.out, launch)
+    return 0
+
+
+def prepare(args: argparse.Namespace) -> DemoSetup:
+    """Fill dataset-dependent defaults, load and partition the data, make model and strategy."""
     for name, digits, mnist in (("lr", 0.2, 0.1), ("batch_size", 32, 64), ("epochs", 5, 1)):
         if getattr(args, name) is None:  # the training loop unrolls in the plan: keep it short
             setattr(args, name, mnist if args.mnist else digits)
@@ -154,28 +176,19 @@ def run_demo(args: argparse.Namespace) -> int:
     shares = partition(ds, args.devices, scheme=args.partition, alpha=args.alpha, seed=args.seed)
     torch.manual_seed(args.seed)
     model = MLP(ds.num_features, args.hidden, ds.num_classes)
+    strategy = strategy_from_args(args)
     spec = TrainingSpec(
         lr=args.lr,
         batch_size=args.batch_size,
         epochs=args.epochs,
-        proximal_mu=args.mu if args.strategy == "fedprox" else 0.0,
+        proximal_mu=strategy.proximal_mu,
     )
-    settings: dict[str, Any] = {
-        k: getattr(args, k)
-        for k in (
-            "mnist",
-            "devices",
-            "partition",
-            "alpha",
-            "hidden",
-            "lr",
-            "batch_size",
-            "epochs",
-            "strategy",
-            "mu",
-            "server_lr",
-        )
-    }
+    return DemoSetup(ds, shares, model, spec, strategy, out)
+
+
+def announce(args: argparse.Namespace, setup: DemoSetup) -> None:
+    """One line saying what is about to run."""
+    ds = setup.data
     where = "embedded devices" if not args.broker else f"Celery workers on {args.broker}"
     print(
         f"fedplan demo: {'MNIST' if args.mnist else 'digits'} ({len(ds.x_train)} train / "
@@ -183,59 +196,91 @@ def run_demo(args: argparse.Namespace) -> int:
         f"{args.rounds} rounds of {args.strategy} on {where}",
         flush=True,
     )
+
+
+def train(args: argparse.Namespace, setup: DemoSetup) -> JobResult:
+    """Start the devices (Celery workers with ``--broker``), run the job, stop them."""
+    import producer as fp
+
+    spawned = bool(args.broker) and not args.no_spawn
     workers = Workers()
-    if args.broker and not args.no_spawn:
-        workers = spawn_workers(shares, out / "devices", args.broker)
+    if spawned:
+        workers = spawn_workers(setup.shares, setup.out / "devices", args.broker)
     fleet = fp.connect(args.broker, timeout=args.timeout) if args.broker else fp.connect()
     executor = ThreadPoolExecutor(max(4, 2 * args.devices), thread_name_prefix="fl-fit")
     try:
-        plans: dict[int, Any] = {}
-
-        def plan_for(n: int) -> Any:
-            if n not in plans:
-                plans[n] = build_training_plan(model, spec, n)
-            return plans[n]
-
-        participants = []
-        for share in shares:
-            device = fleet.device(share.device_id)
-            if not (args.broker and not args.no_spawn) and not device.search("train", "x"):
-                device = fleet.device(share.device_id, data=share.tagged())
-            participants.append(
-                PlanParticipant(
-                    device,
-                    plan_for,
-                    epochs=spec.epochs,
-                    proximal_mu=spec.proximal_mu,
-                    timeout=args.timeout,
-                    executor=executor,
-                )
-            )
-        policy = RoundPolicy(
-            fraction=args.fraction,
-            over_selection=args.over_selection,
-            deadline=args.deadline,
-            quorum=args.quorum,
-            min_available=1,
-        )
-        bar = ProgressBar(args.rounds)
-        job = FederatedJob(
-            participants=participants,
-            strategy=make_strategy(args),
-            evaluate=lambda w: evaluate(
-                MLP(ds.num_features, args.hidden, ds.num_classes), w, ds.x_test, ds.y_test
-            ),
-            policy=policy,
-            seed=args.seed,
-            checkpoint_dir=out / "checkpoints",
-            settings=settings,
-            on_round=lambda m: bar.update(m) if m.round > 0 else None,
-        )
-        result: JobResult = job.run(get_weights(model), args.rounds, resume=args.resume)
+        members = participants(args, setup, fleet, executor, spawned=spawned)
+        with ProgressBar(args.rounds) as bar:
+            job = make_job(args, setup, members, bar)
+            return job.run(get_weights(setup.model), args.rounds, resume=args.resume)
     finally:
         executor.shutdown(wait=False, cancel_futures=True)
         fleet.close()
         workers.stop()
+
+
+def participants(
+    args: argparse.Namespace,
+    setup: DemoSetup,
+    fleet: Any,
+    executor: ThreadPoolExecutor,
+    *,
+    spawned: bool,
+) -> list[PlanParticipant]:
+    """One plan participant per share; embedded devices (or empty ones) get their data."""
+    plans: dict[int, Any] = {}
+
+    def plan_for(n: int) -> Any:  # one training plan per local dataset size
+        if n not in plans:
+            plans[n] = build_training_plan(setup.model, setup.spec, n)
+        return plans[n]
+
+    out = []
+    for share in setup.shares:
+        device = fleet.device(share.device_id)
+        if not spawned and not device.search("train", "x"):
+            device = fleet.device(share.device_id, data=share.tagged())
+        out.append(
+            PlanParticipant(
+                device,
+                plan_for,
+                epochs=setup.spec.epochs,
+                proximal_mu=setup.spec.proximal_mu,
+                timeout=args.timeout,
+                executor=executor,
+            )
+        )
+    return out
+
+
+def make_job(
+    args: argparse.Namespace, setup: DemoSetup, members: list[PlanParticipant], bar: ProgressBar
+) -> FederatedJob:
+    """The federated job: round policy, server evaluation, checkpoints and a progress bar."""
+    ds = setup.data
+    policy = RoundPolicy(
+        fraction=args.fraction,
+        over_selection=args.over_selection,
+        deadline=args.deadline,
+        quorum=args.quorum,
+        min_available=1,
+    )
+    return FederatedJob(
+        participants=members,
+        strategy=setup.strategy,
+        evaluate=lambda w: evaluate(
+            MLP(ds.num_features, args.hidden, ds.num_classes), w, ds.x_test, ds.y_test
+        ),
+        policy=policy,
+        seed=args.seed,
+        checkpoint_dir=setup.out / "checkpoints",
+        settings={k: getattr(args, k) for k in _SETTINGS},
+        on_round=lambda m: bar.update(m) if m.round > 0 else None,
+    )
+
+
+def report(result: JobResult, out: Path, launch: float) -> None:
+    """Write metrics.csv/json and the plot; print the final accuracy and where files are."""
     csv_path, json_path = write_metrics(result.history, out)
     png = plot_metrics(result.history, out / "metrics.png", title="fedplan demo")
     final = result.history[-1]
@@ -247,7 +292,6 @@ def run_demo(args: argparse.Namespace) -> int:
         f"checkpoints: {out / 'checkpoints'}",
         flush=True,
     )
-    return 0
 
 
 def _main(args: argparse.Namespace) -> int:
@@ -263,8 +307,9 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "demo",
         help="federated training of digits (or MNIST) across N devices",
-        description="Partition a dataset across N devices, train with FedAvg (or FedProx/"
-        "FedAdam) as one traced plan per device, and write metrics.csv and a plot.",
+        description="Partition a dataset across N devices, train with a federated strategy "
+        f"({', '.join(sorted(STRATEGIES))}) as one traced plan per device, and write "
+        "metrics.csv and a plot.",
     )
     p.add_argument(
         "--mnist",
@@ -276,7 +321,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--partition", choices=("iid", "dirichlet"), default="iid")
     p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration")
-    p.add_argument("--strategy", choices=("fedavg", "fedprox", "fedadam"), default="fedavg")
+    p.add_argument("--strategy", choices=sorted(STRATEGIES), default="fedavg")
     p.add_argument("--mu", type=float, default=0.01, help="FedProx proximal strength")
     p.add_argument("--server-lr", type=float, default=0.01, help="FedAdam server learning rate")
     p.add_argument(
@@ -315,4 +360,4 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=_main)
 
 
-__all__ = ["MLP", "register", "run_demo"]
+__all__ = ["MLP", "register", "run_demo", "strategy_from_args"]

@@ -100,6 +100,51 @@ def _takes_state(function: Callable[..., Any]) -> bool:
         return False
 
 
+_POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+
+
+def _without_state(
+    params: list[inspect.Parameter], *, named: bool, positional: bool
+) -> list[inspect.Parameter] | None:
+    """The parameters a caller passes when the plan supplies ``state`` itself.
+
+    ``named``: the function has a ``state`` parameter (passed by keyword, so the
+    parameters after it can only be passed by keyword too); ``positional``: the state is
+    passed after the caller's positional arguments (the last positional parameter).
+    ``None`` when no signature describes the call.
+    """
+    if named:
+        index = next(i for i, p in enumerate(params) if p.name == "state")
+        state, after = params[index], params[index + 1 :]
+        if state.kind is state.KEYWORD_ONLY:
+            return params[:index] + after
+        if state.kind is not state.POSITIONAL_OR_KEYWORD:
+            return None
+        if any(p.kind is p.VAR_POSITIONAL for p in after):
+            return None
+        keyword = [p.replace(kind=p.KEYWORD_ONLY) if p.kind in _POSITIONAL else p for p in after]
+        return params[:index] + keyword
+    if positional:
+        if any(p.kind is p.VAR_POSITIONAL for p in params):
+            return None
+        last = [i for i, p in enumerate(params) if p.kind in _POSITIONAL]
+        return None if not last else params[: last[-1]] + params[last[-1] + 1 :]
+    return params
+
+
+def _plain_arity(signature: inspect.Signature | None) -> int | None:
+    """The positional parameter count when a call passing that many arguments is bound as is.
+
+    ``None`` when keyword-only parameters or ``*args`` need binding in any case.
+    """
+    if signature is None:
+        return None
+    kinds = [p.kind for p in signature.parameters.values()]
+    if any(k not in (*_POSITIONAL, inspect.Parameter.VAR_KEYWORD) for k in kinds):
+        return None
+    return sum(k in _POSITIONAL for k in kinds)
+
+
 def _restore_state_objects(module: nn.Module, state: Mapping[str, torch.Tensor]) -> list[str]:
     """Put back parameters/buffers the traced run replaced; the names that were replaced."""
     now: dict[str, torch.Tensor] = dict(module.named_parameters())
@@ -187,6 +232,83 @@ class Plan(nn.Module):
             params = params[1:]  # self
         return fn, params
 
+    def call_signature(self) -> inspect.Signature | None:
+        """How the plan is called: the traced function's signature without ``self``/``state``.
+
+        ``None`` when Python cannot tell (a builtin): arguments then pass through as given.
+
+        Examples
+        --------
+        >>> p = Plan("f", function=lambda x, y=2, *, scale=1.0: (x + y) * scale)
+        >>> str(p.call_signature())
+        '(x, y=2, *, scale=1.0)'
+        """
+        if "_signature" in self.__dict__:
+            return self.__dict__["_signature"]
+        source = self.forward if self._function is None else self._function
+        try:
+            signature: inspect.Signature | None = inspect.signature(source)
+        except (TypeError, ValueError):
+            signature = None
+        if signature is not None:
+            params = list(signature.parameters.values())
+            if self._bound_module is not None:
+                params = params[1:]  # self
+            if self._function is not None and self._bound_module is None:
+                named = _takes_state(self._function)
+                positional = bool(self._state.tensors) and not named
+                kept = _without_state(params, named=named, positional=positional)
+                signature = None if kept is None else signature.replace(parameters=kept)
+            else:
+                signature = signature.replace(parameters=params)
+        self.__dict__["_signature"] = signature
+        self.__dict__["_arity"] = _plain_arity(signature)
+        return signature
+
+    def bind_arguments(
+        self, args: Sequence[Any], kwargs: Mapping[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """Bind a call like Python binds the function's: by position or by parameter name.
+
+        Defaults apply; the result passes every positional-or-keyword parameter by position
+        and keyword-only ones by name, so ``plan(x, y=y)`` and ``plan(x, y)`` run the same
+        plan. A call the function would refuse raises ``PlanInputError`` (a ``TypeError``)
+        naming the parameter.
+
+        Examples
+        --------
+        >>> p = Plan("f", function=lambda x, y=2, *, scale=1.0: (x + y) * scale)
+        >>> p.bind_arguments((1,), {"scale": 3.0})
+        ((1, 2), {'scale': 3.0})
+        >>> p.bind_arguments((1,), {"z": 0})  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        schemas.errors.PlanInputError: plan 'f' is called as f(x, ...): got an unexpected ...
+        """
+        signature = self.call_signature()
+        if signature is None:
+            return tuple(args), dict(kwargs)
+        if not kwargs and len(args) == self.__dict__["_arity"]:
+            return tuple(args), {}  # every parameter given by position: already bound
+        try:
+            bound = signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            plain = signature.replace(
+                parameters=[p.replace(annotation=p.empty) for p in signature.parameters.values()],
+                return_annotation=signature.empty,
+            )
+            reason = str(exc)
+            if "too many positional" in reason:
+                names = [p.name for p in plain.parameters.values() if p.kind in _POSITIONAL]
+                reason += f" (positional parameters: {', '.join(names) or 'none'})"
+            raise PlanInputError(
+                f"plan {self.name!r} is called as {self.name}{plain}: {reason}",
+                plan_id=self.id,
+                plan_name=self.name,
+            ) from None
+        bound.apply_defaults()
+        return bound.args, bound.kwargs
+
     def _with_state(self, function: Callable[..., Any]) -> Callable[..., Any]:
         wants_keyword = _takes_state(function)
 
@@ -243,6 +365,7 @@ class Plan(nn.Module):
         traced on copies). Unless ``self_check`` is off, the plan is then replayed against
         the eager function and any difference is a ``PlanBuildError``.
         """
+        args, kwargs = self.bind_arguments(args, kwargs)
         if any(_is_pointer(v) for v in (*_leaves(args), *_leaves(kwargs))):
             args, kwargs = _zeros_like_pointer(args), _zeros_like_pointer(kwargs)
         fn, arg_names = self._target()
@@ -343,6 +466,7 @@ class Plan(nn.Module):
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if is_tracing():  # inside another plan's trace: be traced as plain torch code
             return self._target()[0](*args, **kwargs)
+        args, kwargs = self.bind_arguments(args, kwargs)
         leaves = [*_leaves(args), *_leaves(kwargs)]
         pointers = [v for v in leaves if _is_pointer(v)]
         if pointers:
@@ -406,6 +530,9 @@ class Plan(nn.Module):
         twin = cls.__new__(cls)
         memo[id(self)] = twin
         fresh: dict[str, Any] = {"_loaded": None, "_pointers": {}, "location": None}
+        for cached in ("_signature", "_arity"):  # a method plan's copy has another module
+            if cached in self.__dict__:
+                fresh[cached] = self.__dict__[cached]
         for key, value in self.__dict__.items():
             if key in fresh:
                 object.__setattr__(twin, key, fresh[key])

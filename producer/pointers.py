@@ -376,6 +376,7 @@ class PointerPlan:
         """
         if self._pending is not None and self._pending.done():
             self._pending.reply(0)  # a refused plan raises its error here, not a NOT_FOUND
+        args, kwargs = self.plan.bind_arguments(args, kwargs)  # as the traced function binds
         return self.location.run_plan(self.plan, args, kwargs, return_values=return_values)
 
     def get(self, *, delete: bool = False, timeout: float | None = None) -> Any:

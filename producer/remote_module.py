@@ -101,6 +101,40 @@ class RemoteBuffer(torch.Tensor):
         return _dispatch(func, args, kwargs or {})
 
 
+class SentModule:
+    """Mixed into a module's class while it is sent: ``model.get()`` brings it back.
+
+    ``fp.send(model, dev)`` returns the same module object, now an instance of a subclass
+    of its own class (``isinstance`` checks and the module's methods are unchanged);
+    ``get()`` restores the class as ``fp.get_module`` does.
+    """
+
+    def get(self, *, with_grads: bool = True) -> Any:
+        """Bring the parameters back from the device (``fp.get_module(self)``)."""
+        assert isinstance(self, nn.Module)
+        return get_module(self, with_grads=with_grads)
+
+
+_SENT_CLASSES: dict[type, type] = {}
+
+
+def _mark_sent(module: nn.Module) -> None:
+    cls = type(module)
+    if issubclass(cls, SentModule):
+        return
+    sent = _SENT_CLASSES.get(cls)
+    if sent is None:
+        body = {"__module__": cls.__module__, "__qualname__": cls.__qualname__}
+        sent = _SENT_CLASSES.setdefault(cls, type(cls.__name__, (cls, SentModule), body))
+    module.__class__ = sent
+
+
+def _mark_local(module: nn.Module) -> None:
+    cls = type(module)
+    if issubclass(cls, SentModule) and cls in _SENT_CLASSES.values():
+        module.__class__ = cls.__bases__[0]
+
+
 def _tensors(module: nn.Module) -> Iterator[torch.Tensor]:
     """Every parameter and buffer of the module once (shared ones once)."""
     seen: set[int] = set()
@@ -132,6 +166,7 @@ def send_module(module: M, device: Device) -> M:
     ``optimizer.step()`` run there, op by op. A module already on another device is moved
     there directly (device to device); on the same device nothing is sent. A sent module
     that is dropped without ``get`` has its remote copies deleted (with the next command).
+    The returned module has ``get()`` (as in the seeds) until it is brought back.
 
     Examples
     --------
@@ -144,8 +179,10 @@ def send_module(module: M, device: Device) -> M:
     ...     _ = model.weight.data.fill_(1.0), model.bias.data.fill_(0.5)
     ...     _ = fp.send(model, bob)
     ...     out = model(fp.send(torch.tensor([[1.0, 2.0]]), bob))
-    ...     _ = fp.get_module(model)
-    ...     out.get().detach()
+    ...     result = out.get().detach()
+    ...     model.get() is model
+    True
+    >>> result
     tensor([[3.5000]])
     """
     current = location_of(module)
@@ -158,6 +195,7 @@ def send_module(module: M, device: Device) -> M:
         tensor.__class__ = RemoteParameter if isinstance(tensor, nn.Parameter) else RemoteBuffer
     for tensor in _tensors(module):
         _pointer(tensor).wait()  # a refused parameter fails here, not at the first forward
+    _mark_sent(module)
     return module
 
 
@@ -194,6 +232,7 @@ def get_module(module: M, *, with_grads: bool = True) -> M:
             tensor.data = values[id(tensor)].detach()
             if isinstance(tensor, nn.Parameter):
                 tensor.grad = grad_value.detach() if isinstance(grad_value, torch.Tensor) else None
+    _mark_local(module)
     return module
 
 
@@ -229,6 +268,7 @@ def _pointer(tensor: torch.Tensor) -> PointerTensor:
 __all__ = [
     "RemoteBuffer",
     "RemoteParameter",
+    "SentModule",
     "copy_module",
     "get_module",
     "is_remote",

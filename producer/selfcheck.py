@@ -1,4 +1,4 @@
-"""Build-time self-check: the traced plan must replay like the eager function (tracing.md #5)."""
+"""Build-time self-check: traced plans must replay like eager code (docs/tracing.md §6.5)."""
 
 from __future__ import annotations
 

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import io
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
+
+from rich.console import Console, JustifyMethod
+from rich.table import Table
 
 from broker_config import names
 from broker_config.management import ManagementClient
@@ -86,10 +90,19 @@ def device_statuses(client: ManagementClient) -> list[DeviceStatus]:
 
 
 def format_table(rows: list[DeviceStatus]) -> str:
-    """A plain-text table, one line per device."""
-    head = ("DEVICE", "STATE", "READY", "UNACKED", "CONSUMERS", "PUB/S", "DELIVER/S", "DEAD")
-    lines = [head] + [
-        (
+    """A plain-text table (``rich``), one line per device under a header line.
+
+    Examples
+    --------
+    >>> print(format_table([DeviceStatus("alice", 3, 1, 1, 2.5, 2.0, 0)]))
+    DEVICE  STATE   READY  UNACKED  CONSUMERS  PUB/S  DELIVER/S  DEAD
+    alice   online      3        1          1    2.5        2.0     0
+    """
+    table = Table(box=None, pad_edge=False, show_edge=False, header_style="")
+    for name, justify in _COLUMNS:
+        table.add_column(name, justify=justify, no_wrap=True)
+    for r in rows:
+        table.add_row(
             r.device_id,
             "online" if r.online else "offline",
             str(r.ready),
@@ -99,12 +112,15 @@ def format_table(rows: list[DeviceStatus]) -> str:
             f"{r.deliver_rate:.1f}",
             str(r.dead_lettered),
         )
-        for r in rows
-    ]
-    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
-    return "\n".join(
-        "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in lines
-    )
+    out = io.StringIO()
+    Console(file=out, width=10_000, color_system=None, highlight=False).print(table)
+    return "\n".join(line.rstrip() for line in out.getvalue().splitlines())
+
+
+_COLUMNS: tuple[tuple[str, JustifyMethod], ...] = (
+    ("DEVICE", "left"), ("STATE", "left"), ("READY", "right"), ("UNACKED", "right"),
+    ("CONSUMERS", "right"), ("PUB/S", "right"), ("DELIVER/S", "right"), ("DEAD", "right"),
+)  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:

@@ -5,7 +5,7 @@ methods, operators, property reads/writes, ``backward`` and ``no_grad`` at the l
 write them, so a training step is ~half the ops of ``make_fx`` and replays at ~eager speed
 (make_fx replay measured 1.25-1.4x); make_fx also fails on data-dependent ``if``s and
 specialises a batch of 1. Whatever the mode makes concrete (``bool``, ``item()``, a size that
-escapes into Python) becomes a guard checked on replay; see /work/shared/notes/tracing.md.
+escapes into Python) becomes a guard checked on replay; see docs/tracing.md §1 and §4.
 """
 
 from __future__ import annotations

@@ -29,6 +29,7 @@ from producer.fl.participants import EagerParticipant, PlanParticipant
 from producer.fl.progress import ProgressBar, RoundMetrics, plot_metrics, write_metrics
 from producer.fl.rounds import FitReply, FitTask, Participant, RoundPolicy, RoundRunner
 from producer.fl.strategy import (
+    STRATEGIES,
     FedAdam,
     FedAvg,
     FedProx,
@@ -36,6 +37,8 @@ from producer.fl.strategy import (
     FitInstructions,
     FitResult,
     Strategy,
+    make_strategy,
+    register_strategy,
 )
 from producer.fl.training import (
     TrainingSpec,
@@ -49,6 +52,7 @@ from producer.fl.training import (
 )
 
 __all__ = [
+    "STRATEGIES",
     "Checkpoint",
     "Dataset",
     "EagerParticipant",
@@ -80,7 +84,9 @@ __all__ = [
     "load_digits",
     "load_latest",
     "load_mnist",
+    "make_strategy",
     "plot_metrics",
+    "register_strategy",
     "sample_order",
     "save_checkpoint",
     "train_eager",

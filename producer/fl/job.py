@@ -12,7 +12,7 @@ from producer.fl.aggregate import Weights
 from producer.fl.checkpoint import Checkpoint, load_latest, save_checkpoint
 from producer.fl.progress import RoundMetrics
 from producer.fl.rounds import Participant, RoundOutcome, RoundPolicy, RoundRunner
-from producer.fl.strategy import Strategy
+from producer.fl.strategy import Strategy, make_strategy
 from schemas.errors import FedplanError
 
 Evaluate = Callable[[Weights], tuple[float, float]]
@@ -29,89 +29,126 @@ class JobResult:
     resumed_from: int = 0
 
 
+@dataclass(slots=True)
+class _Clock:
+    """Wall-clock bookkeeping of a run: time since start (plus resumed time), per round."""
+
+    offset: float = 0.0
+    start: float = field(default_factory=time.monotonic)
+    last: float = field(default_factory=time.monotonic)
+
+    def lap(self) -> tuple[float, float]:
+        """``(seconds since the last lap, seconds elapsed in the whole job)``."""
+        now = time.monotonic()
+        since, self.last = now - self.last, now
+        return since, self.offset + now - self.start
+
+
 @dataclass(kw_only=True, slots=True)
 class FederatedJob:
     """Runs ``num_rounds`` committed rounds; after each, evaluates and checkpoints.
 
-    ``settings`` describes the job (model, data, strategy, seeds); it is stored in every
-    checkpoint and a resume with different settings is refused.
+    ``strategy`` is a :class:`Strategy` or the name of a registered one
+    (``producer.fl.strategy.STRATEGIES``: ``"fedavg"``, ``"fedprox"``, ``"fedadam"``), built
+    from ``strategy_options`` (``proximal_mu``, ``server_lr``). ``settings`` describes the
+    job (model, data, strategy, seeds); it is stored in every checkpoint and a resume with
+    different settings is refused.
 
     Examples
     --------
     >>> import torch
-    >>> from producer.fl.strategy import FedAvg
-    >>> job = FederatedJob(participants=[], strategy=FedAvg(), evaluate=lambda w: (0.0, 1.0))
+    >>> job = FederatedJob(participants=[], strategy="fedavg", evaluate=lambda w: (0.0, 1.0))
     >>> job.run({"w": torch.zeros(1)}, num_rounds=0).history[0].test_accuracy
     1.0
     """
 
     participants: Sequence[Participant]
-    strategy: Strategy
+    strategy: Strategy | str
     evaluate: Evaluate
+    strategy_options: dict[str, float] = field(default_factory=dict)
     policy: RoundPolicy = field(default_factory=RoundPolicy)
     seed: int = 0
     checkpoint_dir: Path | None = None
     settings: dict[str, Any] = field(default_factory=dict)
     on_round: Callable[[RoundMetrics], None] | None = None
 
+    def __post_init__(self) -> None:
+        if isinstance(self.strategy, str):
+            self.strategy = make_strategy(self.strategy, **self.strategy_options)
+
+    @property
+    def _strategy(self) -> Strategy:
+        assert isinstance(self.strategy, Strategy)  # a name is resolved in __post_init__
+        return self.strategy
+
     def run(self, weights: Weights, num_rounds: int, *, resume: bool = False) -> JobResult:
         """Train from ``weights`` (or from the last checkpoint when ``resume``)."""
-        runner = RoundRunner(self.participants, self.strategy, self.policy, seed=self.seed)
-        history: list[RoundMetrics] = []
-        first = 1
-        if resume:
-            ck = self._load_checkpoint()
-            if ck is not None:
-                weights = ck.weights
-                self.strategy.load_state_dict(ck.strategy_state)
-                history = [RoundMetrics.from_dict(row) for row in ck.metadata["history"]]
-                first = ck.round + 1
-        start = time.monotonic()
+        runner = RoundRunner(self.participants, self._strategy, self.policy, seed=self.seed)
+        weights, history = self._resume(weights) if resume else (weights, [])
+        first = history[-1].round + 1 if history else 1
+        clock = _Clock()
         if not history:
-            loss, acc = self.evaluate(weights)
-            history.append(RoundMetrics(0, 0, 0, float("nan"), loss, acc, 0.0, 0.0))
-            self._report(history[-1])
-        elapsed0 = history[-1].elapsed_seconds
+            history.append(self._initial_metrics(weights))
+        clock.offset, clock.last = history[-1].elapsed_seconds, time.monotonic()
         outcomes: list[RoundOutcome] = []
-        t_prev = time.monotonic()
         for server_round in range(first, num_rounds + 1):
             outcome = runner.run_round(server_round, weights)
             assert outcome.weights is not None
             weights = outcome.weights
             outcomes.append(outcome)
-            loss, acc = self.evaluate(weights)
-            now = time.monotonic()
-            history.append(
-                RoundMetrics(
-                    round=server_round,
-                    participants=len(outcome.results),
-                    failures=len(outcome.failures),
-                    train_loss=outcome.train_loss(),
-                    test_loss=loss,
-                    test_accuracy=acc,
-                    round_seconds=now - t_prev,
-                    elapsed_seconds=elapsed0 + now - start,
-                    attempts=outcome.attempt,
-                )
-            )
-            t_prev = now
-            if self.checkpoint_dir is not None:
-                save_checkpoint(
-                    self.checkpoint_dir,
-                    Checkpoint(
-                        server_round,
-                        weights,
-                        self.strategy.state_dict(),
-                        {
-                            "history": [asdict(m) for m in history],
-                            "seed": self.seed,
-                            "settings": self.settings,
-                            "strategy": self.strategy.name,
-                        },
-                    ),
-                )
+            history.append(self._round_metrics(outcome, weights, clock))
+            self._save_checkpoint(server_round, weights, history)
             self._report(history[-1])
         return JobResult(weights, history, outcomes, resumed_from=first - 1)
+
+    def _resume(self, weights: Weights) -> tuple[Weights, list[RoundMetrics]]:
+        """Weights and history from the last checkpoint (strategy state restored), if any."""
+        ck = self._load_checkpoint()
+        if ck is None:
+            return weights, []
+        self._strategy.load_state_dict(ck.strategy_state)
+        return ck.weights, [RoundMetrics.from_dict(row) for row in ck.metadata["history"]]
+
+    def _initial_metrics(self, weights: Weights) -> RoundMetrics:
+        """Round 0: the starting weights evaluated before any training."""
+        loss, acc = self.evaluate(weights)
+        metrics = RoundMetrics(0, 0, 0, float("nan"), loss, acc, 0.0, 0.0)
+        self._report(metrics)
+        return metrics
+
+    def _round_metrics(
+        self, outcome: RoundOutcome, weights: Weights, clock: _Clock
+    ) -> RoundMetrics:
+        """Evaluate a committed round's weights into its metrics row."""
+        loss, acc = self.evaluate(weights)
+        round_seconds, elapsed = clock.lap()
+        return RoundMetrics(
+            round=outcome.server_round,
+            participants=len(outcome.results),
+            failures=len(outcome.failures),
+            train_loss=outcome.train_loss(),
+            test_loss=loss,
+            test_accuracy=acc,
+            round_seconds=round_seconds,
+            elapsed_seconds=elapsed,
+            attempts=outcome.attempt,
+        )
+
+    def _save_checkpoint(
+        self, server_round: int, weights: Weights, history: list[RoundMetrics]
+    ) -> None:
+        if self.checkpoint_dir is None:
+            return
+        metadata = {
+            "history": [asdict(m) for m in history],
+            "seed": self.seed,
+            "settings": self.settings,
+            "strategy": self._strategy.name,
+        }
+        save_checkpoint(
+            self.checkpoint_dir,
+            Checkpoint(server_round, weights, self._strategy.state_dict(), metadata),
+        )
 
     def _report(self, m: RoundMetrics) -> None:
         if self.on_round is not None:

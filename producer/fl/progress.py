@@ -1,4 +1,4 @@
-"""Progress of a federated run: a terminal progress bar, metrics.csv/JSON and a PNG plot."""
+"""Progress of a federated run: a progress bar (rich), metrics.csv/JSON and a PNG plot."""
 
 from __future__ import annotations
 
@@ -9,6 +9,10 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TextIO
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn
+from rich.table import Column
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,46 +37,82 @@ class RoundMetrics:
 
 
 class ProgressBar:
-    """A one-line progress bar redrawn per round (plain lines when not a terminal).
+    """Round progress drawn by ``rich``: a live bar on a terminal, one line per round otherwise.
+
+    Use it as a context manager (or call :meth:`close`) so that a run that stops early
+    leaves the terminal clean.
 
     Examples
     --------
     >>> import io
     >>> out = io.StringIO()
-    >>> bar = ProgressBar(2, stream=out, width=10)
-    >>> bar.update(RoundMetrics(1, 8, 0, 0.5, 0.4, 0.9, 0.1, 0.1))
+    >>> with ProgressBar(2, stream=out, width=10) as bar:
+    ...     bar.update(RoundMetrics(1, 8, 0, 0.5, 0.4, 0.9, 0.1, 0.1))
     >>> "round 1/2" in out.getvalue() and "acc 90.00%" in out.getvalue()
     True
     """
 
-    def __init__(self, total: int, *, stream: TextIO | None = None, width: int = 24) -> None:
+    def __init__(
+        self,
+        total: int,
+        *,
+        stream: TextIO | None = None,
+        width: int = 24,
+        force_terminal: bool | None = None,
+    ) -> None:
         self.total = total
-        self.stream = stream if stream is not None else sys.stderr
-        self.width = width
-        self._tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.console = Console(
+            file=stream if stream is not None else sys.stderr,
+            force_terminal=force_terminal,
+            highlight=False,
+            soft_wrap=True,
+        )
+        self._live: Progress | None = None
+        if self.console.is_terminal:
+            self._live = Progress(
+                TextColumn("round {task.completed}/{task.total}"),
+                BarColumn(bar_width=width),
+                TextColumn(
+                    "{task.fields[stats]}", markup=False, table_column=Column(overflow="fold")
+                ),
+                console=self.console,
+            )
+            self._task = self._live.add_task("rounds", total=total, stats="")
 
-    def line(self, m: RoundMetrics) -> str:
-        """The text shown for round ``m``."""
-        done = round(self.width * m.round / max(self.total, 1))
-        bar = "#" * done + "-" * (self.width - done)
+    def stats(self, m: RoundMetrics) -> str:
+        """Devices, failures, retries, losses, accuracy and time of round ``m``."""
         retry = f" retries {m.attempts - 1}" if m.attempts > 1 else ""
         return (
-            f"[{bar}] round {m.round}/{self.total} | devices {m.participants}"
-            f"{f' (failed {m.failures})' if m.failures else ''}{retry} | "
-            f"loss {m.train_loss:.4f} | test loss {m.test_loss:.4f} | "
+            f"devices {m.participants}{f' (failed {m.failures})' if m.failures else ''}"
+            f"{retry} | loss {m.train_loss:.4f} | test loss {m.test_loss:.4f} | "
             f"acc {100 * m.test_accuracy:.2f}% | {m.round_seconds:.2f}s "
             f"(total {m.elapsed_seconds:.1f}s)"
         )
 
+    def line(self, m: RoundMetrics) -> str:
+        """The line written for round ``m`` when the stream is not a terminal."""
+        return f"round {m.round}/{self.total} | {self.stats(m)}"
+
     def update(self, m: RoundMetrics) -> None:
-        """Redraw for round ``m``."""
-        if self._tty:
-            self.stream.write("\r\x1b[2K" + self.line(m))
-            if m.round >= self.total:
-                self.stream.write("\n")
-        else:
-            self.stream.write(self.line(m) + "\n")
-        self.stream.flush()
+        """Show round ``m``; the live bar stops after the last round."""
+        if self._live is None:
+            self.console.print(self.line(m), markup=False)
+            return
+        self._live.update(self._task, completed=m.round, stats=self.stats(m))
+        self._live.start()  # idempotent
+        if m.round >= self.total:
+            self.close()
+
+    def close(self) -> None:
+        """Stop the live bar (the last state stays on screen); harmless when not started."""
+        if self._live is not None:
+            self._live.stop()
+
+    def __enter__(self) -> ProgressBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def write_metrics(rows: Sequence[RoundMetrics], directory: str | Path) -> tuple[Path, Path]:

@@ -178,23 +178,50 @@ class RoundRunner:
     def run_attempt(self, server_round: int, attempt: int, weights: Weights) -> RoundOutcome:
         """One attempt of a round: sample, send, collect until it closes, aggregate."""
         start = time.monotonic()
-        ids = [p.device_id for p in self.participants]
-        available = len(ids)
-        if available < self.policy.min_available:
-            raise FedplanError(
-                f"{available} devices are available, the policy needs {self.policy.min_available}; "
-                "start more devices or lower min_available"
-            )
-        target = self.policy.target(available)
-        needed = self.policy.needed(available)
+        available = self._available()
         chosen = sample_devices(
-            ids,
+            [p.device_id for p in self.participants],
             self.policy.selected(available),
             seed=self.seed,
             server_round=server_round,
             attempt=attempt,
         )
         instructions = self.strategy.configure_fit(server_round, weights)
+        open_tasks, failures = self._dispatch(server_round, attempt, chosen, instructions)
+        late_before = self.late_replies
+        target = self.policy.target(available)
+        results = self._collect(open_tasks, failures, target, start + self.policy.deadline)
+        outcome = RoundOutcome(
+            server_round,
+            attempt,
+            [self.participants[i].device_id for i in chosen],
+            [results[i] for i in sorted(results)],
+            [failures[i] for i in sorted(failures)],
+            None,
+            late_replies=self.late_replies - late_before,
+        )
+        self._aggregate(outcome, weights, needed=self.policy.needed(available))
+        outcome.seconds = time.monotonic() - start
+        return outcome
+
+    def _available(self) -> int:
+        """How many devices can be asked; ``FedplanError`` below the policy's minimum."""
+        available = len(self.participants)
+        if available < self.policy.min_available:
+            raise FedplanError(
+                f"{available} devices are available, the policy needs {self.policy.min_available}; "
+                "start more devices or lower min_available"
+            )
+        return available
+
+    def _dispatch(
+        self,
+        server_round: int,
+        attempt: int,
+        chosen: Sequence[int],
+        instructions: FitInstructions,
+    ) -> tuple[dict[str, int], dict[int, FitFailure]]:
+        """Start a fit task on every chosen device: open task ids, and devices that failed."""
         open_tasks: dict[str, int] = {}
         failures: dict[int, FitFailure] = {}
         for index in chosen:
@@ -215,9 +242,20 @@ class RoundRunner:
                 del open_tasks[task.task_id]
                 message = f"{type(exc).__name__}: {exc}"
                 failures[index] = FitFailure(part.device_id, "error", message)
+        return open_tasks, failures
+
+    def _collect(
+        self,
+        open_tasks: dict[str, int],
+        failures: dict[int, FitFailure],
+        target: int,
+        deadline: float,
+    ) -> dict[int, FitResult]:
+        """Take replies until ``target`` results or the deadline; the rest become failures.
+
+        Replies not open in this attempt are stragglers: counted in ``late_replies``.
+        """
         results: dict[int, FitResult] = {}
-        late_before = self.late_replies
-        deadline = start + self.policy.deadline
         while open_tasks and len(results) < target:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -226,35 +264,26 @@ class RoundRunner:
                 reply = self._replies.get(timeout=remaining)
             except queue.Empty:
                 break
-            index_or_none = open_tasks.pop(reply.task_id, None)
-            if index_or_none is None:
+            index = open_tasks.pop(reply.task_id, None)
+            if index is None:
                 self.late_replies += 1
-                continue
-            if reply.result is not None:
-                results[index_or_none] = reply.result
+            elif reply.result is not None:
+                results[index] = reply.result
             else:
-                failures[index_or_none] = FitFailure(reply.device_id, "error", reply.error)
+                failures[index] = FitFailure(reply.device_id, "error", reply.error)
         for task_id, index in open_tasks.items():
             kind = "timeout" if len(results) < target else "dropped"
-            failures[index] = FitFailure(ids[index], kind, f"no reply to {task_id} in time")
-        ordered = [results[i] for i in sorted(results)]
-        ordered_failures = [failures[i] for i in sorted(failures)]
-        outcome = RoundOutcome(
-            server_round,
-            attempt,
-            [ids[i] for i in chosen],
-            ordered,
-            ordered_failures,
-            None,
-            late_replies=self.late_replies - late_before,
+            device_id = self.participants[index].device_id
+            failures[index] = FitFailure(device_id, kind, f"no reply to {task_id} in time")
+        return results
+
+    def _aggregate(self, outcome: RoundOutcome, weights: Weights, *, needed: int) -> None:
+        """Commit the strategy's new weights on quorum, or record why the attempt fails."""
+        if len(outcome.results) < needed:
+            outcome.reason = f"{len(outcome.results)} of {needed} needed results arrived"
+            return
+        outcome.weights = self.strategy.aggregate_fit(
+            outcome.server_round, weights, outcome.results, outcome.failures
         )
-        if len(ordered) < needed:
-            outcome.reason = f"{len(ordered)} of {needed} needed results arrived"
-        else:
-            outcome.weights = self.strategy.aggregate_fit(
-                server_round, weights, ordered, ordered_failures
-            )
-            if outcome.weights is None:
-                outcome.reason = f"{self.strategy.name} refused the round's results"
-        outcome.seconds = time.monotonic() - start
-        return outcome
+        if outcome.weights is None:
+            outcome.reason = f"{self.strategy.name} refused the round's results"

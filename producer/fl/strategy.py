@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 
 from producer.fl.aggregate import Weights, adam_step, delta, weighted_average
+from schemas.errors import FedplanError
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +74,14 @@ class Strategy:
             return False
         return self.accept_failures or not failures
 
+    @classmethod
+    def from_options(cls, options: Mapping[str, float]) -> Strategy:
+        """The strategy from named options (``proximal_mu``, ``server_lr``...).
+
+        Options it does not use are ignored, so one set of CLI flags serves every strategy.
+        """
+        return cls()
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Server-side optimizer state to checkpoint (empty for stateless strategies)."""
         return {}
@@ -82,6 +92,46 @@ class Strategy:
             raise ValueError(f"{self.name} keeps no state; the checkpoint holds {sorted(state)}")
 
 
+S = TypeVar("S", bound=type[Strategy])
+
+STRATEGIES: dict[str, type[Strategy]] = {}
+"""Strategy classes by name: what ``make_strategy``, ``FederatedJob(strategy="...")`` and
+``fedplan demo --strategy`` accept. Add one with :func:`register_strategy`."""
+
+
+def register_strategy(cls: S) -> S:
+    """Class decorator: make a strategy available by its ``name``.
+
+    Examples
+    --------
+    >>> @register_strategy
+    ... class Median(FedAvg):
+    ...     name = "median-doc"
+    >>> make_strategy("median-doc").name
+    'median-doc'
+    >>> del STRATEGIES["median-doc"]
+    """
+    if cls.name in STRATEGIES and STRATEGIES[cls.name] is not cls:
+        raise ValueError(f"a strategy named {cls.name!r} is already registered")
+    STRATEGIES[cls.name] = cls
+    return cls
+
+
+def make_strategy(name: str, **options: float) -> Strategy:
+    """The registered strategy called ``name``, built from ``options`` (others ignored).
+
+    Examples
+    --------
+    >>> make_strategy("fedprox", proximal_mu=0.1, server_lr=0.5).proximal_mu
+    0.1
+    """
+    cls = STRATEGIES.get(name)
+    if cls is None:
+        raise FedplanError(f"no strategy named {name!r}; choose one of {sorted(STRATEGIES)}")
+    return cls.from_options(options)
+
+
+@register_strategy
 class FedAvg(Strategy):
     """Federated averaging: the mean of device weights weighted by their example counts.
 
@@ -108,6 +158,7 @@ class FedAvg(Strategy):
         return weighted_average([(r.weights, r.num_examples) for r in results])
 
 
+@register_strategy
 class FedProx(FedAvg):
     """FedAvg whose device plan adds ``mu/2 * ||w - w_global||^2`` to the local loss.
 
@@ -125,7 +176,12 @@ class FedProx(FedAvg):
             raise ValueError(f"proximal_mu must be >= 0, got {proximal_mu}")
         self.proximal_mu = float(proximal_mu)
 
+    @classmethod
+    def from_options(cls, options: Mapping[str, float]) -> Strategy:
+        return cls(proximal_mu=options.get("proximal_mu", 0.01))
 
+
+@register_strategy
 class FedAdam(Strategy):
     """Server-side Adam on the pseudo-gradient ``weighted_average(results) - weights``.
 
@@ -159,6 +215,10 @@ class FedAdam(Strategy):
         self.step = 0
         self.m: Weights = {}
         self.v: Weights = {}
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, float]) -> Strategy:
+        return cls(lr=options.get("server_lr", 0.1))
 
     def aggregate_fit(
         self,
@@ -203,7 +263,3 @@ class FedAdam(Strategy):
         self.step = int(state["step"])
         self.m = {k[2:]: t.clone() for k, t in state.items() if k.startswith("m.")}
         self.v = {k[2:]: t.clone() for k, t in state.items() if k.startswith("v.")}
-
-
-STRATEGIES: dict[str, type[Strategy]] = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam}
-"""Strategy classes by CLI name."""

@@ -10,17 +10,17 @@ import pytest
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 EXPECTED = {
-    "plans_intro": ["tensor([2., 4.])", "[PointerPlan | me:", "Tags: input_data"],
-    "plans_tutorial": [
+    "01_plans_intro": ["tensor([2., 4.])", "[PointerPlan | me:", "Tags: input_data"],
+    "02_plans_tutorial": [
         "A plan needs to be built before being sent to a worker.",
         "tensor([2., 4.])",
         "tensor([2, 1])",
     ],
-    "plans_notes": ["{'run_plan': 5}", "tensor([2, 1])"],
-    "plans_usage": ["tensor([3., 3., 3., 3., 3.])"],
-    "remote_tensors": ["tensor([6, 6, 6, 6, 6])", "alice: []", "tensor([1, 2, 3, 4])"],
-    "federated_training": ["Bob:tensor(", " Alice:tensor(", "final predictions:"],
-    "federated_digits": ["Train Epoch: 1 [0/", "Test set: Average loss:"],
+    "03_plans_notes": ["{'run_plan': 5}", "tensor([2, 1])"],
+    "07_plans_usage": ["tensor([3., 3., 3., 3., 3.])"],
+    "04_remote_tensors": ["tensor([6, 6, 6, 6, 6])", "alice: []", "tensor([1, 2, 3, 4])"],
+    "05_federated_training": ["Bob:tensor(", " Alice:tensor(", "final predictions:"],
+    "06_federated_digits": ["Train Epoch: 1 [0/", "Test set: Average loss:"],
 }
 
 
@@ -36,3 +36,15 @@ def test_the_example_prints_what_its_seed_shows(
     out = capsys.readouterr().out
     for line in EXPECTED[name]:
         assert line in out
+
+
+def test_every_example_is_run_here_and_listed_in_reading_order_in_the_readme() -> None:
+    scripts = sorted(p.stem for p in EXAMPLES.glob("*.py"))
+    assert scripts == sorted(EXPECTED)
+    assert [int(name[:2]) for name in scripts] == list(range(1, len(scripts) + 1))
+    listed = [
+        line.split("`")[1].removesuffix(".py")
+        for line in (EXAMPLES / "README.md").read_text().splitlines()
+        if line.startswith("- `")
+    ]
+    assert listed == scripts

@@ -159,3 +159,21 @@ def test_force_pushes_locally_changed_state_and_otherwise_the_device_keeps_its_o
     shifted.load_state({"state.0": torch.tensor([10.0, 10.0])})
     assert torch.equal(shifted.send(bob)(fp.send(x, bob)).get(), x + 1)
     assert torch.equal(bob.send_plan(shifted, force=True)(fp.send(x, bob)).get(), x + 10)
+
+
+def test_a_pointer_plan_binds_keyword_arguments_and_defaults_like_its_function(
+    device: DeviceFactory,
+) -> None:
+    def blend(x: torch.Tensor, y: torch.Tensor, weight: float = 0.25) -> torch.Tensor:
+        return x * (1 - weight) + y * weight
+
+    plan = fp.func2plan(args_shape=[(-1,), (-1,)])(blend)
+    x, y = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([-4.0, 0.5, 8.0])
+    carol = device("carol", data=(fp.tag(x, "x"), fp.tag(y, "y")))
+    x_ptr, y_ptr = carol.search("x")[0], carol.search("y")[0]
+    pointer_plan = plan.send(carol)
+    torch.testing.assert_close(pointer_plan(y=y_ptr, x=x_ptr).get(), blend(x, y))
+    torch.testing.assert_close(pointer_plan(x_ptr, y_ptr, weight=0.25).get(), blend(x, y))
+    with pytest.raises(fp.PlanInputError, match="missing a required argument: 'y'"):
+        pointer_plan(x_ptr, z=y_ptr)
+    assert torch.equal(carol.search("y")[0].get(), y)  # the refused call changed nothing

@@ -12,7 +12,7 @@ from producer.fl.aggregate import weighted_average
 from producer.fl.job import FederatedJob
 from producer.fl.participants import EagerParticipant
 from producer.fl.rounds import Deliver, FitTask
-from producer.fl.strategy import FedAdam, FedAvg, Strategy
+from producer.fl.strategy import FedAdam, FedAvg, FedProx, Strategy
 from producer.fl.training import TrainingSpec, evaluate, get_weights, sample_order, train_eager
 from schemas.errors import FedplanError
 
@@ -32,7 +32,7 @@ def _parts(n_devices: int = 3) -> list[tuple[torch.Tensor, torch.Tensor]]:
     ]
 
 
-def _job(strategy: Strategy, ckpt: Path | None = None, participants=None) -> FederatedJob:  # type: ignore[no-untyped-def]
+def _job(strategy: Strategy | str, ckpt: Path | None = None, participants=None) -> FederatedJob:  # type: ignore[no-untyped-def]
     net = _net()
     xt, yt = _parts(1)[0]
     participants = participants or [
@@ -108,3 +108,22 @@ def test_resuming_another_jobs_checkpoint_is_refused(tmp_path: Path) -> None:
     other.settings = {"test": "another"}
     with pytest.raises(FedplanError, match="another job"):
         other.run(get_weights(_net()), num_rounds=2, resume=True)
+
+
+def test_a_job_takes_its_strategy_by_registered_name_with_options() -> None:
+    job = FederatedJob(
+        participants=[],
+        strategy="fedprox",
+        strategy_options={"proximal_mu": 0.2},
+        evaluate=lambda w: (0.0, 1.0),
+    )
+    assert isinstance(job.strategy, FedProx) and job.strategy.proximal_mu == 0.2
+    with pytest.raises(FedplanError, match="no strategy named 'nope'"):
+        FederatedJob(participants=[], strategy="nope", evaluate=lambda w: (0.0, 1.0))
+
+
+def test_a_job_by_strategy_name_trains_like_one_given_the_strategy_object() -> None:
+    by_object = _job(FedAvg()).run(get_weights(_net()), num_rounds=2)
+    by_name = _job("fedavg").run(get_weights(_net()), num_rounds=2)
+    for key, value in by_object.weights.items():
+        torch.testing.assert_close(by_name.weights[key], value, rtol=0, atol=0)

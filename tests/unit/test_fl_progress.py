@@ -39,3 +39,27 @@ def test_metrics_are_written_as_csv_and_json_with_one_row_per_round(tmp_path: Pa
 def test_the_plot_is_a_png_file(tmp_path: Path) -> None:
     path = plot_metrics(ROWS, tmp_path / "plot.png", title="demo")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_on_a_terminal_the_bar_is_live_and_stops_after_the_last_round() -> None:
+    out = io.StringIO()
+    bar = ProgressBar(2, stream=out, force_terminal=True)
+    bar.update(ROWS[1])
+    assert bar._live is not None and bar._live.live.is_started
+    bar.update(ROWS[2])
+    assert not bar._live.live.is_started
+    text = out.getvalue()
+    for piece in ("round 2/2", "devices 7", "failed 1", "retries 1", "acc 90.00%"):
+        assert piece in text
+
+
+def test_a_run_that_stops_early_leaves_no_live_bar_behind() -> None:
+    out = io.StringIO()
+    try:
+        with ProgressBar(5, stream=out, force_terminal=True) as bar:
+            bar.update(ROWS[1])
+            raise RuntimeError("round 2 failed")
+    except RuntimeError:
+        pass
+    assert bar._live is not None and not bar._live.live.is_started
+    assert "round 1/5" in out.getvalue()

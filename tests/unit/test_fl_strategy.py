@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from producer.fl.strategy import FedAdam, FedAvg, FedProx, FitFailure, FitResult
+from producer.cli import build_parser
+from producer.demo import strategy_from_args
+from producer.fl.strategy import (
+    STRATEGIES,
+    FedAdam,
+    FedAvg,
+    FedProx,
+    FitFailure,
+    FitResult,
+    make_strategy,
+    register_strategy,
+)
+from schemas.errors import FedplanError
 
 
 def _result(device: str, value: float, n: int) -> FitResult:
@@ -78,3 +91,48 @@ def test_fedadam_state_survives_a_state_dict_round_trip() -> None:
     b = t.aggregate_fit(2, new, [_result("a", 3.0, 1)], [])
     assert a is not None and b is not None
     assert torch.equal(a["w"], b["w"]) and t.step == s.step == 2
+
+
+def test_every_strategy_is_registered_by_its_name_and_built_from_shared_options() -> None:
+    assert sorted(STRATEGIES) == ["fedadam", "fedavg", "fedprox"]
+    options = {"proximal_mu": 0.3, "server_lr": 0.05}
+    built = {name: make_strategy(name, **options) for name in STRATEGIES}
+    assert all(type(s) is STRATEGIES[name] and s.name == name for name, s in built.items())
+    assert built["fedprox"].proximal_mu == 0.3 and built["fedavg"].proximal_mu == 0.0
+    assert isinstance(built["fedadam"], FedAdam) and built["fedadam"].lr == 0.05
+
+
+def test_an_unknown_strategy_name_is_refused_with_the_registered_names() -> None:
+    with pytest.raises(FedplanError, match=r"no strategy named 'fedsgd'.*'fedavg'"):
+        make_strategy("fedsgd")
+
+
+def test_a_registered_strategy_becomes_a_choice_of_the_demo_cli() -> None:
+    def strategy_choices() -> list[str]:
+        demo = build_parser()._subparsers._group_actions[0].choices["demo"]  # type: ignore[union-attr]
+        (action,) = [a for a in demo._actions if a.dest == "strategy"]
+        return list(action.choices)
+
+    assert strategy_choices() == sorted(STRATEGIES)
+
+    @register_strategy
+    class Trimmed(FedAvg):
+        name = "trimmed-test"
+
+    try:
+        assert "trimmed-test" in strategy_choices()
+        args = build_parser().parse_args(["demo", "--strategy", "trimmed-test"])
+        assert isinstance(strategy_from_args(args), Trimmed)
+    finally:
+        del STRATEGIES["trimmed-test"]
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["demo", "--strategy", "trimmed-test"])
+
+
+def test_registering_another_class_under_a_taken_name_is_refused() -> None:
+    class Impostor(FedAvg):
+        name = "fedavg"
+
+    with pytest.raises(ValueError, match="already registered"):
+        register_strategy(Impostor)
+    assert STRATEGIES["fedavg"] is FedAvg

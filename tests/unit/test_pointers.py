@@ -6,6 +6,7 @@ import re
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 import torch
@@ -32,6 +33,11 @@ class HandPlan:
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
         self.ir.state_values = {k: v.detach().clone() for k, v in state.items()}
+
+    def bind_arguments(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        return tuple(args), dict(kwargs)  # no Python signature: the call as given
 
 
 def double_abs() -> HandPlan:
