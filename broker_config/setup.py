@@ -47,7 +47,7 @@ def declare_topology(
             {"type": ex.type, "durable": True, "auto_delete": False},
         )
         done.append(f"exchange {ex.name}")
-    queues = [topology.dead_letter_queue()]
+    queues = [topology.dead_letter_queue(settings)]
     queues += [topology.device_queue(d, settings) for d in devices]
     for spec in queues:
         _declare_queue(client, spec)

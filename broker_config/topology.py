@@ -36,9 +36,22 @@ def exchanges() -> list[ExchangeSpec]:
     ]
 
 
-def dead_letter_queue() -> QueueSpec:
-    """Where rejected commands end up (bound to the fanout dead-letter exchange)."""
-    return QueueSpec(names.dead_letter_queue(), {}, names.dead_letter_exchange(), "")
+def dead_letter_queue(settings: Settings | None = None) -> QueueSpec:
+    """Where rejected commands end up (bound to the fanout dead-letter exchange).
+
+    A quorum queue when ``settings.queue_type`` is quorum: on a cluster every durable queue
+    fedplan declares is replicated, so losing one node loses no queue.
+    """
+    return QueueSpec(
+        names.dead_letter_queue(),
+        _replicated(settings) if settings else {},
+        names.dead_letter_exchange(),
+        "",
+    )
+
+
+def _replicated(settings: Settings) -> dict[str, Any]:
+    return {"x-queue-type": "quorum"} if settings.queue_type == "quorum" else {}
 
 
 def device_queue_arguments(settings: Settings) -> dict[str, Any]:
@@ -71,10 +84,13 @@ def device_queue(device_id: str, settings: Settings) -> QueueSpec:
 
 
 def results_queue(producer_id: str, settings: Settings) -> QueueSpec:
-    """A producer's durable results queue; it expires when unused for a long time."""
+    """A producer's durable results queue; it expires when unused for a long time.
+
+    Quorum (replicated) when ``settings.queue_type`` is quorum, like the device queues.
+    """
     return QueueSpec(
         names.results_queue(producer_id),
-        {"x-expires": int(settings.results_queue_expires * 1000)},
+        {"x-expires": int(settings.results_queue_expires * 1000), **_replicated(settings)},
         names.results_exchange(),
         names.results_routing_key(producer_id),
     )

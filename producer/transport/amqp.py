@@ -80,10 +80,7 @@ class AmqpTransport:
         self.producer_id: str = s.producer_id or ""
         self.results_queue = names.results_queue(self.producer_id)
         self._on_reply = on_reply
-        self._params = pika.URLParameters(s.broker_url)
-        self._params.heartbeat = s.heartbeat
-        self._params.blocked_connection_timeout = s.confirm_timeout
-        self._params.client_properties = {"connection_name": f"fedplan producer {self.producer_id}"}
+        self._params = connection_parameters(s, f"fedplan producer {self.producer_id}")
         self._work: deque[tuple[_Work, Future[Any]]] = deque()
         self._lock = threading.Lock()
         self._conn: pika.BlockingConnection | None = None
@@ -239,7 +236,7 @@ class AmqpTransport:
         ch.confirm_delivery()
         for ex in topology.exchanges():
             ch.exchange_declare(ex.name, ex.type, durable=True)
-        self._declare_queue(ch, topology.dead_letter_queue())
+        self._declare_queue(ch, topology.dead_letter_queue(self.settings))
         self._declare_queue(ch, topology.results_queue(self.producer_id, self.settings))
         for device in sorted(self._devices):  # queues may have been deleted meanwhile
             self._declare_queue(ch, topology.device_queue(device, self.settings))
@@ -321,6 +318,32 @@ class AmqpTransport:
         ch.basic_ack(method.delivery_tag)
 
 
+def connection_parameters(settings: Settings, name: str) -> list[pika.ConnectionParameters]:
+    """pika parameters for each of ``settings.broker_urls``, tried in that order.
+
+    ``pika.BlockingConnection`` takes the list and connects to the first node that answers;
+    after a connection loss the transport reconnects the same way, so a cluster's
+    surviving nodes take over (``amqp://a:5672/;amqp://b:5672/``, as kombu writes failover).
+
+    Examples
+    --------
+    >>> ps = connection_parameters(Settings(broker_url="amqp://h:1/;amqp://h:2/"), "x")
+    >>> [p.port for p in ps]
+    [1, 2]
+    """
+    out: list[pika.ConnectionParameters] = []
+    for url in settings.broker_urls:
+        params = pika.URLParameters(url)
+        params.heartbeat = settings.heartbeat
+        params.blocked_connection_timeout = settings.confirm_timeout
+        params.client_properties = {"connection_name": name}
+        out.append(params)
+    return out
+
+
 def _safe_url(settings: Settings) -> str:
-    params = pika.URLParameters(settings.broker_url)
-    return f"amqp://{params.host}:{params.port}{params.virtual_host}"
+    shown = []
+    for url in settings.broker_urls:
+        params = pika.URLParameters(url)
+        shown.append(f"amqp://{params.host}:{params.port}{params.virtual_host}")
+    return ";".join(shown)
