@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from celery import Celery
 from celery.app.amqp import AMQP, Queues
+from celery.worker.consumer import Consumer
 from kombu import Exchange, Queue
 
 from broker_config import names, topology
@@ -39,6 +40,20 @@ class _DeviceQueues(Queues):
 
 class _DeviceAMQP(AMQP):
     queues_cls = _DeviceQueues
+
+
+class DeviceConsumer(Consumer):
+    """Celery's consumer without native delayed delivery (fedplan sends no eta/countdown).
+
+    On quorum queues that step declares 28 ``celery_delayed_*`` quorum queues, and on every
+    reconnect it retries each failover URL for about 9 s, so a worker whose first cluster
+    node is down would come back that much later.
+    """
+
+    class Blueprint(Consumer.Blueprint):
+        default_steps = [
+            s for s in Consumer.Blueprint.default_steps if not s.endswith(":DelayedDelivery")
+        ]
 
 
 def make_app(settings: Settings | None = None) -> Celery:
@@ -81,6 +96,7 @@ def make_app(settings: Settings | None = None) -> Celery:
         broker_connection_retry_on_startup=True,
         worker_cancel_long_running_tasks_on_connection_loss=False,
         worker_hijack_root_logger=False,
+        worker_consumer="consumer.worker.celery_app:DeviceConsumer",
     )
     app.conf.fedplan_settings = s
     app.autodiscover_tasks(["consumer.worker"], related_name="tasks", force=True)

@@ -33,6 +33,10 @@ log = logging.getLogger(__name__)
 
 _Work = Callable[[BlockingChannel], Any]
 
+NACK_RETRIES = 5
+"""Nacked publishes of one command (each followed by a pause and a reconnect: 3 s in all)
+before it is refused."""
+
 
 class AmqpTransport:
     """Publishes commands to device queues and feeds replies from a durable results queue.
@@ -123,7 +127,7 @@ class AmqpTransport:
                 )
                 try:
                     ch.basic_publish(
-                        names.commands_exchange(), routing_key, bytes(piece), props, mandatory=True
+                        names.commands_exchange(), routing_key, bytes(piece), props, True
                     )
                 except pex.UnroutableError:
                     raise DeviceNotFound(
@@ -132,13 +136,22 @@ class AmqpTransport:
                         device_id=device_id,
                     ) from None
                 except pex.NackError:
-                    raise TransportError(
-                        f"the broker refused a command for device {device_id!r}; its queue "
-                        f"is probably full ({self.settings.queue_max_length} messages): is "
-                        "the device's worker running?",
-                        device_id=device_id,
-                    ) from None
+                    nacks[0] += 1
+                    if nacks[0] > NACK_RETRIES:
+                        raise TransportError(
+                            f"the broker refused a command for device {device_id!r}; its "
+                            f"queue is probably full ({self.settings.queue_max_length} "
+                            "messages): is the device's worker running?",
+                            device_id=device_id,
+                        ) from None
+                    # After a cluster node was lost, a channel that published to a quorum
+                    # queue before its new leader was elected keeps being nacked (RabbitMQ
+                    # 3.10); a new connection is not. Reconnect, then publish again (a
+                    # repeated command id is answered from the device's reply cache).
+                    ch.connection.sleep(0.2 * nacks[0])
+                    raise pex.ChannelWrongStateError("publish nacked; reconnecting") from None
 
+        nacks = [0]
         self._call(work)
 
     def ensure_device(self, device_id: str) -> None:
