@@ -33,8 +33,9 @@ class ManagementClient:
 
     @classmethod
     def from_urls(cls, broker_url: str, api_url: str | None) -> ManagementClient:
-        """Credentials and vhost from the AMQP URL; API on its host, port 15672, if not given."""
-        parts = urlsplit(broker_url)
+        """Credentials and vhost from the (first) AMQP URL; API on its host, port 15672, if
+        not given."""
+        parts = urlsplit(broker_url.split(";")[0].strip())
         user = unquote(parts.username or "guest")
         password = unquote(parts.password or "guest")
         vhost = unquote(parts.path[1:]) if len(parts.path) > 1 else "/"

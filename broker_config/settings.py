@@ -61,6 +61,8 @@ class Settings:
     """
 
     broker_url: str = DEFAULT_BROKER_URL
+    """One AMQP URL, or several separated by ``;`` (kombu's failover form) for a cluster:
+    producers and workers connect to the first that answers and fail over in turn."""
     management_url: str = DEFAULT_MANAGEMENT_URL
     data_dir: Path = Path("fedplan-data")
     producer_id: str | None = None
@@ -108,8 +110,9 @@ class Settings:
     they may answer only their own device's commands. Replies from other users are dropped."""
 
     def __post_init__(self) -> None:
-        if urlsplit(self.broker_url).scheme not in ("amqp", "amqps"):
-            _bad("broker_url", self.broker_url, "an amqp:// or amqps:// URL")
+        urls = self.broker_url.split(";")
+        if any(urlsplit(u.strip()).scheme not in ("amqp", "amqps") for u in urls):
+            _bad("broker_url", self.broker_url, "amqp:// or amqps:// URLs separated by ';'")
         if urlsplit(self.management_url).scheme not in ("http", "https"):
             _bad("management_url", self.management_url, "an http:// or https:// URL")
         if self.queue_type not in ("classic", "quorum"):
@@ -172,6 +175,15 @@ class Settings:
             if values.get(name) is not None:
                 values[name] = Path(values[name])
         return cls(**values)
+
+    @property
+    def broker_urls(self) -> tuple[str, ...]:
+        """The broker URLs to try in turn (``broker_url`` split at ``;``).
+
+        >>> Settings(broker_url="amqp://h:5681/;amqp://h:5682/").broker_urls
+        ('amqp://h:5681/', 'amqp://h:5682/')
+        """
+        return tuple(u.strip() for u in self.broker_url.split(";"))
 
     def replace(self, **changes: Any) -> Settings:
         """A copy with some fields changed (validated again)."""

@@ -40,16 +40,23 @@ def dead_letter_queue(settings: Settings | None = None) -> QueueSpec:
     """Where rejected commands end up (bound to the fanout dead-letter exchange).
 
     Bounded in length and age (RabbitMQ's disk alarm stops the whole node, so a flood of
-    refused messages must not pile up): the oldest are dropped first. ``settings`` default
-    to :meth:`Settings.from_env`.
+    refused messages must not pile up): the oldest are dropped first. A quorum queue when
+    ``settings.queue_type`` is quorum: on a cluster every durable queue fedplan declares is
+    replicated, so losing one node loses no queue. ``settings`` default to
+    :meth:`Settings.from_env`.
     """
     s = settings or Settings.from_env()
     args: dict[str, Any] = {
         "x-max-length": s.dead_letter_max_length,
         "x-message-ttl": int(s.dead_letter_ttl * 1000),
         "x-overflow": "drop-head",
+        **_replicated(s),
     }
     return QueueSpec(names.dead_letter_queue(), args, names.dead_letter_exchange(), "")
+
+
+def _replicated(settings: Settings) -> dict[str, Any]:
+    return {"x-queue-type": "quorum"} if settings.queue_type == "quorum" else {}
 
 
 def device_queue_arguments(settings: Settings) -> dict[str, Any]:
@@ -82,10 +89,13 @@ def device_queue(device_id: str, settings: Settings) -> QueueSpec:
 
 
 def results_queue(producer_id: str, settings: Settings) -> QueueSpec:
-    """A producer's durable results queue; it expires when unused for a long time."""
+    """A producer's durable results queue; it expires when unused for a long time.
+
+    Quorum (replicated) when ``settings.queue_type`` is quorum, like the device queues.
+    """
     return QueueSpec(
         names.results_queue(producer_id),
-        {"x-expires": int(settings.results_queue_expires * 1000)},
+        {"x-expires": int(settings.results_queue_expires * 1000), **_replicated(settings)},
         names.results_exchange(),
         names.results_routing_key(producer_id),
     )

@@ -8,6 +8,7 @@ from typing import Any
 
 from celery import Celery, signals
 from celery.app.amqp import AMQP, Queues
+from celery.worker.consumer import Consumer
 from kombu import Exchange, Queue
 
 from broker_config import names, topology
@@ -71,6 +72,20 @@ def _on_worker_init(sender: Any = None, **_: Any) -> None:
         log.exception("collecting expired chunked transfers failed")
 
 
+class DeviceConsumer(Consumer):
+    """Celery's consumer without native delayed delivery (fedplan sends no eta/countdown).
+
+    On quorum queues that step declares 28 ``celery_delayed_*`` quorum queues, and on every
+    reconnect it retries each failover URL for about 9 s, so a worker whose first cluster
+    node is down would come back that much later.
+    """
+
+    class Blueprint(Consumer.Blueprint):
+        default_steps = [
+            s for s in Consumer.Blueprint.default_steps if not s.endswith(":DelayedDelivery")
+        ]
+
+
 def make_app(settings: Settings | None = None) -> Celery:
     """A Celery app configured for fedplan devices.
 
@@ -115,6 +130,7 @@ def make_app(settings: Settings | None = None) -> Celery:
         broker_connection_retry_on_startup=True,
         worker_cancel_long_running_tasks_on_connection_loss=False,
         worker_hijack_root_logger=False,
+        worker_consumer="consumer.worker.celery_app:DeviceConsumer",
     )
     app.conf.fedplan_settings = s
     signals.worker_init.connect(_on_worker_init, weak=False, dispatch_uid="fedplan-worker-init")

@@ -133,7 +133,11 @@ def register(subparsers: Any) -> None:
     w = subparsers.add_parser("worker", help="run the Celery worker of one device")
     w.add_argument("--device", required=True, help="the device id (queue fedplan.device.<id>)")
     w.add_argument("--data-dir", required=True, help="the device store directory")
-    w.add_argument("--broker", default=None, help="broker URL (default FEDPLAN_BROKER_URL)")
+    w.add_argument(
+        "--broker",
+        default=None,
+        help="broker URL, or a cluster's URLs separated by ';' (default FEDPLAN_BROKER_URL)",
+    )
     w.add_argument("--loglevel", default="info")
     w.set_defaults(func=run_worker)
     data = subparsers.add_parser("data", help="tagged local data of a device")

@@ -32,21 +32,16 @@ log = logging.getLogger(__name__)
 
 _Work = Callable[[BlockingChannel], Any]
 
+NACK_RETRIES = 5
+"""Nacked publishes of one command (each followed by a pause and a reconnect: 3 s in all)
+before it is refused."""
+
 MAX_INCOMPLETE_REPLIES = 256
 """Incomplete chunked replies held at once (the oldest is dropped to make room)."""
 
 PREFETCH = 64
 """Unacked reply messages the broker sends ahead; half of them may be chunks of incomplete
 replies left unacked until their reply is whole, so a killed producer gets them again."""
-
-
-def connection_parameters(settings: Settings, producer_id: str) -> pika.URLParameters:
-    """The pika connection parameters for ``settings.broker_url`` (one place to build them)."""
-    params = pika.URLParameters(settings.broker_url)
-    params.heartbeat = settings.heartbeat
-    params.blocked_connection_timeout = settings.confirm_timeout
-    params.client_properties = {"connection_name": f"fedplan producer {producer_id}"}
-    return params
 
 
 def _settle(fut: Future[Any], result: Any = None, error: BaseException | None = None) -> None:
@@ -112,9 +107,9 @@ class AmqpTransport:
         self.producer_id: str = s.producer_id or ""
         self.results_queue = names.results_queue(self.producer_id)
         self._on_reply = on_reply
-        self._params = connection_parameters(s, self.producer_id)
+        self._params = connection_parameters(s, f"fedplan producer {self.producer_id}")
         extra = {u.strip() for u in s.trusted_reply_users.split(",") if u.strip()}
-        self._trusted_users = frozenset({self._params.credentials.username, *extra})
+        self._trusted_users = frozenset({self._params[0].credentials.username, *extra})
         self._assembler = ReplyAssembler(
             max_reply_size=s.max_reply_size,
             max_pending_bytes=2 * s.max_reply_size,
@@ -171,7 +166,7 @@ class AmqpTransport:
                 )
                 try:
                     ch.basic_publish(
-                        names.commands_exchange(), routing_key, bytes(piece), props, mandatory=True
+                        names.commands_exchange(), routing_key, bytes(piece), props, True
                     )
                 except pex.UnroutableError:
                     raise DeviceNotFound(
@@ -180,13 +175,22 @@ class AmqpTransport:
                         device_id=device_id,
                     ) from None
                 except pex.NackError:
-                    raise TransportError(
-                        f"the broker refused a command for device {device_id!r}; its queue "
-                        f"is probably full ({self.settings.queue_max_length} messages): is "
-                        "the device's worker running?",
-                        device_id=device_id,
-                    ) from None
+                    nacks[0] += 1
+                    if nacks[0] > NACK_RETRIES:
+                        raise TransportError(
+                            f"the broker refused a command for device {device_id!r}; its "
+                            f"queue is probably full ({self.settings.queue_max_length} "
+                            "messages): is the device's worker running?",
+                            device_id=device_id,
+                        ) from None
+                    # After a cluster node was lost, a channel that published to a quorum
+                    # queue before its new leader was elected keeps being nacked (RabbitMQ
+                    # 3.10); a new connection is not. Reconnect, then publish again (a
+                    # repeated command id is answered from the device's reply cache).
+                    ch.connection.sleep(0.2 * nacks[0])
+                    raise pex.ChannelWrongStateError("publish nacked; reconnecting") from None
 
+        nacks = [0]
         try:
             self._call(work, abandoned)
         except PublishTimeout as e:
@@ -317,7 +321,7 @@ class AmqpTransport:
         ch.confirm_delivery()
         for ex in topology.exchanges():
             ch.exchange_declare(ex.name, ex.type, durable=True)
-        self._declare_queue(ch, topology.dead_letter_queue())
+        self._declare_queue(ch, topology.dead_letter_queue(self.settings))
         self._declare_queue(ch, topology.results_queue(self.producer_id, self.settings))
         for device in sorted(self._devices):  # queues may have been deleted meanwhile
             self._declare_queue(ch, topology.device_queue(device, self.settings))
@@ -436,9 +440,35 @@ _CONNECTION_ERRORS = (
 )
 
 
+def connection_parameters(settings: Settings, name: str) -> list[pika.ConnectionParameters]:
+    """pika parameters for each of ``settings.broker_urls``, tried in that order.
+
+    ``pika.BlockingConnection`` takes the list and connects to the first node that answers;
+    after a connection loss the transport reconnects the same way, so a cluster's
+    surviving nodes take over (``amqp://a:5672/;amqp://b:5672/``, as kombu writes failover).
+
+    Examples
+    --------
+    >>> ps = connection_parameters(Settings(broker_url="amqp://h:1/;amqp://h:2/"), "x")
+    >>> [p.port for p in ps]
+    [1, 2]
+    """
+    out: list[pika.ConnectionParameters] = []
+    for url in settings.broker_urls:
+        params = pika.URLParameters(url)
+        params.heartbeat = settings.heartbeat
+        params.blocked_connection_timeout = settings.confirm_timeout
+        params.client_properties = {"connection_name": name}
+        out.append(params)
+    return out
+
+
 def _safe_url(settings: Settings) -> str:
-    """The broker URL without credentials, for messages (``amqp://host:port/vhost``)."""
-    params = pika.URLParameters(settings.broker_url)
-    vhost = "" if params.virtual_host == "/" else quote(params.virtual_host, safe="")
-    scheme = "amqps" if settings.broker_url.startswith("amqps") else "amqp"
-    return f"{scheme}://{params.host}:{params.port}/{vhost}"
+    """The broker URLs without credentials, for messages (``amqp://host:port/vhost``)."""
+    shown = []
+    for url in settings.broker_urls:
+        params = pika.URLParameters(url)
+        vhost = "" if params.virtual_host == "/" else quote(params.virtual_host, safe="")
+        scheme = "amqps" if url.startswith("amqps") else "amqp"
+        shown.append(f"{scheme}://{params.host}:{params.port}/{vhost}")
+    return ";".join(shown)

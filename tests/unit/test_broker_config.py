@@ -91,3 +91,34 @@ def test_boolean_settings_read_the_usual_spellings_and_refuse_others() -> None:
     assert Settings.from_env({"FEDPLAN_WORKER_DECLARES": "1"}).worker_declares is True
     with pytest.raises(FedplanError, match="true or false"):
         Settings.from_env({"FEDPLAN_WORKER_DECLARES": "maybe"})
+
+
+def test_several_broker_urls_separated_by_semicolons_are_tried_in_their_order() -> None:
+    s = Settings.from_env(
+        {"FEDPLAN_BROKER_URL": "amqp://u:p@h:5681/;amqp://u:p@h:5682/; amqp://u:p@h:5683/"}
+    )
+    assert s.broker_urls == ("amqp://u:p@h:5681/", "amqp://u:p@h:5682/", "amqp://u:p@h:5683/")
+    assert Settings().broker_urls == (Settings().broker_url,)
+
+
+def test_a_failover_list_with_one_url_that_is_not_amqp_is_refused_naming_the_variable() -> None:
+    with pytest.raises(FedplanError, match="FEDPLAN_BROKER_URL"):
+        Settings(broker_url="amqp://h:5681/;http://h:5682/")
+    with pytest.raises(FedplanError, match="separated by ';'"):
+        Settings(broker_url="amqp://h:5681/;")
+
+
+def test_on_quorum_queues_the_results_and_dead_letter_queues_are_replicated_too() -> None:
+    quorum = Settings(queue_type="quorum")
+    assert topology.results_queue("p1", quorum).arguments["x-queue-type"] == "quorum"
+    assert topology.dead_letter_queue(quorum).arguments == {"x-queue-type": "quorum"}
+    classic = Settings()
+    assert "x-queue-type" not in topology.results_queue("p1", classic).arguments
+    assert topology.dead_letter_queue(classic).arguments == {}
+
+
+def test_the_management_client_takes_credentials_and_vhost_from_the_first_failover_url() -> None:
+    from broker_config.management import ManagementClient
+
+    c = ManagementClient.from_urls("amqp://u:pw@h:5681/v1;amqp://x:y@h:5682/v2", None)
+    assert (c.user, c.password, c.vhost, c.api_url) == ("u", "pw", "v1", "http://h:15672/api/")
