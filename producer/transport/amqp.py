@@ -321,13 +321,39 @@ class AmqpTransport:
         ch.confirm_delivery()
         for ex in topology.exchanges():
             ch.exchange_declare(ex.name, ex.type, durable=True)
-        self._declare_queue(ch, topology.dead_letter_queue(self.settings))
+        ch = self._declare_dead_letter_queue(conn, ch)
         self._declare_queue(ch, topology.results_queue(self.producer_id, self.settings))
         for device in sorted(self._devices):  # queues may have been deleted meanwhile
             self._declare_queue(ch, topology.device_queue(device, self.settings))
         ch.basic_qos(prefetch_count=PREFETCH)
         self._assembler.forget_tokens()  # unacked chunks come again on this channel
         ch.basic_consume(self.results_queue, self._on_message, auto_ack=False)
+        return ch
+
+    def _declare_dead_letter_queue(
+        self, conn: pika.BlockingConnection, ch: BlockingChannel
+    ) -> BlockingChannel:
+        """Declare the bounded dead-letter queue; one an older fedplan declared without bounds
+        (RabbitMQ refuses other arguments: PRECONDITION_FAILED) is used as it is, with a
+        warning, instead of failing every connection."""
+        spec = topology.dead_letter_queue(self.settings)
+        try:
+            self._declare_queue(ch, spec)
+            return ch
+        except pex.ChannelClosedByBroker as e:
+            if e.reply_code != 406:
+                raise
+            log.warning(
+                "%s exists with other arguments than this fedplan declares (%s); using it as "
+                "it is: delete it once it is empty to get the "
+                "bounded one",
+                spec.name,
+                e.reply_text,
+            )
+        ch = conn.channel()
+        ch.confirm_delivery()
+        ch.queue_declare(spec.name, passive=True)
+        ch.queue_bind(spec.name, spec.exchange, routing_key=spec.routing_key)
         return ch
 
     def _declare_queue(self, ch: BlockingChannel, spec: topology.QueueSpec) -> None:
