@@ -15,6 +15,8 @@
     ├── WireError                     a message could not be decoded
     │   └── SchemaVersionError        a message of a schema version this side does not speak
     ├── DeviceError                   anything else a device reported
+    │   ├── StoreFullError            a device store bound (bytes, reply size) would be passed
+    │   └── PlanTooLargeError         a plan over the device's op count or size limit
     └── TransportError                the transport failed (broker down, publish refused)
         ├── DeviceNotFound            no queue for that device
         └── BrokerUnavailable         cannot reach the broker
@@ -188,3 +190,18 @@ def error_from_code(code: str, message: str, **fields: Any) -> FedplanError:
     """The exception for a wire error code (``DeviceError`` for codes this side lacks)."""
     cls = _BY_CODE.get(code, DeviceError)
     return cls(message, **{k: v for k, v in fields.items() if v is not None})
+
+
+class StoreFullError(DeviceError):
+    """A command would take the device store over one of its bounds; it changed nothing."""
+
+    code = "STORE_FULL"
+
+
+class PlanTooLargeError(DeviceError):
+    """A plan has more ops, or more encoded bytes, than the device accepts."""
+
+    code = "PLAN_TOO_LARGE"
+
+
+_BY_CODE.update({cls.code: cls for cls in (StoreFullError, PlanTooLargeError)})

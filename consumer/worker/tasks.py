@@ -28,6 +28,7 @@ from broker_config.envelope import (
 from broker_config.settings import Settings
 from consumer.runtime.device import DeviceRuntime
 from consumer.runtime.replies import crashed_reply
+from consumer.store.limits import StoreLimits
 from consumer.store.sqlite import SqliteStore
 from consumer.worker.delivery_attempts import DeliveryAttempts
 from schemas.command_pb2 import Reply
@@ -64,9 +65,13 @@ def _runtime(task: Task, device_id: str, settings: Settings) -> DeviceRuntime:
     key = (os.getpid(), device_id, str(settings.data_dir))
     runtime = _runtimes.get(key)
     if runtime is None:
-        store = SqliteStore(settings.data_dir)
+        limits = StoreLimits.from_settings(settings)
+        store = SqliteStore(settings.data_dir, limits=limits)
         runtime = DeviceRuntime(
-            device_id=device_id, store=store, forward=lambda dest, data: _forward(task, dest, data)
+            device_id=device_id,
+            store=store,
+            forward=lambda dest, data: _forward(task, dest, data),
+            limits=limits,
         )
         _runtimes[key] = runtime
     return runtime
