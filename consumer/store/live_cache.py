@@ -30,6 +30,8 @@ class LiveCache:
 
     A tensor that requires grad (or has a ``.grad``) is never dropped: its autograd identity
     exists only in memory. A tensor changed in place is kept until it was written back.
+    :meth:`trim` runs only between commands (after a unit committed): a tensor a command
+    holds is never dropped under it, so its in-place changes reach the disk.
 
     Examples
     --------
@@ -38,6 +40,7 @@ class LiveCache:
     >>> cache.put(StoredObject("a", torch.zeros(2)), seq=1)
     >>> cache.put(StoredObject("b", torch.zeros(2)), seq=2)
     >>> cache.put(StoredObject("c", torch.zeros(2)), seq=3)
+    >>> cache.trim()
     >>> list(cache.ids())
     ['b', 'c']
     """
@@ -52,7 +55,6 @@ class LiveCache:
         live = Live(seq, obj.tensor._version, obj, tensor_nbytes(obj.tensor))
         self._items[obj.id] = live
         self.nbytes += live.nbytes
-        self.trim()
 
     def get(self, object_id: str) -> Live | None:
         """The live object (now the most recently used), or None."""

@@ -196,7 +196,7 @@ class SqliteStore(BlobUnits):
         return seq
 
     def put_object(self, obj: StoredObject) -> None:
-        with self._lock:
+        with self._lock, self._tx():  # its own unit, unless inside one: trimmed after
             seq = self._write(obj)
             assert seq is not None
             self._live.put(obj, seq)
