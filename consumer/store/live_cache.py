@@ -80,6 +80,8 @@ class LiveCache:
 
     def trim(self) -> None:
         """Drop least recently used clean tensors until the cache fits ``max_bytes``."""
+        if self.nbytes <= self.max_bytes:
+            return
         for object_id, live in list(self._items.items()):
             if self.nbytes <= self.max_bytes:
                 return

@@ -27,10 +27,13 @@ from consumer.store.sqlite_schema import (
     GET_ONE,
     INDEXES,
     REFERENCED,
+    REPLIES_HELD,
     SCHEMA,
     SEARCH,
+    USAGE,
     USED,
     add_missing_columns,
+    recount,
 )
 from consumer.store.tensor_files import (
     dtype_name,
@@ -98,11 +101,14 @@ class SqliteStore(BlobUnits):
         self._live = LiveCache(limits.cache_bytes)
         self._plans: dict[str, tuple[int, StoredPlan]] = {}
         self._marks: dict[str, _Marks] = {}
+        self._expiry_due = 0.0
         super().__init__(data_dir)
         db = self._conn()
         db.executescript(SCHEMA)
         add_missing_columns(db)
         db.executescript(INDEXES)
+        db.executescript(USAGE)
+        recount(db)
         self.collect_garbage()
 
     def _forked(self) -> None:
@@ -134,7 +140,7 @@ class SqliteStore(BlobUnits):
         with self._tx() as db:
             referenced = {b for (b,) in db.execute(REFERENCED).fetchall()}
             orphans = self.collect_orphans(db, referenced)
-            self._expire_replies(db, time.time(), 0, 0)
+            self._expire_replies(db, time.time(), 0, 0, force=True)
         if orphans:
             log.info("deleted %d blob files of unfinished writes", orphans)
         return orphans
@@ -450,13 +456,21 @@ class SqliteStore(BlobUnits):
                     ),
                 )
 
-    def _expire_replies(self, db: sqlite3.Connection, now: float, count: int, size: int) -> None:
-        """Drop expired replies, then the oldest until ``count`` more of ``size`` bytes fit."""
-        cutoff = now - self.limits.reply_ttl
-        q = "SELECT file FROM replies WHERE created < ? AND file IS NOT NULL"
-        self._discard([f for (f,) in db.execute(q, (cutoff,)).fetchall()])
-        db.execute("DELETE FROM replies WHERE created < ?", (cutoff,))
-        n, total = db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM replies").fetchone()
+    def _expire_replies(
+        self, db: sqlite3.Connection, now: float, count: int, size: int, *, force: bool = False
+    ) -> None:
+        """Drop expired replies, then the oldest until ``count`` more of ``size`` bytes fit.
+
+        The scan for expired replies runs at most every ``reply_ttl / 10`` (and 60) seconds
+        unless forced; the count and bytes bounds are checked every time.
+        """
+        if force or now >= self._expiry_due:
+            self._expiry_due = now + min(60.0, self.limits.reply_ttl / 10)
+            cutoff = now - self.limits.reply_ttl
+            q = "SELECT file FROM replies WHERE created < ? AND file IS NOT NULL"
+            self._discard([f for (f,) in db.execute(q, (cutoff,)).fetchall()])
+            db.execute("DELETE FROM replies WHERE created < ?", (cutoff,))
+        n, total = db.execute(REPLIES_HELD).fetchone()
         max_n, max_bytes = self.limits.max_replies, self.limits.max_reply_bytes
         if n + count <= max_n and total + size <= max_bytes:
             return
@@ -474,7 +488,7 @@ class SqliteStore(BlobUnits):
     def expire_replies(self) -> None:
         """Drop the cached replies that expired (also done whenever a reply is stored)."""
         with self._tx() as db:
-            self._expire_replies(db, time.time(), 0, 0)
+            self._expire_replies(db, time.time(), 0, 0, force=True)
 
     def get_reply(self, command_id: str) -> bytes | None:
         q = "SELECT reply, file FROM replies WHERE command_id = ?"

@@ -57,11 +57,62 @@ INDEXES = """
 CREATE INDEX IF NOT EXISTS replies_by_seq ON replies(seq);
 CREATE INDEX IF NOT EXISTS replies_by_created ON replies(created);
 """
-USED = (
-    "SELECT (SELECT COALESCE(SUM(size), 0) FROM objects)"
+USAGE = """
+CREATE TABLE IF NOT EXISTS usage (
+    k INTEGER PRIMARY KEY CHECK (k = 0), bytes INTEGER NOT NULL, reply_count INTEGER NOT NULL,
+    reply_bytes INTEGER NOT NULL
+);
+INSERT OR IGNORE INTO usage VALUES (0, 0, 0, 0);
+CREATE TRIGGER IF NOT EXISTS objects_added AFTER INSERT ON objects BEGIN
+    UPDATE usage SET bytes = bytes + NEW.size;
+END;
+CREATE TRIGGER IF NOT EXISTS objects_removed AFTER DELETE ON objects BEGIN
+    UPDATE usage SET bytes = bytes - OLD.size;
+END;
+CREATE TRIGGER IF NOT EXISTS objects_resized AFTER UPDATE OF size ON objects BEGIN
+    UPDATE usage SET bytes = bytes - OLD.size + NEW.size;
+END;
+CREATE TRIGGER IF NOT EXISTS plans_added AFTER INSERT ON plans BEGIN
+    UPDATE usage SET bytes = bytes + NEW.size;
+END;
+CREATE TRIGGER IF NOT EXISTS plans_removed AFTER DELETE ON plans BEGIN
+    UPDATE usage SET bytes = bytes - OLD.size;
+END;
+CREATE TRIGGER IF NOT EXISTS plans_resized AFTER UPDATE OF size ON plans BEGIN
+    UPDATE usage SET bytes = bytes - OLD.size + NEW.size;
+END;
+CREATE TRIGGER IF NOT EXISTS plan_state_added AFTER INSERT ON plan_state BEGIN
+    UPDATE usage SET bytes = bytes + NEW.size;
+END;
+CREATE TRIGGER IF NOT EXISTS plan_state_removed AFTER DELETE ON plan_state BEGIN
+    UPDATE usage SET bytes = bytes - OLD.size;
+END;
+CREATE TRIGGER IF NOT EXISTS plan_state_resized AFTER UPDATE OF size ON plan_state BEGIN
+    UPDATE usage SET bytes = bytes - OLD.size + NEW.size;
+END;
+CREATE TRIGGER IF NOT EXISTS replies_added AFTER INSERT ON replies BEGIN
+    UPDATE usage SET bytes = bytes + NEW.size,
+        reply_count = reply_count + 1, reply_bytes = reply_bytes + NEW.size;
+END;
+CREATE TRIGGER IF NOT EXISTS replies_removed AFTER DELETE ON replies BEGIN
+    UPDATE usage SET bytes = bytes - OLD.size,
+        reply_count = reply_count - 1, reply_bytes = reply_bytes - OLD.size;
+END;
+CREATE TRIGGER IF NOT EXISTS replies_resized AFTER UPDATE OF size ON replies BEGIN
+    UPDATE usage SET bytes = bytes - OLD.size + NEW.size,
+        reply_bytes = reply_bytes - OLD.size + NEW.size;
+END;
+"""
+"""Running totals kept by triggers (``recursive_triggers`` on, so REPLACE counts as delete)."""
+USED = "SELECT bytes FROM usage WHERE k = 0"
+REPLIES_HELD = "SELECT reply_count, reply_bytes FROM usage WHERE k = 0"
+_RECOUNT = (
+    "UPDATE usage SET bytes = (SELECT COALESCE(SUM(size), 0) FROM objects)"
     " + (SELECT COALESCE(SUM(size), 0) FROM plans)"
     " + (SELECT COALESCE(SUM(size), 0) FROM plan_state)"
-    " + (SELECT COALESCE(SUM(size), 0) FROM replies)"
+    " + (SELECT COALESCE(SUM(size), 0) FROM replies),"
+    " reply_count = (SELECT COUNT(*) FROM replies),"
+    " reply_bytes = (SELECT COALESCE(SUM(size), 0) FROM replies) WHERE k = 0"
 )
 REFERENCED = (
     "SELECT blob FROM objects UNION ALL SELECT blob FROM plan_state"
@@ -86,6 +137,13 @@ def add_missing_columns(db: sqlite3.Connection) -> None:
     db.execute("UPDATE plans SET size = length(proto) WHERE size = 0")
     db.execute("UPDATE replies SET size = length(reply) WHERE size = 0 AND file IS NULL")
     db.execute("UPDATE replies SET created = ? WHERE created = 0", (time.time(),))
+    db.execute("COMMIT")
+
+
+def recount(db: sqlite3.Connection) -> None:
+    """Set the running totals from the rows (at every open: exact whatever wrote before)."""
+    db.execute("BEGIN IMMEDIATE")
+    db.execute(_RECOUNT)
     db.execute("COMMIT")
 
 

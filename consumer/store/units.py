@@ -79,6 +79,7 @@ class BlobUnits:
             conn = sqlite3.connect(self.db_path, timeout=60.0, isolation_level=None)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA recursive_triggers=ON")  # REPLACE fires delete triggers
             self._local.conn, self._local.pid, self._local.unit = conn, os.getpid(), None
         return conn
 

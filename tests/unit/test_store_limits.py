@@ -280,3 +280,22 @@ def test_a_plan_over_the_size_limits_is_refused_on_receipt(
         num_slots=2,
     )
     _ok(_send(runtime, "store_plan", cmd.StorePlan(plan=plan_to_proto(one_op, plan_id="q"))))
+
+
+def test_the_running_byte_totals_match_a_recount_after_replaces_and_deletes(
+    tmp_path: Path,
+) -> None:
+    store = SqliteStore(tmp_path)
+    store.put_object(StoredObject("a", torch.zeros(4)))
+    store.put_object(StoredObject("a", torch.zeros(8)))  # replaced: 32 bytes, not 48
+    store.put_object(StoredObject("b", torch.zeros(2)))
+    store.delete_object("b")
+    store.put_plan(StoredPlan("p", _counter(torch.zeros(10))))
+    plan = store.get_plan("p")
+    plan.ir.state_values["w"].add_(1)
+    store.save_plan_state(plan)  # the state row is replaced
+    store.put_reply("c1", [], b"r" * 100_000)
+    store.put_reply("c1", [], b"r" * 10)  # replaced
+    total = store.stored_bytes()
+    assert total == SqliteStore(tmp_path).stored_bytes()  # opening recounts from the rows
+    assert total - 32 - 40 - 10 > 0  # the plan's encoded size is the rest
