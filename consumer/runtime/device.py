@@ -354,13 +354,15 @@ class DeviceRuntime:
 
     def _check_plan_size(self, plan: Any) -> None:
         """Refuse a plan over the op count or size limit before decoding its ops."""
-        ops, size = len(plan.ops), plan.ByteSize()
+        ops = len(plan.ops)
+        size = plan.ByteSize() if ops <= self.limits.max_plan_ops else -1  # cost: a walk
         if ops > self.limits.max_plan_ops or size > self.limits.max_plan_bytes:
+            what = f"{ops} ops" + (f" and {size} encoded bytes" if size >= 0 else "")
             raise PlanTooLargeError(
-                f"plan {plan.name!r} has {ops} ops and {size} encoded bytes; device "
-                f"{self.device_id!r} accepts at most {self.limits.max_plan_ops} ops "
-                f"(FEDPLAN_MAX_PLAN_OPS) and {self.limits.max_plan_bytes} bytes "
-                "(FEDPLAN_MAX_PLAN_BYTES). Split the plan or send big state with send()",
+                f"plan {plan.name!r} has {what}; device {self.device_id!r} accepts at most "
+                f"{self.limits.max_plan_ops} ops (FEDPLAN_MAX_PLAN_OPS) and "
+                f"{self.limits.max_plan_bytes} bytes (FEDPLAN_MAX_PLAN_BYTES). Split the "
+                "plan or send big state with send()",
                 device_id=self.device_id,
                 plan_id=plan.id or None,
                 plan_name=plan.name or None,
