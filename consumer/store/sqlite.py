@@ -148,21 +148,31 @@ class SqliteStore(BlobUnits):
     # -- the in-memory cache -----------------------------------------------------------
 
     def _after_rollback(self, unit: Unit) -> None:
-        for object_id in unit.objects:
-            self._live.pop(object_id)
-        for live in self._live.values():
-            if live.dirty:
-                self._live.pop(live.obj.id)
-        for plan_id in list(self._plans):
-            marks = self._marks.get(plan_id, {})
-            state = self._plans[plan_id][1].ir.state_values
-            changed = any(
-                name not in marks or marks[name][0] is not t or marks[name][1] != t._version
-                for name, t in state.items()
-            )
-            if changed or plan_id in unit.plans:
+        """Forget what the unit wrote; after a command's unit also what it changed in place.
+
+        A write's own unit (a store call outside any unit) only forgets that write: tensors
+        changed in place before it are not its doing and stay until flushed.
+        """
+        with self._lock:
+            for object_id in unit.objects:
+                self._live.pop(object_id)
+            for plan_id in unit.plans:
                 self._plans.pop(plan_id, None)
                 self._marks.pop(plan_id, None)
+            if unit.implicit:
+                return
+            for live in self._live.values():
+                if live.dirty:
+                    self._live.pop(live.obj.id)
+            for plan_id in list(self._plans):
+                marks = self._marks.get(plan_id, {})
+                state = self._plans[plan_id][1].ir.state_values
+                if any(
+                    name not in marks or marks[name][0] is not t or marks[name][1] != t._version
+                    for name, t in state.items()
+                ):
+                    self._plans.pop(plan_id, None)
+                    self._marks.pop(plan_id, None)
 
     # -- tensors -----------------------------------------------------------------------
 

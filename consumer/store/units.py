@@ -32,6 +32,7 @@ class Unit:
     stale: list[str] = field(default_factory=list)  # replaced or deleted: gone after commit
     objects: set[str] = field(default_factory=set)  # object ids written or deleted
     plans: set[str] = field(default_factory=set)  # plan ids written or deleted
+    implicit: bool = False  # the unit of one store call made outside any unit
 
 
 class BlobUnits:
@@ -132,6 +133,7 @@ class BlobUnits:
         unit = self._unit()
         if unit is None:
             self.begin()
+            self._local.unit.implicit = True
             try:
                 with self._tx() as db:
                     yield db

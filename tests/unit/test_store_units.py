@@ -163,3 +163,14 @@ def test_blob_units_refuse_a_second_unit_on_the_same_thread(tmp_path: Path) -> N
     with pytest.raises(RuntimeError, match="already open"):
         units.begin()
     units.rollback()
+
+
+def test_a_failed_store_call_outside_a_unit_keeps_earlier_in_place_changes(
+    tmp_path: Path,
+) -> None:
+    store = _setup(tmp_path)
+    store.get_object("x").tensor.add_(1.0)  # not flushed yet
+    with pytest.raises(KeyError):
+        store.delete_object("missing")  # its own unit, rolled back
+    store.flush()
+    assert torch.equal(SqliteStore(tmp_path).get_object("x").tensor, torch.full((4,), 2.0))
