@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import torch
 
+import consumer.store.memory as memory_module
 import consumer.store.sqlite as sqlite_module
 from broker_config.settings import Settings
 from consumer.runtime.device import DeviceRuntime
@@ -84,6 +85,19 @@ def test_a_cached_reply_expires_after_its_time_to_live(
     now[0] += 3600
     SqliteStore(tmp_path, limits=StoreLimits(reply_ttl=3600.0))  # opening expires too
     assert store.get_reply("new") is None
+
+
+def test_a_cached_reply_in_memory_expires_after_its_time_to_live(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    now = [500.0]
+    monkeypatch.setattr(memory_module.time, "monotonic", lambda: now[0])
+    store = MemoryStore(limits=StoreLimits(reply_ttl=60.0))
+    store.put_reply("old", [], b"o" * 1000)
+    now[0] += 61
+    assert store.get_reply("old") is None
+    store.put_reply("new", [], b"n")  # storing drops the expired ones
+    assert store.stored_bytes() == 1
 
 
 @pytest.mark.parametrize("kind", [0, 1], ids=["sqlite", "memory"])
