@@ -135,13 +135,16 @@ class DeviceRuntime:
         body = command.WhichOneof("body") or ""
         result_ids = result_ids_of(command)
         remember = bool(command_id) and body not in _READ_ONLY and not is_plain_read(command)
-        self.store.begin()
         try:
+            self.store.begin()
             data_out = self._run_once(command, body, result_ids, remember)
             self.store.commit()
         except Exception as exc:  # the store failed: nothing of the command is kept
             log.exception("command %s could not be committed", command_id)
-            self.store.rollback()
+            try:
+                self.store.rollback()
+            except Exception:
+                log.exception("rolling back command %s failed", command_id)
             return encode_safely(error_reply(self.device_id, command_id, result_ids, exc))
         except BaseException:
             self.store.rollback()

@@ -122,8 +122,10 @@ class BlobUnits:
         self._local.unit = None
         db = self._conn()
         if db.in_transaction:
-            db.execute("ROLLBACK")
-            self._lock.release()
+            try:
+                db.execute("ROLLBACK")
+            finally:
+                self._lock.release()
         self._unlink(unit.fresh)
         self._after_rollback(unit)
 

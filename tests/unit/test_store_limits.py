@@ -313,3 +313,28 @@ def test_the_running_byte_totals_match_a_recount_after_replaces_and_deletes(
     total = store.stored_bytes()
     assert total == SqliteStore(tmp_path).stored_bytes()  # opening recounts from the rows
     assert total - 32 - 40 - 10 > 0  # the plan's encoded size is the rest
+
+
+class _CommitFailsOnce(SqliteStore):
+    failed = True  # armed once opened
+
+    def commit(self) -> None:
+        if not self.failed:
+            self.failed = True
+            raise sqlite3.OperationalError("disk I/O error")
+        super().commit()
+
+
+def test_a_command_whose_commit_fails_gets_an_error_reply_and_leaves_nothing(
+    tmp_path: Path,
+) -> None:
+    store = _CommitFailsOnce(tmp_path)
+    store.failed = False
+    runtime = DeviceRuntime(device_id="d1", store=store)
+    msg = cmd.StoreObject(id="y", tensor=tensor_to_proto(torch.ones(3)))
+    reply = _send(runtime, "store_object", msg)
+    assert reply.error.code == "DEVICE_ERROR" and "disk I/O error" in reply.error.message
+    assert not runtime.store.has_object("y")
+    assert not list((tmp_path / "blobs").iterdir())
+    _ok(_send(runtime, "store_object", msg))  # the device keeps serving
+    assert torch.equal(SqliteStore(tmp_path).get_object("y").tensor, torch.ones(3))
