@@ -46,6 +46,13 @@ ENV_VARS: dict[str, str] = {
     "FEDPLAN_UNCLAIMED_REPLY_TTL": "unclaimed_reply_ttl",
     "FEDPLAN_JOURNAL_DIR": "journal_dir",
     "FEDPLAN_TRUSTED_REPLY_USERS": "trusted_reply_users",
+    "FEDPLAN_STORE_MAX_BYTES": "store_max_bytes",
+    "FEDPLAN_STORE_MAX_REPLY_BYTES": "store_max_reply_bytes",
+    "FEDPLAN_STORE_MAX_REPLIES": "store_max_replies",
+    "FEDPLAN_STORE_REPLY_TTL": "store_reply_ttl",
+    "FEDPLAN_STORE_CACHE_BYTES": "store_cache_bytes",
+    "FEDPLAN_MAX_PLAN_OPS": "max_plan_ops",
+    "FEDPLAN_MAX_PLAN_BYTES": "max_plan_bytes",
 }
 
 
@@ -108,6 +115,24 @@ class Settings:
     """Comma-separated broker users, besides the producer's own, whose replies are accepted
     for any device (workers sharing one user); ``fedplan-device-<id>`` users need no entry:
     they may answer only their own device's commands. Replies from other users are dropped."""
+    store_max_bytes: int = 8 * 1024 * MIB
+    """Device store bound: bytes of stored tensors, plan state and cached replies together.
+    A command that would go over it gets a ``STORE_FULL`` error reply and changes nothing."""
+    store_max_reply_bytes: int = 1024 * MIB
+    """Bytes of cached replies (kept so a redelivered command is answered, not run again);
+    the oldest are dropped first. One reply larger than this is refused (``STORE_FULL``)."""
+    store_max_replies: int = 10_000
+    """Cached replies by count; the oldest are dropped first."""
+    store_reply_ttl: float = 7 * 24 * 3600.0
+    """Seconds a cached reply is kept: an unclaimed reply of a dead producer expires then
+    (default: as long as an idle results queue lives, after which it could not be delivered)."""
+    store_cache_bytes: int = 512 * MIB
+    """Bytes of stored tensors a worker keeps in memory (least recently used are dropped and
+    read from disk again; tensors that require grad stay, their autograd identity matters)."""
+    max_plan_ops: int = 100_000
+    """Ops in one stored plan; a larger plan is refused on receipt (``PLAN_TOO_LARGE``)."""
+    max_plan_bytes: int = 256 * MIB
+    """Encoded size of one stored plan with its state; larger is refused (``PLAN_TOO_LARGE``)."""
 
     def __post_init__(self) -> None:
         urls = self.broker_url.split(";")
@@ -127,6 +152,7 @@ class Settings:
             "dead_letter_ttl",
             "reply_transfer_ttl",
             "unclaimed_reply_ttl",
+            "store_reply_ttl",
         ):
             if not getattr(self, name) > 0:
                 _bad(name, getattr(self, name), "a positive number of seconds")
@@ -151,6 +177,19 @@ class Settings:
                 _bad(name, getattr(self, name), "a positive integer")
         if self.max_reply_size < self.max_message_size:
             _bad("max_reply_size", self.max_reply_size, "at least max_message_size")
+        for name in (
+            "queue_max_length",
+            "delivery_limit",
+            "store_max_bytes",
+            "store_max_reply_bytes",
+            "store_max_replies",
+            "max_plan_ops",
+            "max_plan_bytes",
+        ):
+            if getattr(self, name) < 1:
+                _bad(name, getattr(self, name), "a positive integer")
+        if self.store_cache_bytes < 0:
+            _bad("store_cache_bytes", self.store_cache_bytes, "0 (no cache) or more bytes")
         if self.heartbeat < 0:
             _bad("heartbeat", self.heartbeat, "0 (off) or a positive number of seconds")
 

@@ -14,14 +14,20 @@
     ├── ObjectNotFound                (also KeyError) no object/plan under that id
     ├── WireError                     a message could not be decoded
     │   └── SchemaVersionError        a message of a schema version this side does not speak
+    ├── MessageRefused                a device's gate refused a message before running it
+    ├── TimeLimitError                a command ran past the device's time limit
     ├── DeviceError                   anything else a device reported
-    ├── TransportError                the transport failed (broker down, publish refused)
-    │   ├── DeviceNotFound            no queue for that device
-    │   ├── BrokerUnavailable         cannot reach the broker
-    │   └── PublishTimeout            (also TimeoutError) a publish outlived confirm_timeout
-    └── ReplyTimeout                  (also TimeoutError) no reply within the caller's timeout
+    │   ├── StoreFullError            a device store bound (bytes, reply size) would be passed
+    │   └── PlanTooLargeError         a plan over the device's op count or size limit
+    ├── ReplyTimeout                  (also TimeoutError) no reply within the caller's timeout
+    └── TransportError                the transport failed (broker down, publish refused)
+        ├── DeviceNotFound            no queue for that device
+        ├── BrokerUnavailable         cannot reach the broker
+        └── PublishTimeout            (also TimeoutError) a publish outlived confirm_timeout
 
-Every class has a stable wire ``code``; a device turns an exception into ``(code, message,
+Every class has a stable wire ``code`` (unique: a class defining a code another class has
+is refused at import, and every subclass, wherever it is defined, is registered under its
+code); a device turns an exception into ``(code, message,
 fields)`` and the server raises the same class again with :func:`error_from_code`.
 
 Example
@@ -35,11 +41,21 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+_BY_CODE: dict[str, type[FedplanError]] = {}
+"""Every error class by its wire code (filled as classes are defined)."""
+
 
 class FedplanError(Exception):
     """Root of every fedplan error; carries where it happened when known."""
 
     code: ClassVar[str] = "INTERNAL"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "code" in cls.__dict__:
+            other = _BY_CODE.setdefault(cls.code, cls)
+            if other is not cls:
+                raise TypeError(f"{cls.__name__}: wire code {cls.code!r} is {other.__name__}'s")
 
     def __init__(
         self,
@@ -68,6 +84,9 @@ class FedplanError(Exception):
 
     def __reduce__(self) -> tuple[Any, ...]:  # keep fields when copied across threads
         return (_rebuild, (type(self), self.message, self.fields()))
+
+
+_BY_CODE[FedplanError.code] = FedplanError
 
 
 def _rebuild(cls: type[FedplanError], message: str, fields: dict[str, Any]) -> FedplanError:
@@ -164,37 +183,6 @@ class BrokerUnavailable(TransportError):
     code = "BROKER_UNAVAILABLE"
 
 
-_BY_CODE: dict[str, type[FedplanError]] = {
-    cls.code: cls
-    for cls in (
-        FedplanError,
-        PlanBuildError,
-        PlanNotBuiltError,
-        PlanInputError,
-        PlanShapeError,
-        PlanGuardError,
-        OpNotAllowedError,
-        PlanExecutionError,
-        ObjectNotFound,
-        WireError,
-        SchemaVersionError,
-        DeviceError,
-        TransportError,
-        DeviceNotFound,
-        BrokerUnavailable,
-    )
-}
-
-
-def error_from_code(code: str, message: str, **fields: Any) -> FedplanError:
-    """The exception for a wire error code (``DeviceError`` for codes this side lacks)."""
-    cls = _BY_CODE.get(code, DeviceError)
-    return cls(message, **{k: v for k, v in fields.items() if v is not None})
-
-
-# -- device-side refusals (issue 8) ------------------------------------------------------------
-
-
 class MessageRefused(FedplanError):
     """A device's gate refused a message before running it: a forbidden header, content
     type, encoding or size; the message went to the dead-letter queue unrun."""
@@ -206,9 +194,6 @@ class TimeLimitError(FedplanError):
     """A command ran past the device's time limit and was stopped (no result was kept)."""
 
     code = "TIME_LIMIT"
-
-
-_BY_CODE.update({cls.code: cls for cls in (MessageRefused, TimeLimitError)})
 
 
 class ReplyTimeout(FedplanError, TimeoutError):
@@ -231,4 +216,19 @@ class PublishTimeout(TransportError, TimeoutError):
     code = "PUBLISH_TIMEOUT"
 
 
-_BY_CODE.update({cls.code: cls for cls in (ReplyTimeout, PublishTimeout)})
+class StoreFullError(DeviceError):
+    """A command would take the device store over one of its bounds; it changed nothing."""
+
+    code = "STORE_FULL"
+
+
+class PlanTooLargeError(DeviceError):
+    """A plan has more ops, or more encoded bytes, than the device accepts."""
+
+    code = "PLAN_TOO_LARGE"
+
+
+def error_from_code(code: str, message: str, **fields: Any) -> FedplanError:
+    """The exception for a wire error code (``DeviceError`` for codes this side lacks)."""
+    cls = _BY_CODE.get(code, DeviceError)
+    return cls(message, **{k: v for k, v in fields.items() if v is not None})

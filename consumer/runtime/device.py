@@ -21,6 +21,7 @@ from consumer.runtime.replies import (
     tensor_info,
 )
 from consumer.store.base import DeviceStore, StoredObject, StoredPlan
+from consumer.store.limits import StoreLimits
 from schemas import allowlist
 from schemas.command_pb2 import (
     Command,
@@ -36,6 +37,8 @@ from schemas.errors import (
     ObjectNotFound,
     PlanExecutionError,
     PlanInputError,
+    PlanTooLargeError,
+    StoreFullError,
     TransportError,
     WireError,
 )
@@ -70,6 +73,14 @@ class DeviceRuntime:
         Where tensors, plans, their state and past replies live.
     forward
         Publishes a command to another device; needed only for ``MoveObject``.
+    limits
+        Plan size limits checked on receipt (default: ``Settings()``'s).
+
+    Every command runs as one store *unit*: its state changes, stored results, in-place
+    changes and cached reply commit together (``SqliteStore``: one transaction), so a
+    worker killed at any point either left no trace of the command (it runs again on
+    redelivery) or its reply too (the redelivery gets that reply). A command that would
+    pass a store bound is rolled back and answered with ``STORE_FULL``.
 
     Examples
     --------
@@ -79,11 +90,18 @@ class DeviceRuntime:
     """
 
     def __init__(
-        self, *, device_id: str, store: DeviceStore, forward: Forward | None = None
+        self,
+        *,
+        device_id: str,
+        store: DeviceStore,
+        forward: Forward | None = None,
+        limits: StoreLimits | None = None,
     ) -> None:
         self.device_id = device_id
         self.store = store
+        self.limits = limits or StoreLimits()
         self._forward = forward
+        self._command_id = ""
         self._loaded: dict[str, tuple[str, LoadedPlan]] = {}
         self._pointers = PointerRecords()  # pointers to objects on other devices
         self._frames: list[torch.Tensor] = []  # tensors sent raw after the current reply
@@ -116,17 +134,43 @@ class DeviceRuntime:
             return cached
         body = command.WhichOneof("body") or ""
         result_ids = result_ids_of(command)
+        remember = bool(command_id) and body not in _READ_ONLY and not is_plain_read(command)
+        try:
+            self.store.begin()
+            data_out = self._run_once(command, body, result_ids, remember)
+            self.store.commit()
+        except Exception as exc:  # the store failed: nothing of the command is kept
+            log.exception("command %s could not be committed", command_id)
+            try:
+                self.store.rollback()
+            except Exception:
+                log.exception("rolling back command %s failed", command_id)
+            return encode_safely(error_reply(self.device_id, command_id, result_ids, exc))
+        except BaseException:
+            self.store.rollback()
+            raise
+        return data_out
+
+    def _run_once(
+        self, command: Command, body: str, result_ids: list[str], remember: bool
+    ) -> bytes:
+        """Run the command in the open unit; its reply is stored in the same unit."""
+        command_id = command.command_id
         try:
             frames: list[torch.Tensor] = []
             ok = self._dispatch(body, command, frames)
             data_out = encode_reply(ok_reply(self.device_id, command_id, result_ids, ok), frames)
+            if remember:
+                self.store.put_reply(command_id, result_ids, data_out)
+            return data_out
+        except StoreFullError as exc:  # a bound: the command leaves its error reply only
+            self.store.rollback()
+            self.store.begin()
+            data_out = encode_safely(error_reply(self.device_id, command_id, result_ids, exc))
         except Exception as exc:
             data_out = encode_safely(error_reply(self.device_id, command_id, result_ids, exc))
-        if command_id and body not in _READ_ONLY and not is_plain_read(command):
-            try:
-                self.store.put_reply(command_id, result_ids, data_out)
-            except Exception:
-                log.exception("storing the reply of %s failed", command_id)
+        if remember:
+            self.store.put_reply(command_id, result_ids, data_out)
         return data_out
 
     # -- dispatch ----------------------------------------------------------------------------
@@ -141,6 +185,7 @@ class DeviceRuntime:
         if handler is None:
             raise WireError(f"command has no known body ({body or 'empty'}); upgrade the device")
         self._frames = frames
+        self._command_id = command.command_id
         if command.delete_first:  # deletes batched by the server ride with the next command
             self._delete_objects(DeleteObjects(ids=command.delete_first))
         return handler(self, getattr(command, body))
@@ -159,6 +204,7 @@ class DeviceRuntime:
         return Ok(objects=[PointerRecords.info(msg)])
 
     def _store_plan(self, msg: Any) -> Ok:
+        self._check_plan_size(msg.plan)
         ir, plan_id = plan_from_proto(msg.plan)
         content_hash = msg.plan.content_hash
         if self.store.has_plan(plan_id):
@@ -283,7 +329,7 @@ class DeviceRuntime:
             moved_record.id = moved_id
             command = Command(
                 schema_version=SCHEMA_VERSION,
-                command_id=new_id(),
+                command_id=self._forwarded_id(),
                 device_id=msg.destination_device,
                 store_pointer=moved_record,
             )
@@ -293,7 +339,7 @@ class DeviceRuntime:
         obj = self.store.get_object(msg.id)
         command = Command(
             schema_version=SCHEMA_VERSION,
-            command_id=new_id(),
+            command_id=self._forwarded_id(),
             device_id=msg.destination_device,
             store_object=StoreObject(
                 id=moved_id,
@@ -308,6 +354,27 @@ class DeviceRuntime:
         return Ok(objects=[tensor_info(moved)])
 
     # -- helpers -----------------------------------------------------------------------------
+
+    def _check_plan_size(self, plan: Any) -> None:
+        """Refuse a plan over the op count or size limit before decoding its ops."""
+        ops = len(plan.ops)
+        size = plan.ByteSize() if ops <= self.limits.max_plan_ops else -1  # cost: a walk
+        if ops > self.limits.max_plan_ops or size > self.limits.max_plan_bytes:
+            what = f"{ops} ops" + (f" and {size} encoded bytes" if size >= 0 else "")
+            raise PlanTooLargeError(
+                f"plan {plan.name!r} has {what}; device {self.device_id!r} accepts at most "
+                f"{self.limits.max_plan_ops} ops (FEDPLAN_MAX_PLAN_OPS) and "
+                f"{self.limits.max_plan_bytes} bytes (FEDPLAN_MAX_PLAN_BYTES). Split the "
+                "plan or send big state with send()",
+                device_id=self.device_id,
+                plan_id=plan.id or None,
+                plan_name=plan.name or None,
+            )
+
+    def _forwarded_id(self) -> str:
+        """The id of the command a move forwards: the same when the move runs again after
+        a crash, so the destination answers the repeat from its reply cache."""
+        return f"{self._command_id}.moved" if self._command_id else new_id()
 
     def _load(self, ir: PlanIR, plan_id: str) -> LoadedPlan:
         from consumer.runtime.interpreter import (

@@ -34,7 +34,8 @@ class DeviceStore(Protocol):
     """What the device runtime needs from storage; implementations must be thread-safe.
 
     ``MemoryStore`` backs embedded devices; ``SqliteStore`` (SQLite index + tensor blobs)
-    backs Celery workers and survives restarts. ``get_*`` raise ``ObjectNotFound``.
+    backs Celery workers and survives restarts. ``get_*`` raise ``ObjectNotFound``; a write
+    over a bound raises ``StoreFullError`` (see :mod:`consumer.store.limits`).
     """
 
     def put_object(self, obj: StoredObject) -> None: ...
@@ -68,3 +69,13 @@ class DeviceStore(Protocol):
         ...
 
     def get_reply(self, command_id: str) -> bytes | None: ...
+
+    def begin(self) -> None:
+        """Start a unit: the writes until ``commit`` happen together or not at all."""
+        ...
+
+    def commit(self) -> None: ...
+
+    def rollback(self) -> None:
+        """Undo the unit's writes where the store can (the in-memory store cannot)."""
+        ...

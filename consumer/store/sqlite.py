@@ -1,64 +1,54 @@
-"""A persistent device store: a SQLite (WAL) index plus one raw-bytes file per tensor."""
+"""A persistent device store: a SQLite (WAL) index plus one raw-bytes file per tensor.
+
+A command's writes are one *unit* (:meth:`SqliteStore.begin` ... :meth:`~SqliteStore.commit`):
+one SQLite transaction holds the new plan state, the stored results, the tensors changed in
+place and the cached reply. Blob files are written under new names inside the transaction and
+only the committed rows point at them; files a dead transaction wrote (or replaced files whose
+unlink a crash interrupted) are deleted when the store opens. So a worker killed at any point
+of a command leaves either nothing of it or all of it with its reply.
+"""
 
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 import json
+import logging
 import os
-import secrets
 import sqlite3
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
-from pathlib import Path
+import time
 
 import torch
 
 from consumer.store.base import StoredObject, StoredPlan
-from consumer.store.tensor_files import dtype_name, read_tensor_file, write_tensor_file
-from schemas.errors import ObjectNotFound
+from consumer.store.limits import StoreLimits
+from consumer.store.live_cache import LiveCache
+from consumer.store.sqlite_schema import (
+    GET_ALL,
+    GET_ONE,
+    INDEXES,
+    REFERENCED,
+    REPLIES_HELD,
+    SCHEMA,
+    SEARCH,
+    USAGE,
+    USED,
+    add_missing_columns,
+    recount,
+)
+from consumer.store.tensor_files import (
+    dtype_name,
+    read_tensor_file,
+    tensor_nbytes,
+)
+from consumer.store.units import BlobUnits, Unit
+from schemas.errors import ObjectNotFound, StoreFullError
 from schemas.plan_codec import plan_from_proto, plan_to_proto
 from schemas.plan_pb2 import PlanProto
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS objects (
-    id TEXT PRIMARY KEY, dtype TEXT NOT NULL, shape TEXT NOT NULL,
-    requires_grad INTEGER NOT NULL, description TEXT NOT NULL, blob TEXT NOT NULL,
-    seq INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS tags (
-    object_id TEXT NOT NULL, tag TEXT NOT NULL, pos INTEGER NOT NULL,
-    PRIMARY KEY (object_id, tag)
-);
-CREATE INDEX IF NOT EXISTS tags_by_tag ON tags(tag);
-CREATE TABLE IF NOT EXISTS plans (
-    id TEXT PRIMARY KEY, proto BLOB NOT NULL, content_hash TEXT NOT NULL, tags TEXT NOT NULL,
-    seq INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS plan_state (
-    plan_id TEXT NOT NULL, name TEXT NOT NULL, dtype TEXT NOT NULL, shape TEXT NOT NULL,
-    requires_grad INTEGER NOT NULL, blob TEXT NOT NULL, PRIMARY KEY (plan_id, name)
-);
-CREATE TABLE IF NOT EXISTS replies (
-    command_id TEXT PRIMARY KEY, result_ids TEXT NOT NULL, reply BLOB NOT NULL,
-    seq INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS counter (k INTEGER PRIMARY KEY CHECK (k = 0), n INTEGER NOT NULL);
-INSERT OR IGNORE INTO counter VALUES (0, 0);
-"""
+INLINE_REPLY_BYTES = 64 * 1024
+"""Cached replies up to this size live in SQLite; larger ones in a file of their own."""
 
-_GET_ONE = (
-    "SELECT id, dtype, shape, requires_grad, description, blob, seq FROM objects WHERE id = ?"
-)
-_GET_ALL = (
-    "SELECT id, dtype, shape, requires_grad, description, blob, seq FROM objects ORDER BY seq"
-)
-_SEARCH = (
-    "SELECT id, dtype, shape, requires_grad, description, blob, seq FROM objects "
-    "WHERE id IN (SELECT object_id FROM tags WHERE tag IN (SELECT value FROM json_each(?)) "
-    "GROUP BY object_id HAVING COUNT(DISTINCT tag) = ?) ORDER BY seq"
-)
+log = logging.getLogger(__name__)
 
 _Row = tuple[str, str, str, int, str, str, int]
 
@@ -66,16 +56,7 @@ _Marks = dict[str, tuple[torch.Tensor, int]]
 """Per state name: the tensor last persisted (or loaded) and its ``_version`` then."""
 
 
-@dataclass(slots=True)
-class _Live:
-    """An object this process holds in memory: the row version it came from, its version."""
-
-    seq: int
-    version: int
-    obj: StoredObject
-
-
-class SqliteStore:
+class SqliteStore(BlobUnits):
     """A :class:`~consumer.store.DeviceStore` under ``data_dir`` that survives restarts.
 
     Tensors are raw element bytes in files (a new file per write, renamed into place) with
@@ -86,9 +67,11 @@ class SqliteStore:
 
     Like the in-memory store, it hands out *live* objects: the tensors a process loaded stay
     in memory (with their autograd history and ``.grad``) while the row they came from is
-    unchanged, so in-place ops act on the stored object. :meth:`flush` writes tensors changed
-    in place back to disk; it runs before every stored reply, so a redelivered command never
-    finds its reply without the effects that led to it.
+    unchanged, so in-place ops act on the stored object; at most ``limits.cache_bytes`` of
+    them (least recently used first out; tensors that require grad stay). :meth:`flush`
+    writes tensors changed in place back to disk; it runs before every stored reply, in the
+    same unit, so a redelivered command never finds its reply without the effects that led
+    to it, nor those effects without the reply. Bounds: see :mod:`consumer.store.limits`.
 
     Examples
     --------
@@ -97,66 +80,117 @@ class SqliteStore:
     >>> store.put_object(StoredObject("a", torch.arange(3), tags=("#x",)))
     >>> store.search(["#x"])[0].tensor
     tensor([0, 1, 2])
+    >>> store.begin()                     # a unit: all or nothing
+    >>> store.put_object(StoredObject("b", torch.ones(2)))
+    >>> store.rollback()
+    >>> store.has_object("b")
+    False
     """
 
-    def __init__(self, data_dir: str | os.PathLike[str], *, max_replies: int = 10_000) -> None:
-        self.data_dir = Path(data_dir)
-        self.blob_dir = self.data_dir / "blobs"
-        self.blob_dir.mkdir(parents=True, exist_ok=True)
-        self.db_path = self.data_dir / "index.sqlite3"
-        self._max_replies = max_replies
-        self._local = threading.local()
-        self._lock = threading.RLock()
-        self._live: dict[str, _Live] = {}
+    def __init__(
+        self,
+        data_dir: str | os.PathLike[str],
+        *,
+        limits: StoreLimits | None = None,
+        max_replies: int | None = None,
+    ) -> None:
+        limits = limits or StoreLimits()
+        if max_replies is not None:
+            limits = dataclasses.replace(limits, max_replies=max_replies)
+        self.limits = limits
+        self._live = LiveCache(limits.cache_bytes)
         self._plans: dict[str, tuple[int, StoredPlan]] = {}
         self._marks: dict[str, _Marks] = {}
-        self._pid = os.getpid()
-        self._conn().executescript(_SCHEMA)
-
-    # -- connections -------------------------------------------------------------------
-
-    def _conn(self) -> sqlite3.Connection:
-        if self._pid != os.getpid():  # forked: objects held by the parent are not ours
-            self._pid, self._live, self._plans, self._marks = os.getpid(), {}, {}, {}
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is None or getattr(self._local, "pid", None) != os.getpid():
-            conn = sqlite3.connect(self.db_path, timeout=60.0, isolation_level=None)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            self._local.conn, self._local.pid = conn, os.getpid()
-        return conn
-
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
+        self._expiry_due = 0.0
+        super().__init__(data_dir)
         db = self._conn()
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            yield db
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
+        db.executescript(SCHEMA)
+        add_missing_columns(db)
+        db.executescript(INDEXES)
+        db.executescript(USAGE)
+        recount(db)
+        self.collect_garbage()
 
-    def _next_seq(self, db: sqlite3.Connection) -> int:
-        db.execute("UPDATE counter SET n = n + 1 WHERE k = 0")
-        return int(db.execute("SELECT n FROM counter WHERE k = 0").fetchone()[0])
+    def _forked(self) -> None:
+        self._plans, self._marks = {}, {}
+        self._live = LiveCache(self.limits.cache_bytes)
+
+    def _after_commit(self) -> None:
+        with self._lock:
+            self._live.trim()
+
+    def _check_room(self, db: sqlite3.Connection, adding: int, freeing: int, what: str) -> None:
+        used = int(db.execute(USED).fetchone()[0])
+        after = used - freeing + adding
+        if adding > freeing and after > self.limits.max_bytes:
+            raise StoreFullError(
+                f"storing {what} ({adding} bytes) would take the device store to {after} "
+                f"bytes, over its bound of {self.limits.max_bytes} (FEDPLAN_STORE_MAX_BYTES); "
+                "the command changed nothing. Delete objects the server no longer needs "
+                "(get() them or drop their pointers) or raise the bound"
+            )
+
+    def collect_garbage(self) -> int:
+        """Delete blob files no committed row points at, and expired replies; returns files.
+
+        Runs when the store opens. Files are created only inside a transaction, so under the
+        write lock every unreferenced file belongs to a transaction that never committed or
+        was replaced by one that did.
+        """
+        with self._tx() as db:
+            referenced = {b for (b,) in db.execute(REFERENCED).fetchall()}
+            orphans = self.collect_orphans(db, referenced)
+            self._expire_replies(db, time.time(), 0, 0, force=True)
+        if orphans:
+            log.info("deleted %d blob files of unfinished writes", orphans)
+        return orphans
+
+    # -- the in-memory cache -----------------------------------------------------------
+
+    def _after_rollback(self, unit: Unit) -> None:
+        """Forget what the unit wrote; after a command's unit also what it changed in place.
+
+        A write's own unit (a store call outside any unit) only forgets that write: tensors
+        changed in place before it are not its doing and stay until flushed.
+        """
+        with self._lock:
+            for object_id in unit.objects:
+                self._live.pop(object_id)
+            for plan_id in unit.plans:
+                self._plans.pop(plan_id, None)
+                self._marks.pop(plan_id, None)
+            if unit.implicit:
+                return
+            for live in self._live.values():
+                if live.dirty:
+                    self._live.pop(live.obj.id)
+            for plan_id in list(self._plans):
+                marks = self._marks.get(plan_id, {})
+                state = self._plans[plan_id][1].ir.state_values
+                if any(
+                    name not in marks or marks[name][0] is not t or marks[name][1] != t._version
+                    for name, t in state.items()
+                ):
+                    self._plans.pop(plan_id, None)
+                    self._marks.pop(plan_id, None)
 
     # -- tensors -----------------------------------------------------------------------
 
     def _write(self, obj: StoredObject, *, only_if_seq: int | None = None) -> int | None:
         """Write the tensor to a new file and point the row at it; returns the new seq."""
-        stem = hashlib.sha256(obj.id.encode()).hexdigest()[:32]
-        name = f"{stem}-{secrets.token_hex(6)}.bin"
-        write_tensor_file(self.blob_dir / name, obj.tensor)
         t = obj.tensor
+        size = tensor_nbytes(t)
         with self._tx() as db:
-            old = db.execute("SELECT blob, seq FROM objects WHERE id = ?", (obj.id,)).fetchone()
+            q = "SELECT blob, seq, size FROM objects WHERE id = ?"
+            old = db.execute(q, (obj.id,)).fetchone()
             if only_if_seq is not None and (old is None or old[1] != only_if_seq):
-                (self.blob_dir / name).unlink(missing_ok=True)  # replaced or deleted meanwhile
-                return None
+                return None  # replaced or deleted meanwhile
+            self._check_room(db, size, old[2] if old else 0, f"object {obj.id!r}")
+            name = self._new_file(obj.id, "", t)
             seq = self._next_seq(db)
             db.execute(
-                "INSERT OR REPLACE INTO objects VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO objects (id, dtype, shape, requires_grad, description,"
+                " blob, seq, size) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     obj.id,
                     dtype_name(t.dtype),
@@ -165,6 +199,7 @@ class SqliteStore:
                     obj.description,
                     name,
                     seq,
+                    size,
                 ),
             )
             db.execute("DELETE FROM tags WHERE object_id = ?", (obj.id,))
@@ -172,15 +207,15 @@ class SqliteStore:
                 "INSERT OR IGNORE INTO tags VALUES (?, ?, ?)",
                 [(obj.id, tag, i) for i, tag in enumerate(obj.tags)],
             )
-        if old is not None:
-            (self.blob_dir / old[0]).unlink(missing_ok=True)
+            self._discard([old[0]] if old is not None else [])
+            self._touched().objects.add(obj.id)
         return seq
 
     def put_object(self, obj: StoredObject) -> None:
-        with self._lock:
+        with self._lock, self._tx():  # its own unit, unless inside one: trimmed after
             seq = self._write(obj)
             assert seq is not None
-            self._live[obj.id] = _Live(seq, obj.tensor._version, obj)
+            self._live.put(obj, seq)
 
     def _object(self, row: _Row) -> StoredObject:
         object_id, dtype, shape, requires_grad, description, blob, seq = row
@@ -193,14 +228,14 @@ class SqliteStore:
         q = "SELECT tag FROM tags WHERE object_id = ? ORDER BY pos"
         tags = tuple(t for (t,) in self._conn().execute(q, (object_id,)).fetchall())
         obj = StoredObject(object_id, tensor, tags, description)
-        self._live[object_id] = _Live(seq, tensor._version, obj)
+        self._live.put(obj, seq)
         return obj
 
     def get_object(self, object_id: str) -> StoredObject:
         with self._lock:
-            row = self._conn().execute(_GET_ONE, (object_id,)).fetchone()
+            row = self._conn().execute(GET_ONE, (object_id,)).fetchone()
             if row is None:
-                self._live.pop(object_id, None)
+                self._live.pop(object_id)
                 raise ObjectNotFound(
                     f"no object {object_id!r} on this device; it may have been fetched with "
                     "get() or deleted already"
@@ -218,29 +253,30 @@ class SqliteStore:
                 raise ObjectNotFound(f"no object {object_id!r} to delete on this device")
             db.execute("DELETE FROM objects WHERE id = ?", (object_id,))
             db.execute("DELETE FROM tags WHERE object_id = ?", (object_id,))
-            self._live.pop(object_id, None)
-        (self.blob_dir / row[0]).unlink(missing_ok=True)
+            self._discard([row[0]])
+            self._live.pop(object_id)
+            self._touched().objects.add(object_id)
 
     def search(self, tags: list[str]) -> list[StoredObject]:
         wanted = sorted(set(tags))
         if not wanted:
             return self.list_objects()
         with self._lock:
-            rows = self._conn().execute(_SEARCH, (json.dumps(wanted), len(wanted))).fetchall()
+            rows = self._conn().execute(SEARCH, (json.dumps(wanted), len(wanted))).fetchall()
             return [self._object(r) for r in rows]
 
     def list_objects(self) -> list[StoredObject]:
         with self._lock:
-            return [self._object(r) for r in self._conn().execute(_GET_ALL).fetchall()]
+            return [self._object(r) for r in self._conn().execute(GET_ALL).fetchall()]
 
     def clear_objects(self) -> None:
         with self._lock, self._tx() as db:
-            blobs = [b for (b,) in db.execute("SELECT blob FROM objects").fetchall()]
+            rows = db.execute("SELECT id, blob FROM objects").fetchall()
             db.execute("DELETE FROM objects")
             db.execute("DELETE FROM tags")
+            self._discard([b for _, b in rows])
+            self._touched().objects.update(i for i, _ in rows)
             self._live.clear()
-        for b in blobs:
-            (self.blob_dir / b).unlink(missing_ok=True)
 
     def flush(self) -> int:
         """Write back the tensors changed in place since loaded or stored; returns how many."""
@@ -252,11 +288,20 @@ class SqliteStore:
                     continue
                 seq = self._write(live.obj, only_if_seq=live.seq)
                 if seq is None:
-                    self._live.pop(live.obj.id, None)
+                    self._live.pop(live.obj.id)
                     continue
                 live.seq, live.version = seq, live.obj.tensor._version
                 written += 1
         return written
+
+    def stored_bytes(self) -> int:
+        """Bytes the store holds now: tensors, plans, plan state and cached replies."""
+        return int(self._conn().execute(USED).fetchone()[0])
+
+    def cached_bytes(self) -> int:
+        """Bytes of stored tensors this process holds in memory."""
+        with self._lock:
+            return self._live.nbytes
 
     # -- plans -------------------------------------------------------------------------
 
@@ -264,15 +309,27 @@ class SqliteStore:
         proto = plan_to_proto(plan.ir, plan_id=plan.id).SerializeToString()
         with self._lock:
             with self._tx() as db:
+                q = "SELECT (SELECT COALESCE(SUM(size), 0) FROM plans WHERE id = ?)"
+                q += " + (SELECT COALESCE(SUM(size), 0) FROM plan_state WHERE plan_id = ?)"
+                held = int(db.execute(q, (plan.id, plan.id)).fetchone()[0])
+                self._check_room(db, len(proto), held, f"plan {plan.id!r}")
                 seq = self._next_seq(db)
                 db.execute(
-                    "INSERT OR REPLACE INTO plans VALUES (?, ?, ?, ?, ?)",
-                    (plan.id, proto, plan.content_hash, json.dumps(list(plan.tags)), seq),
+                    "INSERT OR REPLACE INTO plans (id, proto, content_hash, tags, seq, size)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    (
+                        plan.id,
+                        proto,
+                        plan.content_hash,
+                        json.dumps(list(plan.tags)),
+                        seq,
+                        len(proto),
+                    ),
                 )
-                stale = self._drop_state_rows(db, plan.id)
+                self._discard(self._drop_state_rows(db, plan.id))
+                self._touched().plans.add(plan.id)
             self._plans[plan.id] = (seq, plan)
             self._marks[plan.id] = _marks_of(plan)
-        self._unlink(stale)
 
     def get_plan(self, plan_id: str) -> StoredPlan:
         with self._lock:
@@ -321,39 +378,36 @@ class SqliteStore:
             ]
             if not changed:
                 return
-            files = {name: self._state_file(plan.id, name, t) for name, t in changed}
-            stale: list[str] = []
             with self._tx() as db:
                 if db.execute("SELECT 1 FROM plans WHERE id = ?", (plan.id,)).fetchone() is None:
-                    stale = list(files.values())  # deleted meanwhile: keep nothing
-                else:
-                    q = "SELECT blob FROM plan_state WHERE plan_id = ? AND name = ?"
-                    for name, t in changed:
-                        old = db.execute(q, (plan.id, name)).fetchone()
-                        stale += [old[0]] if old else []
-                        db.execute(
-                            "INSERT OR REPLACE INTO plan_state VALUES (?, ?, ?, ?, ?, ?)",
-                            (
-                                plan.id,
-                                name,
-                                dtype_name(t.dtype),
-                                json.dumps(list(t.shape)),
-                                int(t.requires_grad),
-                                files[name],
-                            ),
-                        )
-                    seq = self._next_seq(db)  # other processes' cached copies are stale now
-                    db.execute("UPDATE plans SET seq = ? WHERE id = ?", (seq, plan.id))
-                    self._plans[plan.id] = (seq, plan)
-                    for name, t in changed:
-                        marks[name] = (t, t._version)
-            self._unlink(stale)
-
-    def _state_file(self, plan_id: str, name: str, tensor: torch.Tensor) -> str:
-        stem = hashlib.sha256(f"{plan_id}/{name}".encode()).hexdigest()[:32]
-        file = f"state-{stem}-{secrets.token_hex(6)}.bin"
-        write_tensor_file(self.blob_dir / file, tensor)
-        return file
+                    return  # deleted meanwhile: keep nothing
+                q = "SELECT blob, size FROM plan_state WHERE plan_id = ? AND name = ?"
+                olds = {name: db.execute(q, (plan.id, name)).fetchone() for name, _ in changed}
+                adding = sum(tensor_nbytes(t) for _, t in changed)
+                freeing = sum(old[1] for old in olds.values() if old is not None)
+                self._check_room(db, adding, freeing, f"the state of plan {plan.id!r}")
+                for name, t in changed:
+                    old = olds[name]
+                    self._discard([old[0]] if old else [])
+                    db.execute(
+                        "INSERT OR REPLACE INTO plan_state (plan_id, name, dtype, shape,"
+                        " requires_grad, blob, size) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        (
+                            plan.id,
+                            name,
+                            dtype_name(t.dtype),
+                            json.dumps(list(t.shape)),
+                            int(t.requires_grad),
+                            self._new_file(f"{plan.id}/{name}", "state-", t),
+                            tensor_nbytes(t),
+                        ),
+                    )
+                seq = self._next_seq(db)  # other processes' cached copies are stale now
+                db.execute("UPDATE plans SET seq = ? WHERE id = ?", (seq, plan.id))
+                self._touched().plans.add(plan.id)
+                self._plans[plan.id] = (seq, plan)
+                for name, t in changed:
+                    marks[name] = (t, t._version)
 
     def _drop_state_rows(self, db: sqlite3.Connection, plan_id: str) -> list[str]:
         q = "SELECT blob FROM plan_state WHERE plan_id = ?"
@@ -361,37 +415,103 @@ class SqliteStore:
         db.execute("DELETE FROM plan_state WHERE plan_id = ?", (plan_id,))
         return blobs
 
-    def _unlink(self, blobs: list[str]) -> None:
-        for b in blobs:
-            (self.blob_dir / b).unlink(missing_ok=True)
-
     def delete_plan(self, plan_id: str) -> None:
-        with self._lock:
-            with self._tx() as db:
-                self._plans.pop(plan_id, None)
-                self._marks.pop(plan_id, None)
-                if db.execute("DELETE FROM plans WHERE id = ?", (plan_id,)).rowcount == 0:
-                    raise ObjectNotFound(f"no plan {plan_id!r} to delete", plan_id=plan_id)
-                stale = self._drop_state_rows(db, plan_id)
-            self._unlink(stale)
+        with self._lock, self._tx() as db:
+            self._plans.pop(plan_id, None)
+            self._marks.pop(plan_id, None)
+            if db.execute("DELETE FROM plans WHERE id = ?", (plan_id,)).rowcount == 0:
+                raise ObjectNotFound(f"no plan {plan_id!r} to delete", plan_id=plan_id)
+            self._discard(self._drop_state_rows(db, plan_id))
+            self._touched().plans.add(plan_id)
 
     # -- replies (idempotency) ---------------------------------------------------------
 
     def put_reply(self, command_id: str, result_ids: list[str], reply: bytes) -> None:
-        """Remember a command's reply, after writing back what the command changed."""
-        self.flush()
-        with self._tx() as db:
-            seq = self._next_seq(db)
-            db.execute(
-                "INSERT OR REPLACE INTO replies VALUES (?, ?, ?, ?)",
-                (command_id, json.dumps(result_ids), reply, seq),
+        """Remember a command's reply, after writing back what the command changed.
+
+        Expired replies go first, then the oldest while over ``max_replies`` or
+        ``max_reply_bytes``; a reply larger than ``max_reply_bytes`` alone raises
+        :class:`~schemas.errors.StoreFullError` (nothing is stored).
+        """
+        size = len(reply)
+        if size > self.limits.max_reply_bytes:
+            raise StoreFullError(
+                f"the reply of command {command_id} is {size} bytes, more than the "
+                f"{self.limits.max_reply_bytes} bytes of cached replies a device keeps "
+                "(FEDPLAN_STORE_MAX_REPLY_BYTES); the command changed nothing. Return "
+                "fewer values with the command and fetch big results with get()"
             )
-            db.execute("DELETE FROM replies WHERE seq <= ?", (seq - self._max_replies,))
+        with self._lock:
+            self.flush()
+            with self._tx() as db:
+                self._expire_replies(db, time.time(), 1, size)
+                q = "SELECT file, size FROM replies WHERE command_id = ?"
+                old = db.execute(q, (command_id,)).fetchone()
+                self._check_room(db, size, old[1] if old else 0, f"the reply of {command_id}")
+                file = None
+                if size > INLINE_REPLY_BYTES:
+                    file = self._new_file(command_id, "reply-", reply)
+                self._discard([old[0]] if old and old[0] else [])
+                db.execute(
+                    "INSERT OR REPLACE INTO replies (command_id, result_ids, reply, seq, file,"
+                    " size, created) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        command_id,
+                        json.dumps(result_ids),
+                        b"" if file else reply,
+                        self._next_seq(db),
+                        file,
+                        size,
+                        time.time(),
+                    ),
+                )
+
+    def _expire_replies(
+        self, db: sqlite3.Connection, now: float, count: int, size: int, *, force: bool = False
+    ) -> None:
+        """Drop expired replies, then the oldest until ``count`` more of ``size`` bytes fit.
+
+        The scan for expired replies runs at most every ``reply_ttl / 10`` (and 60) seconds
+        unless forced; the count and bytes bounds are checked every time.
+        """
+        if force or now >= self._expiry_due:
+            self._expiry_due = now + min(60.0, self.limits.reply_ttl / 10)
+            cutoff = now - self.limits.reply_ttl
+            q = "SELECT file FROM replies WHERE created < ? AND file IS NOT NULL"
+            self._discard([f for (f,) in db.execute(q, (cutoff,)).fetchall()])
+            db.execute("DELETE FROM replies WHERE created < ?", (cutoff,))
+        n, total = db.execute(REPLIES_HELD).fetchone()
+        max_n, max_bytes = self.limits.max_replies, self.limits.max_reply_bytes
+        if n + count <= max_n and total + size <= max_bytes:
+            return
+        gone: list[str] = []
+        for command_id, reply_size, file in db.execute(
+            "SELECT command_id, size, file FROM replies ORDER BY seq"
+        ).fetchall():
+            if n + count <= max_n and total + size <= max_bytes:
+                break
+            gone.append(command_id)
+            n, total = n - 1, total - reply_size
+            self._discard([file] if file else [])
+        db.executemany("DELETE FROM replies WHERE command_id = ?", [(c,) for c in gone])
+
+    def expire_replies(self) -> None:
+        """Drop the cached replies that expired (also done whenever a reply is stored)."""
+        with self._tx() as db:
+            self._expire_replies(db, time.time(), 0, 0, force=True)
 
     def get_reply(self, command_id: str) -> bytes | None:
-        q = "SELECT reply FROM replies WHERE command_id = ?"
+        q = "SELECT reply, file FROM replies WHERE command_id = ?"
         row = self._conn().execute(q, (command_id,)).fetchone()
-        return None if row is None else bytes(row[0])
+        if row is None:
+            return None
+        if row[1] is None:
+            return bytes(row[0])
+        try:
+            return (self.blob_dir / row[1]).read_bytes()
+        except FileNotFoundError:  # replaced meanwhile by another process: as if expired
+            log.warning("the cached reply of %s has no file any more", command_id)
+            return None
 
 
 def _marks_of(plan: StoredPlan) -> _Marks:

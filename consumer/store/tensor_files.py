@@ -39,10 +39,20 @@ def write_tensor_file(path: Path, tensor: torch.Tensor) -> None:
     """Write the tensor's contiguous element bytes to ``path`` atomically (temp + rename)."""
     t = tensor.detach().contiguous().cpu().reshape(-1)
     raw = t.view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
+    write_bytes_file(path, raw.numpy().data)
+
+
+def tensor_nbytes(tensor: torch.Tensor) -> int:
+    """Bytes of the tensor's elements: the size of its file."""
+    return tensor.numel() * tensor.element_size()
+
+
+def write_bytes_file(path: Path, data: bytes | memoryview) -> None:
+    """Write ``data`` to ``path`` atomically (a temp file in the same folder, then rename)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(raw.numpy().data)
+            f.write(data)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -15,6 +15,7 @@ from broker_config.envelope import task_headers
 from broker_config.settings import Settings
 from consumer.runtime.device import DeviceRuntime
 from consumer.runtime.replies import crashed_reply, encode_safely, error_reply
+from consumer.store.limits import StoreLimits
 from consumer.store.sqlite import SqliteStore
 from consumer.worker.chunks import assemble, done_with_chunks
 from consumer.worker.gate import DELIVERIES_HEADER
@@ -53,9 +54,13 @@ def _runtime(task: Task, device_id: str, settings: Settings) -> DeviceRuntime:
     key = (os.getpid(), device_id, str(settings.data_dir))
     runtime = _runtimes.get(key)
     if runtime is None:
-        store = SqliteStore(settings.data_dir)
+        limits = StoreLimits.from_settings(settings)
+        store = SqliteStore(settings.data_dir, limits=limits)
         runtime = DeviceRuntime(
-            device_id=device_id, store=store, forward=lambda dest, data: _forward(task, dest, data)
+            device_id=device_id,
+            store=store,
+            forward=lambda dest, data: _forward(task, dest, data),
+            limits=limits,
         )
         _runtimes[key] = runtime
     return runtime

@@ -111,10 +111,12 @@ def test_a_failover_list_with_one_url_that_is_not_amqp_is_refused_naming_the_var
 def test_on_quorum_queues_the_results_and_dead_letter_queues_are_replicated_too() -> None:
     quorum = Settings(queue_type="quorum")
     assert topology.results_queue("p1", quorum).arguments["x-queue-type"] == "quorum"
-    assert topology.dead_letter_queue(quorum).arguments == {"x-queue-type": "quorum"}
+    week_ms = 7 * 24 * 3600 * 1000
+    bounds = {"x-max-length": 10_000, "x-message-ttl": week_ms, "x-overflow": "drop-head"}
+    assert topology.dead_letter_queue(quorum).arguments == {**bounds, "x-queue-type": "quorum"}
     classic = Settings()
     assert "x-queue-type" not in topology.results_queue("p1", classic).arguments
-    assert topology.dead_letter_queue(classic).arguments == {}
+    assert topology.dead_letter_queue(classic).arguments == bounds
 
 
 def test_the_management_client_takes_credentials_and_vhost_from_the_first_failover_url() -> None:

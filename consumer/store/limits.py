@@ -1,0 +1,60 @@
+"""The device store's bounds (bytes stored, cached replies, memory, plan size) and their rules.
+
+What accumulates on a device, and what bounds it:
+
+- **stored tensors and plan state**: owned by the server's pointers and plans (deleted by
+  ``get()``/``delete``/``GetPlan(delete)``), never expired; together with the cached replies
+  they stay under ``max_bytes``. A command that would pass it gets a ``STORE_FULL`` error
+  reply and changes nothing (the device keeps serving).
+- **cached replies** (one per command that changed something, so a redelivered command is
+  answered instead of run twice): a reply expires ``reply_ttl`` seconds after it was stored
+  (the results queue of an idle producer expires after the same time by default, so nobody
+  could receive it any more); beyond ``max_replies`` or ``max_reply_bytes`` the oldest go
+  first. Expired replies are dropped whenever a reply is stored and when the store opens. A
+  command redelivered after its reply was dropped runs again.
+- **tensors in memory**: a least-recently-used cache of at most ``cache_bytes`` (tensors that
+  require grad are kept: their ``.grad`` and autograd graph live only in memory).
+- **plans**: at most ``max_plan_ops`` ops and ``max_plan_bytes`` encoded bytes, checked on
+  receipt before the plan is decoded (``PLAN_TOO_LARGE``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from broker_config.settings import Settings
+
+_DEFAULTS = Settings()
+
+
+@dataclass(frozen=True, slots=True)
+class StoreLimits:
+    """The bounds a device store and runtime enforce; defaults are ``Settings()``'s.
+
+    Examples
+    --------
+    >>> limits = StoreLimits.from_settings(Settings(store_max_replies=10))
+    >>> limits.max_replies
+    10
+    """
+
+    max_bytes: int = _DEFAULTS.store_max_bytes
+    max_reply_bytes: int = _DEFAULTS.store_max_reply_bytes
+    max_replies: int = _DEFAULTS.store_max_replies
+    reply_ttl: float = _DEFAULTS.store_reply_ttl
+    cache_bytes: int = _DEFAULTS.store_cache_bytes
+    max_plan_ops: int = _DEFAULTS.max_plan_ops
+    max_plan_bytes: int = _DEFAULTS.max_plan_bytes
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> StoreLimits:
+        """The limits configured by ``FEDPLAN_STORE_*`` / ``FEDPLAN_MAX_PLAN_*``."""
+        return cls(
+            max_bytes=settings.store_max_bytes,
+            max_reply_bytes=settings.store_max_reply_bytes,
+            max_replies=settings.store_max_replies,
+            reply_ttl=settings.store_reply_ttl,
+            cache_bytes=settings.store_cache_bytes,
+            max_plan_ops=settings.max_plan_ops,
+            max_plan_bytes=settings.max_plan_bytes,
+        )
