@@ -76,10 +76,11 @@ def combine(shares: Sequence[bytes]) -> bytes:
         )
     items = sorted(points.items())
     basis, extra = items[:threshold], items[threshold:]
+    weights = _barycentric_weights([x for x, _ in basis])
     for x, y in extra:  # more than t shares: they must all lie on the same polynomial
-        if _interpolate(basis, x) != y:
+        if _evaluate_barycentric(basis, weights, x) != y:
             raise SecAggIntegrityError(f"share {x} is inconsistent with the others")
-    value = _interpolate(basis, 0)
+    value = _evaluate_barycentric(basis, weights, 0)
     if value >> (8 * SECRET_BYTES):
         raise SecAggIntegrityError("the reconstructed value is not a 32-byte secret")
     return value.to_bytes(SECRET_BYTES, "big")
@@ -119,12 +120,40 @@ def _evaluate(coefficients: Sequence[int], x: int) -> int:
 
 
 def _interpolate(points: Sequence[tuple[int, int]], at: int) -> int:
-    total = 0
-    for i, (xi, yi) in enumerate(points):
-        num, den = 1, 1
-        for j, (xj, _) in enumerate(points):
+    """Lagrange interpolation at ``at``: sum_i y_i * prod_j (at - x_j) / (x_i - x_j)."""
+    weights = _barycentric_weights([x for x, _ in points])
+    return _evaluate_barycentric(points, weights, at)
+
+
+def _barycentric_weights(xs: Sequence[int]) -> list[int]:
+    """1 / prod_{j != i} (x_i - x_j) for each i, with one modular inversion in all."""
+    dens = []
+    for i, xi in enumerate(xs):
+        den = 1
+        for j, xj in enumerate(xs):
             if i != j:
-                num = num * (at - xj) % PRIME
                 den = den * (xi - xj) % PRIME
-        total = (total + yi * num * pow(den, -1, PRIME)) % PRIME
+        dens.append(den)
+    prefix = [1]
+    for d in dens:
+        prefix.append(prefix[-1] * d % PRIME)
+    inverse = pow(prefix[-1], -1, PRIME)
+    out = [0] * len(dens)
+    for i in range(len(dens) - 1, -1, -1):  # batch inversion
+        out[i] = inverse * prefix[i] % PRIME
+        inverse = inverse * dens[i] % PRIME
+    return out
+
+
+def _evaluate_barycentric(
+    points: Sequence[tuple[int, int]], weights: Sequence[int], at: int
+) -> int:
+    diffs = [(at - x) % PRIME for x, _ in points]
+    suffix = [1] * (len(diffs) + 1)
+    for i in range(len(diffs) - 1, -1, -1):
+        suffix[i] = suffix[i + 1] * diffs[i] % PRIME
+    total, prefix = 0, 1
+    for i, (_, y) in enumerate(points):
+        total = (total + y * weights[i] % PRIME * prefix % PRIME * suffix[i + 1]) % PRIME
+        prefix = prefix * diffs[i] % PRIME
     return total
