@@ -196,6 +196,7 @@ class PrivacyAccountant:
         self.delta = delta
         self.method = method
         self.rounds = 0
+        self._epsilons: dict[int, float] = {}
 
     def event(self, rounds: int) -> dp_accounting.DpEvent:
         """The dp-accounting event of ``rounds`` rounds."""
@@ -208,11 +209,14 @@ class PrivacyAccountant:
         """ε at ``delta`` after ``rounds`` rounds (0 rounds: 0)."""
         if rounds <= 0:
             return 0.0
+        if rounds in self._epsilons:
+            return self._epsilons[rounds]
         accountant: dp_accounting.PrivacyAccountant = (
             rdp.RdpAccountant() if self.method == "rdp" else pld.PLDAccountant()
         )
         accountant.compose(self.event(rounds))
-        return float(accountant.get_epsilon(self.delta))
+        self._epsilons[rounds] = float(accountant.get_epsilon(self.delta))
+        return self._epsilons[rounds]
 
     def epsilon(self) -> float:
         """ε spent by the rounds stepped so far."""
