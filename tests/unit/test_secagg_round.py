@@ -299,3 +299,24 @@ def test_a_device_that_masks_twice_sends_the_same_vector() -> None:
     other = MaskInputRequest(cfg.round_id, {})
     with pytest.raises(SecAggProtocolError, match="different mask request"):
         mask_input(state, other, torch.ones(4), weight=1)
+
+
+# -- distributed noise ---------------------------------------------------------------------
+
+
+def test_distributed_discrete_gaussian_noise_reaches_the_sum_with_the_planned_variance() -> None:
+    from producer.fl.privacy import secure_noise_plan
+
+    inputs = make_inputs(9, 3000, seed=15, max_weight=1)
+    plan = secure_noise_plan(noise_multiplier=1.0, clip_norm=1.0, dimension=3000,
+                             num_clients=9, min_survivors=6, scale_bits=8)
+    cfg = RoundConfig.create("noisy", list(inputs), length=3000,
+                             quantization=plan.quantization, noise_sigma=plan.device_sigma)
+    gone = set(cfg.devices[:3])  # a third drop after sharing: 6 noise shares remain
+    result, _ = run_round(cfg, inputs, skip_mask=gone)
+    expected, weight = plain_weighted_sum(inputs, set(inputs) - gone)
+    assert result.total_weight == weight  # the weight coordinate carries no noise
+    noise = (result.weighted_sum - expected) * 2**8  # back to quantized units
+    planned = 1.0 * plan.sensitivity  # z * sensitivity, reached by 6 devices
+    assert float(noise.std()) == pytest.approx(planned, rel=0.05)
+    assert abs(float(noise.mean())) < 6 * planned / np.sqrt(noise.size)
