@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 
 from consumer.secagg import crypto, shamir
 from consumer.secagg.errors import (
@@ -82,7 +83,11 @@ def advertise_keys(config: RoundConfig, device_id: str) -> tuple[ClientState, Ke
         self_seed=os.urandom(shamir.SECRET_BYTES),
     )
     advert = KeyAdvert(
-        config.round_id, device_id, state.cipher_keys.public, state.mask_keys.public
+        config.round_id,
+        device_id,
+        state.cipher_keys.public,
+        state.mask_keys.public,
+        crypto.seed_commitment(config.round_id, device_id, state.self_seed),
     )
     return state, advert
 
@@ -243,6 +248,9 @@ def _expect(state: ClientState, stage: str, round_id: str) -> None:
 
 
 def _as_float_vector(values: Any) -> np.ndarray:
-    if hasattr(values, "detach"):  # a torch tensor
+    if isinstance(values, torch.Tensor):
         values = values.detach().cpu().double().numpy()
-    return np.asarray(values, dtype=np.float64).reshape(-1)
+    try:
+        return np.asarray(values, dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError) as exc:
+        raise SecAggProtocolError(f"the values to aggregate are not numbers: {exc}") from None

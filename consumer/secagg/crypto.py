@@ -119,6 +119,14 @@ def uniform_floats(seed: bytes, length: int) -> np.ndarray:
     return (bits >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 
 
+def seed_commitment(round_id: str, device_id: str, seed: bytes) -> bytes:
+    """SHA-256 commitment to a device's self-mask seed: lets the server check the seed it
+    rebuilds from shares (the seed is 256 random bits, so the hash hides it)."""
+    return hashlib.sha256(
+        encode_parts(_DOMAIN, b"seed", round_id.encode(), device_id.encode(), seed)
+    ).digest()
+
+
 def modulus_mask(bits: int) -> int:
     """``2**bits - 1``: AND with it reduces a uint64 modulo ``2**bits``."""
     return (1 << bits) - 1

@@ -113,12 +113,14 @@ class RoundConfig:
 
 @dataclass(frozen=True, slots=True)
 class KeyAdvert:
-    """Stage 1, device -> server: the device's two public keys for this round."""
+    """Stage 1, device -> server: two public keys for this round and a commitment to the
+    self-mask seed (SHA-256), so a seed rebuilt from tampered shares is caught."""
 
     round_id: str
     device_id: str
     cipher_public: bytes
     mask_public: bytes
+    seed_commitment: bytes
 
 
 @dataclass(frozen=True, slots=True)

@@ -35,6 +35,7 @@ Examples
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
@@ -107,13 +108,14 @@ class SecureAggregationRound:
         secrets and are left out (repeatedly, until stable).
         """
         self._enter("adverts")
-        seen_keys: set[bytes] = set()
-        for advert in self._valid(adverts, self._check_advert):
-            keys = {advert.cipher_public, advert.mask_public}
-            if len(keys) < 2 or keys & seen_keys:
+        valid = self._valid(adverts, self._check_advert)
+        uses = Counter(k for a in valid for k in {a.cipher_public, a.mask_public})
+        for advert in valid:
+            if advert.cipher_public == advert.mask_public or any(
+                uses[k] > 1 for k in (advert.cipher_public, advert.mask_public)
+            ):  # every holder of a copied key is out, the copier and its victim alike
                 self._reject(advert.device_id, SecAggIntegrityError("a reused public key"))
                 continue
-            seen_keys |= keys
             self.adverts[advert.device_id] = advert
         alive = set(self.adverts)
         while lacking := {d for d in alive if len(self._peers(d, alive)) < self.config.threshold}:
@@ -211,6 +213,12 @@ class SecureAggregationRound:
             total += vector
         for owner in sorted(survivors):
             seed = shamir.combine(seeds[owner])
+            if crypto.seed_commitment(cfg.round_id, owner, seed) != (
+                self.adverts[owner].seed_commitment
+            ):
+                raise SecAggIntegrityError("a rebuilt self-mask seed does not match its "
+                                           "commitment: a share was tampered with",
+                                           device_id=owner)
             total -= crypto.expand_mask(seed, length=cfg.length + 1, modulus_bits=bits,
                                         label=SELF_LABEL)
         for owner in sorted(dropped):
@@ -228,8 +236,10 @@ class SecureAggregationRound:
         return [p for p in self.config.neighbours[device] if p in among]
 
     def _check_advert(self, advert: KeyAdvert) -> None:
-        if len(advert.cipher_public) != crypto.KEY_BYTES or len(advert.mask_public) != 32:
-            raise SecAggIntegrityError("public keys are 32 bytes")
+        sizes = (len(advert.cipher_public), len(advert.mask_public),
+                 len(advert.seed_commitment))
+        if sizes != (crypto.KEY_BYTES, crypto.KEY_BYTES, 32):
+            raise SecAggIntegrityError("public keys and the seed commitment are 32 bytes")
 
     def _check_shares(self, message: ShareKeys) -> None:
         if message.device_id not in self.adverts:

@@ -18,6 +18,7 @@ from consumer.secagg import (
     SecAggIntegrityError,
     SecAggProtocolError,
     SecAggThresholdError,
+    ShareKeysRequest,
     UnmaskRequest,
     advertise_keys,
     mask_input,
@@ -320,3 +321,78 @@ def test_distributed_discrete_gaussian_noise_reaches_the_sum_with_the_planned_va
     planned = 1.0 * plan.sensitivity  # z * sensitivity, reached by 6 devices
     assert float(noise.std()) == pytest.approx(planned, rel=0.05)
     assert abs(float(noise.mean())) < 6 * planned / np.sqrt(noise.size)
+
+
+# -- hostile input -------------------------------------------------------------------------
+
+
+def test_a_tampered_seed_share_fails_the_round_with_an_integrity_error_and_no_sum() -> None:
+    inputs = make_inputs(5, 4, seed=16)
+    cfg = config_for(inputs, 4, threshold=4)  # 4 neighbours each: exactly t shares each
+    server = SecureAggregationRound(cfg)
+    states, adverts = {}, []
+    for d in cfg.devices:
+        states[d], a = advertise_keys(cfg, d)
+        adverts.append(a)
+    shares = []
+    for d, req in server.collect_adverts(adverts).items():
+        states[d], msg = share_keys(states[d], req)
+        shares.append(msg)
+    masked = []
+    for d, req in server.collect_shares(shares).items():
+        states[d], msg = mask_input(states[d], req, inputs[d][0], weight=inputs[d][1])
+        masked.append(msg)
+    requests = server.collect_masked_inputs(masked)
+    victim, liar = cfg.devices[0], cfg.devices[1]
+    responses = []
+    for d in cfg.devices:
+        states[d], response = unmask(states[d], requests[d])
+        if d == liar:
+            t, x, y = shamir_module.decode(response.seed_shares[victim])
+            forged = dict(response.seed_shares)
+            forged[victim] = shamir_module._encode(t, x, (y + 1) % shamir_module.PRIME)
+            response = dataclasses.replace(response, seed_shares=forged)
+        responses.append(response)
+    with pytest.raises(SecAggIntegrityError, match="does not match its commitment") as info:
+        server.collect_unmask_responses(responses)
+    assert info.value.device_id == victim
+    assert server.stage == "failed"
+
+
+def test_a_device_refuses_malformed_adverts_and_values_with_typed_errors() -> None:
+    inputs = make_inputs(3, 2, seed=17)
+    cfg = config_for(inputs, 2, threshold=2)
+    states, adverts = {}, {}
+    for d in cfg.devices:
+        states[d], adverts[d] = advertise_keys(cfg, d)
+    a, b, c = cfg.devices
+    short_key = dataclasses.replace(adverts[b], cipher_public=b"\x01" * 5)
+    with pytest.raises(SecAggIntegrityError, match="key agreement failed"):
+        share_keys(states[a], ShareKeysRequest(cfg.round_id, (short_key, adverts[c])))
+    copied = dataclasses.replace(adverts[c], mask_public=adverts[b].mask_public)
+    with pytest.raises(SecAggIntegrityError, match="reuse a public key"):
+        share_keys(states[a], ShareKeysRequest(cfg.round_id, (adverts[b], copied)))
+    with pytest.raises(SecAggThresholdError, match="1 neighbours advertised, 2 needed"):
+        share_keys(states[a], ShareKeysRequest(cfg.round_id, (adverts[b],)))
+    with pytest.raises(SecAggProtocolError, match="not of distinct neighbours"):
+        share_keys(states[a], ShareKeysRequest(cfg.round_id, (adverts[a], adverts[b])))
+    state, _ = share_keys(states[a], ShareKeysRequest(cfg.round_id, (adverts[b], adverts[c])))
+    empty = MaskInputRequest(cfg.round_id, {})
+    with pytest.raises(SecAggProtocolError, match="not numbers"):
+        mask_input(state, empty, ["x", "y"], weight=1)
+    with pytest.raises(SecAggProtocolError, match="3 values, the round aggregates 2"):
+        mask_input(state, empty, torch.zeros(3), weight=1)
+
+
+def test_the_server_rejects_wrong_sized_keys_and_reused_keys_in_adverts() -> None:
+    inputs = make_inputs(9, 2, seed=18)
+    cfg = config_for(inputs, 2)
+    server = SecureAggregationRound(cfg)
+    adverts = [advertise_keys(cfg, d)[1] for d in cfg.devices]
+    adverts[0] = dataclasses.replace(adverts[0], mask_public=b"\x00" * 10_000)
+    adverts[1] = dataclasses.replace(adverts[1], cipher_public=adverts[2].cipher_public)
+    requests = server.collect_adverts(adverts)
+    # both holders of the copied key are out: the copier cannot push the owner out first
+    assert set(server.rejected) == set(cfg.devices[:3])
+    assert all(isinstance(e, SecAggIntegrityError) for e in server.rejected.values())
+    assert set(requests) == set(cfg.devices[3:])
