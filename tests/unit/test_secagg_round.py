@@ -396,3 +396,22 @@ def test_the_server_rejects_wrong_sized_keys_and_reused_keys_in_adverts() -> Non
     assert set(server.rejected) == set(cfg.devices[:3])
     assert all(isinstance(e, SecAggIntegrityError) for e in server.rejected.values())
     assert set(requests) == set(cfg.devices[3:])
+
+
+def test_the_secure_mean_of_model_weights_is_fedavgs_weighted_average() -> None:
+    from producer.fl.aggregate import weighted_average
+    from producer.fl.training import flatten, get_weights, unflatten
+
+    torch.manual_seed(19)
+    models = [torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.Linear(6, 3))
+              for _ in range(6)]
+    results = [(get_weights(m), n) for m, n in zip(models, (10, 25, 3, 40, 17, 5), strict=True)]
+    inputs = {f"dev{i}": (flatten(w), n) for i, (w, n) in enumerate(results)}
+    dim = inputs["dev0"][0].numel()
+    result, _ = run_round(config_for(inputs, dim), inputs)
+    secure = unflatten(torch.from_numpy(result.mean()).float(), results[0][0])
+    plain = weighted_average(results)
+    bound = result.error_bound / result.total_weight
+    for name in plain:
+        assert torch.allclose(secure[name].double(), plain[name].double(), rtol=0,
+                              atol=bound + 1e-6), name  # + float32 rounding of the outputs
