@@ -137,7 +137,9 @@ def mask_input(
     masks of every neighbour that shared, mod 2^b. ``values``: a tensor or array of
     ``config.length`` floats, the private output of the training plan."""
     if state.stage == "masked" and state.masked is not None:
-        if set(request.ciphertexts) != set(state.held_shares):
+        if request.round_id != state.config.round_id or set(request.ciphertexts) != set(
+            state.held_shares
+        ):
             raise SecAggProtocolError("a second, different mask request", device_id=state.device_id)
         return state, state.masked
     _expect(state, "shared", request.round_id)
@@ -145,6 +147,12 @@ def mask_input(
     if not set(request.ciphertexts) <= set(state.adverts):
         raise SecAggProtocolError("a ciphertext from a device that did not advertise",
                                   device_id=me)
+    if len(request.ciphertexts) < cfg.threshold:
+        # with fewer pairwise masks, revealing the self-mask seed could expose the input
+        raise SecAggThresholdError(
+            f"{len(request.ciphertexts)} neighbours shared, {cfg.threshold} needed to mask",
+            device_id=me,
+        )
     held = {}
     for peer, ciphertext in request.ciphertexts.items():
         key = _cipher_key(state, peer, state.adverts[peer].cipher_public)

@@ -136,10 +136,12 @@ class SecureAggregationRound:
             self.shared[message.device_id] = message
         alive = set(self.shared)
         self._require(len(alive), "devices shared their keys")
+        # a device with fewer than t sharing neighbours would refuse to mask: not asked
         return {
             d: MaskInputRequest(self.config.round_id,
                                 {p: self.shared[p].ciphertexts[d] for p in self._peers(d, alive)})
             for d in sorted(alive)
+            if len(self._peers(d, alive)) >= self.config.threshold
         }
 
     # -- stage 3 ------------------------------------------------------------------------

@@ -377,11 +377,15 @@ def test_a_device_refuses_malformed_adverts_and_values_with_typed_errors() -> No
     with pytest.raises(SecAggProtocolError, match="not of distinct neighbours"):
         share_keys(states[a], ShareKeysRequest(cfg.round_id, (adverts[a], adverts[b])))
     state, _ = share_keys(states[a], ShareKeysRequest(cfg.round_id, (adverts[b], adverts[c])))
-    empty = MaskInputRequest(cfg.round_id, {})
+    sent = {}
+    for d in (b, c):
+        peers = tuple(adverts[p] for p in cfg.devices if p != d)
+        sent[d] = share_keys(states[d], ShareKeysRequest(cfg.round_id, peers))[1].ciphertexts[a]
+    request = MaskInputRequest(cfg.round_id, sent)
     with pytest.raises(SecAggProtocolError, match="not numbers"):
-        mask_input(state, empty, ["x", "y"], weight=1)
+        mask_input(state, request, ["x", "y"], weight=1)
     with pytest.raises(SecAggProtocolError, match="3 values, the round aggregates 2"):
-        mask_input(state, empty, torch.zeros(3), weight=1)
+        mask_input(state, request, torch.zeros(3), weight=1)
 
 
 def test_the_server_rejects_wrong_sized_keys_and_reused_keys_in_adverts() -> None:
@@ -415,3 +419,21 @@ def test_the_secure_mean_of_model_weights_is_fedavgs_weighted_average() -> None:
     for name in plain:
         assert torch.allclose(secure[name].double(), plain[name].double(), rtol=0,
                               atol=bound + 1e-6), name  # + float32 rounding of the outputs
+
+
+def test_a_device_refuses_to_mask_with_fewer_than_threshold_pairwise_masks() -> None:
+    inputs = make_inputs(5, 3, seed=20)
+    cfg = config_for(inputs, 3)  # threshold 3
+    states, adverts = {}, {}
+    for d in cfg.devices:
+        states[d], adverts[d] = advertise_keys(cfg, d)
+    a = cfg.devices[0]
+    others = tuple(adverts[d] for d in cfg.devices[1:])
+    state, _ = share_keys(states[a], ShareKeysRequest(cfg.round_id, others))
+    peers = {}
+    for d in cfg.devices[1:3]:  # only two neighbours' ciphertexts reach it
+        mine = tuple(adverts[p] for p in cfg.devices if p != d)
+        states[d], msg = share_keys(states[d], ShareKeysRequest(cfg.round_id, mine))
+        peers[d] = msg.ciphertexts[a]
+    with pytest.raises(SecAggThresholdError, match="2 neighbours shared, 3 needed to mask"):
+        mask_input(state, MaskInputRequest(cfg.round_id, peers), inputs[a][0], weight=1)
