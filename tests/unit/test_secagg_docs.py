@@ -20,6 +20,7 @@ MODULES = [
     "consumer.secagg.noise",
     "consumer.secagg.messages",
     "consumer.secagg.client",
+    "consumer.secagg.state_codec",
     "producer.fl.secure_aggregation",
     "producer.fl.privacy",
 ]
