@@ -276,6 +276,8 @@ class SecureAggregationRound:
         accepted: dict[str, M] = {}
         for message in messages:
             device = message.device_id
+            if not isinstance(device, str):
+                continue  # no device to blame or count: not a message of this protocol
             if accepted.get(device) == message:
                 continue  # the same message delivered twice
             try:
@@ -286,6 +288,11 @@ class SecureAggregationRound:
                 if device in accepted or device in self.rejected:
                     raise SecAggProtocolError("a second message from one device in one stage")
                 check(message)
+            except (TypeError, ValueError) as exc:  # a field of the wrong type or size
+                if device in self.config.devices:
+                    self._reject(device, SecAggProtocolError(f"a malformed message: {exc}"))
+                    accepted.pop(device, None)
+                continue
             except FedplanError as exc:
                 if device in self.config.devices:
                     self._reject(device, exc)

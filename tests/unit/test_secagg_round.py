@@ -437,3 +437,16 @@ def test_a_device_refuses_to_mask_with_fewer_than_threshold_pairwise_masks() -> 
         peers[d] = msg.ciphertexts[a]
     with pytest.raises(SecAggThresholdError, match="2 neighbours shared, 3 needed to mask"):
         mask_input(state, MaskInputRequest(cfg.round_id, peers), inputs[a][0], weight=1)
+
+
+def test_wrongly_typed_fields_are_rejected_not_raised() -> None:
+    inputs = make_inputs(9, 2, seed=21)
+    cfg = config_for(inputs, 2)
+    server = SecureAggregationRound(cfg)
+    adverts = [advertise_keys(cfg, d)[1] for d in cfg.devices]
+    adverts[0] = dataclasses.replace(adverts[0], cipher_public=None)  # type: ignore[arg-type]
+    adverts.append(dataclasses.replace(adverts[1], device_id=["not", "hashable"]))  # type: ignore[arg-type]
+    requests = server.collect_adverts(adverts)
+    assert set(server.rejected) == {cfg.devices[0]}
+    assert isinstance(server.rejected[cfg.devices[0]], SecAggProtocolError)
+    assert set(requests) == set(cfg.devices[1:])
