@@ -134,8 +134,9 @@ def format_results(rows: list[dict[str, Any]], dim: int) -> str:
         )
     lines += [
         "",
-        "The masked vector is 8 bytes per value (uint64) whatever b is; packing it to b bits "
-        "would cut the dominant term by 1 - b/64. With dropouts the server rebuilds each "
+        "The masked vector, packed in b bits per value, is most of what a device sends; the "
+        "rest is its encrypted shares (170 bytes per neighbour). With dropouts the server "
+        "rebuilds each "
         "dropped device's mask key and regenerates its pairwise masks with every surviving "
         "neighbour, which is where its unmask time goes.",
     ]

@@ -45,7 +45,7 @@ from consumer.secagg.messages import (
     UnmaskResponse,
 )
 from consumer.secagg.noise import discrete_gaussian, skellam
-from consumer.secagg.quantize import quantize
+from consumer.secagg.quantize import pack_vector, quantize
 
 MASK_PURPOSE = b"mask"
 CIPHER_PURPOSE = b"cipher"
@@ -183,7 +183,7 @@ def mask_input(
                              state.adverts[peer].mask_public, peer)
         vector = vector + mask if me < peer else vector - mask
     vector &= np.uint64(crypto.modulus_mask(bits))
-    message = MaskedInput(cfg.round_id, me, vector.astype("<u8").tobytes())
+    message = MaskedInput(cfg.round_id, me, pack_vector(vector, bits))
     new = dataclasses.replace(state, stage="masked", held_shares=held, masked=message)
     return new, message
 

@@ -150,7 +150,8 @@ class MaskInputRequest:
 
 @dataclass(frozen=True, slots=True)
 class MaskedInput:
-    """Stage 3, device -> server: the masked vector, little-endian uint64 (length + 1)."""
+    """Stage 3, device -> server: the masked vector (length + 1 values), ``modulus_bits``
+    bits each, packed big-endian (``quantize.pack_vector``)."""
 
     round_id: str
     device_id: str

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from consumer.secagg.crypto import KEY_BYTES, modulus_mask, uniform_floats
-from consumer.secagg.errors import SecAggOverflowError
+from consumer.secagg.errors import SecAggIntegrityError, SecAggOverflowError
 
 MAX_MODULUS_BITS = 64
 MAX_EXACT = 1 << 53  # float64 holds every integer below this exactly
@@ -140,6 +140,32 @@ def quantize(
     out[:-1] = rounded.view(np.uint64)
     out[-1] = np.uint64(weight)
     return out & np.uint64(modulus_mask(params.modulus_bits))
+
+
+def packed_size(length: int, bits: int) -> int:
+    """Bytes of :func:`pack_vector` output for ``length`` values of ``bits`` bits."""
+    return (length * bits + 7) // 8
+
+
+def pack_vector(values: np.ndarray, bits: int) -> bytes:
+    """Values mod ``2**bits`` packed big-endian, ``bits`` bits each, zero-padded to a byte."""
+    octets = np.asarray(values, dtype=np.uint64).astype(">u8").view(np.uint8).reshape(-1, 8)
+    return np.packbits(np.unpackbits(octets, axis=1)[:, 64 - bits :].reshape(-1)).tobytes()
+
+
+def unpack_vector(data: bytes, length: int, bits: int) -> np.ndarray:
+    """The uint64 values of :func:`pack_vector`; a wrong size or padding is refused."""
+    if len(data) != packed_size(length, bits):
+        raise SecAggIntegrityError(
+            f"a packed vector of {length} x {bits} bits is {packed_size(length, bits)} bytes, "
+            f"not {len(data)}"
+        )
+    flat = np.unpackbits(np.frombuffer(data, dtype=np.uint8))
+    if flat[length * bits :].any():
+        raise SecAggIntegrityError("a packed vector has non-zero padding bits")
+    full = np.zeros((length, 64), dtype=np.uint8)
+    full[:, 64 - bits :] = flat[: length * bits].reshape(length, bits)
+    return np.packbits(full, axis=1).view(">u8").reshape(-1).astype(np.uint64)
 
 
 def decode_sum(

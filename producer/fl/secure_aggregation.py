@@ -60,7 +60,7 @@ from consumer.secagg.messages import (
     UnmaskRequest,
     UnmaskResponse,
 )
-from consumer.secagg.quantize import decode_sum
+from consumer.secagg.quantize import decode_sum, packed_size, unpack_vector
 from schemas.errors import FedplanError
 
 M = TypeVar("M", KeyAdvert, ShareKeys, MaskedInput, UnmaskResponse)
@@ -98,6 +98,7 @@ class SecureAggregationRound:
         self.adverts: dict[str, KeyAdvert] = {}
         self.shared: dict[str, ShareKeys] = {}
         self.masked: dict[str, np.ndarray] = {}
+        self._unpacked: dict[str, np.ndarray] = {}
         self.failure: SecAggError | None = None
 
     # -- stage 1 ------------------------------------------------------------------------
@@ -154,9 +155,8 @@ class SecureAggregationRound:
         """
         self._enter("masked")
         for message in self._valid(messages, self._check_masked):
-            self.masked[message.device_id] = np.frombuffer(message.vector, "<u8").astype(
-                np.uint64
-            )
+            self.masked[message.device_id] = self._unpacked[message.device_id]
+        self._unpacked.clear()
         survivors = set(self.masked)
         self._require(len(survivors), "devices sent a masked input")
         self._require_shares_reachable(survivors, "surviving")
@@ -253,8 +253,12 @@ class SecureAggregationRound:
     def _check_masked(self, message: MaskedInput) -> None:
         if message.device_id not in self.shared:
             raise SecAggProtocolError("a masked input from a device that did not share")
-        if len(message.vector) != 8 * (self.config.length + 1):
-            raise SecAggProtocolError(f"a masked input is {8 * (self.config.length + 1)} bytes")
+        size = packed_size(self.config.length + 1, self.config.quantization.modulus_bits)
+        if len(message.vector) != size:
+            raise SecAggProtocolError(f"a masked input is {size} bytes")
+        self._unpacked[message.device_id] = unpack_vector(  # checks the padding too
+            message.vector, self.config.length + 1, self.config.quantization.modulus_bits
+        )
 
     def _check_response(self, response: UnmaskResponse) -> None:
         me = response.device_id

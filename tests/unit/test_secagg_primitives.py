@@ -17,7 +17,14 @@ from consumer.secagg.errors import (
 )
 from consumer.secagg.graph import neighbour_graph
 from consumer.secagg.noise import discrete_gaussian, noise_bound, skellam
-from consumer.secagg.quantize import QuantizationParams, decode_sum, quantize
+from consumer.secagg.quantize import (
+    QuantizationParams,
+    decode_sum,
+    pack_vector,
+    packed_size,
+    quantize,
+    unpack_vector,
+)
 
 # -- Shamir -------------------------------------------------------------------------------
 
@@ -240,3 +247,22 @@ def test_noise_has_the_asked_variance_and_stays_in_its_bound(sampler: object) ->
     assert int(np.abs(x).max()) <= noise_bound(5.0)
     y = sampler(5.0, 10_000, seed=os.urandom(32), bound=6)  # type: ignore[operator]
     assert int(np.abs(y).max()) <= 6
+
+
+@pytest.mark.parametrize("bits", [1, 7, 26, 63, 64])
+def test_packed_vectors_round_trip_in_b_bits_per_value(bits: int) -> None:
+    rng = np.random.default_rng(bits)
+    values = rng.integers(0, 2**63, 1001, dtype=np.uint64) & np.uint64((1 << bits) - 1)
+    if bits == 64:
+        values |= np.uint64(1 << 63)
+    data = pack_vector(values, bits)
+    assert len(data) == packed_size(1001, bits) == (1001 * bits + 7) // 8
+    assert np.array_equal(unpack_vector(data, 1001, bits), values)
+
+
+def test_a_packed_vector_of_the_wrong_size_or_padding_is_refused() -> None:
+    data = pack_vector(np.arange(3, dtype=np.uint64), 5)  # 15 bits in 2 bytes
+    with pytest.raises(SecAggIntegrityError, match="is 2 bytes, not 3"):
+        unpack_vector(data + b"\x00", 3, 5)
+    with pytest.raises(SecAggIntegrityError, match="padding"):
+        unpack_vector(data[:-1] + bytes([data[-1] | 1]), 3, 5)

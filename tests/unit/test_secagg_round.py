@@ -26,6 +26,7 @@ from consumer.secagg import (
     unmask,
 )
 from consumer.secagg import shamir as shamir_module
+from consumer.secagg.quantize import unpack_vector
 from producer.fl.secure_aggregation import SecureAggregate, SecureAggregationRound
 
 Inputs = dict[str, tuple[torch.Tensor, int]]
@@ -128,7 +129,7 @@ def test_a_masked_input_alone_looks_nothing_like_the_input() -> None:
     d = cfg.devices[0]
     masked = run.states[d].masked
     assert isinstance(masked, MaskedInput)
-    vector = np.frombuffer(masked.vector, "<u8")
+    vector = unpack_vector(masked.vector, 2001, cfg.quantization.modulus_bits)
     modulus = 2**cfg.quantization.modulus_bits
     # uniform over the modulus, unlike the quantized input (concentrated near 0 or 2^b)
     assert abs(float(vector.mean()) / modulus - 0.5) < 0.05
