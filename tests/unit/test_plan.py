@@ -1,4 +1,4 @@
-"""Tests for producer.plan: the PySyft 0.2 Plan behaviours, compared with eager torch."""
+"""Tests for producer.plans.plan: the PySyft 0.2 Plan behaviours, compared with eager torch."""
 
 from __future__ import annotations
 
@@ -411,7 +411,7 @@ def test_a_plan_called_inside_another_plan_is_traced_inline_once() -> None:
 def test_build_falls_back_to_guarded_sizes_when_symbolic_sizes_fail(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from producer.shapes import SymbolicSizes, SymbolicUnsupported
+    from producer.plans.shapes import SymbolicSizes, SymbolicUnsupported
 
     def unsupported(self: SymbolicSizes, value: Any) -> Any:
         raise SymbolicUnsupported("not expressible")

@@ -1,4 +1,4 @@
-"""Tests for producer.shapes: SymInt expressions lowered to SymExpr trees, size guards."""
+"""Tests for producer.plans.shapes: SymInt expressions lowered to SymExpr trees, size guards."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 
-from producer.shapes import SymbolicSizes, make_symbolic_sizes
+from producer.plans.shapes import SymbolicSizes, make_symbolic_sizes
 from schemas.ir import Ref, SymExpr
 
 _OPS: dict[str, Callable[..., Any]] = {

@@ -18,12 +18,12 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
-from producer.refusals import (
+from producer.plans.refusals import (
     is_inplace,
     refuse_custom_function,
     user_source,
 )
-from producer.shapes import SymbolicSizes, make_symbolic_sizes
+from producer.plans.shapes import SymbolicSizes, make_symbolic_sizes
 from schemas.allowlist import name_of
 from schemas.errors import PlanBuildError
 from schemas.ir import (

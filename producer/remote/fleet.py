@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 
-from producer.collector import PendingCommand, ReplyCollector
-from producer.device import Device
+from producer.remote.collector import PendingCommand, ReplyCollector
+from producer.remote.device import Device
 from producer.transport.base import Transport
 from producer.transport.local import LocalTransport
 from schemas.command_pb2 import Command, DeleteObjects

@@ -9,13 +9,13 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import torch
 from torch import nn
 
-from producer.remote_ops import POINTER_ATTR, pointer_of, run_remote
+from producer.remote.ops import POINTER_ATTR, pointer_of, run_remote
 from schemas import allowlist
 from schemas.errors import OpNotAllowedError, PlanInputError
 
 if TYPE_CHECKING:
-    from producer.device import Device
-    from producer.pointers import PointerTensor
+    from producer.remote.device import Device
+    from producer.remote.pointers import PointerTensor
 
 M = TypeVar("M", bound=nn.Module)
 

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from producer.collector import PendingCommand
+from producer.remote.collector import PendingCommand
 from schemas.command_pb2 import ObjectInfo
 from schemas.errors import ObjectNotFound, PlanInputError
 from schemas.tensor_codec import dtype_from_name, tensor_from_proto
@@ -16,7 +16,7 @@ from schemas.value_codec import value_from_proto
 from schemas.wire import new_id
 
 if TYPE_CHECKING:
-    from producer.device import Device
+    from producer.remote.device import Device
 
 
 class PointerTensor:
@@ -276,14 +276,14 @@ class PointerTensor:
         args: tuple[Any, ...] = (),
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
-        from producer.remote_ops import run_torch_function
+        from producer.remote.ops import run_torch_function
 
         return run_torch_function(func, args, kwargs or {})
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):
             raise AttributeError(name)
-        from producer.remote_ops import tensor_method
+        from producer.remote.ops import tensor_method
 
         return tensor_method(self, name)
 
@@ -305,7 +305,7 @@ class PointerTensor:
 
 def _binary(name: str) -> Callable[[PointerTensor, Any], Any]:
     def op(self: PointerTensor, other: Any) -> Any:
-        from producer.remote_ops import run_remote
+        from producer.remote.ops import run_remote
 
         return run_remote(f"Tensor.{name}", (self, other), {})
 
@@ -315,7 +315,7 @@ def _binary(name: str) -> Callable[[PointerTensor, Any], Any]:
 
 def _unary(name: str) -> Callable[[PointerTensor], Any]:
     def op(self: PointerTensor) -> Any:
-        from producer.remote_ops import run_remote
+        from producer.remote.ops import run_remote
 
         return run_remote(f"Tensor.{name}", (self,), {})
 

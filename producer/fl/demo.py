@@ -50,7 +50,7 @@ class DeviceData:
 
     def tagged(self) -> list[torch.Tensor]:
         """The four tensors with the tags devices are searched by."""
-        from producer.tagging import tag
+        from producer.remote.tagging import tag
 
         return [
             tag(self.x_train.clone(), "train", "x"),
@@ -117,7 +117,7 @@ def spawn_workers(shares: list[DeviceData], root: Path, broker: str) -> Workers:
     from consumer.store.base import StoredObject
     from consumer.store.sqlite import SqliteStore
     from consumer.worker.cli import worker_argv, worker_env
-    from producer.tagging import tags_of
+    from producer.remote.tagging import tags_of
 
     workers = Workers()
     for share in shares:

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch.utils import swap_tensors
 
-from producer.tracer import inline_plans
+from producer.plans.tracer import inline_plans
 from schemas.errors import FedplanError, PlanBuildError
 
 Replay = Callable[[tuple[Any, ...], dict[str, Any], Mapping[str, torch.Tensor]], Any]

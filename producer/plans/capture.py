@@ -1,4 +1,4 @@
-"""``trace``: run a function once under a :class:`~producer.tracer.Tracer` into a ``PlanIR``."""
+"""``trace``: run a function once under a :class:`~producer.plans.tracer.Tracer` into an IR."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 
-from producer.refusals import custom_function_output, stateful_optimizers_refused
-from producer.tracer import Tracer, inline_plans, tensors_in
+from producer.plans.refusals import custom_function_output, stateful_optimizers_refused
+from producer.plans.tracer import Tracer, inline_plans, tensors_in
 from schemas.errors import PlanBuildError
 from schemas.ir import InputSpec, Op, PlanIR, Value
 

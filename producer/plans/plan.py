@@ -14,12 +14,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from producer.listing import render
-from producer.optim_state import optimizer_state
-from producer.selfcheck import clone_tensor, clone_tree, self_check, swapped
-from producer.shapes import SymbolicUnsupported
-from producer.tracer import is_tracing
-from producer.tracing import trace
+from producer.plans.capture import trace
+from producer.plans.listing import render
+from producer.plans.optim_state import optimizer_state
+from producer.plans.selfcheck import clone_tensor, clone_tree, self_check, swapped
+from producer.plans.shapes import SymbolicUnsupported
+from producer.plans.tracer import is_tracing
 from schemas.errors import PlanBuildError, PlanInputError, PlanNotBuiltError
 from schemas.ir import PlanIR
 

@@ -12,8 +12,8 @@ from schemas import allowlist
 from schemas.errors import OpNotAllowedError, PlanInputError
 
 if TYPE_CHECKING:
-    from producer.device import Device
-    from producer.pointers import PointerTensor
+    from producer.remote.device import Device
+    from producer.remote.pointers import PointerTensor
 
 _RETURNS_NONE = frozenset({"Tensor.backward", "torch._C._set_grad_enabled"})
 """Ops whose result is ``None``: the call waits for the device and returns ``None``."""
@@ -105,7 +105,7 @@ def _is_in_place(target: str) -> bool:
 
 
 def _device_of(values: Sequence[Any]) -> Device:
-    from producer.pointers import PointerTensor
+    from producer.remote.pointers import PointerTensor
 
     found: list[PointerTensor] = []
     _collect(values, found, PointerTensor)

@@ -9,10 +9,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from producer.collector import PendingCommand
-from producer.pointers import PointerPlan, PointerTensor
-from producer.remote_ops import pointer_of
-from producer.tagging import description_of, tags_of
+from producer.remote.collector import PendingCommand
+from producer.remote.ops import pointer_of
+from producer.remote.pointers import PointerPlan, PointerTensor
+from producer.remote.tagging import description_of, tags_of
 from schemas import command_pb2 as cmd
 from schemas.errors import PlanInputError, PlanNotBuiltError
 from schemas.ir import Device as IRDevice
@@ -25,7 +25,7 @@ from schemas.value_codec import value_to_proto
 from schemas.wire import new_id
 
 if TYPE_CHECKING:
-    from producer.fleet import Fleet
+    from producer.remote.fleet import Fleet
 
 NOT_BUILT_MESSAGE = "A plan needs to be built before being sent to a worker."
 
