@@ -142,7 +142,7 @@ def spawn_workers(shares: list[DeviceData], root: Path, broker: str) -> Workers:
 
 def run_demo(args: argparse.Namespace) -> int:
     """``fedplan demo``: partition, start devices, train R rounds, write metrics and a plot."""
-    import producer as fp
+    from producer.remote.fleet import connect
 
     launch = time.monotonic()
     for name, digits, mnist in (("lr", 0.2, 0.1), ("batch_size", 32, 64), ("epochs", 5, 1)):
@@ -186,7 +186,7 @@ def run_demo(args: argparse.Namespace) -> int:
     workers = Workers()
     if args.broker and not args.no_spawn:
         workers = spawn_workers(shares, out / "devices", args.broker)
-    fleet = fp.connect(args.broker, timeout=args.timeout) if args.broker else fp.connect()
+    fleet = connect(args.broker, timeout=args.timeout) if args.broker else connect()
     executor = ThreadPoolExecutor(max(4, 2 * args.devices), thread_name_prefix="fl-fit")
     try:
         plans: dict[int, Any] = {}
