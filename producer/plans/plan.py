@@ -8,7 +8,7 @@ import functools
 import inspect
 import uuid
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -17,11 +17,13 @@ from torch import nn
 from producer.plans.capture import trace
 from producer.plans.listing import render
 from producer.plans.optim_state import optimizer_state
+from producer.plans.seams import PlanHost, RemoteTensor, SentPlan
 from producer.plans.selfcheck import clone_tensor, clone_tree, self_check, swapped
 from producer.plans.shapes import SymbolicUnsupported
 from producer.plans.tracer import is_tracing
 from schemas.errors import PlanBuildError, PlanInputError, PlanNotBuiltError
 from schemas.ir import PlanIR
+from schemas.tree import tree_any, tree_leaves, tree_map
 
 NOT_BUILT_MESSAGE = "A plan needs to be built before being sent to a worker."
 _PLAN_FIELDS = frozenset({"id", "name", "owner", "location", "self_check"})
@@ -52,34 +54,15 @@ class State:
         return f"State({self.tensors!r})"
 
 
-def _is_pointer(value: Any) -> bool:
-    return (
-        not isinstance(value, torch.Tensor)
-        and hasattr(value, "location")
-        and hasattr(value, "shape")
-    )
-
-
-def _leaves(value: Any) -> Iterator[Any]:
-    if isinstance(value, tuple | list):
-        for v in value:
-            yield from _leaves(v)
-    elif isinstance(value, dict):
-        for v in value.values():
-            yield from _leaves(v)
-    else:
-        yield value
-
-
 def _zeros_like_pointer(value: Any) -> Any:
-    if _is_pointer(value):
-        dtype = getattr(value, "dtype", None) or torch.float32
-        return torch.zeros(tuple(value.shape), dtype=dtype)
-    if isinstance(value, tuple | list):
-        return type(value)(_zeros_like_pointer(v) for v in value)
-    if isinstance(value, dict):
-        return {k: _zeros_like_pointer(v) for k, v in value.items()}
+    """A local stand-in for a pointer (zeros of its shape and dtype) to trace with."""
+    if isinstance(value, RemoteTensor):
+        return torch.zeros(tuple(value.shape), dtype=value.dtype or torch.float32)
     return value
+
+
+def _is_remote(value: Any) -> bool:
+    return isinstance(value, RemoteTensor)
 
 
 def _python_state(module: nn.Module) -> dict[tuple[str, str], Any]:
@@ -157,10 +140,10 @@ class Plan(nn.Module):
         object.__setattr__(self, "_bound_module", bound_module)
         self._ir: PlanIR | None = None
         self._loaded: Any = None
-        self._pointers: dict[Any, Any] = {}
+        self._pointers: dict[str, SentPlan] = {}  # device id -> the plan stored there
         self._dynamic: dict[str, tuple[int, ...]] | None = None
         self._attributes: dict[tuple[str, str], Any] = {}
-        self.location: Any = None
+        self.location: PlanHost | None = None  # where the plan was sent last
 
     # -- what is traced -------------------------------------------------------------------
 
@@ -243,8 +226,8 @@ class Plan(nn.Module):
         traced on copies). Unless ``self_check`` is off, the plan is then replayed against
         the eager function and any difference is a ``PlanBuildError``.
         """
-        if any(_is_pointer(v) for v in (*_leaves(args), *_leaves(kwargs))):
-            args, kwargs = _zeros_like_pointer(args), _zeros_like_pointer(kwargs)
+        if tree_any(_is_remote, (args, kwargs)):
+            args, kwargs = tree_map(_zeros_like_pointer, (args, kwargs))
         fn, arg_names = self._target()
         state = self.named_state()
         live = list(state.values())
@@ -343,13 +326,12 @@ class Plan(nn.Module):
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if is_tracing():  # inside another plan's trace: be traced as plain torch code
             return self._target()[0](*args, **kwargs)
-        leaves = [*_leaves(args), *_leaves(kwargs)]
-        pointers = [v for v in leaves if _is_pointer(v)]
+        pointers: list[RemoteTensor] = tree_leaves((args, kwargs), keep=_is_remote)
         if pointers:
             if not self.is_built:
-                self.build(*_zeros_like_pointer(args), **_zeros_like_pointer(kwargs))
+                self.build(*args, **kwargs)  # from zeros shaped like the pointers
             location = pointers[0].location
-            pointer_plan = self._pointers.get(getattr(location, "id", id(location)))
+            pointer_plan = self._pointers.get(location.id)
             if pointer_plan is None:
                 pointer_plan = self.send(location)
             return pointer_plan(*args, **kwargs)
@@ -378,13 +360,13 @@ class Plan(nn.Module):
                 plan_name=self.name,
             )
 
-    def send(self, device: Any) -> Any:
+    def send(self, device: PlanHost) -> SentPlan:
         """Store the plan (and its current state) on ``device``; returns a ``PointerPlan``."""
         if not self.is_built:
             raise PlanNotBuiltError(NOT_BUILT_MESSAGE, plan_id=self.id, plan_name=self.name)
         pointer = device.send_plan(self)
         self.location = device
-        self._pointers[getattr(device, "id", id(device))] = pointer
+        self._pointers[device.id] = pointer
         return pointer
 
     def copy(self) -> Plan:
@@ -398,7 +380,7 @@ class Plan(nn.Module):
         kind = "Plan" if type(self) is Plan else type(self).__name__
         text = f"<{kind} {self.name} id:{self.id} owner:{self.owner}"
         if self.location is not None:
-            text += f" location:{getattr(self.location, 'id', self.location)}"
+            text += f" location:{self.location.id}"
         return text + (" built>" if self.is_built else ">")
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Plan:

@@ -107,6 +107,10 @@ class Fleet:
             raise
         return pending
 
+    def release(self, command_id: str) -> None:
+        """Stop keeping a command whose reply was read findable by id (see ``ReplyCollector``)."""
+        self.collector.release(command_id)
+
     def discard(self, device_id: str, object_id: str) -> None:
         """Delete a remote object with the next command (safe from finalizers: no locks)."""
         self._garbage.append((device_id, object_id))

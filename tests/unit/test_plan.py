@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import producer as fp
+from producer.plans.seams import RemoteTensor
 from schemas.errors import PlanBuildError, PlanGuardError, PlanNotBuiltError
 
 
@@ -84,6 +85,7 @@ class FakeDevice:
         return FakePointerPlan(plan, self)
 
 
+@RemoteTensor.register  # what a PointerTensor is to a plan: a tensor held by a device
 class FakePointer:
     def __init__(self, location: FakeDevice, shape: tuple[int, ...]) -> None:
         self.location, self.shape, self.dtype = location, torch.Size(shape), torch.float32
