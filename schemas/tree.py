@@ -11,6 +11,8 @@ from collections.abc import Callable
 from typing import Any
 
 Predicate = Callable[[Any], bool]
+Path = tuple[Any, ...]
+"""Indices and dict keys from the root of a tree to one of its leaves."""
 
 
 def is_container(value: Any) -> bool:
@@ -26,20 +28,46 @@ def tree_map(fn: Callable[[Any], Any], value: Any, *, leaf: Predicate | None = N
 
     Examples
     --------
-    >>> tree_map(lambda x: x * 10, (1, [2, {"a": 3}], None))
-    (10, [20, {'a': 30}], None)
+    >>> tree_map(lambda x: x * 10, (1, [2, {"a": 3}]))
+    (10, [20, {'a': 30}])
     >>> tree_map(str, {"k": (1, 2)}, leaf=lambda v: isinstance(v, tuple))
     {'k': '(1, 2)'}
     """
+    return tree_map_with_path(lambda _, v: fn(v), value, leaf=leaf)
+
+
+def tree_map_with_path(
+    fn: Callable[[Path, Any], Any],
+    value: Any,
+    path: Path = (),
+    *,
+    leaf: Predicate | None = None,
+) -> Any:
+    """Like :func:`tree_map`, but ``fn(path, leaf)`` also gets the indices and keys leading there.
+
+    Examples
+    --------
+    >>> tree_map_with_path(lambda p, v: p, ("a", {"k": ["b"]}))
+    ((0,), {'k': [(1, 'k', 0)]})
+    >>> format_path("args", (1, "k", 0))
+    "args[1]['k'][0]"
+    """
     if leaf is not None and leaf(value):
-        return fn(value)
+        return fn(path, value)
     if isinstance(value, tuple):
-        return tuple(tree_map(fn, item, leaf=leaf) for item in value)
+        return tuple(
+            tree_map_with_path(fn, item, (*path, i), leaf=leaf) for i, item in enumerate(value)
+        )
     if isinstance(value, list):
-        return [tree_map(fn, item, leaf=leaf) for item in value]
+        return [tree_map_with_path(fn, item, (*path, i), leaf=leaf) for i, item in enumerate(value)]
     if isinstance(value, dict):
-        return {key: tree_map(fn, item, leaf=leaf) for key, item in value.items()}
-    return fn(value)
+        return {k: tree_map_with_path(fn, item, (*path, k), leaf=leaf) for k, item in value.items()}
+    return fn(path, value)
+
+
+def format_path(root: str, path: Path) -> str:
+    """``root[0]['key']``: where a leaf is, for messages."""
+    return root + "".join(f"[{key!r}]" for key in path)
 
 
 def tree_leaves(
@@ -82,28 +110,3 @@ def tree_any(predicate: Predicate, value: Any) -> bool:
     True
     """
     return bool(tree_leaves(value, keep=predicate))
-
-
-def tree_zip_map(
-    fn: Callable[[Any, Any], Any], pattern: Any, value: Any, *, leaf: Predicate | None = None
-) -> Any:
-    """``fn(p, v)`` at each leaf ``p`` of ``pattern`` and the part ``v`` of ``value`` there.
-
-    ``value`` must have ``pattern``'s containers; a missing key or index raises
-    ``KeyError``/``IndexError``, a shorter or longer sequence ``ValueError``.
-
-    Examples
-    --------
-    >>> tree_zip_map(lambda p, v: (p, v), ("a", ["b"]), (1, [2]))
-    (('a', 1), [('b', 2)])
-    """
-    if leaf is not None and leaf(pattern):
-        return fn(pattern, value)
-    if isinstance(pattern, tuple | list):
-        if len(value) != len(pattern):
-            raise ValueError(f"expected {len(pattern)} items, got {len(value)}")
-        items = [tree_zip_map(fn, p, v, leaf=leaf) for p, v in zip(pattern, value, strict=True)]
-        return tuple(items) if isinstance(pattern, tuple) else items
-    if isinstance(pattern, dict):
-        return {k: tree_zip_map(fn, p, value[k], leaf=leaf) for k, p in pattern.items()}
-    return fn(pattern, value)

@@ -44,6 +44,7 @@ from schemas.outputs import flatten_like, inline_flags, output_slots
 from schemas.plan_codec import plan_from_proto, plan_to_proto
 from schemas.plan_pb2 import ValueDict
 from schemas.tensor_codec import tensor_from_proto, tensor_to_proto
+from schemas.tree import tree_map
 from schemas.value_codec import value_from_proto, value_to_proto
 from schemas.wire import decode_command, encode_command, encode_reply, new_id
 
@@ -329,6 +330,10 @@ class DeviceRuntime:
         return get(self._lowering.value(self._fill(value), "a command argument"), [])
 
     def _fill(self, value: Value) -> Value:
+        filled: Value = tree_map(self._fill_leaf, value)
+        return filled
+
+    def _fill_leaf(self, value: Value) -> Value:
         if isinstance(value, ObjectId):
             record = self._pointers.get(value.id)
             if record is not None:
@@ -342,13 +347,8 @@ class DeviceRuntime:
         if isinstance(value, Ref | SymExpr):
             raise WireError("a command argument names a plan slot; send objects by id instead")
         if isinstance(value, Slice):
-            return Slice(self._fill(value.start), self._fill(value.stop), self._fill(value.step))
-        if isinstance(value, tuple):
-            return tuple(self._fill(v) for v in value)
-        if isinstance(value, list):
-            return [self._fill(v) for v in value]
-        if isinstance(value, dict):
-            return {k: self._fill(v) for k, v in value.items()}
+            parts = (value.start, value.stop, value.step)
+            return Slice(*(self._fill_leaf(part) for part in parts))
         return value
 
     def _resolve_kwargs(self, kwargs: ValueDict) -> dict[str, Any]:

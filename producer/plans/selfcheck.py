@@ -13,6 +13,7 @@ from torch.utils import swap_tensors
 
 from producer.plans.tracer import inline_plans
 from schemas.errors import FedplanError, PlanBuildError
+from schemas.tree import tree_map
 
 Replay = Callable[[tuple[Any, ...], dict[str, Any], Mapping[str, torch.Tensor]], Any]
 """Runs the traced plan: ``(args, kwargs, state) -> outputs``."""
@@ -30,16 +31,12 @@ def clone_tensor(t: torch.Tensor) -> torch.Tensor:
 
 
 def clone_tree(value: Any) -> Any:
-    """``value`` with every tensor leaf replaced by :func:`clone_tensor`."""
-    if isinstance(value, torch.Tensor):
-        return clone_tensor(value)
-    if isinstance(value, tuple) and not hasattr(value, "_fields"):
-        return tuple(clone_tree(v) for v in value)
-    if isinstance(value, list):
-        return [clone_tree(v) for v in value]
-    if isinstance(value, dict):
-        return {k: clone_tree(v) for k, v in value.items()}
-    return value
+    """``value`` with every tensor leaf replaced by :func:`clone_tensor` (named tuples kept)."""
+    return tree_map(_clone_leaf, value, leaf=lambda v: hasattr(v, "_fields"))
+
+
+def _clone_leaf(value: Any) -> Any:
+    return clone_tensor(value) if isinstance(value, torch.Tensor) else value
 
 
 def _swap_all(live: Sequence[torch.Tensor], stand_ins: Sequence[torch.Tensor]) -> bool:

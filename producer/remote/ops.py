@@ -6,6 +6,7 @@ import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from producer.plans.refusals import is_inplace
 from producer.plans.seams import PlanHost, RemoteTensor
 from schemas import allowlist
 from schemas.errors import OpNotAllowedError, PlanInputError
@@ -93,16 +94,9 @@ def run_remote(target: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> A
     if target in _RETURNS_NONE or target.endswith(".__set__"):
         result.wait()
         return None
-    if _is_in_place(target):
+    if is_inplace(target):
         result.wait()  # nobody reads an in-place op's result: report its failure here
     return result
-
-
-def _is_in_place(target: str) -> bool:
-    name = target.rsplit(".", 1)[-1]
-    if name.startswith("__"):
-        return name.startswith("__i") and name not in ("__invert__", "__index__")
-    return name.endswith("_")
 
 
 def _device_of(values: Any) -> PlanHost:
