@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import functools
 import inspect
+import logging
 import uuid
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -25,7 +26,12 @@ from schemas.errors import PlanBuildError, PlanInputError, PlanNotBuiltError
 from schemas.ir import PlanIR
 from schemas.tree import tree_any, tree_leaves, tree_map
 
+log = logging.getLogger(__name__)
+
 NOT_BUILT_MESSAGE = "A plan needs to be built before being sent to a worker."
+Traced = tuple[PlanIR, list[str]]
+"""A trace's IR and the names of the state tensors it left with a ``.grad``."""
+
 _PLAN_FIELDS = frozenset({"id", "name", "owner", "location", "self_check"})
 
 
@@ -224,36 +230,76 @@ class Plan(nn.Module):
 
         The example run does not change the plan's state or the arguments (they are
         traced on copies). Unless ``self_check`` is off, the plan is then replayed against
-        the eager function and any difference is a ``PlanBuildError``.
+        the eager function and any difference is a ``PlanBuildError``. Pointers among the
+        arguments stand for zeros of their shape and dtype.
         """
         if tree_any(_is_remote, (args, kwargs)):
             args, kwargs = tree_map(_zeros_like_pointer, (args, kwargs))
         fn, arg_names = self._target()
         state = self.named_state()
-        live = list(state.values())
         module = self._state_module()
         before = _python_state(module) if module is not None else {}
+        attempt = functools.partial(self._trace_once, fn, arg_names, state, module, args, kwargs)
+        ir, grads_left = self._trace(attempt)
+        self._refuse_side_effects(module, state, before)
+        if grads_left:
+            self._warn_grads_left(grads_left)
+        self._install(ir, module)
+        if self.self_check:
+            self._check_against_eager(fn, state, args, kwargs)
+        return self
+
+    def _trace(self, attempt: Callable[[bool], Traced]) -> Traced:
+        """The IR and the state left with a grad: symbolic sizes, else every size guarded."""
+        try:
+            return attempt(True)
+        except SymbolicUnsupported as exc:
+            log.info(
+                "plan %r: symbolic sizes cannot express this trace (%s); tracing again with "
+                "every size guarded",
+                self.name,
+                exc,
+            )
+        return attempt(False)
+
+    def _trace_once(
+        self,
+        fn: Callable[..., Any],
+        arg_names: list[str],
+        state: dict[str, torch.Tensor],
+        module: nn.Module | None,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        symbolic: bool,
+    ) -> Traced:
+        """One trace on copies of the arguments and state."""
+        live = list(state.values())
         dynamic = self._dynamic
-        for symbolic in (True, False):  # fall back to guarded sizes if symbolic ones fail
-            try:
-                with swapped(live, [clone_tensor(t) for t in live]):
-                    result = trace(
-                        fn,
-                        *clone_tree((args, kwargs)),
-                        name=self.name,
-                        state=state,
-                        arg_names=arg_names,
-                        dynamic=None if dynamic is None else (lambda p, t: dynamic.get(p, ())),
-                        symbolic=symbolic,
-                        optimizers=optimizer_state(module)[1] if module is not None else (),
-                    )
-                    still_set = [k for k, t in state.items() if t.grad is not None]
-                    result.outputs = None  # release the autograd graph before swapping back
-                break
-            except SymbolicUnsupported:
-                if not symbolic:
-                    raise
-        replaced = _restore_state_objects(module, state) if module is not None else []
+        with swapped(live, [clone_tensor(t) for t in live]):
+            result = trace(
+                fn,
+                *clone_tree((args, kwargs)),
+                name=self.name,
+                state=state,
+                arg_names=arg_names,
+                dynamic=None if dynamic is None else (lambda p, t: dynamic.get(p, ())),
+                symbolic=symbolic,
+                optimizers=optimizer_state(module)[1] if module is not None else (),
+            )
+            grads_left = [k for k, t in state.items() if t.grad is not None]
+            result.outputs = None  # release the autograd graph before swapping back
+        return result.ir, grads_left
+
+    def _refuse_side_effects(
+        self,
+        module: nn.Module | None,
+        state: dict[str, torch.Tensor],
+        before: dict[tuple[str, str], Any],
+    ) -> None:
+        """``PlanBuildError`` if the traced run replaced state tensors or changed attributes."""
+        if module is None:
+            return
+        replaced = _restore_state_objects(module, state)
         if replaced:
             raise PlanBuildError(
                 f"plan {self.name!r} replaces its state tensors {replaced[:3]} with new "
@@ -261,37 +307,47 @@ class Plan(nn.Module):
                 "(p.copy_(...) or p.sub_(...) under torch.no_grad())",
                 plan_name=self.name,
             )
-        if module is not None:
-            changed = sorted(
-                f"{m + '.' if m else ''}{k}"
-                for (m, k), v in _python_state(module).items()
-                if (m, k) not in before or before[(m, k)] != v
+        changed = sorted(
+            f"{m + '.' if m else ''}{k}"
+            for (m, k), v in _python_state(module).items()
+            if (m, k) not in before or before[(m, k)] != v
+        )
+        if changed:
+            raise PlanBuildError(
+                f"plan {self.name!r} changes Python attributes {changed} while running; "
+                "plans replay only torch ops, so keep such counters in tensors "
+                "(a registered buffer updated in place)",
+                plan_name=self.name,
             )
-            if changed:
-                raise PlanBuildError(
-                    f"plan {self.name!r} changes Python attributes {changed} while running; "
-                    "plans replay only torch ops, so keep such counters in tensors "
-                    "(a registered buffer updated in place)",
-                    plan_name=self.name,
-                )
-        if still_set:
-            warnings.warn(
-                f"plan {self.name!r} leaves .grad set on {still_set[:3]}...; devices clear "
-                "state gradients at the start and end of every call, so gradient "
-                "accumulation across calls does not carry over",
-                stacklevel=2,
-            )
-        if self._ir is not None:  # rebuilt: devices holding the old IR must not be reused
+
+    def _warn_grads_left(self, names: list[str]) -> None:
+        warnings.warn(
+            f"plan {self.name!r} leaves .grad set on {names[:3]}...; devices clear "
+            "state gradients at the start and end of every call, so gradient "
+            "accumulation across calls does not carry over",
+            stacklevel=3,
+        )
+
+    def _install(self, ir: PlanIR, module: nn.Module | None) -> None:
+        """Make ``ir`` this plan's IR (a rebuilt plan gets a new id: devices hold the old one)."""
+        if self._ir is not None:
             self.id, self._pointers, self.location = uuid.uuid4().hex, {}, None
-        self._ir, self._loaded = result.ir, None
+        self._ir, self._loaded = ir, None
         self._attributes = _python_state(module) if module is not None else {}
-        if self.self_check:
-            try:
-                self_check(fn, self._replay, state, args, kwargs, name=self.name)
-            except BaseException:
-                self._ir, self._loaded = None, None
-                raise
-        return self
+
+    def _check_against_eager(
+        self,
+        fn: Callable[..., Any],
+        state: dict[str, torch.Tensor],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> None:
+        """Replay against the eager function; on any difference the plan is unbuilt again."""
+        try:
+            self_check(fn, self._replay, state, args, kwargs, name=self.name)
+        except BaseException:
+            self._ir, self._loaded = None, None
+            raise
 
     @property
     def is_built(self) -> bool:

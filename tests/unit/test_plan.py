@@ -411,7 +411,7 @@ def test_a_plan_called_inside_another_plan_is_traced_inline_once() -> None:
 
 
 def test_build_falls_back_to_guarded_sizes_when_symbolic_sizes_fail(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     from producer.plans.shapes import SymbolicSizes, SymbolicUnsupported
 
@@ -419,12 +419,14 @@ def test_build_falls_back_to_guarded_sizes_when_symbolic_sizes_fail(
         raise SymbolicUnsupported("not expressible")
 
     monkeypatch.setattr(SymbolicSizes, "lower", unsupported)
+    caplog.set_level("INFO", logger="producer.plans.plan")
 
     @fp.func2plan(args_shape=[(-1, 4)])
     def halves(x: torch.Tensor) -> torch.Tensor:
         return x.view(x.shape[0] * 2, 2)
 
     assert any(op.is_guard and op.target == "Tensor.size" for op in halves.ir.ops)
+    assert "symbolic sizes cannot express this trace (not expressible)" in caplog.text
     x = torch.randn(2, 4)
     assert torch.equal(halves(x), x.view(4, 2))
     with pytest.raises(PlanGuardError):
