@@ -15,11 +15,6 @@ Path = tuple[Any, ...]
 """Indices and dict keys from the root of a tree to one of its leaves."""
 
 
-def is_container(value: Any) -> bool:
-    """Whether the walkers here descend into ``value`` (a tuple, list or dict)."""
-    return isinstance(value, tuple | list | dict)
-
-
 def tree_map(fn: Callable[[Any], Any], value: Any, *, leaf: Predicate | None = None) -> Any:
     """``value`` with ``fn`` applied to every leaf; containers rebuilt as plain tuple/list/dict.
 

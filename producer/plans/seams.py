@@ -51,17 +51,8 @@ class PlanHost(Protocol):
         """Store a built plan on the device (once)."""
         ...
 
-    def run_op(
-        self,
-        target: str,
-        args: Sequence[Any],
-        kwargs: Mapping[str, Any] | None = None,
-        *,
-        num_results: int = 1,
-        return_values: bool = False,
-        no_grad: bool | None = None,
-    ) -> Any:
-        """Run one allow-listed op on the device's objects."""
+    def run_op(self, target: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
+        """Run one allow-listed op on the device's objects; a pointer to the result."""
         ...
 
 

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from producer.plans.plan import NOT_BUILT_MESSAGE
 from producer.plans.seams import BuiltPlan
 from producer.remote.collector import PendingCommand
 from producer.remote.pointers import PointerPlan, PointerTensor, pointer_of
@@ -25,8 +26,6 @@ from schemas.wire import new_id
 
 if TYPE_CHECKING:
     from producer.remote.fleet import Fleet
-
-NOT_BUILT_MESSAGE = "A plan needs to be built before being sent to a worker."
 
 INLINE_LIMIT = 64 * 1024
 """Bytes: a plan output at most this big comes back in the ``RunPlan`` reply (``get()`` is free)."""

@@ -11,7 +11,6 @@ import torch
 from schemas.ir import Device, DType, EllipsisValue, MemoryFormat, Ref, Slice, to_ir_value
 from schemas.tree import (
     format_path,
-    is_container,
     tree_any,
     tree_leaves,
     tree_map,
@@ -49,9 +48,12 @@ def test_paths_name_the_indices_and_keys_down_to_each_leaf() -> None:
     assert paths == (["x[0][0]", {"k": "x[0][1]['k']"}], "x[1]")
 
 
-def test_only_tuples_lists_and_dicts_are_containers() -> None:
-    assert all(is_container(v) for v in ((), [], {}, torch.Size([1]), Pair(1, 2)))
-    assert not any(is_container(v) for v in ("ab", b"ab", {1}, torch.ones(2), None))
+def test_only_tuples_lists_and_dicts_are_walked_into() -> None:
+    walked = ((1,), [1], {"k": 1}, torch.Size([1]), Pair(1, None))
+    assert [tree_leaves(v)[0] for v in walked] == [1, 1, 1, 1, 1]
+    t = torch.ones(2)
+    for leaf in ("ab", b"ab", {1}, t, None):
+        assert tree_leaves(leaf) == [leaf]
 
 
 def test_to_ir_value_lowers_python_constants_and_leaves_the_rest_to_the_caller() -> None:
