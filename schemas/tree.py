@@ -2,7 +2,8 @@
 
 The role ``torch.fx.node.map_aggregate`` plays in torch.fx: plan arguments, outputs and IR
 value patterns are trees whose containers are tuples (named tuples and ``torch.Size``
-included), lists and dicts; everything else is a leaf.
+included), lists and dicts; everything else is a leaf. Like ``map_aggregate``, a mapped named
+tuple keeps its class.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ Path = tuple[Any, ...]
 
 
 def tree_map(fn: Callable[[Any], Any], value: Any, *, leaf: Predicate | None = None) -> Any:
-    """``value`` with ``fn`` applied to every leaf; containers rebuilt as plain tuple/list/dict.
+    """``value`` with ``fn`` applied to every leaf; containers rebuilt as tuple/list/dict.
+
+    Named tuples keep their class; other tuple subclasses (``torch.Size``) become tuples.
 
     ``leaf(v)`` true stops the descent: ``fn`` gets that container whole (to keep a named
     tuple or a ``torch.Size``, or to refuse a dict with non-string keys).
@@ -50,9 +53,8 @@ def tree_map_with_path(
     if leaf is not None and leaf(value):
         return fn(path, value)
     if isinstance(value, tuple):
-        return tuple(
-            tree_map_with_path(fn, item, (*path, i), leaf=leaf) for i, item in enumerate(value)
-        )
+        items = [tree_map_with_path(fn, v, (*path, i), leaf=leaf) for i, v in enumerate(value)]
+        return type(value)(*items) if hasattr(value, "_fields") else tuple(items)
     if isinstance(value, list):
         return [tree_map_with_path(fn, item, (*path, i), leaf=leaf) for i, item in enumerate(value)]
     if isinstance(value, dict):

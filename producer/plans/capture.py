@@ -53,7 +53,7 @@ def _pattern(
         tracer.dynamic.update((ref.slot, d % max(value.dim(), 1)) for d in dims)
         return ref
 
-    return tree_map_with_path(leaf, value, leaf=lambda v: hasattr(v, "_fields"))
+    return tree_map_with_path(leaf, value)
 
 
 def trace(

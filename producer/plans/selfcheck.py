@@ -31,8 +31,8 @@ def clone_tensor(t: torch.Tensor) -> torch.Tensor:
 
 
 def clone_tree(value: Any) -> Any:
-    """``value`` with every tensor leaf replaced by :func:`clone_tensor` (named tuples kept)."""
-    return tree_map(_clone_leaf, value, leaf=lambda v: hasattr(v, "_fields"))
+    """``value`` with every tensor leaf replaced by :func:`clone_tensor`."""
+    return tree_map(_clone_leaf, value)
 
 
 def _clone_leaf(value: Any) -> Any:

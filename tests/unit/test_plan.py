@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import namedtuple
 from typing import Any
 
 import pytest
@@ -573,3 +574,15 @@ def test_adam_made_in_init_is_refused() -> None:
 
     with pytest.raises(PlanBuildError, match="created outside the plan"):
         AdamStep().build(torch.randn(5, 4), torch.randint(0, 3, (5,)))
+
+
+def test_a_plan_takes_named_tuples_of_tensors_like_eager_torch() -> None:
+    pair = namedtuple("pair", "a b")
+
+    def shifted(p: Any, size: torch.Size) -> torch.Tensor:
+        return p.a + p.b.sum() + torch.zeros(size)
+
+    plan = fp.func2plan(shifted)
+    plan.build(pair(torch.ones(2), torch.ones(3)), torch.Size([2]))
+    for p in (pair(torch.randn(2), torch.randn(3)), pair(torch.zeros(2), torch.ones(1))):
+        assert torch.allclose(plan(p, torch.Size([2])), shifted(p, torch.Size([2])))

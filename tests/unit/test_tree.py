@@ -27,6 +27,11 @@ def test_tree_map_applies_to_every_leaf_and_rebuilds_plain_containers() -> None:
     assert type(out[2]) is tuple and type(out[1]) is list and list(out[1][1]) == ["k", "j"]
 
 
+def test_a_mapped_named_tuple_keeps_its_class() -> None:
+    out = tree_map(lambda x: x + 1, [Pair(1, (2, 3))])
+    assert type(out[0]) is Pair and out[0].a == 2 and out[0].b == (3, 4)
+
+
 def test_a_leaf_predicate_hands_a_container_to_fn_whole() -> None:
     pair = Pair(torch.ones(1), 2)
     seen: list[Any] = []
