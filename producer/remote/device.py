@@ -8,6 +8,7 @@ from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
 import torch
+from google.protobuf.message import Message
 
 from producer.plans.plan import NOT_BUILT_MESSAGE
 from producer.plans.seams import BuiltPlan
@@ -323,10 +324,12 @@ class Device:
         if carrier is not None:
             carrier._drop_carried_value()
 
-    def _submit(self, body: str, msg: Any, result_ids: tuple[str, ...] = ()) -> PendingCommand:
+    def _submit(
+        self, body: str, msg: Message, result_ids: tuple[str, ...] = ()
+    ) -> PendingCommand:
         return self.fleet.submit(self.id, body, msg, result_ids)
 
-    def _call(self, body: str, msg: Any, *, timeout: float | None = None) -> cmd.Reply:
+    def _call(self, body: str, msg: Message, *, timeout: float | None = None) -> cmd.Reply:
         pending = self._submit(body, msg)
         try:
             return pending.reply(self.timeout if timeout is None else timeout)
