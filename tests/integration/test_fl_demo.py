@@ -16,7 +16,7 @@ ARGS = ["--rounds", "10", "--devices", "4", "--epochs", "2", "--seed", "3"]
 
 
 def _demo(out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "producer.cli.main", "demo", *ARGS, "--out", str(out), *extra]
+    return [sys.executable, "-m", "producer.cli", "demo", *ARGS, "--out", str(out), *extra]
 
 
 def _final_weights(out: Path) -> dict[str, torch.Tensor]:
