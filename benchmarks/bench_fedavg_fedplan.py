@@ -54,7 +54,7 @@ class Vhost:
 
 def run(transport: str) -> dict[str, object]:
     import producer as fp
-    from producer.demo import DeviceData, Workers, spawn_workers
+    from producer.fl.demo import DeviceData, Workers, spawn_workers
     from producer.fl.job import FederatedJob
     from producer.fl.participants import PlanParticipant
     from producer.fl.rounds import RoundPolicy

@@ -187,7 +187,7 @@ def run(transport: str, calls: int) -> dict[str, Any]:
     if transport == "rabbitmq":
         from bench_fedavg_fedplan import Vhost
 
-        from producer.demo import DeviceData, spawn_workers
+        from producer.fl.demo import DeviceData, spawn_workers
 
         vhost = Vhost().__enter__()
         cleanup.append(vhost.__exit__)

@@ -49,13 +49,13 @@ __all__ = [
 
 # Public API added by each module below (keep one import block per module).
 
-# devices, pointers and the fleet (producer/fleet.py, device.py, pointers.py, ...)
-from producer.device import Device
-from producer.fleet import Fleet, connect
-from producer.hook import hook
-from producer.pointers import PointerPlan, PointerTensor
-from producer.sending import send
-from producer.tagging import describe, tag, tags_of
+# devices, pointers and the fleet (producer/remote/fleet.py, device.py, pointers.py, ...)
+from producer.compat.hook import hook
+from producer.compat.sending import send
+from producer.remote.device import Device
+from producer.remote.fleet import Fleet, connect
+from producer.remote.pointers import PointerPlan, PointerTensor
+from producer.remote.tagging import describe, tag, tags_of
 
 __all__ += [
     "Device",
@@ -70,10 +70,10 @@ __all__ += [
     "tags_of",
 ]
 
-# modules on devices, federated datasets (producer/remote_module.py, federated_data.py)
-from producer.federated_data import FederatedDataLoader, FederatedDataset, federate  # noqa: E402
-from producer.optims import Optims  # noqa: E402
-from producer.remote_module import copy_module, get_module, move_module  # noqa: E402
+# modules on devices, federated datasets (producer/compat/remote_module.py, federated_data.py)
+from producer.compat.federated_data import FederatedDataLoader, FederatedDataset, federate  # noqa: E402
+from producer.compat.optims import Optims  # noqa: E402
+from producer.compat.remote_module import copy_module, get_module, move_module  # noqa: E402
 
 __all__ += [
     "FederatedDataLoader",
@@ -85,9 +85,9 @@ __all__ += [
     "move_module",
 ]
 
-# plans (producer/plan.py, decorators.py, tracing.py)
-from producer.decorators import func2plan, method2plan  # noqa: E402
-from producer.plan import Plan, State  # noqa: E402
-from producer.tracing import trace  # noqa: E402
+# plans (producer/plans/plan.py, decorators.py, capture.py)
+from producer.plans.capture import trace  # noqa: E402
+from producer.plans.decorators import func2plan, method2plan  # noqa: E402
+from producer.plans.plan import Plan, State  # noqa: E402
 
 __all__ += ["Plan", "State", "func2plan", "method2plan", "trace"]

@@ -200,7 +200,7 @@ class ReplyTimeout(FedplanError, TimeoutError):
     """No reply came within the caller's timeout (also a builtin ``TimeoutError``).
 
     The command may still run; its reply, if it comes later, is kept (see
-    ``producer.collector``) and can be claimed by its command or result id.
+    ``producer.remote.collector``) and can be claimed by its command or result id.
     """
 
     code = "REPLY_TIMEOUT"

@@ -31,10 +31,13 @@ Example
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TypeAlias, Union
+from typing import Any, TypeAlias, Union
 
 import torch
+
+from schemas.tree import tree_leaves, tree_map
 
 SCHEMA_VERSION = 1
 """Version of the plan IR and wire format; bumped on incompatible change."""
@@ -227,23 +230,50 @@ class PlanIR:
 def refs_in(value: Value) -> list[Ref]:
     """All ``Ref`` leaves of a value pattern, in order (``SymExpr`` operands included)."""
     found: list[Ref] = []
-    _collect(value, found)
+    for leaf in tree_leaves(value):
+        if isinstance(leaf, Ref):
+            found.append(leaf)
+        elif isinstance(leaf, SymExpr):
+            found.extend(refs_in(leaf.args))
+        elif isinstance(leaf, Slice):
+            found.extend(refs_in((leaf.start, leaf.stop, leaf.step)))
     return found
 
 
-def _collect(value: Value, found: list[Ref]) -> None:
-    if isinstance(value, Ref):
-        found.append(value)
-    elif isinstance(value, SymExpr):
-        for arg in value.args:
-            _collect(arg, found)
-    elif isinstance(value, Slice):
-        _collect(value.start, found)
-        _collect(value.stop, found)
-        _collect(value.step, found)
-    elif isinstance(value, tuple | list):
-        for item in value:
-            _collect(item, found)
-    elif isinstance(value, dict):
-        for item in value.values():
-            _collect(item, found)
+def to_ir_value(value: Any, leaf: Callable[[Any], Value]) -> Value:
+    """A Python value as an IR value: the one lowering the tracer and device handles share.
+
+    Numbers, strings, ``None``, dtypes, devices, memory formats, slices and ``...`` become
+    their IR values here; tuples (``torch.Size`` too), lists and dicts with string keys are
+    walked. Every other leaf goes to ``leaf``, which knows tensors, pointers or SymInts and
+    raises for anything it does not know (a dict with other keys reaches it whole).
+
+    Examples
+    --------
+    >>> to_ir_value((torch.float32, slice(1, None), [...]), lambda v: Ref(0))
+    (DType(name='float32'), Slice(start=1, stop=None, step=None), [EllipsisValue()])
+    >>> to_ir_value({"k": object()}, lambda v: Ref(7))
+    {'k': Ref(slot=7)}
+    """
+
+    def lower(item: Any) -> Value:
+        if item is None or isinstance(item, bool | int | float | str):
+            return item
+        if isinstance(item, torch.dtype):
+            return DType.of(item)
+        if isinstance(item, torch.device):
+            return Device(str(item))
+        if isinstance(item, torch.memory_format):
+            return MemoryFormat(str(item).removeprefix("torch."))
+        if isinstance(item, slice):
+            return Slice(lower(item.start), lower(item.stop), lower(item.step))
+        if item is Ellipsis:
+            return EllipsisValue()
+        return leaf(item)
+
+    lowered: Value = tree_map(lower, value, leaf=_dict_with_other_keys)
+    return lowered
+
+
+def _dict_with_other_keys(value: Any) -> bool:
+    return isinstance(value, dict) and not all(isinstance(k, str) for k in value)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 
 from schemas.ir import Ref, SymExpr, Value
+from schemas.tree import tree_leaves, tree_map
 
 
 def output_slots(pattern: Value) -> list[Value]:
@@ -20,18 +21,11 @@ def output_slots(pattern: Value) -> list[Value]:
     >>> output_slots((Ref(3), None, [Ref(4)]))
     [Ref(slot=3), Ref(slot=4)]
     """
-    return list(_walk(pattern))
+    return tree_leaves(pattern, keep=_computed)
 
 
-def _walk(pattern: Value) -> Iterator[Value]:
-    if isinstance(pattern, Ref | SymExpr):
-        yield pattern
-    elif isinstance(pattern, tuple | list):
-        for item in pattern:
-            yield from _walk(item)
-    elif isinstance(pattern, dict):
-        for item in pattern.values():
-            yield from _walk(item)
+def _computed(leaf: Value) -> bool:
+    return isinstance(leaf, Ref | SymExpr)
 
 
 def flatten_like(pattern: Value, value: Any) -> list[Any]:
@@ -61,19 +55,7 @@ def rebuild_like(pattern: Value, make: Callable[[int], Any]) -> Any:
     ('r0', None, ['r1'])
     """
     counter = iter(range(1 << 62))
-    return _rebuild(pattern, lambda: make(next(counter)))
-
-
-def _rebuild(pattern: Value, nxt: Callable[[], Any]) -> Any:
-    if isinstance(pattern, Ref | SymExpr):
-        return nxt()
-    if isinstance(pattern, tuple):
-        return tuple(_rebuild(item, nxt) for item in pattern)
-    if isinstance(pattern, list):
-        return [_rebuild(item, nxt) for item in pattern]
-    if isinstance(pattern, dict):
-        return {key: _rebuild(item, nxt) for key, item in pattern.items()}
-    return pattern
+    return tree_map(lambda leaf: make(next(counter)) if _computed(leaf) else leaf, pattern)
 
 
 def inline_flags(results: list[Any], limit: int, others: Iterable[Any]) -> list[bool]:
@@ -89,7 +71,7 @@ def inline_flags(results: list[Any], limit: int, others: Iterable[Any]) -> list[
     >>> inline_flags([x + 1, x[:2], torch.zeros(1000)], 64, [x])
     [True, False, False]
     """
-    taken = {_storage(t) for t in _tensors(others)}
+    taken = {_storage(t) for t in tree_leaves(list(others), keep=_is_tensor)}
     keys = [_storage(v) if isinstance(v, torch.Tensor) else None for v in results]
     flags = []
     for value, key in zip(results, keys, strict=True):
@@ -105,11 +87,5 @@ def _storage(tensor: torch.Tensor) -> int:
     return int(tensor.untyped_storage().data_ptr())
 
 
-def _tensors(values: Iterable[Any]) -> Iterator[torch.Tensor]:
-    for value in values:
-        if isinstance(value, torch.Tensor):
-            yield value
-        elif isinstance(value, tuple | list):
-            yield from _tensors(value)
-        elif isinstance(value, dict):
-            yield from _tensors(value.values())
+def _is_tensor(value: Any) -> bool:
+    return isinstance(value, torch.Tensor)

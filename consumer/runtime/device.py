@@ -24,11 +24,20 @@ from consumer.store.base import DeviceStore, StoredObject, StoredPlan
 from consumer.store.limits import StoreLimits
 from schemas import allowlist
 from schemas.command_pb2 import (
+    ClearObjects,
     Command,
     DeleteObjects,
+    GetObject,
+    GetPlan,
+    ListObjects,
+    MoveObject,
     ObjectInfo,
     Ok,
+    RunOp,
+    RunPlan,
+    Search,
     StoreObject,
+    StorePlan,
     StorePointer,
 )
 from schemas.errors import (
@@ -47,6 +56,7 @@ from schemas.outputs import flatten_like, inline_flags, output_slots
 from schemas.plan_codec import plan_from_proto, plan_to_proto
 from schemas.plan_pb2 import ValueDict
 from schemas.tensor_codec import tensor_from_proto, tensor_to_proto
+from schemas.tree import tree_map
 from schemas.value_codec import value_from_proto, value_to_proto
 from schemas.wire import decode_command, encode_command, encode_reply, new_id
 
@@ -188,9 +198,9 @@ class DeviceRuntime:
         self._command_id = command.command_id
         if command.delete_first:  # deletes batched by the server ride with the next command
             self._delete_objects(DeleteObjects(ids=command.delete_first))
-        return handler(self, getattr(command, body))
+        return handler(self, command)
 
-    def _store_object(self, msg: Any) -> Ok:
+    def _store_object(self, msg: StoreObject) -> Ok:
         tensor = tensor_from_proto(msg.tensor)
         obj = StoredObject(msg.id, tensor, tuple(msg.tags), msg.description)
         self.store.put_object(obj)
@@ -203,7 +213,7 @@ class DeviceRuntime:
         self._pointers.put(msg)
         return Ok(objects=[PointerRecords.info(msg)])
 
-    def _store_plan(self, msg: Any) -> Ok:
+    def _store_plan(self, msg: StorePlan) -> Ok:
         self._check_plan_size(msg.plan)
         ir, plan_id = plan_from_proto(msg.plan)
         content_hash = msg.plan.content_hash
@@ -216,7 +226,7 @@ class DeviceRuntime:
         self._loaded[plan_id] = (content_hash, loaded)
         return Ok(objects=[plan_info(plan_id, ir.name)])
 
-    def _run_plan(self, msg: Any) -> Ok:
+    def _run_plan(self, msg: RunPlan) -> Ok:
         stored = self.store.get_plan(msg.plan_id)
         leaves = output_slots(stored.ir.outputs)
         if len(msg.result_ids) != len(leaves):
@@ -250,7 +260,7 @@ class DeviceRuntime:
         with_values = [msg.return_values or flag for flag in inline]
         return Ok(objects=self._store_results(msg.result_ids, results, with_values))
 
-    def _run_op(self, msg: Any) -> Ok:
+    def _run_op(self, msg: RunOp) -> Ok:
         fn = allowlist.resolve(msg.target)
         args = [self._resolve(value_from_proto(v)) for v in msg.args.items]
         kwargs = self._resolve_kwargs(msg.kwargs)
@@ -275,7 +285,7 @@ class DeviceRuntime:
         with_values = [msg.return_values] * len(results)
         return Ok(objects=self._store_results(msg.result_ids, results, with_values))
 
-    def _get_object(self, msg: Any) -> Ok:
+    def _get_object(self, msg: GetObject) -> Ok:
         record = self._pointers.pop(msg.id) if msg.delete else self._pointers.get(msg.id)
         if record is not None:
             return Ok(objects=[PointerRecords.info(record)])
@@ -285,29 +295,29 @@ class DeviceRuntime:
             self.store.delete_object(msg.id)
         return Ok(objects=[info])
 
-    def _delete_objects(self, msg: Any) -> Ok:
+    def _delete_objects(self, msg: DeleteObjects) -> Ok:
         for object_id in msg.ids:
             self._pointers.pop(object_id)
             if self.store.has_object(object_id):
                 self.store.delete_object(object_id)
         return Ok()
 
-    def _search(self, msg: Any) -> Ok:
+    def _search(self, msg: Search) -> Ok:
         found = self.store.search(list(msg.tags))
         records = self._pointers.search(list(msg.tags))
         return Ok(objects=[*map(tensor_info, found), *map(PointerRecords.info, records)])
 
-    def _list_objects(self, msg: Any) -> Ok:
+    def _list_objects(self, msg: ListObjects) -> Ok:
         records = self._pointers.search([])
         objects = self.store.list_objects()
         return Ok(objects=[*map(tensor_info, objects), *map(PointerRecords.info, records)])
 
-    def _clear_objects(self, msg: Any) -> Ok:
+    def _clear_objects(self, msg: ClearObjects) -> Ok:
         self.store.clear_objects()
         self._pointers.clear()
         return Ok()
 
-    def _get_plan(self, msg: Any) -> Ok:
+    def _get_plan(self, msg: GetPlan) -> Ok:
         stored = self.store.get_plan(msg.plan_id)
         proto = plan_to_proto(stored.ir, plan_id=stored.id)
         if msg.delete:
@@ -315,7 +325,7 @@ class DeviceRuntime:
             self._loaded.pop(stored.id, None)
         return Ok(objects=[plan_info(stored.id, stored.ir.name)], plan=proto)
 
-    def _move_object(self, msg: Any) -> Ok:
+    def _move_object(self, msg: MoveObject) -> Ok:
         if self._forward is None:
             raise TransportError(
                 f"device {self.device_id!r} cannot publish to other devices; move the object "
@@ -396,6 +406,10 @@ class DeviceRuntime:
         return get(self._lowering.value(self._fill(value), "a command argument"), [])
 
     def _fill(self, value: Value) -> Value:
+        filled: Value = tree_map(self._fill_leaf, value)
+        return filled
+
+    def _fill_leaf(self, value: Value) -> Value:
         if isinstance(value, ObjectId):
             record = self._pointers.get(value.id)
             if record is not None:
@@ -409,13 +423,8 @@ class DeviceRuntime:
         if isinstance(value, Ref | SymExpr):
             raise WireError("a command argument names a plan slot; send objects by id instead")
         if isinstance(value, Slice):
-            return Slice(self._fill(value.start), self._fill(value.stop), self._fill(value.step))
-        if isinstance(value, tuple):
-            return tuple(self._fill(v) for v in value)
-        if isinstance(value, list):
-            return [self._fill(v) for v in value]
-        if isinstance(value, dict):
-            return {k: self._fill(v) for k, v in value.items()}
+            parts = (value.start, value.stop, value.step)
+            return Slice(*(self._fill_leaf(part) for part in parts))
         return value
 
     def _resolve_kwargs(self, kwargs: ValueDict) -> dict[str, Any]:
@@ -461,19 +470,20 @@ def _own(tensor: torch.Tensor, state_ids: set[int]) -> torch.Tensor:
     return out.requires_grad_(tensor.requires_grad) if out.is_floating_point() else out
 
 
-_HANDLERS: dict[str, Callable[[DeviceRuntime, Any], Ok]] = {
-    "store_object": DeviceRuntime._store_object,
-    "store_plan": DeviceRuntime._store_plan,
-    "run_plan": DeviceRuntime._run_plan,
-    "run_op": DeviceRuntime._run_op,
-    "get_object": DeviceRuntime._get_object,
-    "delete_objects": DeviceRuntime._delete_objects,
-    "search": DeviceRuntime._search,
-    "list_objects": DeviceRuntime._list_objects,
-    "clear_objects": DeviceRuntime._clear_objects,
-    "get_plan": DeviceRuntime._get_plan,
-    "move_object": DeviceRuntime._move_object,
-    "store_pointer": DeviceRuntime._store_pointer,
+_HANDLERS: dict[str, Callable[[DeviceRuntime, Command], Ok]] = {
+    "store_object": lambda runtime, command: runtime._store_object(command.store_object),
+    "store_plan": lambda runtime, command: runtime._store_plan(command.store_plan),
+    "run_plan": lambda runtime, command: runtime._run_plan(command.run_plan),
+    "run_op": lambda runtime, command: runtime._run_op(command.run_op),
+    "get_object": lambda runtime, command: runtime._get_object(command.get_object),
+    "delete_objects": lambda runtime, command: runtime._delete_objects(command.delete_objects),
+    "search": lambda runtime, command: runtime._search(command.search),
+    "list_objects": lambda runtime, command: runtime._list_objects(command.list_objects),
+    "clear_objects": lambda runtime, command: runtime._clear_objects(command.clear_objects),
+    "get_plan": lambda runtime, command: runtime._get_plan(command.get_plan),
+    "move_object": lambda runtime, command: runtime._move_object(command.move_object),
+    "store_pointer": lambda runtime, command: runtime._store_pointer(command.store_pointer),
 }
+"""Each command body to its handler, which takes that body's message type."""
 
 __all__ = ["DeviceRuntime", "Forward"]

@@ -29,6 +29,7 @@ from schemas.errors import (
     WireError,
 )
 from schemas.ir import NoExpect, Op, PlanIR, Ref, refs_in
+from schemas.tree import tree_leaves, tree_map
 
 Step = Callable[[Slots], None]
 
@@ -123,11 +124,9 @@ class LoadedPlan:
                     )
 
         def check_out(pattern: Any, index: int) -> None:
-            if isinstance(pattern, tuple | list):
-                for sub in pattern:
-                    check_out(sub, index)
-            elif pattern is not None and not isinstance(pattern, Ref):
-                raise self._malformed(f"op {index} writes its result to {pattern!r}", index)
+            for leaf in tree_leaves(pattern, leaf=lambda v: isinstance(v, dict)):
+                if leaf is not None and not isinstance(leaf, Ref):
+                    raise self._malformed(f"op {index} writes its result to {leaf!r}", index)
 
         if not isinstance(ir.inputs, tuple) or not isinstance(ir.kwinputs, dict):
             raise self._malformed("inputs must be a tuple and kwinputs a dict")
@@ -265,15 +264,14 @@ class LoadedPlan:
 
     def _lower_pattern(self, pattern: Any) -> Any:
         """Input pattern with Refs as ``SlotRead`` and every other leaf a lowered ``Const``."""
-        if isinstance(pattern, Ref):
-            return SlotRead(pattern.slot)
-        if isinstance(pattern, tuple | list):
-            return type(pattern)(self._lower_pattern(p) for p in pattern)
-        if isinstance(pattern, dict):
-            return {k: self._lower_pattern(v) for k, v in pattern.items()}
-        compiled = self._lower.value(pattern, "an input")
+        return tree_map(self._lower_input, pattern)
+
+    def _lower_input(self, leaf: Any) -> SlotRead | Const:
+        if isinstance(leaf, Ref):
+            return SlotRead(leaf.slot)
+        compiled = self._lower.value(leaf, "an input")
         if not isinstance(compiled, Const):
-            raise self._malformed(f"input pattern holds {pattern!r}")
+            raise self._malformed(f"input pattern holds {leaf!r}")
         return compiled
 
     # ------------------------------------------------------------------ running

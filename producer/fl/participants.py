@@ -21,6 +21,7 @@ from producer.fl.training import (
     train_eager,
     unflatten,
 )
+from producer.remote.device import Device
 from schemas.errors import ObjectNotFound, PlanInputError
 
 
@@ -123,7 +124,7 @@ class PlanParticipant:
 
     def __init__(
         self,
-        device: Any,
+        device: Device,
         plan_for: PlanFactory,
         *,
         x_tags: tuple[str, ...] = ("train", "x"),
@@ -158,7 +159,7 @@ class PlanParticipant:
 
     @property
     def device_id(self) -> str:
-        return str(self.device.id)
+        return self.device.id
 
     def start_fit(self, task: FitTask, deliver: Deliver) -> None:
         mu = task.instructions.config.get("proximal_mu", 0.0)

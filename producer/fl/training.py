@@ -199,7 +199,7 @@ def build_training_plan(model: nn.Module, spec: TrainingSpec, n_examples: int) -
     >>> torch.equal(out[:-1], flatten(ref))
     True
     """
-    from producer.plan import Plan
+    from producer.plans.plan import Plan
 
     steps = spec.batches(n_examples)
     loss_fn = LOSSES[spec.loss]

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import producer as fp
-from producer.collector import ReplyCollector
+from producer.remote.collector import ReplyCollector
 from producer.transport.amqp import AmqpTransport
 from tests.integration.broker import RunVhost, WorkerProcess
 

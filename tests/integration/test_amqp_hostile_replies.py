@@ -21,7 +21,7 @@ import torch
 from broker_config import names
 from broker_config.envelope import CHUNK_HEADER, CHUNKS_HEADER, TRANSFER_HEADER
 from broker_config.setup import create_device_user, declare_topology
-from producer.collector import ReplyCollector
+from producer.remote.collector import ReplyCollector
 from producer.transport.amqp import AmqpTransport
 from schemas.command_pb2 import ObjectInfo, Ok, Reply
 from schemas.errors import PublishTimeout

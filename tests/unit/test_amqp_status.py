@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from broker_config.management import ManagementClient
-from producer.status import device_statuses, format_table
+from producer.cli.status import device_statuses, format_table
 
 
 class FakeApi(ManagementClient):

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from broker_config import names
 from consumer.store.sqlite import SqliteStore
 from consumer.worker.cli import add_data, load_tensors, worker_argv, worker_env
-from producer.cli import main
+from producer.cli.main import main
 from schemas.errors import FedplanError
 
 

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from producer.collector import ReplyCollector
+from producer.remote.collector import ReplyCollector
 from schemas.command_pb2 import ObjectInfo, Ok, Reply
 from schemas.errors import (
     FedplanError,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from producer.collector import ReplyCollector
+from producer.remote.collector import ReplyCollector
 from producer.transport import journal as journal_module
 from producer.transport.journal import Journal
 from schemas.command_pb2 import ObjectInfo, Ok, Reply
@@ -64,7 +64,7 @@ def test_a_kept_reply_is_claimed_only_by_a_command_to_its_device() -> None:
 
 
 def test_unclaimed_replies_are_bounded_and_expire(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("producer.collector.MAX_UNCLAIMED", 3)
+    monkeypatch.setattr("producer.remote.collector.MAX_UNCLAIMED", 3)
     collector = ReplyCollector()
     for i in range(10):
         collector.on_reply(_value(f"c{i}", f"r{i}", i))
@@ -133,7 +133,7 @@ def test_the_journal_keeps_at_most_max_unclaimed_replies(
 
 def test_unclaimed_replies_are_bounded_in_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
     big = _value("c0", "r0", "x" * 500)
-    monkeypatch.setattr("producer.collector.MAX_UNCLAIMED_BYTES", 2 * len(big) + 10)
+    monkeypatch.setattr("producer.remote.collector.MAX_UNCLAIMED_BYTES", 2 * len(big) + 10)
     collector = ReplyCollector()
     for i in range(5):
         collector.on_reply(_value(f"c{i}", f"r{i}", "x" * 500))

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from producer.cli import build_parser
-from producer.demo import strategy_from_args
+from producer.cli.main import build_parser
+from producer.fl.demo import strategy_from_args
 from producer.fl.strategy import (
     STRATEGIES,
     FedAdam,

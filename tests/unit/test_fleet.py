@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import producer as fp
-from producer.collector import ReplyCollector
-from producer.fleet import Fleet
+from producer.remote.collector import ReplyCollector
+from producer.remote.fleet import Fleet
 from producer.transport.base import ReplyHandler
 
 
@@ -114,3 +114,26 @@ def test_commands_carry_the_device_id_and_the_tensor_bytes() -> None:
     assert device_id == command.device_id == "bob"
     assert list(command.store_object.tags) == ["t"]
     assert torch.equal(tensor_from_proto(command.store_object.tensor), torch.tensor([3.0, 4.0]))
+
+
+def test_a_pointer_is_a_remote_tensor_and_its_device_reaches_its_peers_without_the_fleet() -> None:
+    from producer.plans.seams import RemoteTensor
+
+    with fp.connect() as fleet:
+        bob, alice = fleet.device("bob"), fleet.device("alice")
+        x = bob.send_tensor(torch.tensor([1.0, 2.0]))
+        assert isinstance(x, RemoteTensor) and not isinstance(torch.ones(1), RemoteTensor)
+        assert bob.peer("alice") is alice and bob.shares_fleet(alice)
+        with fp.connect() as other:
+            assert not bob.shares_fleet(other.device("bob"))
+
+
+def test_an_argument_a_device_cannot_hold_is_a_type_error_and_the_data_stays() -> None:
+    with fp.connect() as fleet:
+        bob = fleet.device("bob")
+        x = bob.send_tensor(torch.tensor([1.0, 2.0]))
+        x.wait()
+        for bad in ({1: x}, object()):
+            with pytest.raises(TypeError, match="cannot be sent to a device"):
+                bob.run_op("torch.add", (x, bad))
+        assert torch.equal(x.get(), torch.tensor([1.0, 2.0]))

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import producer as fp
-from producer.collector import ReplyCollector
-from producer.fleet import Fleet
+from producer.remote.collector import ReplyCollector
+from producer.remote.fleet import Fleet
 from producer.transport.base import ReplyHandler
 from producer.transport.local import LocalTransport
 from schemas.ir import Op, PlanIR, Ref

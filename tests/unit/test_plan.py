@@ -1,7 +1,8 @@
-"""Tests for producer.plan: the PySyft 0.2 Plan behaviours, compared with eager torch."""
+"""Tests for producer.plans.plan: the PySyft 0.2 Plan behaviours, compared with eager torch."""
 
 from __future__ import annotations
 
+from collections import namedtuple
 from typing import Any
 
 import pytest
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import producer as fp
+from producer.plans.seams import RemoteTensor
 from schemas.errors import PlanBuildError, PlanGuardError, PlanNotBuiltError
 
 
@@ -84,6 +86,7 @@ class FakeDevice:
         return FakePointerPlan(plan, self)
 
 
+@RemoteTensor.register  # what a PointerTensor is to a plan: a tensor held by a device
 class FakePointer:
     def __init__(self, location: FakeDevice, shape: tuple[int, ...]) -> None:
         self.location, self.shape, self.dtype = location, torch.Size(shape), torch.float32
@@ -409,20 +412,22 @@ def test_a_plan_called_inside_another_plan_is_traced_inline_once() -> None:
 
 
 def test_build_falls_back_to_guarded_sizes_when_symbolic_sizes_fail(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from producer.shapes import SymbolicSizes, SymbolicUnsupported
+    from producer.plans.shapes import SymbolicSizes, SymbolicUnsupported
 
     def unsupported(self: SymbolicSizes, value: Any) -> Any:
         raise SymbolicUnsupported("not expressible")
 
     monkeypatch.setattr(SymbolicSizes, "lower", unsupported)
+    caplog.set_level("INFO", logger="producer.plans.plan")
 
     @fp.func2plan(args_shape=[(-1, 4)])
     def halves(x: torch.Tensor) -> torch.Tensor:
         return x.view(x.shape[0] * 2, 2)
 
     assert any(op.is_guard and op.target == "Tensor.size" for op in halves.ir.ops)
+    assert "symbolic sizes cannot express this trace (not expressible)" in caplog.text
     x = torch.randn(2, 4)
     assert torch.equal(halves(x), x.view(4, 2))
     with pytest.raises(PlanGuardError):
@@ -569,3 +574,15 @@ def test_adam_made_in_init_is_refused() -> None:
 
     with pytest.raises(PlanBuildError, match="created outside the plan"):
         AdamStep().build(torch.randn(5, 4), torch.randint(0, 3, (5,)))
+
+
+def test_a_plan_takes_named_tuples_of_tensors_like_eager_torch() -> None:
+    pair = namedtuple("pair", "a b")
+
+    def shifted(p: Any, size: torch.Size) -> torch.Tensor:
+        return p.a + p.b.sum() + torch.zeros(size)
+
+    plan = fp.func2plan(shifted)
+    plan.build(pair(torch.ones(2), torch.ones(3)), torch.Size([2]))
+    for p in (pair(torch.randn(2), torch.randn(3)), pair(torch.zeros(2), torch.ones(1))):
+        assert torch.allclose(plan(p, torch.Size([2])), shifted(p, torch.Size([2])))

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import producer as fp
-from producer.remote_module import SentModule
+from producer.compat.remote_module import SentModule
 
 
 @pytest.fixture

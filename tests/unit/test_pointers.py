@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import producer as fp
-from producer.collector import ReplyCollector
-from producer.fleet import Fleet
+from producer.remote.collector import ReplyCollector
+from producer.remote.fleet import Fleet
 from producer.transport.base import ReplyHandler
 from producer.transport.local import LocalTransport
 from schemas.ir import Op, PlanIR, Ref
@@ -21,7 +21,7 @@ from schemas.ir import Op, PlanIR, Ref
 
 @dataclass
 class HandPlan:
-    """The part of producer.plan.Plan that devices use, over a hand-written IR."""
+    """The part of producer.plans.plan.Plan that devices use, over a hand-written IR."""
 
     ir: PlanIR
     id: str

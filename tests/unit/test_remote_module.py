@@ -1,4 +1,4 @@
-"""Modules on devices (producer/remote_module.py) on embedded devices, against eager torch."""
+"""Modules on devices (producer/compat/remote_module.py) on embedded devices vs eager torch."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from torch import nn, optim
 
 import producer as fp
-from producer.remote_module import RemoteBuffer, RemoteParameter, is_remote, location_of
+from producer.compat.remote_module import RemoteBuffer, RemoteParameter, is_remote, location_of
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Tests for producer.selfcheck: the build-time eager-vs-replay check and state swapping."""
+"""Tests for producer.plans.selfcheck: the build-time eager-vs-replay check and state swapping."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 import producer as fp
 from consumer.runtime.interpreter import LoadedPlan
-from producer.selfcheck import clone_tree, self_check, swapped
-from producer.tracing import trace
+from producer.plans.capture import trace
+from producer.plans.selfcheck import clone_tree, self_check, swapped
 from schemas.errors import PlanBuildError
 
 

@@ -1,4 +1,4 @@
-"""Tests for producer.shapes: SymInt expressions lowered to SymExpr trees, size guards."""
+"""Tests for producer.plans.shapes: SymInt expressions lowered to SymExpr trees, size guards."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 
-from producer.shapes import SymbolicSizes, make_symbolic_sizes
+from producer.plans.shapes import SymbolicSizes, make_symbolic_sizes
 from schemas.ir import Ref, SymExpr
 
 _OPS: dict[str, Callable[..., Any]] = {
@@ -92,3 +92,15 @@ def test_int_of_a_size_guards_its_exact_value() -> None:
     indicator, text = guards[0]
     assert "5" in text
     assert [evaluate(indicator, {3: v}) for v in (4, 5, 6)] == [0, 1, 0]
+
+
+def test_symbolic_sizes_that_torch_cannot_give_fall_back_with_a_logged_warning(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(self: SymbolicSizes, slot: int, value: int, label: str = "") -> Any:
+        raise AttributeError("ShapeEnv.create_symbol moved")
+
+    monkeypatch.setattr(SymbolicSizes, "symint", broken)
+    assert make_symbolic_sizes(lambda ind, text: None) is None
+    assert "symbolic sizes are unavailable" in caplog.text
+    assert "ShapeEnv.create_symbol moved" in caplog.text

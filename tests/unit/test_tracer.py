@@ -1,4 +1,4 @@
-"""Tests for producer.tracer: traced plans replay like eager torch, guards and refusals."""
+"""Tests for producer.plans.tracer: traced plans replay like eager torch, guards and refusals."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from consumer.runtime.interpreter import LoadedPlan
-from producer.tracing import trace
+from producer.plans.capture import trace
 from schemas.allowlist import is_allowed
 from schemas.errors import PlanBuildError, PlanGuardError, PlanShapeError
 from schemas.ir import PlanIR, SymExpr, refs_in

@@ -10,7 +10,7 @@ from typing import Any, overload
 import torch
 from torch import nn
 
-from producer.plan import Plan, State
+from producer.plans.plan import Plan, State
 from schemas.errors import PlanBuildError, PlanShapeError
 
 

@@ -11,8 +11,9 @@ from typing import Any
 import torch
 from torch.utils import swap_tensors
 
-from producer.tracer import inline_plans
+from producer.plans.tracer import inline_plans
 from schemas.errors import FedplanError, PlanBuildError
+from schemas.tree import tree_map
 
 Replay = Callable[[tuple[Any, ...], dict[str, Any], Mapping[str, torch.Tensor]], Any]
 """Runs the traced plan: ``(args, kwargs, state) -> outputs``."""
@@ -31,15 +32,11 @@ def clone_tensor(t: torch.Tensor) -> torch.Tensor:
 
 def clone_tree(value: Any) -> Any:
     """``value`` with every tensor leaf replaced by :func:`clone_tensor`."""
-    if isinstance(value, torch.Tensor):
-        return clone_tensor(value)
-    if isinstance(value, tuple) and not hasattr(value, "_fields"):
-        return tuple(clone_tree(v) for v in value)
-    if isinstance(value, list):
-        return [clone_tree(v) for v in value]
-    if isinstance(value, dict):
-        return {k: clone_tree(v) for k, v in value.items()}
-    return value
+    return tree_map(_clone_leaf, value)
+
+
+def _clone_leaf(value: Any) -> Any:
+    return clone_tensor(value) if isinstance(value, torch.Tensor) else value
 
 
 def _swap_all(live: Sequence[torch.Tensor], stand_ins: Sequence[torch.Tensor]) -> bool:

@@ -12,8 +12,8 @@ from collections.abc import Sequence
 SUBCOMMAND_MODULES: tuple[str, ...] = (
     "broker_config.setup",
     "consumer.worker.cli",
-    "producer.status",
-    "producer.demo",
+    "producer.cli.status",
+    "producer.fl.demo",
 )
 
 

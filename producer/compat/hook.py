@@ -10,14 +10,14 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from producer.federated_data import FederatedDataset, federate
-from producer.remote_module import copy_module, get_module, move_module
-from producer.sending import send
-from producer.tagging import tag
+from producer.compat.federated_data import FederatedDataset, federate
+from producer.compat.remote_module import copy_module, get_module, move_module
+from producer.compat.sending import send
+from producer.remote.tagging import tag
 
 if TYPE_CHECKING:
-    from producer.device import Device
-    from producer.pointers import PointerTensor
+    from producer.remote.device import Device
+    from producer.remote.pointers import PointerTensor
 
 _MARK = "_fedplan_hooked"
 

@@ -18,26 +18,24 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
-from producer.refusals import (
+from producer.plans.refusals import (
     is_inplace,
     refuse_custom_function,
     user_source,
 )
-from producer.shapes import SymbolicSizes, make_symbolic_sizes
+from producer.plans.shapes import SymbolicSizes, make_symbolic_sizes
 from schemas.allowlist import name_of
 from schemas.errors import PlanBuildError
 from schemas.ir import (
-    Device,
     DType,
-    EllipsisValue,
     InputSpec,
-    MemoryFormat,
     Op,
     Ref,
-    Slice,
     SymExpr,
     Value,
+    to_ir_value,
 )
+from schemas.tree import tree_any, tree_leaves, tree_map
 
 _DROPPED = ("_record_function", "Tensor.__repr__", "Tensor.__format__", "Tensor.__str__")
 _SIZE_READS = {"Tensor.shape.__get__", "Tensor.size", "Tensor.__len__", "Tensor.numel",
@@ -132,6 +130,9 @@ class Tracer(TorchFunctionMode):
 
     def lower(self, value: Any) -> Value:
         """The IR value for an op argument (tensors -> slots, SymInts -> expressions)."""
+        return to_ir_value(value, self._lower_leaf)
+
+    def _lower_leaf(self, value: Any) -> Value:
         if isinstance(value, torch.Tensor):
             return Ref(self.slot_of(value))
         if isinstance(value, torch.SymInt | torch.SymFloat):
@@ -140,24 +141,6 @@ class Tracer(TorchFunctionMode):
             return self.sizes.lower(value)
         if isinstance(value, torch.SymBool):
             return bool(value)  # guards through the ShapeEnv
-        if value is None or isinstance(value, bool | int | float | str):
-            return value
-        if isinstance(value, torch.dtype):
-            return DType.of(value)
-        if isinstance(value, torch.device):
-            return Device(str(value))
-        if isinstance(value, torch.memory_format):
-            return MemoryFormat(str(value).removeprefix("torch."))
-        if isinstance(value, slice):
-            return Slice(self.lower(value.start), self.lower(value.stop), self.lower(value.step))
-        if value is Ellipsis:
-            return EllipsisValue()
-        if isinstance(value, tuple):  # torch.Size and named tuples too
-            return tuple(self.lower(v) for v in value)
-        if isinstance(value, list):
-            return [self.lower(v) for v in value]
-        if isinstance(value, dict) and all(isinstance(k, str) for k in value):
-            return {k: self.lower(v) for k, v in value.items()}
         raise PlanBuildError(
             f"{user_source()}: a value of type {type(value).__name__} cannot be part of a plan; "
             "pass tensors, numbers, strings, dtypes, devices or tuples/lists/dicts of them"
@@ -165,19 +148,11 @@ class Tracer(TorchFunctionMode):
 
     @staticmethod
     def concrete(value: Any) -> Any:
-        """``value`` with SymInts replaced by their observed ints (for the real call)."""
-        if isinstance(value, torch.SymInt | torch.SymFloat | torch.SymBool):
-            return SymbolicSizes.hint(value)
-        if isinstance(value, torch.Size):
-            return torch.Size([Tracer.concrete(v) for v in value])
-        if isinstance(value, tuple) and not hasattr(value, "_fields"):
-            return tuple(Tracer.concrete(v) for v in value)
-        if isinstance(value, list):
-            return [Tracer.concrete(v) for v in value]
-        if isinstance(value, slice):
-            c = Tracer.concrete
-            return slice(c(value.start), c(value.stop), c(value.step))
-        return value
+        """``value`` with SymInts replaced by their observed ints (for the real call).
+
+        Named tuples and dicts are passed as they are; a ``torch.Size`` stays one.
+        """
+        return tree_map(_concrete_leaf, value, leaf=_kept_whole)
 
     # -- the mode -------------------------------------------------------------------------
 
@@ -341,17 +316,26 @@ class Tracer(TorchFunctionMode):
 
 def tensors_in(value: Any) -> list[torch.Tensor]:
     """The tensor leaves of a (nested) value, in order."""
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, tuple | list):
-        return [t for v in value for t in tensors_in(v)]
-    if isinstance(value, dict):
-        return [t for v in value.values() for t in tensors_in(v)]
-    return []
+    return tree_leaves(value, keep=lambda v: isinstance(v, torch.Tensor))
 
 
 def _has_tensor(value: Any) -> bool:
-    return bool(tensors_in(value))
+    return tree_any(lambda v: isinstance(v, torch.Tensor), value)
+
+
+def _kept_whole(value: Any) -> bool:
+    return isinstance(value, dict | torch.Size) or hasattr(value, "_fields")
+
+
+def _concrete_leaf(value: Any) -> Any:
+    if isinstance(value, torch.SymInt | torch.SymFloat | torch.SymBool):
+        return SymbolicSizes.hint(value)
+    if isinstance(value, torch.Size):
+        return torch.Size([Tracer.concrete(v) for v in value])
+    if isinstance(value, slice):
+        c = Tracer.concrete
+        return slice(c(value.start), c(value.stop), c(value.step))
+    return value
 
 
 __all__ = ["Tracer", "inline_plans", "is_tracing", "tensors_in"]

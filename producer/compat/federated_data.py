@@ -10,11 +10,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
-from producer.pointers import PointerTensor
+from producer.remote.pointers import PointerTensor
 from schemas.errors import PlanInputError
 
 if TYPE_CHECKING:
-    from producer.device import Device
+    from producer.remote.device import Device
 
 
 @dataclass(frozen=True)

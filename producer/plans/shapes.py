@@ -14,6 +14,7 @@ when they are unavailable, and the tracer falls back to guarding every size it h
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -22,6 +23,8 @@ import torch
 
 from schemas.errors import PlanBuildError
 from schemas.ir import Ref, SymExpr
+
+log = logging.getLogger(__name__)
 
 GuardSink = Callable[[SymExpr | Ref | int, str], None]
 """Receives ``(indicator, condition_text)`` for each new guard; indicator must replay as 1."""
@@ -205,5 +208,9 @@ def make_symbolic_sizes(on_guard: GuardSink) -> SymbolicSizes | None:
         sizes = SymbolicSizes(on_guard)
         sizes.symint(-1, 2)  # probe the internal API once
         return sizes
-    except Exception:
+    except Exception:  # torch internals changed: trace with every size guarded instead
+        log.warning(
+            "symbolic sizes are unavailable in this torch; plans guard every size they read",
+            exc_info=True,
+        )
         return None

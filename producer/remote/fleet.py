@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 
-from producer.collector import PendingCommand, ReplyCollector
-from producer.device import Device
+from producer.remote.collector import PendingCommand, ReplyCollector
+from producer.remote.device import Device
 from producer.transport.base import Transport
 from producer.transport.local import LocalTransport
 from schemas.command_pb2 import Command, DeleteObjects
@@ -106,6 +106,10 @@ class Fleet:
             self.collector.forget(command.command_id, exc)
             raise
         return pending
+
+    def release(self, command_id: str) -> None:
+        """Stop keeping a command whose reply was read findable by id (see ``ReplyCollector``)."""
+        self.collector.release(command_id)
 
     def discard(self, device_id: str, object_id: str) -> None:
         """Delete a remote object with the next command (safe from finalizers: no locks)."""

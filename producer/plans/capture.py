@@ -1,4 +1,4 @@
-"""``trace``: run a function once under a :class:`~producer.tracer.Tracer` into a ``PlanIR``."""
+"""``trace``: run a function once under a :class:`~producer.plans.tracer.Tracer` into an IR."""
 
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ from typing import Any
 
 import torch
 
-from producer.refusals import custom_function_output, stateful_optimizers_refused
-from producer.tracer import Tracer, inline_plans, tensors_in
+from producer.plans.refusals import custom_function_output, stateful_optimizers_refused
+from producer.plans.tracer import Tracer, inline_plans, tensors_in
 from schemas.errors import PlanBuildError
 from schemas.ir import InputSpec, Op, PlanIR, Value
+from schemas.tree import Path, format_path, tree_map_with_path
 
 
 @dataclass
@@ -41,19 +42,18 @@ def _pattern(
     dynamic: Callable[[str, torch.Tensor], Sequence[int]] | None,
 ) -> Value:
     """The input pattern for one argument: tensor leaves get slots and input specs."""
-    if isinstance(value, torch.Tensor):
+
+    def leaf(keys: Path, value: Any) -> Value:
+        if not isinstance(value, torch.Tensor):
+            return tracer.lower(value)
+        where = format_path(path, keys)
         ref = tracer.bind(value)
-        tracer.specs[ref.slot] = InputSpec(slot=ref.slot, path=path, ndim=value.dim())
-        dims = range(value.dim()) if dynamic is None else dynamic(path, value)
+        tracer.specs[ref.slot] = InputSpec(slot=ref.slot, path=where, ndim=value.dim())
+        dims = range(value.dim()) if dynamic is None else dynamic(where, value)
         tracer.dynamic.update((ref.slot, d % max(value.dim(), 1)) for d in dims)
         return ref
-    if isinstance(value, tuple) and not hasattr(value, "_fields"):
-        return tuple(_pattern(tracer, v, f"{path}[{i}]", dynamic) for i, v in enumerate(value))
-    if isinstance(value, list):
-        return [_pattern(tracer, v, f"{path}[{i}]", dynamic) for i, v in enumerate(value)]
-    if isinstance(value, dict):
-        return {str(k): _pattern(tracer, v, f"{path}[{k!r}]", dynamic) for k, v in value.items()}
-    return tracer.lower(value)
+
+    return tree_map_with_path(leaf, value)
 
 
 def trace(

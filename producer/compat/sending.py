@@ -7,10 +7,12 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 import torch
 from torch import nn
 
-from producer.pointers import PointerTensor
+from producer.compat.remote_module import send_module
+from producer.plans.plan import Plan
+from producer.remote.pointers import PointerTensor
 
 if TYPE_CHECKING:
-    from producer.device import Device
+    from producer.remote.device import Device
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -45,12 +47,8 @@ def send(obj: Any, device: Device) -> Any:
     """
     if isinstance(obj, PointerTensor):
         return device.send_pointer(obj)
+    if isinstance(obj, Plan):
+        return obj.send(device)  # a plan is stored whole and returns a PointerPlan
     if isinstance(obj, nn.Module):
-        from producer.plan import Plan
-        from producer.remote_module import send_module
-
-        if isinstance(obj, Plan):
-            return obj.send(device)  # a plan is stored whole and returns a PointerPlan
-
         return send_module(obj, device)
     return device.send_tensor(obj)

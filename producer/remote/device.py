@@ -8,15 +8,16 @@ from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
 import torch
+from google.protobuf.message import Message
 
-from producer.collector import PendingCommand
-from producer.pointers import PointerPlan, PointerTensor
-from producer.remote_ops import pointer_of
-from producer.tagging import description_of, tags_of
+from producer.plans.plan import NOT_BUILT_MESSAGE
+from producer.plans.seams import BuiltPlan
+from producer.remote.collector import PendingCommand
+from producer.remote.pointers import PointerPlan, PointerTensor, pointer_of
+from producer.remote.tagging import description_of, tags_of
 from schemas import command_pb2 as cmd
 from schemas.errors import PlanInputError, PlanNotBuiltError
-from schemas.ir import Device as IRDevice
-from schemas.ir import DType, EllipsisValue, MemoryFormat, ObjectId, PlanIR, Slice, Value
+from schemas.ir import DType, ObjectId, PlanIR, Value, to_ir_value
 from schemas.outputs import output_slots, rebuild_like
 from schemas.plan_codec import plan_from_proto, plan_to_proto
 from schemas.plan_pb2 import ValueDict, ValueList
@@ -25,9 +26,7 @@ from schemas.value_codec import value_to_proto
 from schemas.wire import new_id
 
 if TYPE_CHECKING:
-    from producer.fleet import Fleet
-
-NOT_BUILT_MESSAGE = "A plan needs to be built before being sent to a worker."
+    from producer.remote.fleet import Fleet
 
 INLINE_LIMIT = 64 * 1024
 """Bytes: a plan output at most this big comes back in the ``RunPlan`` reply (``get()`` is free)."""
@@ -61,6 +60,24 @@ class Device:
 
     def __repr__(self) -> str:
         return f"<Device id:{self.id}>"
+
+    # -- the fleet ---------------------------------------------------------------------------
+
+    def peer(self, device_id: str) -> Device:
+        """Another device of this device's fleet."""
+        return self.fleet.device(device_id)
+
+    def shares_fleet(self, other: Device) -> bool:
+        """Whether ``other`` is reached through the same fleet (objects move only within one)."""
+        return other.fleet is self.fleet
+
+    def release(self, command_id: str) -> None:
+        """Stop keeping a command whose reply was read findable (see ``ReplyCollector``)."""
+        self.fleet.release(command_id)
+
+    def discard(self, object_id: str) -> None:
+        """Delete an object with the next command (safe from finalizers)."""
+        self.fleet.discard(self.id, object_id)
 
     # -- objects -----------------------------------------------------------------------------
 
@@ -101,7 +118,7 @@ class Device:
 
     def send_pointer(self, pointer: PointerTensor) -> PointerTensor:
         """Store on this device a pointer to ``pointer``'s object (a pointer to a pointer)."""
-        if pointer.location.fleet is not self.fleet:
+        if not self.shares_fleet(pointer.location):
             raise PlanInputError(
                 f"pointer {pointer.id} belongs to another fleet; devices can only point at "
                 "objects within one fleet"
@@ -169,7 +186,7 @@ class Device:
         if info.kind == "pointer":  # a pointer to a pointer: its value is the inner pointer
             return PointerTensor(
                 info.points_to_id,
-                self.fleet.device(info.points_to_device),
+                self.peer(info.points_to_device),
                 tags=tuple(info.tags),
                 shape=torch.Size(info.shape),
                 dtype=dtype_from_name(info.dtype) if info.dtype else None,
@@ -186,7 +203,7 @@ class Device:
         new_id: str | None = None,
     ) -> None:
         """Have the device hand an object to ``destination`` directly (under ``new_id`` if set)."""
-        if destination.fleet is not self.fleet:
+        if not self.shares_fleet(destination):
             raise PlanInputError(
                 f"device {destination.id!r} belongs to another fleet; devices can only move "
                 "objects within one fleet"
@@ -199,7 +216,9 @@ class Device:
 
     # -- plans -------------------------------------------------------------------------------
 
-    def send_plan(self, plan: Any, *, wait: bool = True, force: bool = False) -> PointerPlan:
+    def send_plan(
+        self, plan: BuiltPlan, *, wait: bool = True, force: bool = False
+    ) -> PointerPlan:
         """Store a built plan on the device (once: sending it again transfers nothing).
 
         A plan rebuilt since it was sent is sent again. ``wait`` blocks until the device
@@ -207,8 +226,8 @@ class Device:
         sends it again: the device then replaces its copy if the plan or its state differ
         (use it to push locally changed state; otherwise the device keeps its own state).
         """
-        if not getattr(plan, "is_built", False):
-            raise PlanNotBuiltError(NOT_BUILT_MESSAGE, plan_name=getattr(plan, "name", None))
+        if not plan.is_built:
+            raise PlanNotBuiltError(NOT_BUILT_MESSAGE, plan_id=plan.id, plan_name=plan.name)
         pending: PendingCommand | None = None
         ir: PlanIR = plan.ir
         if force or self._plans.get(plan.id) is not ir.ops:
@@ -216,8 +235,6 @@ class Device:
             pending = self._submit("store_plan", msg)
             self._plans[plan.id] = ir.ops
             pending.add_done_callback(lambda f: self._forget_refused(plan.id, f))
-        if hasattr(plan, "location"):
-            plan.location = self  # the plan's repr shows where it was sent last
         pointer = PointerPlan(plan, self, pending=pending)
         if wait:
             pointer.wait()
@@ -233,7 +250,7 @@ class Device:
 
     def run_plan(
         self,
-        plan: Any,
+        plan: BuiltPlan,
         args: Sequence[Any],
         kwargs: Mapping[str, Any] | None = None,
         *,
@@ -307,19 +324,24 @@ class Device:
         if carrier is not None:
             carrier._drop_carried_value()
 
-    def _submit(self, body: str, msg: Any, result_ids: tuple[str, ...] = ()) -> PendingCommand:
+    def _submit(
+        self, body: str, msg: Message, result_ids: tuple[str, ...] = ()
+    ) -> PendingCommand:
         return self.fleet.submit(self.id, body, msg, result_ids)
 
-    def _call(self, body: str, msg: Any, *, timeout: float | None = None) -> cmd.Reply:
+    def _call(self, body: str, msg: Message, *, timeout: float | None = None) -> cmd.Reply:
         pending = self._submit(body, msg)
         try:
             return pending.reply(self.timeout if timeout is None else timeout)
         finally:
             if pending.done():
-                self.fleet.collector.release(pending.command_id)
+                self.release(pending.command_id)
 
     def _arg(self, value: Any) -> Value:
         """A call argument as a command value: pointers become ``ObjectId`` on this device."""
+        return to_ir_value(value, self._leaf)
+
+    def _leaf(self, value: Any) -> Value:
         pointer = pointer_of(value)  # a sent module's parameter stands for its pointer
         if pointer is not None:
             value = pointer
@@ -333,37 +355,15 @@ class Device:
             value.raise_if_failed()  # the cause, rather than "no object" from the device
             self._named(value.id)  # the command may change it (in place, move, ...)
             return ObjectId(value.id)
-        if isinstance(value, tuple):
-            return tuple(self._arg(v) for v in value)
-        if isinstance(value, list):
-            return [self._arg(v) for v in value]
-        if isinstance(value, dict):
-            return {str(k): self._arg(v) for k, v in value.items()}
         if isinstance(value, torch.Tensor):
             return value.detach()
-        return _lower(value)
+        raise TypeError(
+            f"a {type(value).__name__} cannot be sent to a device; pass pointers, tensors, "
+            "numbers, strings, dtypes, slices or tuples/lists/dicts (string keys) of them"
+        )
 
     def _kwargs(self, kwargs: Mapping[str, Any]) -> ValueDict:
         return ValueDict(
             keys=list(kwargs), values=[value_to_proto(self._arg(v)) for v in kwargs.values()]
         )
 
-
-def _lower(value: Any) -> Value:
-    """A plain Python argument as an IR value (dtypes, devices, slices and ``...`` by name)."""
-    if value is None or isinstance(value, bool | int | float | str):
-        return value
-    if isinstance(value, torch.dtype):
-        return DType.of(value)
-    if isinstance(value, torch.device):
-        return IRDevice(str(value))
-    if isinstance(value, torch.memory_format):
-        return MemoryFormat(str(value).removeprefix("torch."))
-    if isinstance(value, slice):
-        return Slice(_lower(value.start), _lower(value.stop), _lower(value.step))
-    if value is Ellipsis:
-        return EllipsisValue()
-    raise TypeError(
-        f"a {type(value).__name__} cannot be sent to a device; pass pointers, tensors, numbers, "
-        "strings, dtypes, slices or tuples/lists/dicts of them"
-    )

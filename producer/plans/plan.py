@@ -6,24 +6,32 @@ import copy
 import dataclasses
 import functools
 import inspect
+import logging
 import uuid
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from producer.listing import render
-from producer.optim_state import optimizer_state
-from producer.selfcheck import clone_tensor, clone_tree, self_check, swapped
-from producer.shapes import SymbolicUnsupported
-from producer.tracer import is_tracing
-from producer.tracing import trace
+from producer.plans.capture import trace
+from producer.plans.listing import render
+from producer.plans.optim_state import optimizer_state
+from producer.plans.seams import PlanHost, RemoteTensor, SentPlan
+from producer.plans.selfcheck import clone_tensor, clone_tree, self_check, swapped
+from producer.plans.shapes import SymbolicUnsupported
+from producer.plans.tracer import is_tracing
 from schemas.errors import PlanBuildError, PlanInputError, PlanNotBuiltError
 from schemas.ir import PlanIR
+from schemas.tree import tree_any, tree_leaves, tree_map
+
+log = logging.getLogger(__name__)
 
 NOT_BUILT_MESSAGE = "A plan needs to be built before being sent to a worker."
+Traced = tuple[PlanIR, list[str]]
+"""A trace's IR and the names of the state tensors it left with a ``.grad``."""
+
 _PLAN_FIELDS = frozenset({"id", "name", "owner", "location", "self_check"})
 
 
@@ -52,34 +60,15 @@ class State:
         return f"State({self.tensors!r})"
 
 
-def _is_pointer(value: Any) -> bool:
-    return (
-        not isinstance(value, torch.Tensor)
-        and hasattr(value, "location")
-        and hasattr(value, "shape")
-    )
-
-
-def _leaves(value: Any) -> Iterator[Any]:
-    if isinstance(value, tuple | list):
-        for v in value:
-            yield from _leaves(v)
-    elif isinstance(value, dict):
-        for v in value.values():
-            yield from _leaves(v)
-    else:
-        yield value
-
-
 def _zeros_like_pointer(value: Any) -> Any:
-    if _is_pointer(value):
-        dtype = getattr(value, "dtype", None) or torch.float32
-        return torch.zeros(tuple(value.shape), dtype=dtype)
-    if isinstance(value, tuple | list):
-        return type(value)(_zeros_like_pointer(v) for v in value)
-    if isinstance(value, dict):
-        return {k: _zeros_like_pointer(v) for k, v in value.items()}
+    """A local stand-in for a pointer (zeros of its shape and dtype) to trace with."""
+    if isinstance(value, RemoteTensor):
+        return torch.zeros(tuple(value.shape), dtype=value.dtype or torch.float32)
     return value
+
+
+def _is_remote(value: Any) -> bool:
+    return isinstance(value, RemoteTensor)
 
 
 def _python_state(module: nn.Module) -> dict[tuple[str, str], Any]:
@@ -202,10 +191,10 @@ class Plan(nn.Module):
         object.__setattr__(self, "_bound_module", bound_module)
         self._ir: PlanIR | None = None
         self._loaded: Any = None
-        self._pointers: dict[Any, Any] = {}
+        self._pointers: dict[str, SentPlan] = {}  # device id -> the plan stored there
         self._dynamic: dict[str, tuple[int, ...]] | None = None
         self._attributes: dict[tuple[str, str], Any] = {}
-        self.location: Any = None
+        self.location: PlanHost | None = None  # where the plan was sent last
 
     # -- what is traced -------------------------------------------------------------------
 
@@ -363,37 +352,77 @@ class Plan(nn.Module):
 
         The example run does not change the plan's state or the arguments (they are
         traced on copies). Unless ``self_check`` is off, the plan is then replayed against
-        the eager function and any difference is a ``PlanBuildError``.
+        the eager function and any difference is a ``PlanBuildError``. Pointers among the
+        arguments stand for zeros of their shape and dtype.
         """
         args, kwargs = self.bind_arguments(args, kwargs)
-        if any(_is_pointer(v) for v in (*_leaves(args), *_leaves(kwargs))):
-            args, kwargs = _zeros_like_pointer(args), _zeros_like_pointer(kwargs)
+        if tree_any(_is_remote, (args, kwargs)):
+            args, kwargs = tree_map(_zeros_like_pointer, (args, kwargs))
         fn, arg_names = self._target()
         state = self.named_state()
-        live = list(state.values())
         module = self._state_module()
         before = _python_state(module) if module is not None else {}
+        attempt = functools.partial(self._trace_once, fn, arg_names, state, module, args, kwargs)
+        ir, grads_left = self._trace(attempt)
+        self._refuse_side_effects(module, state, before)
+        if grads_left:
+            self._warn_grads_left(grads_left)
+        self._install(ir, module)
+        if self.self_check:
+            self._check_against_eager(fn, state, args, kwargs)
+        return self
+
+    def _trace(self, attempt: Callable[[bool], Traced]) -> Traced:
+        """The IR and the state left with a grad: symbolic sizes, else every size guarded."""
+        try:
+            return attempt(True)
+        except SymbolicUnsupported as exc:
+            log.info(
+                "plan %r: symbolic sizes cannot express this trace (%s); tracing again with "
+                "every size guarded",
+                self.name,
+                exc,
+            )
+        return attempt(False)
+
+    def _trace_once(
+        self,
+        fn: Callable[..., Any],
+        arg_names: list[str],
+        state: dict[str, torch.Tensor],
+        module: nn.Module | None,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        symbolic: bool,
+    ) -> Traced:
+        """One trace on copies of the arguments and state."""
+        live = list(state.values())
         dynamic = self._dynamic
-        for symbolic in (True, False):  # fall back to guarded sizes if symbolic ones fail
-            try:
-                with swapped(live, [clone_tensor(t) for t in live]):
-                    result = trace(
-                        fn,
-                        *clone_tree((args, kwargs)),
-                        name=self.name,
-                        state=state,
-                        arg_names=arg_names,
-                        dynamic=None if dynamic is None else (lambda p, t: dynamic.get(p, ())),
-                        symbolic=symbolic,
-                        optimizers=optimizer_state(module)[1] if module is not None else (),
-                    )
-                    still_set = [k for k, t in state.items() if t.grad is not None]
-                    result.outputs = None  # release the autograd graph before swapping back
-                break
-            except SymbolicUnsupported:
-                if not symbolic:
-                    raise
-        replaced = _restore_state_objects(module, state) if module is not None else []
+        with swapped(live, [clone_tensor(t) for t in live]):
+            result = trace(
+                fn,
+                *clone_tree((args, kwargs)),
+                name=self.name,
+                state=state,
+                arg_names=arg_names,
+                dynamic=None if dynamic is None else (lambda p, t: dynamic.get(p, ())),
+                symbolic=symbolic,
+                optimizers=optimizer_state(module)[1] if module is not None else (),
+            )
+            grads_left = [k for k, t in state.items() if t.grad is not None]
+            result.outputs = None  # release the autograd graph before swapping back
+        return result.ir, grads_left
+
+    def _refuse_side_effects(
+        self,
+        module: nn.Module | None,
+        state: dict[str, torch.Tensor],
+        before: dict[tuple[str, str], Any],
+    ) -> None:
+        """``PlanBuildError`` if the traced run replaced state tensors or changed attributes."""
+        if module is None:
+            return
+        replaced = _restore_state_objects(module, state)
         if replaced:
             raise PlanBuildError(
                 f"plan {self.name!r} replaces its state tensors {replaced[:3]} with new "
@@ -401,37 +430,47 @@ class Plan(nn.Module):
                 "(p.copy_(...) or p.sub_(...) under torch.no_grad())",
                 plan_name=self.name,
             )
-        if module is not None:
-            changed = sorted(
-                f"{m + '.' if m else ''}{k}"
-                for (m, k), v in _python_state(module).items()
-                if (m, k) not in before or before[(m, k)] != v
+        changed = sorted(
+            f"{m + '.' if m else ''}{k}"
+            for (m, k), v in _python_state(module).items()
+            if (m, k) not in before or before[(m, k)] != v
+        )
+        if changed:
+            raise PlanBuildError(
+                f"plan {self.name!r} changes Python attributes {changed} while running; "
+                "plans replay only torch ops, so keep such counters in tensors "
+                "(a registered buffer updated in place)",
+                plan_name=self.name,
             )
-            if changed:
-                raise PlanBuildError(
-                    f"plan {self.name!r} changes Python attributes {changed} while running; "
-                    "plans replay only torch ops, so keep such counters in tensors "
-                    "(a registered buffer updated in place)",
-                    plan_name=self.name,
-                )
-        if still_set:
-            warnings.warn(
-                f"plan {self.name!r} leaves .grad set on {still_set[:3]}...; devices clear "
-                "state gradients at the start and end of every call, so gradient "
-                "accumulation across calls does not carry over",
-                stacklevel=2,
-            )
-        if self._ir is not None:  # rebuilt: devices holding the old IR must not be reused
+
+    def _warn_grads_left(self, names: list[str]) -> None:
+        warnings.warn(
+            f"plan {self.name!r} leaves .grad set on {names[:3]}...; devices clear "
+            "state gradients at the start and end of every call, so gradient "
+            "accumulation across calls does not carry over",
+            stacklevel=3,
+        )
+
+    def _install(self, ir: PlanIR, module: nn.Module | None) -> None:
+        """Make ``ir`` this plan's IR (a rebuilt plan gets a new id: devices hold the old one)."""
+        if self._ir is not None:
             self.id, self._pointers, self.location = uuid.uuid4().hex, {}, None
-        self._ir, self._loaded = result.ir, None
+        self._ir, self._loaded = ir, None
         self._attributes = _python_state(module) if module is not None else {}
-        if self.self_check:
-            try:
-                self_check(fn, self._replay, state, args, kwargs, name=self.name)
-            except BaseException:
-                self._ir, self._loaded = None, None
-                raise
-        return self
+
+    def _check_against_eager(
+        self,
+        fn: Callable[..., Any],
+        state: dict[str, torch.Tensor],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> None:
+        """Replay against the eager function; on any difference the plan is unbuilt again."""
+        try:
+            self_check(fn, self._replay, state, args, kwargs, name=self.name)
+        except BaseException:
+            self._ir, self._loaded = None, None
+            raise
 
     @property
     def is_built(self) -> bool:
@@ -467,13 +506,12 @@ class Plan(nn.Module):
         if is_tracing():  # inside another plan's trace: be traced as plain torch code
             return self._target()[0](*args, **kwargs)
         args, kwargs = self.bind_arguments(args, kwargs)
-        leaves = [*_leaves(args), *_leaves(kwargs)]
-        pointers = [v for v in leaves if _is_pointer(v)]
+        pointers: list[RemoteTensor] = tree_leaves((args, kwargs), keep=_is_remote)
         if pointers:
             if not self.is_built:
-                self.build(*_zeros_like_pointer(args), **_zeros_like_pointer(kwargs))
+                self.build(*args, **kwargs)  # from zeros shaped like the pointers
             location = pointers[0].location
-            pointer_plan = self._pointers.get(getattr(location, "id", id(location)))
+            pointer_plan = self._pointers.get(location.id)
             if pointer_plan is None:
                 pointer_plan = self.send(location)
             return pointer_plan(*args, **kwargs)
@@ -502,13 +540,13 @@ class Plan(nn.Module):
                 plan_name=self.name,
             )
 
-    def send(self, device: Any) -> Any:
+    def send(self, device: PlanHost) -> SentPlan:
         """Store the plan (and its current state) on ``device``; returns a ``PointerPlan``."""
         if not self.is_built:
             raise PlanNotBuiltError(NOT_BUILT_MESSAGE, plan_id=self.id, plan_name=self.name)
         pointer = device.send_plan(self)
         self.location = device
-        self._pointers[getattr(device, "id", id(device))] = pointer
+        self._pointers[device.id] = pointer
         return pointer
 
     def copy(self) -> Plan:
@@ -522,7 +560,7 @@ class Plan(nn.Module):
         kind = "Plan" if type(self) is Plan else type(self).__name__
         text = f"<{kind} {self.name} id:{self.id} owner:{self.owner}"
         if self.location is not None:
-            text += f" location:{getattr(self.location, 'id', self.location)}"
+            text += f" location:{self.location.id}"
         return text + (" built>" if self.is_built else ">")
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Plan:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
 
 from torch.optim import Optimizer
+
+from producer.remote.device import Device
 
 
 class Optims:
@@ -24,19 +25,22 @@ class Optims:
     False
     """
 
-    def __init__(self, workers: Iterable[Any], *, optim: Optimizer) -> None:
+    def __init__(self, workers: Iterable[Device | str], *, optim: Optimizer) -> None:
         self.optim = optim
         self.optimizers: dict[str, Optimizer] = {}
         for worker in workers:
-            worker_id = str(getattr(worker, "id", worker))
-            self.optimizers[worker_id] = _fresh_copy(optim)
+            self.optimizers[_id_of(worker)] = _fresh_copy(optim)
 
-    def get_optim(self, worker: Any) -> Optimizer:
+    def get_optim(self, worker: Device | str) -> Optimizer:
         """The optimizer of a device (by id or handle), made on first use."""
-        worker_id = str(getattr(worker, "id", worker))
+        worker_id = _id_of(worker)
         if worker_id not in self.optimizers:
             self.optimizers[worker_id] = _fresh_copy(self.optim)
         return self.optimizers[worker_id]
+
+
+def _id_of(worker: Device | str) -> str:
+    return worker.id if isinstance(worker, Device) else str(worker)
 
 
 def _fresh_copy(template: Optimizer) -> Optimizer:

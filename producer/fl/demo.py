@@ -23,6 +23,7 @@ from producer.fl.progress import ProgressBar, plot_metrics, write_metrics
 from producer.fl.rounds import RoundPolicy
 from producer.fl.strategy import STRATEGIES, Strategy, make_strategy
 from producer.fl.training import TrainingSpec, build_training_plan, evaluate, get_weights
+from producer.remote.fleet import connect
 from schemas.errors import FedplanError
 
 
@@ -50,7 +51,7 @@ class DeviceData:
 
     def tagged(self) -> list[torch.Tensor]:
         """The four tensors with the tags devices are searched by."""
-        from producer.tagging import tag
+        from producer.remote.tagging import tag
 
         return [
             tag(self.x_train.clone(), "train", "x"),
@@ -113,7 +114,7 @@ def spawn_workers(shares: list[DeviceData], root: Path, broker: str) -> Workers:
     from consumer.store.base import StoredObject
     from consumer.store.sqlite import SqliteStore
     from consumer.worker.cli import worker_argv, worker_env
-    from producer.tagging import tags_of
+    from producer.remote.tagging import tags_of
 
     workers = Workers()
     for share in shares:
@@ -200,13 +201,11 @@ def announce(args: argparse.Namespace, setup: DemoSetup) -> None:
 
 def train(args: argparse.Namespace, setup: DemoSetup) -> JobResult:
     """Start the devices (Celery workers with ``--broker``), run the job, stop them."""
-    import producer as fp
-
     spawned = bool(args.broker) and not args.no_spawn
     workers = Workers()
     if spawned:
         workers = spawn_workers(setup.shares, setup.out / "devices", args.broker)
-    fleet = fp.connect(args.broker, timeout=args.timeout) if args.broker else fp.connect()
+    fleet = connect(args.broker, timeout=args.timeout) if args.broker else connect()
     executor = ThreadPoolExecutor(max(4, 2 * args.devices), thread_name_prefix="fl-fit")
     try:
         members = participants(args, setup, fleet, executor, spawned=spawned)

@@ -20,7 +20,7 @@ from schemas.errors import PlanBuildError
 _INPLACE_DUNDERS = {"__iadd__", "__isub__", "__imul__", "__itruediv__", "__idiv__",
                     "__ifloordiv__", "__imod__", "__ipow__", "__iand__", "__ior__", "__ixor__",
                     "__ilshift__", "__irshift__", "__setitem__"}  # fmt: skip
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _SKIP_DIRS = (
     os.path.dirname(torch.__file__) + os.sep,
     *(os.path.join(_ROOT, pkg) + os.sep for pkg in ("producer", "schemas", "consumer")),

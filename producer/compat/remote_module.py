@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from torch import nn
 
-from producer.remote_ops import POINTER_ATTR, pointer_of, run_remote
+from producer.remote.ops import run_remote, torch_function_calling
+from producer.remote.pointers import POINTER_ATTR, PointerTensor, pointer_of
 from schemas import allowlist
 from schemas.errors import OpNotAllowedError, PlanInputError
+from schemas.tree import tree_map
 
 if TYPE_CHECKING:
-    from producer.device import Device
-    from producer.pointers import PointerTensor
+    from producer.remote.device import Device
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -46,7 +47,7 @@ def _describe(tensor: torch.Tensor) -> str:
         return f"(remote {type(tensor).__name__} -> {where}, shape {tuple(tensor.shape)})"
 
 
-def _dispatch(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+def _dispatch(func: Callable[..., Any], args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
     """Run a torch call on remote parameters: metadata locally, everything else on the device."""
     special = _LOCAL_SPECIAL.get(func)
     if special is not None:
@@ -63,10 +64,16 @@ def _dispatch(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str,
     if name == "Tensor.requires_grad_":
         with torch._C.DisableTorchFunctionSubclass():  # mirror it: requires_grad is read here
             func(*args, **kwargs)
+    args, kwargs = tree_map(_swap, (tuple(args), dict(kwargs)))  # parameters -> pointers
     if name == "Tensor.grad.__get__":
         # ``if p.grad is not None`` (optimizers) needs to know whether a gradient exists
         return run_remote(name, args, kwargs).resolved()
     return run_remote(name, args, kwargs)
+
+
+def _swap(value: Any) -> Any:
+    pointer = pointer_of(value)
+    return value if pointer is None else pointer
 
 
 class RemoteParameter(nn.Parameter):
@@ -76,29 +83,13 @@ class RemoteParameter(nn.Parameter):
     are answered locally. ``fp.get_module`` turns it back into a plain ``nn.Parameter``.
     """
 
-    @classmethod
-    def __torch_function__(
-        cls,
-        func: Callable[..., Any],
-        types: Any,
-        args: tuple[Any, ...] = (),
-        kwargs: dict[str, Any] | None = None,
-    ) -> Any:
-        return _dispatch(func, args, kwargs or {})
+    __torch_function__ = torch_function_calling(_dispatch)
 
 
 class RemoteBuffer(torch.Tensor):
     """A module buffer whose value lives on a device (see :class:`RemoteParameter`)."""
 
-    @classmethod
-    def __torch_function__(
-        cls,
-        func: Callable[..., Any],
-        types: Any,
-        args: tuple[Any, ...] = (),
-        kwargs: dict[str, Any] | None = None,
-    ) -> Any:
-        return _dispatch(func, args, kwargs or {})
+    __torch_function__ = torch_function_calling(_dispatch)
 
 
 class SentModule:

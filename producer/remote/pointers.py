@@ -8,7 +8,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from producer.collector import PendingCommand
+from producer.plans.seams import BuiltPlan, RemoteTensor
+from producer.remote.collector import PendingCommand
+from producer.remote.ops import (
+    run_remote,
+    run_torch_function,
+    tensor_method,
+    torch_function_calling,
+)
 from schemas.command_pb2 import ObjectInfo
 from schemas.errors import ObjectNotFound, PlanInputError
 from schemas.tensor_codec import dtype_from_name, tensor_from_proto
@@ -16,10 +23,21 @@ from schemas.value_codec import value_from_proto
 from schemas.wire import new_id
 
 if TYPE_CHECKING:
-    from producer.device import Device
+    from producer.remote.device import Device
+
+POINTER_ATTR = "_fedplan_pointer"
+"""Attribute of a local tensor (a sent module's parameter) naming its remote pointer."""
 
 
-class PointerTensor:
+def pointer_of(value: Any) -> PointerTensor | None:
+    """The pointer behind a sent module's parameter or buffer; ``None`` for anything else."""
+    if isinstance(value, torch.Tensor):
+        pointer = value.__dict__.get(POINTER_ATTR)
+        return pointer if isinstance(pointer, PointerTensor) else None
+    return None
+
+
+class PointerTensor(RemoteTensor):
     """A handle to a tensor (or a plan's Python result) stored on a device under ``id``.
 
     Pointers to results exist before the device has run anything: their metadata (shape,
@@ -54,7 +72,7 @@ class PointerTensor:
         owned: bool = False,
     ) -> None:
         self.id = id
-        self.location = location
+        self.location: Device = location
         self.pointer_id = new_id()
         self.tags = tags
         self.description = description
@@ -106,7 +124,7 @@ class PointerTensor:
                 self._pending = pending  # waiting again raises the same error
                 raise
             if all(r == self.id for r in pending.result_ids):
-                self.location.fleet.collector.release(pending.command_id)
+                self.location.release(pending.command_id)
         return self
 
     def raise_if_failed(self) -> None:
@@ -205,7 +223,7 @@ class PointerTensor:
             return self._value
         if self._has_value:
             value, self._value, self._has_value = self._value, None, False
-            self.location.fleet.discard(self.location.id, self.id)  # rides the next command
+            self.location.discard(self.id)  # rides the next command
         else:
             value = self.location.fetch(self.id, delete=True, timeout=self._timeout(timeout))
         self._gone = True
@@ -238,7 +256,7 @@ class PointerTensor:
                 "use get() or move() instead"
             )
         device_id, object_id = target
-        source = self.location.fleet.device(device_id)
+        source = self.location.peer(device_id)
         source.move_object(object_id, self.location, new_id=self.id, timeout=self._timeout(None))
         self._kind, self._points_to = "tensor", None
         return self
@@ -261,30 +279,18 @@ class PointerTensor:
     def __del__(self) -> None:
         if self._owned and not self._gone:
             with contextlib.suppress(Exception):  # never raise from a finalizer
-                self.location.fleet.discard(self.location.id, self.id)
+                self.location.discard(self.id)
 
     def _timeout(self, timeout: float | None) -> float | None:
         return self.location.timeout if timeout is None else timeout
 
     # -- remote ops --------------------------------------------------------------------------
 
-    @classmethod
-    def __torch_function__(
-        cls,
-        func: Callable[..., Any],
-        types: Any,
-        args: tuple[Any, ...] = (),
-        kwargs: dict[str, Any] | None = None,
-    ) -> Any:
-        from producer.remote_ops import run_torch_function
-
-        return run_torch_function(func, args, kwargs or {})
+    __torch_function__ = torch_function_calling(run_torch_function)
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):
             raise AttributeError(name)
-        from producer.remote_ops import tensor_method
-
         return tensor_method(self, name)
 
     def __repr__(self) -> str:
@@ -305,8 +311,6 @@ class PointerTensor:
 
 def _binary(name: str) -> Callable[[PointerTensor, Any], Any]:
     def op(self: PointerTensor, other: Any) -> Any:
-        from producer.remote_ops import run_remote
-
         return run_remote(f"Tensor.{name}", (self, other), {})
 
     op.__name__ = name
@@ -315,8 +319,6 @@ def _binary(name: str) -> Callable[[PointerTensor, Any], Any]:
 
 def _unary(name: str) -> Callable[[PointerTensor], Any]:
     def op(self: PointerTensor) -> Any:
-        from producer.remote_ops import run_remote
-
         return run_remote(f"Tensor.{name}", (self,), {})
 
     op.__name__ = name
@@ -351,10 +353,12 @@ class PointerPlan:
     tensor([2., 4.])
     """
 
-    def __init__(self, plan: Any, location: Device, *, pending: PendingCommand | None) -> None:
+    def __init__(
+        self, plan: BuiltPlan, location: Device, *, pending: PendingCommand | None
+    ) -> None:
         self.plan = plan
         self.id: str = plan.id
-        self.location = location
+        self.location: Device = location
         self.pointer_id = new_id()
         self._pending = pending
 

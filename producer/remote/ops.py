@@ -4,29 +4,43 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import torch
-
+from producer.plans.refusals import is_inplace
+from producer.plans.seams import PlanHost, RemoteTensor
 from schemas import allowlist
 from schemas.errors import OpNotAllowedError, PlanInputError
-
-if TYPE_CHECKING:
-    from producer.device import Device
-    from producer.pointers import PointerTensor
+from schemas.tree import tree_leaves
 
 _RETURNS_NONE = frozenset({"Tensor.backward", "torch._C._set_grad_enabled"})
 """Ops whose result is ``None``: the call waits for the device and returns ``None``."""
 
-POINTER_ATTR = "_fedplan_pointer"
-"""Attribute of a local tensor (a sent module's parameter) naming its remote pointer."""
+TorchDispatch = Callable[[Callable[..., Any], Sequence[Any], Mapping[str, Any]], Any]
+"""``dispatch(func, args, kwargs)``: where a class sends the torch calls it takes over."""
 
 
-def pointer_of(value: Any) -> PointerTensor | None:
-    """The pointer behind a sent module's parameter or buffer; ``None`` for anything else."""
-    if isinstance(value, torch.Tensor):
-        return value.__dict__.get(POINTER_ATTR)
-    return None
+def torch_function_calling(dispatch: TorchDispatch) -> classmethod[Any, ..., Any]:
+    """A ``__torch_function__`` classmethod that hands every torch call to ``dispatch``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> class Echo:
+    ...     __torch_function__ = torch_function_calling(lambda f, a, k: f.__name__)
+    >>> torch.abs(Echo())
+    'abs'
+    """
+
+    def torch_function(
+        cls: type,
+        func: Callable[..., Any],
+        types: Any,
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+    ) -> Any:
+        return dispatch(func, args, kwargs or {})
+
+    return classmethod(torch_function)
 
 
 def op_name(func: Callable[..., Any]) -> str:
@@ -47,7 +61,7 @@ def run_torch_function(
     return run_remote(op_name(func), args, kwargs)
 
 
-def tensor_method(pointer: PointerTensor, name: str) -> Any:
+def tensor_method(pointer: RemoteTensor, name: str) -> Any:
     """``ptr.<name>``: an allow-listed tensor method bound to the pointer, or a property read.
 
     A property (``ptr.grad``, ``ptr.data``) is read on the device at once and comes back as
@@ -63,52 +77,30 @@ def tensor_method(pointer: PointerTensor, name: str) -> Any:
     return functools.partial(_method, target, pointer)
 
 
-def _method(target: str, pointer: PointerTensor, *args: Any, **kwargs: Any) -> Any:
+def _method(target: str, pointer: RemoteTensor, *args: Any, **kwargs: Any) -> Any:
     return run_remote(target, (pointer, *args), kwargs)
 
 
 def run_remote(target: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
-    """Run one allow-listed op on the device that holds every pointer among the arguments."""
+    """Run one allow-listed op on the device that holds every pointer among the arguments.
+
+    A sent module's parameters among the arguments must be swapped for their pointers first
+    (``producer.compat.remote_module`` does).
+    """
     if not allowlist.is_allowed(target):
         raise OpNotAllowedError(f"{target} is not in the allow-list; it cannot run on a device")
-    args = tuple(_swap(a) for a in args)
-    kwargs = {k: _swap(v) for k, v in kwargs.items()}
-    device = _device_of([*args, *kwargs.values()])
+    device = _device_of((args, kwargs))
     result = device.run_op(target, args, kwargs)  # under no_grad here, no_grad there too
     if target in _RETURNS_NONE or target.endswith(".__set__"):
         result.wait()
         return None
-    if _is_in_place(target):
+    if is_inplace(target):
         result.wait()  # nobody reads an in-place op's result: report its failure here
     return result
 
 
-def _swap(value: Any) -> Any:
-    """A sent module's parameters (anywhere in the arguments) replaced by their pointers."""
-    pointer = pointer_of(value)
-    if pointer is not None:
-        return pointer
-    if type(value) is tuple:
-        return tuple(_swap(v) for v in value)
-    if type(value) is list:
-        return [_swap(v) for v in value]
-    if type(value) is dict:
-        return {k: _swap(v) for k, v in value.items()}
-    return value
-
-
-def _is_in_place(target: str) -> bool:
-    name = target.rsplit(".", 1)[-1]
-    if name.startswith("__"):
-        return name.startswith("__i") and name not in ("__invert__", "__index__")
-    return name.endswith("_")
-
-
-def _device_of(values: Sequence[Any]) -> Device:
-    from producer.pointers import PointerTensor
-
-    found: list[PointerTensor] = []
-    _collect(values, found, PointerTensor)
+def _device_of(values: Any) -> PlanHost:
+    found = tree_leaves(values, keep=lambda v: isinstance(v, RemoteTensor))
     if not found:
         raise PlanInputError("a remote op needs at least one PointerTensor argument")
     first = found[0]
@@ -120,14 +112,3 @@ def _device_of(values: Sequence[Any]) -> Device:
                 "with ptr.move(device) first"
             )
     return first.location
-
-
-def _collect(value: Any, found: list[Any], cls: type) -> None:
-    if isinstance(value, cls):
-        found.append(value)
-    elif isinstance(value, tuple | list):
-        for item in value:
-            _collect(item, found, cls)
-    elif isinstance(value, dict):
-        for item in value.values():
-            _collect(item, found, cls)

@@ -1,0 +1,1 @@
+"""The ``fedplan`` command line: ``main`` (the console script) and its ``status`` subcommand."""

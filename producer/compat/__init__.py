@@ -1,0 +1,1 @@
+"""The PySyft-style conveniences (hook, send, modules and datasets on devices)."""

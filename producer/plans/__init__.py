@@ -1,0 +1,1 @@
+"""Building plans: torch code traced into a ``PlanIR`` (never imports ``producer.remote``)."""
