@@ -228,11 +228,6 @@ class Settings:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
 
-    @property
-    def consumer_timeout_ms(self) -> int:
-        """A RabbitMQ ``consumer_timeout`` comfortably above the longest plan (hard limit)."""
-        return int(self.time_limit * 2 * 1000)
-
 
 def _convert(name: str, type_name: str, raw: str) -> Any:
     if type_name == "bool":

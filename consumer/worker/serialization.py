@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from kombu.serialization import register
 
 from broker_config.envelope import CONTENT_ENCODING, CONTENT_TYPE
+
+log = logging.getLogger(__name__)
 
 SERIALIZER = "fedplan-protobuf"
 
@@ -26,14 +29,16 @@ def _decode(data: Any) -> tuple[tuple[bytes], dict[str, Any], dict[str, Any]]:
     """Wrap the body as the task's only argument; never parses and never raises.
 
     Celery decodes a task body twice (in the worker and in the pool process) and acks and
-    drops a message whose decoder raises; the task parses the protobuf exactly once.
+    drops a message whose decoder raises; the task parses the protobuf exactly once. A body
+    that is not bytes-like becomes an empty command (answered with a decode error), and the
+    log says so.
     """
-    try:
-        if isinstance(data, str):
-            raw = data.encode("latin-1", errors="replace")
-        else:
-            raw = data if isinstance(data, bytes) else bytes(data)
-    except Exception:
+    if isinstance(data, str):
+        raw = data.encode("latin-1", errors="replace")
+    elif isinstance(data, bytes | bytearray | memoryview):
+        raw = bytes(data)
+    else:  # never bytes(int): that would allocate as many bytes as the int says
+        log.warning("a %s body is not bytes; it is handled as empty", type(data).__name__)
         raw = b""
     return (raw,), {}, dict(_EMBED)
 

@@ -72,3 +72,14 @@ def test_a_device_queue_named_on_the_command_line_gets_fedplan_arguments() -> No
     assert queue.routing_key == names.device_routing_key("zed")
     assert queue.queue_arguments["x-max-length"] == 9
     assert queue.queue_arguments["x-dead-letter-exchange"] == names.dead_letter_exchange()
+
+
+def test_a_body_that_is_not_bytes_becomes_an_empty_command_and_the_log_says_so(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from consumer.worker.serialization import _decode
+
+    with caplog.at_level("WARNING", logger="consumer.worker.serialization"):
+        args, _, _ = _decode(10**12)  # bytes(10**12) would try to allocate a terabyte
+    assert args == (b"",)
+    assert "int body is not bytes; it is handled as empty" in caplog.text
