@@ -17,11 +17,15 @@ Examples
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from broker_config import names
+from schemas.errors import FedplanError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,8 +129,16 @@ class PaceSteering:
     max_backlog: int = 1
 
     def eligible(self, device_ids: Sequence[str]) -> tuple[list[str], dict[str, str]]:
-        """The devices that may be sampled, and why each other one is skipped."""
-        loads = self.probe.loads(device_ids)
+        """The devices that may be sampled, and why each other one is skipped.
+
+        When the probe itself fails (management API down), every device stays eligible
+        and a warning is logged: losing the monitoring must not stop the training.
+        """
+        try:
+            loads = self.probe.loads(device_ids)
+        except FedplanError as exc:
+            log.warning("pace steering cannot read device loads (%s); sampling all", exc)
+            return list(device_ids), {}
         ok: list[str] = []
         skipped: dict[str, str] = {}
         for d in device_ids:

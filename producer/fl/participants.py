@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -233,9 +234,14 @@ class PlanParticipant:
                     "evaluation; expected [loss, accuracy]",
                     device_id=self.device_id,
                 )
-            result = EvaluateResult(
-                self.device_id, self.num_test_examples, float(value[0]), float(value[1])
-            )
+            loss, accuracy = float(value[0]), float(value[1])
+            if not (math.isfinite(loss) and loss >= 0 and 0.0 <= accuracy <= 1.0):
+                raise PlanInputError(
+                    f"device {self.device_id!r} reported loss {loss} and accuracy {accuracy}; "
+                    "a loss must be finite and >= 0, an accuracy in [0, 1]",
+                    device_id=self.device_id,
+                )
+            result = EvaluateResult(self.device_id, self.num_test_examples, loss, accuracy)
             deliver(EvaluateReply(task.task_id, self.device_id, result=result))
         except Exception as exc:
             deliver(

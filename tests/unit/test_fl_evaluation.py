@@ -141,3 +141,29 @@ def test_device_metrics_survive_a_resume(tmp_path: Path) -> None:
 
     assert key(resumed.devices) == key(whole.devices)
     assert resumed.resumed_from == 2
+
+
+@pytest.mark.parametrize("values", [[-1.0, 0.5], [0.3, 5.0], [float("nan"), 0.5]])
+def test_an_impossible_evaluation_from_a_device_is_a_failure_not_a_metric(
+    values: list[float],
+) -> None:
+    import producer as fp
+    from producer.fl.participants import PlanParticipant
+    from producer.plans.plan import Plan
+
+    class Lying(Plan):
+        def forward(self, x: torch.Tensor, y: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+            return x.sum() * 0 + torch.tensor(values)
+
+    x, y = _split(0, 6)
+    lying = Lying(name="lying").build(x, y, flatten(get_weights(_net())))
+    with fp.connect() as fleet:
+        data = [fp.tag(x, "train", "x"), fp.tag(y, "train", "y")]
+        data += [fp.tag(x.clone(), "test", "x"), fp.tag(y.clone(), "test", "y")]
+        p = PlanParticipant(
+            fleet.device("liar", data=data), lambda n: None, evaluation_plan_for=lambda n: lying
+        )
+        out = EvaluationRunner([p], FedAvg(), deadline=30).run(1, get_weights(_net()))
+    assert not out.results and out.failures[0].kind == "error"
+    assert "a loss must be finite" in out.failures[0].message
+    assert out.summary.num_examples == 0

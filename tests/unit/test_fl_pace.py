@@ -94,3 +94,41 @@ def test_the_embedded_probe_sees_running_devices_and_stopped_ones() -> None:
     assert probe.loads(["e0", "never"]) == {"e0": DeviceLoad("e0", 0, 1)}
     fleet.close()
     assert probe.loads(["e0"])["e0"].online is False
+
+
+class _Down:
+    def loads(self, device_ids: object) -> dict[str, DeviceLoad]:
+        from schemas.errors import BrokerUnavailable
+
+        raise BrokerUnavailable("cannot reach the RabbitMQ management API")
+
+
+def test_a_management_api_that_is_down_leaves_every_device_eligible(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    devices = _devices(2)
+    runner = RoundRunner(devices, FedAvg(), pace=PaceSteering(_Down()))
+    out = runner.run_round(1, get_weights(nn.Linear(3, 2)))
+    assert out.asked == ["d0", "d1"] and not out.skipped
+    assert "cannot read device loads" in caplog.text
+
+
+def test_the_broker_probe_reads_depth_and_consumers_of_device_queues_only() -> None:
+    from producer.fl.pace import BrokerProbe
+
+    class _Api:
+        def vq(self) -> str:
+            return "%2F"
+
+        def request(self, method: str, path: str) -> list[dict[str, object]]:
+            assert (method, path) == ("GET", "queues/%2F")
+            return [
+                {"name": "fedplan.device.a", "messages_ready": 2, "messages_unacknowledged": 1,
+                 "consumers": 1},
+                {"name": "fedplan.device.b", "consumers": 0},
+                {"name": "fedplan.results.p1", "messages_ready": 50, "consumers": 1},
+                {"name": "fedplan.device.other", "consumers": 3},
+            ]  # fmt: skip
+
+    loads = BrokerProbe(_Api()).loads(["a", "b", "c"])
+    assert loads == {"a": DeviceLoad("a", 3, 1), "b": DeviceLoad("b", 0, 0)}
