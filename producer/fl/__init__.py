@@ -24,12 +24,23 @@ Examples
 from producer.fl.aggregate import Weights, weighted_average
 from producer.fl.checkpoint import Checkpoint, load_latest, save_checkpoint
 from producer.fl.data import Dataset, dirichlet_partition, iid_partition, load_digits, load_mnist
+from producer.fl.evaluation import DeviceMetrics, EvaluationOutcome, EvaluationRunner
 from producer.fl.job import FederatedJob, JobResult
+from producer.fl.models import MODELS, DigitsCNN, DigitsGRU, make_model
+from producer.fl.pace import DeviceLoad, PaceSteering, probe_for
 from producer.fl.participants import EagerParticipant, PlanParticipant
-from producer.fl.progress import ProgressBar, RoundMetrics, plot_metrics, write_metrics
+from producer.fl.progress import (
+    ProgressBar,
+    RoundMetrics,
+    plot_metrics,
+    write_device_metrics,
+    write_metrics,
+)
 from producer.fl.rounds import FitReply, FitTask, Participant, RoundPolicy, RoundRunner
 from producer.fl.strategy import (
     STRATEGIES,
+    EvaluateResult,
+    EvaluateSummary,
     FedAdam,
     FedAvg,
     FedProx,
@@ -40,8 +51,10 @@ from producer.fl.strategy import (
     make_strategy,
     register_strategy,
 )
+from producer.fl.tracking import MLflowTracker, TensorBoardTracker, Tracker
 from producer.fl.training import (
     TrainingSpec,
+    build_evaluation_plan,
     build_training_plan,
     evaluate,
     flatten,
@@ -52,10 +65,19 @@ from producer.fl.training import (
 )
 
 __all__ = [
+    "MODELS",
     "STRATEGIES",
     "Checkpoint",
     "Dataset",
+    "DeviceLoad",
+    "DeviceMetrics",
+    "DigitsCNN",
+    "DigitsGRU",
     "EagerParticipant",
+    "EvaluateResult",
+    "EvaluateSummary",
+    "EvaluationOutcome",
+    "EvaluationRunner",
     "FedAdam",
     "FedAvg",
     "FedProx",
@@ -66,6 +88,8 @@ __all__ = [
     "FitResult",
     "FitTask",
     "JobResult",
+    "MLflowTracker",
+    "PaceSteering",
     "Participant",
     "PlanParticipant",
     "ProgressBar",
@@ -73,8 +97,11 @@ __all__ = [
     "RoundPolicy",
     "RoundRunner",
     "Strategy",
+    "TensorBoardTracker",
+    "Tracker",
     "TrainingSpec",
     "Weights",
+    "build_evaluation_plan",
     "build_training_plan",
     "dirichlet_partition",
     "evaluate",
@@ -84,13 +111,16 @@ __all__ = [
     "load_digits",
     "load_latest",
     "load_mnist",
+    "make_model",
     "make_strategy",
     "plot_metrics",
+    "probe_for",
     "register_strategy",
     "sample_order",
     "save_checkpoint",
     "train_eager",
     "unflatten",
     "weighted_average",
+    "write_device_metrics",
     "write_metrics",
 ]

@@ -18,25 +18,22 @@ from torch import nn
 
 from producer.fl.data import Dataset, dirichlet_partition, iid_partition, load_digits, load_mnist
 from producer.fl.job import FederatedJob, JobResult
+from producer.fl.models import MLP, MODELS, make_model
+from producer.fl.pace import PaceSteering, probe_for
 from producer.fl.participants import PlanParticipant
-from producer.fl.progress import ProgressBar, plot_metrics, write_metrics
+from producer.fl.progress import ProgressBar, plot_metrics, write_device_metrics, write_metrics
 from producer.fl.rounds import RoundPolicy
 from producer.fl.strategy import STRATEGIES, Strategy, make_strategy
-from producer.fl.training import TrainingSpec, build_training_plan, evaluate, get_weights
+from producer.fl.tracking import MLflowTracker, TensorBoardTracker, Tracker
+from producer.fl.training import (
+    TrainingSpec,
+    build_evaluation_plan,
+    build_training_plan,
+    evaluate,
+    get_weights,
+)
 from producer.remote.fleet import connect
 from schemas.errors import FedplanError
-
-
-class MLP(nn.Module):
-    """The demo's model: ``fc1 -> ReLU -> fc2`` (64-64-10 on digits, as the benchmark)."""
-
-    def __init__(self, in_features: int, hidden: int, classes: int) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(in_features, hidden)
-        self.fc2 = nn.Linear(hidden, classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(torch.relu(self.fc1(x)))
 
 
 @dataclass(slots=True)
@@ -139,7 +136,7 @@ def spawn_workers(shares: list[DeviceData], root: Path, broker: str) -> Workers:
 
 _SETTINGS = (
     "mnist", "devices", "partition", "alpha", "hidden", "lr", "batch_size", "epochs",
-    "strategy", "mu", "server_lr",
+    "strategy", "mu", "server_lr", "model",
 )  # fmt: skip
 """The arguments that define the job: kept in checkpoints, a resume must match them."""
 
@@ -150,7 +147,7 @@ class DemoSetup:
 
     data: Dataset
     shares: list[DeviceData]
-    model: MLP
+    model: nn.Module
     spec: TrainingSpec
     strategy: Strategy
     out: Path
@@ -176,7 +173,7 @@ def prepare(args: argparse.Namespace) -> DemoSetup:
     ds = load_mnist(args.mnist) if args.mnist else load_digits(seed=args.seed)
     shares = partition(ds, args.devices, scheme=args.partition, alpha=args.alpha, seed=args.seed)
     torch.manual_seed(args.seed)
-    model = MLP(ds.num_features, args.hidden, ds.num_classes)
+    model = make_model(args.model, ds.num_features, ds.num_classes, hidden=args.hidden)
     strategy = strategy_from_args(args)
     spec = TrainingSpec(
         lr=args.lr,
@@ -194,7 +191,7 @@ def announce(args: argparse.Namespace, setup: DemoSetup) -> None:
     print(
         f"fedplan demo: {'MNIST' if args.mnist else 'digits'} ({len(ds.x_train)} train / "
         f"{len(ds.x_test)} test rows), {args.devices} devices ({args.partition}), "
-        f"{args.rounds} rounds of {args.strategy} on {where}",
+        f"{args.rounds} rounds of {args.strategy} ({args.model}) on {where}",
         flush=True,
     )
 
@@ -209,8 +206,10 @@ def train(args: argparse.Namespace, setup: DemoSetup) -> JobResult:
     executor = ThreadPoolExecutor(max(4, 2 * args.devices), thread_name_prefix="fl-fit")
     try:
         members = participants(args, setup, fleet, executor, spawned=spawned)
+        pace = PaceSteering(probe_for(fleet), max_backlog=args.max_backlog) if args.pace else None
         with ProgressBar(args.rounds) as bar:
             job = make_job(args, setup, members, bar)
+            job.pace = pace
             return job.run(get_weights(setup.model), args.rounds, resume=args.resume)
     finally:
         executor.shutdown(wait=False, cancel_futures=True)
@@ -227,12 +226,17 @@ def participants(
     spawned: bool,
 ) -> list[PlanParticipant]:
     """One plan participant per share; embedded devices (or empty ones) get their data."""
-    plans: dict[int, Any] = {}
+    plans: dict[tuple[str, int], Any] = {}
 
     def plan_for(n: int) -> Any:  # one training plan per local dataset size
-        if n not in plans:
-            plans[n] = build_training_plan(setup.model, setup.spec, n)
-        return plans[n]
+        if ("fit", n) not in plans:
+            plans["fit", n] = build_training_plan(setup.model, setup.spec, n)
+        return plans["fit", n]
+
+    def evaluation_plan_for(n: int) -> Any:  # devices evaluate on their own test rows
+        if ("evaluate", n) not in plans:
+            plans["evaluate", n] = build_evaluation_plan(setup.model, n)
+        return plans["evaluate", n]
 
     out = []
     for share in setup.shares:
@@ -247,6 +251,7 @@ def participants(
                 proximal_mu=setup.spec.proximal_mu,
                 timeout=args.timeout,
                 executor=executor,
+                evaluation_plan_for=evaluation_plan_for if args.device_eval else None,
             )
         )
     return out
@@ -264,12 +269,13 @@ def make_job(
         quorum=args.quorum,
         min_available=1,
     )
+    scratch = make_model(args.model, ds.num_features, ds.num_classes, hidden=args.hidden)
     return FederatedJob(
         participants=members,
         strategy=setup.strategy,
-        evaluate=lambda w: evaluate(
-            MLP(ds.num_features, args.hidden, ds.num_classes), w, ds.x_test, ds.y_test
-        ),
+        evaluate=lambda w: evaluate(scratch, w, ds.x_test, ds.y_test),
+        evaluate_on_devices=args.device_eval,
+        trackers=trackers(args, setup.out),
         policy=policy,
         seed=args.seed,
         checkpoint_dir=setup.out / "checkpoints",
@@ -278,16 +284,34 @@ def make_job(
     )
 
 
+def trackers(args: argparse.Namespace, out: Path) -> list[Tracker]:
+    """TensorBoard (``--tensorboard DIR``, default ``<out>/tensorboard``) and ``--mlflow URI``."""
+    found: list[Tracker] = []
+    if args.tensorboard != "off":
+        found.append(TensorBoardTracker(args.tensorboard or out / "tensorboard"))
+    if args.mlflow:
+        params = {k: getattr(args, k) for k in _SETTINGS}
+        found.append(MLflowTracker(tracking_uri=args.mlflow, run_name=out.name, params=params))
+    return found
+
+
 def report(result: JobResult, out: Path, launch: float) -> None:
-    """Write metrics.csv/json and the plot; print the final accuracy and where files are."""
+    """Write metrics.csv/json, devices.csv/json and the plot; print the final accuracy."""
     csv_path, json_path = write_metrics(result.history, out)
+    devices_csv, _ = write_device_metrics(result.devices, out)
     png = plot_metrics(result.history, out / "metrics.png", title="fedplan demo")
     final = result.history[-1]
     resumed = f" (resumed after round {result.resumed_from})" if result.resumed_from else ""
+    federated = (
+        f"; on the devices' own test rows {100 * final.device_accuracy:.2f}% "
+        f"({final.device_examples} rows)"
+        if final.device_examples
+        else ""
+    )
     print(
-        f"final test accuracy {100 * final.test_accuracy:.2f}% (loss {final.test_loss:.4f}) "
-        f"after {final.round} rounds{resumed} in {time.monotonic() - launch:.1f}s\n"
-        f"metrics: {csv_path}\n         {json_path}\nplot:    {png}\n"
+        f"final test accuracy {100 * final.test_accuracy:.2f}% (loss {final.test_loss:.4f})"
+        f"{federated} after {final.round} rounds{resumed} in {time.monotonic() - launch:.1f}s\n"
+        f"metrics: {csv_path}\n         {json_path}\ndevices: {devices_csv}\nplot:    {png}\n"
         f"checkpoints: {out / 'checkpoints'}",
         flush=True,
     )
@@ -336,7 +360,28 @@ def register(subparsers: Any) -> None:
         default=None,
         help="local epochs per round (default 5 on digits, 1 on MNIST)",
     )
-    p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("--hidden", type=int, default=64, help="width (CNN: channels, at most 16)")
+    p.add_argument("--model", choices=sorted(MODELS), default="mlp", help="network to train")
+    p.add_argument(
+        "--no-device-eval",
+        dest="device_eval",
+        action="store_false",
+        help="do not have devices evaluate each round's weights on their own test rows",
+    )
+    p.add_argument(
+        "--pace",
+        action="store_true",
+        help="sample only devices that are online and not backlogged (queue depth and "
+        "consumers from the management API with --broker)",
+    )
+    p.add_argument("--max-backlog", type=int, default=1, help="with --pace: commands waiting")
+    p.add_argument(
+        "--tensorboard",
+        metavar="DIR",
+        default=None,
+        help="TensorBoard log dir (default OUT/tensorboard; 'off' to disable)",
+    )
+    p.add_argument("--mlflow", metavar="URI", default=None, help="also log to MLflow at URI")
     p.add_argument("--fraction", type=float, default=1.0, help="share of devices per round")
     p.add_argument("--over-selection", type=float, default=1.0)
     p.add_argument("--deadline", type=float, default=60.0, help="seconds per round attempt")
@@ -359,4 +404,4 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=_main)
 
 
-__all__ = ["MLP", "register", "run_demo", "strategy_from_args"]
+__all__ = ["MLP", "register", "run_demo", "strategy_from_args"]  # MLP: producer.fl.models

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from producer.fl.aggregate import Weights
 from producer.fl.checkpoint import Checkpoint, load_latest, save_checkpoint
+from producer.fl.evaluation import DeviceMetrics, EvaluationOutcome, EvaluationRunner
+from producer.fl.pace import PaceSteering
 from producer.fl.progress import RoundMetrics
 from producer.fl.rounds import Participant, RoundOutcome, RoundPolicy, RoundRunner
 from producer.fl.strategy import Strategy, make_strategy
+from producer.fl.tracking import Tracker
 from schemas.errors import FedplanError
 
 Evaluate = Callable[[Weights], tuple[float, float]]
@@ -21,12 +24,17 @@ Evaluate = Callable[[Weights], tuple[float, float]]
 
 @dataclass(slots=True)
 class JobResult:
-    """The final global weights, one metrics row per round (0 = before training), outcomes."""
+    """The final global weights, one metrics row per round (0 = before training), outcomes.
+
+    ``devices`` holds one :class:`DeviceMetrics` row per device, round and phase (fit,
+    evaluate), kept across a resume.
+    """
 
     weights: Weights
     history: list[RoundMetrics]
     outcomes: list[RoundOutcome] = field(default_factory=list)
     resumed_from: int = 0
+    devices: list[DeviceMetrics] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -54,6 +62,13 @@ class FederatedJob:
     job (model, data, strategy, seeds); it is stored in every checkpoint and a resume with
     different settings is refused.
 
+    ``evaluate`` is server-side evaluation on held-out data (optional); with
+    ``evaluate_on_devices`` the devices that hold ``test`` data evaluate each round's global
+    weights themselves (:mod:`producer.fl.evaluation`) and the strategy weighs their
+    results into ``device_loss`` / ``device_accuracy``. ``trackers`` receive every round's
+    metrics and device rows (TensorBoard, MLflow: :mod:`producer.fl.tracking`). ``pace``
+    keeps offline and backlogged devices out of sampling (:mod:`producer.fl.pace`).
+
     Examples
     --------
     >>> import torch
@@ -64,7 +79,11 @@ class FederatedJob:
 
     participants: Sequence[Participant]
     strategy: Strategy | str
-    evaluate: Evaluate
+    evaluate: Evaluate | None = None
+    evaluate_on_devices: bool = False
+    evaluation_deadline: float | None = None
+    trackers: Sequence[Tracker] = ()
+    pace: PaceSteering | None = None
     strategy_options: dict[str, float] = field(default_factory=dict)
     policy: RoundPolicy = field(default_factory=RoundPolicy)
     seed: int = 0
@@ -83,12 +102,14 @@ class FederatedJob:
 
     def run(self, weights: Weights, num_rounds: int, *, resume: bool = False) -> JobResult:
         """Train from ``weights`` (or from the last checkpoint when ``resume``)."""
-        runner = RoundRunner(self.participants, self._strategy, self.policy, seed=self.seed)
-        weights, history = self._resume(weights) if resume else (weights, [])
+        runner = RoundRunner(
+            self.participants, self._strategy, self.policy, seed=self.seed, pace=self.pace
+        )
+        weights, history, devices = self._resume(weights) if resume else (weights, [], [])
         first = history[-1].round + 1 if history else 1
         clock = _Clock()
         if not history:
-            history.append(self._initial_metrics(weights))
+            history.append(self._initial_metrics(weights, devices))
         clock.offset, clock.last = history[-1].elapsed_seconds, time.monotonic()
         outcomes: list[RoundOutcome] = []
         for server_round in range(first, num_rounds + 1):
@@ -96,33 +117,59 @@ class FederatedJob:
             assert outcome.weights is not None
             weights = outcome.weights
             outcomes.append(outcome)
-            history.append(self._round_metrics(outcome, weights, clock))
-            self._save_checkpoint(server_round, weights, history)
-            self._report(history[-1])
-        return JobResult(weights, history, outcomes, resumed_from=first - 1)
+            rows = outcome.device_rows()
+            history.append(self._round_metrics(outcome, weights, clock, rows))
+            devices.extend(rows)
+            self._save_checkpoint(server_round, weights, history, devices)
+            self._report(history[-1], rows)
+        for tracker in self.trackers:
+            tracker.close()
+        return JobResult(weights, history, outcomes, resumed_from=first - 1, devices=devices)
 
-    def _resume(self, weights: Weights) -> tuple[Weights, list[RoundMetrics]]:
+    def _resume(self, weights: Weights) -> tuple[Weights, list[RoundMetrics], list[DeviceMetrics]]:
         """Weights and history from the last checkpoint (strategy state restored), if any."""
         ck = self._load_checkpoint()
         if ck is None:
-            return weights, []
+            return weights, [], []
         self._strategy.load_state_dict(ck.strategy_state)
-        return ck.weights, [RoundMetrics.from_dict(row) for row in ck.metadata["history"]]
+        history = [RoundMetrics.from_dict(row) for row in ck.metadata["history"]]
+        devices = [DeviceMetrics(**row) for row in ck.metadata.get("devices", [])]
+        return ck.weights, history, devices
 
-    def _initial_metrics(self, weights: Weights) -> RoundMetrics:
+    def _server_evaluation(self, weights: Weights) -> tuple[float, float]:
+        return self.evaluate(weights) if self.evaluate else (float("nan"), float("nan"))
+
+    def _device_evaluation(self, server_round: int, weights: Weights) -> EvaluationOutcome | None:
+        if not self.evaluate_on_devices:
+            return None
+        deadline = self.evaluation_deadline or self.policy.deadline
+        runner = EvaluationRunner(self.participants, self._strategy, deadline)
+        only = None
+        if self.pace is not None:  # offline or backlogged devices are not asked either
+            only, _ = self.pace.eligible([p.device_id for p in self.participants])
+        return runner.run(server_round, weights, only=only)
+
+    def _initial_metrics(self, weights: Weights, devices: list[DeviceMetrics]) -> RoundMetrics:
         """Round 0: the starting weights evaluated before any training."""
-        loss, acc = self.evaluate(weights)
+        loss, acc = self._server_evaluation(weights)
         metrics = RoundMetrics(0, 0, 0, float("nan"), loss, acc, 0.0, 0.0)
-        self._report(metrics)
+        federated = self._device_evaluation(0, weights)
+        rows: list[DeviceMetrics] = []
+        if federated is not None:
+            metrics = _with_federated(metrics, federated)
+            rows = federated.device_rows()
+            devices.extend(rows)
+        self._report(metrics, rows)
         return metrics
 
     def _round_metrics(
-        self, outcome: RoundOutcome, weights: Weights, clock: _Clock
+        self, outcome: RoundOutcome, weights: Weights, clock: _Clock, rows: list[DeviceMetrics]
     ) -> RoundMetrics:
-        """Evaluate a committed round's weights into its metrics row."""
-        loss, acc = self.evaluate(weights)
+        """Evaluate a committed round's weights into its metrics row (device rows appended)."""
+        loss, acc = self._server_evaluation(weights)
+        federated = self._device_evaluation(outcome.server_round, weights)
         round_seconds, elapsed = clock.lap()
-        return RoundMetrics(
+        metrics = RoundMetrics(
             round=outcome.server_round,
             participants=len(outcome.results),
             failures=len(outcome.failures),
@@ -133,14 +180,23 @@ class FederatedJob:
             elapsed_seconds=elapsed,
             attempts=outcome.attempt,
         )
+        if federated is None:
+            return metrics
+        rows.extend(federated.device_rows())
+        return _with_federated(metrics, federated)
 
     def _save_checkpoint(
-        self, server_round: int, weights: Weights, history: list[RoundMetrics]
+        self,
+        server_round: int,
+        weights: Weights,
+        history: list[RoundMetrics],
+        devices: list[DeviceMetrics],
     ) -> None:
         if self.checkpoint_dir is None:
             return
         metadata = {
             "history": [asdict(m) for m in history],
+            "devices": [asdict(d) for d in devices],
             "seed": self.seed,
             "settings": self.settings,
             "strategy": self._strategy.name,
@@ -150,7 +206,9 @@ class FederatedJob:
             Checkpoint(server_round, weights, self._strategy.state_dict(), metadata),
         )
 
-    def _report(self, m: RoundMetrics) -> None:
+    def _report(self, m: RoundMetrics, rows: Sequence[DeviceMetrics] = ()) -> None:
+        for tracker in self.trackers:
+            tracker.log_round(m, rows)
         if self.on_round is not None:
             self.on_round(m)
 
@@ -168,3 +226,14 @@ class FederatedJob:
                 "settings, or start without --resume / with a new checkpoint directory"
             )
         return ck
+
+
+def _with_federated(metrics: RoundMetrics, federated: EvaluationOutcome) -> RoundMetrics:
+    """``metrics`` with the round's federated evaluation filled in."""
+    summary = federated.summary
+    return replace(
+        metrics,
+        device_loss=summary.loss,
+        device_accuracy=summary.accuracy,
+        device_examples=summary.num_examples,
+    )

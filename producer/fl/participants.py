@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -11,10 +12,12 @@ import torch
 from torch import nn
 
 from producer.fl.aggregate import Weights
+from producer.fl.evaluation import DeliverEvaluation, EvaluateReply, EvaluateTask
 from producer.fl.rounds import Deliver, FitReply, FitTask
-from producer.fl.strategy import FitResult
+from producer.fl.strategy import EvaluateResult, FitResult
 from producer.fl.training import (
     TrainingSpec,
+    evaluate,
     flatten,
     sample_order,
     scratch_copy,
@@ -29,7 +32,8 @@ class EagerParticipant:
     """A device simulated in this process with plain PyTorch (the no-plan reference).
 
     Runs :func:`train_eager` on its own rows, in the calling thread unless an ``executor``
-    is given. Tests compare plan-based devices against it; it never talks to a transport.
+    is given, and :func:`evaluate` on ``x_test, y_test`` when given. Tests compare
+    plan-based devices against it; it never talks to a transport.
 
     Examples
     --------
@@ -52,6 +56,8 @@ class EagerParticipant:
         x: torch.Tensor,
         y: torch.Tensor,
         *,
+        x_test: torch.Tensor | None = None,
+        y_test: torch.Tensor | None = None,
         executor: ThreadPoolExecutor | None = None,
     ) -> None:
         self._device_id = device_id
@@ -59,12 +65,32 @@ class EagerParticipant:
         self.spec = spec
         self.x = x
         self.y = y
+        self.x_test = x_test
+        self.y_test = y_test
         self.executor = executor
         self._lock = threading.Lock()
 
     @property
     def device_id(self) -> str:
         return self._device_id
+
+    @property
+    def evaluates(self) -> bool:
+        return self.x_test is not None and self.y_test is not None and len(self.x_test) > 0
+
+    def start_evaluate(self, task: EvaluateTask, deliver: DeliverEvaluation) -> None:
+        assert self.x_test is not None and self.y_test is not None
+        try:
+            with self._lock:
+                loss, acc = evaluate(
+                    self.model, task.weights, self.x_test, self.y_test, self.spec.loss
+                )
+            result = EvaluateResult(self.device_id, len(self.x_test), loss, acc)
+            deliver(EvaluateReply(task.task_id, self.device_id, result=result))
+        except Exception as exc:
+            deliver(
+                EvaluateReply(task.task_id, self.device_id, error=f"{type(exc).__name__}: {exc}")
+            )
 
     def start_fit(self, task: FitTask, deliver: Deliver) -> None:
         if self.executor is None:
@@ -107,6 +133,10 @@ class PlanParticipant:
     then one ``RunPlan`` with the round's sample order and the flattened global weights,
     and delivers the device's reply: the new weights and the mean local loss.
 
+    With ``evaluation_plan_for``, a device that holds ``test``-tagged rows and labels
+    (``x_test_tags``, ``y_test_tags``) also evaluates global weights with that plan (one
+    ``RunPlan``, the reply is ``[loss, accuracy]``); see :mod:`producer.fl.evaluation`.
+
     Examples
     --------
     >>> import producer as fp
@@ -133,6 +163,9 @@ class PlanParticipant:
         proximal_mu: float | None = None,
         timeout: float | None = None,
         executor: ThreadPoolExecutor | None = None,
+        evaluation_plan_for: PlanFactory | None = None,
+        x_test_tags: tuple[str, ...] = ("test", "x"),
+        y_test_tags: tuple[str, ...] = ("test", "y"),
     ) -> None:
         self.device = device
         self.proximal_mu = proximal_mu
@@ -155,11 +188,65 @@ class PlanParticipant:
         self.epochs = epochs
         self.timeout = timeout
         self.executor = executor or ThreadPoolExecutor(1, thread_name_prefix=f"fit-{device.id}")
-        self._template: Any = None
+        self.x_test: Any = None
+        self.y_test: Any = None
+        self.num_test_examples = 0
+        self.evaluation_plan: Any = None
+        if evaluation_plan_for is not None:
+            self._find_test_data(evaluation_plan_for, x_test_tags, y_test_tags)
+
+    def _find_test_data(
+        self, plan_for: PlanFactory, x_tags: tuple[str, ...], y_tags: tuple[str, ...]
+    ) -> None:
+        xs, ys = self.device.search(*x_tags), self.device.search(*y_tags)
+        if not xs and not ys:
+            return  # no test data: this device trains but is not asked to evaluate
+        if len(xs) != 1 or len(ys) != 1 or int(xs[0].shape[0]) != int(ys[0].shape[0]):
+            raise PlanInputError(
+                f"device {self.device_id!r} holds {len(xs)} objects tagged {x_tags} and "
+                f"{len(ys)} tagged {y_tags}; it needs one of each, with matching row counts",
+                device_id=self.device_id,
+            )
+        self.x_test, self.y_test = xs[0], ys[0]
+        self.num_test_examples = int(self.x_test.shape[0])
+        if self.num_test_examples:
+            self.evaluation_plan = plan_for(self.num_test_examples)
 
     @property
     def device_id(self) -> str:
         return self.device.id
+
+    @property
+    def evaluates(self) -> bool:
+        return self.evaluation_plan is not None
+
+    def start_evaluate(self, task: EvaluateTask, deliver: DeliverEvaluation) -> None:
+        pointer_plan = self.device.send_plan(self.evaluation_plan, wait=False)
+        out = pointer_plan.run(self.x_test, self.y_test, flatten(task.weights), return_values=True)
+        self.executor.submit(self._collect_evaluation, task, out, deliver)
+
+    def _collect_evaluation(self, task: EvaluateTask, out: Any, deliver: DeliverEvaluation) -> None:
+        try:
+            value = out.get(timeout=self.timeout)
+            if value.shape != (2,):
+                raise PlanInputError(
+                    f"device {self.device_id!r} returned shape {tuple(value.shape)} for an "
+                    "evaluation; expected [loss, accuracy]",
+                    device_id=self.device_id,
+                )
+            loss, accuracy = float(value[0]), float(value[1])
+            if not (math.isfinite(loss) and loss >= 0 and 0.0 <= accuracy <= 1.0):
+                raise PlanInputError(
+                    f"device {self.device_id!r} reported loss {loss} and accuracy {accuracy}; "
+                    "a loss must be finite and >= 0, an accuracy in [0, 1]",
+                    device_id=self.device_id,
+                )
+            result = EvaluateResult(self.device_id, self.num_test_examples, loss, accuracy)
+            deliver(EvaluateReply(task.task_id, self.device_id, result=result))
+        except Exception as exc:
+            deliver(
+                EvaluateReply(task.task_id, self.device_id, error=f"{type(exc).__name__}: {exc}")
+            )
 
     def start_fit(self, task: FitTask, deliver: Deliver) -> None:
         mu = task.instructions.config.get("proximal_mu", 0.0)

@@ -14,6 +14,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn
 from rich.table import Column
 
+from producer.fl.evaluation import DeviceMetrics
+
 
 @dataclass(frozen=True, slots=True)
 class RoundMetrics:
@@ -28,6 +30,10 @@ class RoundMetrics:
     round_seconds: float
     elapsed_seconds: float
     attempts: int = 1
+    device_loss: float = float("nan")
+    """Federated evaluation: example-weighted loss of the devices' own test data (NaN: off)."""
+    device_accuracy: float = float("nan")
+    device_examples: int = 0
 
     @staticmethod
     def from_dict(row: dict[str, float | int]) -> RoundMetrics:
@@ -82,10 +88,19 @@ class ProgressBar:
     def stats(self, m: RoundMetrics) -> str:
         """Devices, failures, retries, losses, accuracy and time of round ``m``."""
         retry = f" retries {m.attempts - 1}" if m.attempts > 1 else ""
+        server = (
+            f" | test loss {m.test_loss:.4f} | acc {100 * m.test_accuracy:.2f}%"
+            if m.test_loss == m.test_loss  # NaN: no server-side evaluation
+            else ""
+        )
+        federated = (
+            f" | device acc {100 * m.device_accuracy:.2f}% ({m.device_examples} rows)"
+            if m.device_examples
+            else ""
+        )
         return (
             f"devices {m.participants}{f' (failed {m.failures})' if m.failures else ''}"
-            f"{retry} | loss {m.train_loss:.4f} | test loss {m.test_loss:.4f} | "
-            f"acc {100 * m.test_accuracy:.2f}% | {m.round_seconds:.2f}s "
+            f"{retry} | loss {m.train_loss:.4f}{server}{federated} | {m.round_seconds:.2f}s "
             f"(total {m.elapsed_seconds:.1f}s)"
         )
 
@@ -130,6 +145,21 @@ def write_metrics(rows: Sequence[RoundMetrics], directory: str | Path) -> tuple[
     return csv_path, json_path
 
 
+def write_device_metrics(rows: Sequence[DeviceMetrics], directory: str | Path) -> tuple[Path, Path]:
+    """Write ``devices.csv`` and ``devices.json``: one row per device, round and phase."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    csv_path, json_path = d / "devices.csv", d / "devices.json"
+    names = [f.name for f in fields(DeviceMetrics)]
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=names)
+        writer.writeheader()
+        for r in rows:
+            writer.writerow(asdict(r))
+    json_path.write_text(json.dumps([asdict(r) for r in rows], indent=2))
+    return csv_path, json_path
+
+
 def plot_metrics(rows: Sequence[RoundMetrics], path: str | Path, *, title: str = "") -> Path:
     """A PNG with loss (train and test) and test accuracy per round."""
     import matplotlib
@@ -142,11 +172,17 @@ def plot_metrics(rows: Sequence[RoundMetrics], path: str | Path, *, title: str =
     trained = [r for r in rows if r.round > 0]
     ax_loss.plot([r.round for r in trained], [r.train_loss for r in trained], "o-", label="train")
     ax_loss.plot(rounds, [r.test_loss for r in rows], "s-", label="test")
+    if any(r.device_examples for r in rows):
+        ax_loss.plot(rounds, [r.device_loss for r in rows], "^-", label="devices' test")
+        ax_acc.plot(rounds, [100 * r.device_accuracy for r in rows], "^-", label="devices")
     ax_loss.set_xlabel("round")
     ax_loss.set_ylabel("cross-entropy loss")
     ax_loss.legend()
     ax_loss.grid(alpha=0.3)
-    ax_acc.plot(rounds, [100 * r.test_accuracy for r in rows], "o-", color="tab:green")
+    ax_acc.plot(
+        rounds, [100 * r.test_accuracy for r in rows], "o-", color="tab:green", label="server"
+    )
+    ax_acc.legend()
     ax_acc.set_xlabel("round")
     ax_acc.set_ylabel("test accuracy (%)")
     ax_acc.grid(alpha=0.3)

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from producer.fl.aggregate import Weights
+from producer.fl.evaluation import DeviceMetrics
+from producer.fl.pace import PaceSteering
 from producer.fl.strategy import FitFailure, FitInstructions, FitResult, Strategy
 from schemas.errors import FedplanError
 
@@ -130,10 +132,47 @@ class RoundOutcome:
     late_replies: int = 0
     seconds: float = 0.0
     reason: str = ""
+    skipped: dict[str, str] = field(default_factory=dict)
+    """Devices pace steering left out of sampling, with the reason (offline, backlogged)."""
+    durations: dict[str, float] = field(default_factory=dict)
+    """Seconds from sending each device its command to its reply (devices that replied)."""
 
     @property
     def committed(self) -> bool:
         return self.weights is not None
+
+    def device_rows(self) -> list[DeviceMetrics]:
+        """One ``fit`` row per device asked: its example count and loss, or why it failed."""
+        rows = [
+            DeviceMetrics(
+                self.server_round,
+                r.device_id,
+                "fit",
+                "ok",
+                r.num_examples,
+                r.metrics.get("loss", float("nan")),
+                seconds=self.durations.get(r.device_id, float("nan")),
+                attempt=self.attempt,
+            )
+            for r in self.results
+        ]
+        rows += [
+            DeviceMetrics(
+                self.server_round,
+                f.device_id,
+                "fit",
+                f.kind,
+                seconds=self.durations.get(f.device_id, float("nan")),
+                attempt=self.attempt,
+                error=f.message,
+            )
+            for f in self.failures
+        ]
+        rows += [
+            DeviceMetrics(self.server_round, d, "fit", "skipped", attempt=self.attempt, error=why)
+            for d, why in self.skipped.items()
+        ]
+        return rows
 
     def train_loss(self) -> float:
         """Example-weighted mean of the results' ``loss`` metric (NaN when none reported)."""
@@ -149,15 +188,21 @@ class RoundRunner:
     Replies travel through one queue shared by all rounds; each carries the ``task_id`` the
     runner chose, and a reply whose id is not open in the current attempt (a straggler from
     an earlier round or attempt) is counted in ``late_replies`` and ignored.
+
+    With ``pace``, each attempt samples only among the devices pace steering finds online
+    and not backlogged (:mod:`producer.fl.pace`); the policy's counts apply to those.
     """
 
     participants: Sequence[Participant]
     strategy: Strategy
     policy: RoundPolicy = field(default_factory=RoundPolicy)
     seed: int = 0
+    pace: PaceSteering | None = None
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
     late_replies: int = 0
     _replies: queue.Queue[FitReply] = field(default_factory=queue.Queue)
+    _sent: dict[str, float] = field(default_factory=dict)
+    _durations: dict[str, float] = field(default_factory=dict)
 
     def _deliver(self, reply: FitReply) -> None:
         self._replies.put(reply)
@@ -178,17 +223,20 @@ class RoundRunner:
     def run_attempt(self, server_round: int, attempt: int, weights: Weights) -> RoundOutcome:
         """One attempt of a round: sample, send, collect until it closes, aggregate."""
         start = time.monotonic()
-        available = self._available()
-        chosen = sample_devices(
-            [p.device_id for p in self.participants],
+        eligible, skipped = self._eligible()
+        available = self._available(len(eligible), skipped)
+        picked = sample_devices(
+            [self.participants[i].device_id for i in eligible],
             self.policy.selected(available),
             seed=self.seed,
             server_round=server_round,
             attempt=attempt,
         )
+        chosen = [eligible[i] for i in picked]
         instructions = self.strategy.configure_fit(server_round, weights)
         open_tasks, failures = self._dispatch(server_round, attempt, chosen, instructions)
         late_before = self.late_replies
+        self._durations = {}
         target = self.policy.target(available)
         results = self._collect(open_tasks, failures, target, start + self.policy.deadline)
         outcome = RoundOutcome(
@@ -199,18 +247,29 @@ class RoundRunner:
             [failures[i] for i in sorted(failures)],
             None,
             late_replies=self.late_replies - late_before,
+            skipped=skipped,
+            durations=self._durations,
         )
         self._aggregate(outcome, weights, needed=self.policy.needed(available))
         outcome.seconds = time.monotonic() - start
         return outcome
 
-    def _available(self) -> int:
+    def _eligible(self) -> tuple[list[int], dict[str, str]]:
+        """Indices of the participants that may be sampled, and the skipped ones' reasons."""
+        everyone = list(range(len(self.participants)))
+        if self.pace is None:
+            return everyone, {}
+        ok, skipped = self.pace.eligible([p.device_id for p in self.participants])
+        allowed = set(ok)
+        return [i for i in everyone if self.participants[i].device_id in allowed], skipped
+
+    def _available(self, available: int, skipped: dict[str, str]) -> int:
         """How many devices can be asked; ``FedplanError`` below the policy's minimum."""
-        available = len(self.participants)
         if available < self.policy.min_available:
+            why = "".join(f"; {d}: {r}" for d, r in sorted(skipped.items())[:10])
             raise FedplanError(
-                f"{available} devices are available, the policy needs {self.policy.min_available}; "
-                "start more devices or lower min_available"
+                f"{available} devices are available, the policy needs {self.policy.min_available}"
+                f"{why}; start more devices or lower min_available"
             )
         return available
 
@@ -224,6 +283,7 @@ class RoundRunner:
         """Start a fit task on every chosen device: open task ids, and devices that failed."""
         open_tasks: dict[str, int] = {}
         failures: dict[int, FitFailure] = {}
+        self._sent = {}
         for index in chosen:
             part = self.participants[index]
             task = FitTask(
@@ -236,6 +296,7 @@ class RoundRunner:
                 instructions=instructions,
             )
             open_tasks[task.task_id] = index
+            self._sent[task.task_id] = time.monotonic()
             try:
                 part.start_fit(task, self._deliver)
             except Exception as exc:  # a device that cannot even be asked is a failure
@@ -267,7 +328,10 @@ class RoundRunner:
             index = open_tasks.pop(reply.task_id, None)
             if index is None:
                 self.late_replies += 1
-            elif reply.result is not None:
+                continue
+            device_id = self.participants[index].device_id  # not the reply's own claim
+            self._durations[device_id] = time.monotonic() - self._sent[reply.task_id]
+            if reply.result is not None:
                 results[index] = reply.result
             else:
                 failures[index] = FitFailure(reply.device_id, "error", reply.error)

@@ -32,6 +32,26 @@ class FitFailure:
 
 
 @dataclass(frozen=True, slots=True)
+class EvaluateResult:
+    """One device's evaluation of the global weights on its own ``test`` data."""
+
+    device_id: str
+    num_examples: int
+    loss: float
+    accuracy: float
+
+
+@dataclass(frozen=True, slots=True)
+class EvaluateSummary:
+    """A round's federated evaluation: example-weighted loss and accuracy, and the count."""
+
+    loss: float
+    accuracy: float
+    num_examples: int
+    devices: int
+
+
+@dataclass(frozen=True, slots=True)
 class FitInstructions:
     """What the server sends each sampled device: global weights and scalar settings."""
 
@@ -68,6 +88,26 @@ class Strategy:
     ) -> Weights | None:
         """New global weights from this round's results, or ``None`` to not commit it."""
         raise NotImplementedError
+
+    def aggregate_evaluate(
+        self, server_round: int, results: Sequence[EvaluateResult]
+    ) -> EvaluateSummary:
+        """The devices' evaluations as one: means weighted by example counts (NaN if none).
+
+        Examples
+        --------
+        >>> s = FedAvg()
+        >>> r = s.aggregate_evaluate(1, [EvaluateResult("a", 1, 1.0, 0.0),
+        ...                               EvaluateResult("b", 3, 2.0, 1.0)])
+        >>> r.loss, r.accuracy, r.num_examples
+        (1.75, 0.75, 4)
+        """
+        total = sum(r.num_examples for r in results)
+        if total == 0:
+            return EvaluateSummary(float("nan"), float("nan"), 0, len(results))
+        loss = sum(r.loss * r.num_examples for r in results) / total
+        acc = sum(r.accuracy * r.num_examples for r in results) / total
+        return EvaluateSummary(loss, acc, total, len(results))
 
     def _usable(self, results: Sequence[FitResult], failures: Sequence[FitFailure]) -> bool:
         if not results:

@@ -174,7 +174,13 @@ def unflatten(flat: torch.Tensor, template: Weights) -> Weights:
     return out
 
 
-def build_training_plan(model: nn.Module, spec: TrainingSpec, n_examples: int) -> Any:
+def build_training_plan(
+    model: nn.Module,
+    spec: TrainingSpec,
+    n_examples: int,
+    *,
+    feature_shape: tuple[int, ...] | None = None,
+) -> Any:
     """Trace the device's round of local training into one plan (``fp.Plan``).
 
     The plan takes ``(x, y, order, flat_weights)``: the device's rows and labels (pointers
@@ -185,6 +191,9 @@ def build_training_plan(model: nn.Module, spec: TrainingSpec, n_examples: int) -
     ``torch.optim.SGD.step``) and returns one vector: the new weights, flattened, followed
     by the mean batch loss. The Python loop over batches unrolls in the trace, so a plan is
     built per local example count ``n_examples`` (a guard refuses other counts).
+    ``feature_shape`` is the shape of one row (default: the model's ``in_features``, or
+    that of its first ``nn.Linear``); the CNN and GRU of :mod:`producer.fl.models` take
+    flat rows and declare ``in_features``.
 
     Examples
     --------
@@ -238,15 +247,73 @@ def build_training_plan(model: nn.Module, spec: TrainingSpec, n_examples: int) -
             return torch.cat([new, (total / len(steps)).reshape(1)])
 
     plan = FederatedTraining()
-    x_ex = torch.zeros(n_examples, *_feature_shape(model))
+    x_ex = torch.zeros(n_examples, *(feature_shape or _feature_shape(model)))
     y_ex = torch.zeros(n_examples, dtype=torch.int64)
     flat = flatten(get_weights(model))
     plan.build(x_ex, y_ex, sample_order(n_examples, 0, spec.epochs), flat)
     return plan
 
 
+def build_evaluation_plan(
+    model: nn.Module,
+    n_examples: int,
+    *,
+    loss: str = "cross_entropy",
+    feature_shape: tuple[int, ...] | None = None,
+) -> Any:
+    """Trace the device's evaluation of global weights on its ``test`` rows into a plan.
+
+    The plan takes ``(x, y, flat_weights)`` and returns ``[loss, accuracy]`` of the weights
+    on all ``n_examples`` rows in one batch, without gradients: the computation of
+    :func:`evaluate`, which tests compare it with. Built per example count, like training.
+
+    Examples
+    --------
+    >>> torch.manual_seed(0) and None
+    >>> net = nn.Linear(3, 2)
+    >>> x, y = torch.randn(5, 3), torch.tensor([0, 1, 1, 0, 1])
+    >>> out = build_evaluation_plan(net, 5)(x, y, flatten(get_weights(net)))
+    >>> ref = evaluate(scratch_copy(net), get_weights(net), x, y)
+    >>> torch.allclose(out, torch.tensor(ref))
+    True
+    """
+    from producer.plans.plan import Plan
+
+    loss_fn = LOSSES[loss]
+
+    class FederatedEvaluation(Plan):
+        def __init__(self) -> None:
+            super().__init__(name=f"fl_evaluate_n{n_examples}")
+            self.model = scratch_copy(model).eval()
+
+        def forward(self, x: torch.Tensor, y: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+            if x.shape[0] != n_examples:  # a guard, as in the training plan
+                raise ValueError(f"this plan evaluates {n_examples} rows")
+            state = dict(self.model.state_dict(keep_vars=True))
+            given = unflatten(flat, {k: t.detach() for k, t in state.items()})
+            with torch.no_grad():
+                for name, t in state.items():
+                    t.copy_(given[name])
+                out = self.model(x)
+                value = loss_fn(out, y)
+                accuracy = (out.argmax(dim=1) == y).to(torch.float32).mean()
+            return torch.stack([value, accuracy])
+
+    plan = FederatedEvaluation()
+    x_ex = torch.zeros(n_examples, *(feature_shape or _feature_shape(model)))
+    plan.build(x_ex, torch.zeros(n_examples, dtype=torch.int64), flatten(get_weights(model)))
+    return plan
+
+
 def _feature_shape(model: nn.Module) -> tuple[int, ...]:
-    first = next(m for m in model.modules() if isinstance(m, nn.Linear | nn.Conv2d))
+    """``(model.in_features,)`` when the model declares it (as ``nn.Linear`` and the models of
+    :mod:`producer.fl.models` do), else the first ``nn.Linear``'s."""
+    declared = model.in_features if hasattr(model, "in_features") else None
+    if isinstance(declared, int):
+        return (declared,)
+    first = next((m for m in model.modules() if isinstance(m, nn.Linear | nn.Conv2d)), None)
     if isinstance(first, nn.Linear):
         return (first.in_features,)
-    raise ValueError("give build_training_plan a model whose first layer is nn.Linear")
+    raise ValueError(
+        "the model's first layer is not nn.Linear; pass feature_shape (the shape of one row)"
+    )

@@ -171,6 +171,15 @@ class LocalTransport:
             )
         return device.inbox
 
+    def pending(self, device_id: str) -> tuple[int, bool] | None:
+        """``(commands waiting in the device's inbox, whether its thread runs)``; ``None`` if
+        the device was never started (what pace steering reads, like a queue's depth)."""
+        with self._lock:
+            device = self._devices.get(device_id)
+        if device is None:
+            return None
+        return device.inbox.qsize(), device.thread.is_alive()
+
     def runtime(self, device_id: str) -> DeviceRuntime:
         """The runtime of an embedded device (for tests and inspection)."""
         with self._lock:

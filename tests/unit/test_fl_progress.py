@@ -33,7 +33,7 @@ def test_metrics_are_written_as_csv_and_json_with_one_row_per_round(tmp_path: Pa
     assert [int(r["round"]) for r in rows] == [0, 1, 2]
     assert float(rows[2]["test_accuracy"]) == 0.9
     loaded = [RoundMetrics.from_dict(r) for r in json.loads(json_path.read_text())]
-    assert loaded[1:] == ROWS[1:]
+    assert [repr(r) for r in loaded[1:]] == [repr(r) for r in ROWS[1:]]  # NaN: not measured
 
 
 def test_the_plot_is_a_png_file(tmp_path: Path) -> None:
