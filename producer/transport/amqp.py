@@ -41,6 +41,7 @@ before it is refused."""
 MAX_INCOMPLETE_REPLIES = 256
 """Incomplete chunked replies held at once (the oldest is dropped to make room)."""
 
+
 def _total_timestamps() -> None:
     """Make pika's header decoding total for timestamps (once per process).
 
