@@ -27,7 +27,12 @@ from broker_config.envelope import (
     task_headers,
 )
 from broker_config.settings import Settings
-from producer.transport.reassembly import RejectedReply, ReplyAssembler, reply_sender
+from producer.transport.reassembly import (
+    MIN_CHUNK_CHARGE,
+    RejectedReply,
+    ReplyAssembler,
+    reply_sender,
+)
 from schemas.errors import BrokerUnavailable, DeviceNotFound, PublishTimeout, TransportError
 
 log = logging.getLogger(__name__)
@@ -147,6 +152,7 @@ class AmqpTransport:
             max_transfers=MAX_INCOMPLETE_REPLIES,
             ttl=s.reply_transfer_ttl,
             max_held=PREFETCH // 2,
+            min_chunk_charge=MIN_CHUNK_CHARGE,
         )
         self.rejected_replies = 0
         """Reply messages refused (malformed, over a bound, or from a user not allowed)."""
