@@ -14,6 +14,7 @@ from kombu import Exchange, Queue
 from broker_config import names, topology
 from broker_config.envelope import CONTENT_TYPE
 from broker_config.settings import Settings
+from consumer.worker import frames
 from consumer.worker.chunks import collect_expired
 from consumer.worker.gate import Gate, GatedConsumer
 from consumer.worker.serialization import register_content_type
@@ -106,6 +107,7 @@ def make_app(settings: Settings | None = None) -> Celery:
     """
     s = settings or Settings.from_env()
     register_content_type()
+    frames.install()  # py-amqp must not raise on a hostile delivery before the gate sees it
     _DeviceQueues.settings = s
     GatedConsumer.gate = Gate(s)
     app = Celery("fedplan", broker=s.broker_url, set_as_current=False, amqp=_DeviceAMQP)

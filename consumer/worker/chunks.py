@@ -1,9 +1,15 @@
 """Chunked commands on a device: bounded assembly on disk and expiry of incomplete transfers.
 
 The gate has checked the chunk headers (integers, ``0 <= index < count <= max_chunks``);
-here every chunk is checked against the assembled size and the bytes all incomplete
-transfers hold together before it is written, and transfers whose last chunk arrived more
-than ``chunk_ttl`` seconds ago are deleted (at worker start and while chunks arrive).
+here every chunk is checked against the assembled size, the bytes all incomplete transfers
+hold together and their number before it is written, and transfers whose last chunk arrived
+more than ``chunk_ttl`` seconds ago are deleted (at worker start and while chunks arrive).
+
+Against the pool of incomplete transfers a chunk counts as at least ``MIN_CHUNK_BYTES``
+(the gate's chunk count bound assumes chunks that big): a flood of one-byte chunks, each
+opening a transfer of its own, would otherwise fill the disk with files and directories
+while staying far below ``max_pending_chunk_bytes``, and make every later chunk slower (each
+one scans what is pending).
 """
 
 from __future__ import annotations
@@ -18,12 +24,16 @@ from typing import Any
 
 from broker_config.envelope import CHUNK_HEADER, CHUNKS_HEADER, TRANSFER_HEADER
 from broker_config.settings import Settings
+from consumer.worker.gate import MIN_CHUNK_BYTES
 from schemas.errors import MessageRefused
 
 log = logging.getLogger(__name__)
 
 GC_INTERVAL = 60.0
 """Seconds between two sweeps for expired transfers while chunks arrive."""
+
+MAX_PENDING_TRANSFERS = 64
+"""Incomplete transfers a device keeps at once; a chunk opening one more is refused."""
 
 _last_sweep: dict[str, float] = {}
 
@@ -47,17 +57,27 @@ def _sizes(folder: Path) -> dict[str, int]:
     return {e.name: e.stat().st_size for e in entries if not e.name.startswith(".")}
 
 
-def pending_bytes(settings: Settings) -> int:
-    """Bytes held by all incomplete transfers."""
-    total = 0
+def _charge(size: int) -> int:
+    return max(size, MIN_CHUNK_BYTES)
+
+
+def pending(settings: Settings) -> tuple[int, int]:
+    """Incomplete transfers, and the bytes they are charged (see the module docstring)."""
+    transfers = total = 0
     try:
         folders = list(os.scandir(chunks_dir(settings)))
     except FileNotFoundError:
-        return 0
+        return 0, 0
     for folder in folders:
         if folder.is_dir():
-            total += sum(_sizes(Path(folder.path)).values())
-    return total
+            transfers += 1
+            total += sum(_charge(n) for n in _sizes(Path(folder.path)).values())
+    return transfers, total
+
+
+def pending_bytes(settings: Settings) -> int:
+    """Bytes all incomplete transfers are charged (each chunk at least ``MIN_CHUNK_BYTES``)."""
+    return pending(settings)[1]
 
 
 def collect_expired(settings: Settings, *, now: float | None = None) -> int:
@@ -100,8 +120,9 @@ def assemble(settings: Settings, request: Any, data: bytes) -> bytes | None:
     """Store one chunk; the whole command once every chunk is there, else None.
 
     Raises :class:`~schemas.errors.MessageRefused` when the chunk would make the transfer
-    larger than ``max_command_size`` or the incomplete transfers together larger than
-    ``max_pending_chunk_bytes`` (nothing is written then).
+    larger than ``max_command_size``, the incomplete transfers together larger than
+    ``max_pending_chunk_bytes`` or more than :data:`MAX_PENDING_TRANSFERS` (nothing is
+    written then).
     """
     count = getattr(request, CHUNKS_HEADER, None)
     if not isinstance(count, int) or count <= 1:
@@ -117,11 +138,18 @@ def assemble(settings: Settings, request: Any, data: bytes) -> bytes | None:
         raise MessageRefused(
             f"transfer {transfer} grows past max_command_size ({settings.max_command_size} bytes)"
         )
-    if is_new and pending_bytes(settings) + len(data) > settings.max_pending_chunk_bytes:
-        raise MessageRefused(
-            f"incomplete transfers hold max_pending_chunk_bytes "
-            f"({settings.max_pending_chunk_bytes} bytes) already; send again later"
-        )
+    if is_new:
+        transfers, charged = pending(settings)
+        if len(sizes) == 1 and transfers >= MAX_PENDING_TRANSFERS:
+            raise MessageRefused(
+                f"the device holds {transfers} incomplete chunked transfers already (at most "
+                f"{MAX_PENDING_TRANSFERS}); send again later"
+            )
+        if charged + _charge(len(data)) > settings.max_pending_chunk_bytes:
+            raise MessageRefused(
+                f"incomplete transfers hold max_pending_chunk_bytes "
+                f"({settings.max_pending_chunk_bytes} bytes) already; send again later"
+            )
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f".{index}.tmp"
     tmp.write_bytes(data)

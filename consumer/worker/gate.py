@@ -37,6 +37,7 @@ from broker_config.envelope import (
 )
 from broker_config.settings import Settings
 from consumer.worker.delivery_attempts import DeliveryAttempts
+from consumer.worker.frames import UNDECODABLE
 from consumer.worker.publishing import send_error
 from schemas.errors import FedplanError, MessageRefused, PlanExecutionError
 
@@ -207,6 +208,11 @@ def _inspect(properties: Any, body: Any, settings: Settings, verdict: Verdict) -
     if not isinstance(headers, dict):
         raise _Refuse("headers must be a table")
     header_size(headers)
+    if UNDECODABLE in headers:  # set by consumer.worker.frames (a sender setting it is refused)
+        task_id = headers.get("id")
+        if verdict.command_id is None and isinstance(task_id, str) and _ID.match(task_id):
+            verdict.command_id = task_id
+        raise _Refuse(f"undecodable message: {str(headers[UNDECODABLE])[:200]}")
     content_type = properties.get("content_type")
     if content_type != CONTENT_TYPE:
         raise _Refuse(f"content type {str(content_type)[:64]!r}: only {CONTENT_TYPE} is served")

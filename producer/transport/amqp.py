@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import struct
 import threading
 import time
 from collections import deque
@@ -13,6 +14,7 @@ from typing import Any
 from urllib.parse import quote
 
 import pika
+import pika.data
 import pika.exceptions as pex
 from pika.adapters.blocking_connection import BlockingChannel
 
@@ -25,7 +27,12 @@ from broker_config.envelope import (
     task_headers,
 )
 from broker_config.settings import Settings
-from producer.transport.reassembly import RejectedReply, ReplyAssembler, reply_sender
+from producer.transport.reassembly import (
+    MIN_CHUNK_CHARGE,
+    RejectedReply,
+    ReplyAssembler,
+    reply_sender,
+)
 from schemas.errors import BrokerUnavailable, DeviceNotFound, PublishTimeout, TransportError
 
 log = logging.getLogger(__name__)
@@ -38,6 +45,35 @@ before it is refused."""
 
 MAX_INCOMPLETE_REPLIES = 256
 """Incomplete chunked replies held at once (the oldest is dropped to make room)."""
+
+
+def _total_timestamps() -> None:
+    """Make pika's header decoding total for timestamps (once per process).
+
+    pika turns a header timestamp into a ``datetime`` and raises past the year 9999, while
+    decoding the frame: one reply with ``{"t": <2**64-1 as a timestamp>}`` in its headers
+    (RabbitMQ passes it through) would drop the connection, and the redelivered message
+    would drop every reconnect after it. Such a timestamp is kept as its integer seconds.
+    """
+    original = pika.data.decode_value
+    if getattr(original, "_fedplan_total", False):
+        return
+
+    def decode_value(encoded: bytes, offset: int) -> tuple[Any, int]:
+        try:
+            return original(encoded, offset)
+        except (OverflowError, OSError, ValueError):
+            if encoded[offset : offset + 1] != b"T":
+                raise
+            (seconds,) = struct.unpack_from(">Q", encoded, offset + 1)
+            return seconds, offset + 9
+
+    decode_value._fedplan_total = True  # type: ignore[attr-defined]
+    pika.data.decode_value = decode_value
+
+
+_total_timestamps()
+
 
 PREFETCH = 64
 """Unacked reply messages the broker sends ahead; half of them may be chunks of incomplete
@@ -116,6 +152,7 @@ class AmqpTransport:
             max_transfers=MAX_INCOMPLETE_REPLIES,
             ttl=s.reply_transfer_ttl,
             max_held=PREFETCH // 2,
+            min_chunk_charge=MIN_CHUNK_CHARGE,
         )
         self.rejected_replies = 0
         """Reply messages refused (malformed, over a bound, or from a user not allowed)."""

@@ -9,7 +9,10 @@ joins chunked replies without letting a message grow memory beyond stated bounds
 - one reply is at most ``max_reply_size`` bytes, checked before anything is stored;
 - incomplete transfers hold at most ``max_pending_bytes`` and ``max_transfers`` in total
   (the oldest transfer is dropped to make room) and expire after ``ttl`` seconds without a
-  new chunk;
+  new chunk; a chunk counts as at least ``min_chunk_charge`` bytes there (the transport
+  uses :data:`MIN_CHUNK_CHARGE`: devices cut replies in pieces at least that big), so a
+  flood of one-byte chunks cannot make the producer hold millions of pieces, each costing
+  far more memory than its byte;
 - transfers are keyed by sender and transfer id, so one device cannot complete or spoil
   another's transfer;
 - each chunk can come with a ``token`` (the transport's delivery tag): tokens of an
@@ -50,6 +53,10 @@ _DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")  # as names.check
 
 MAX_TRANSFER_ID = 256
 """Longest transfer id accepted (a command id is 32 hex characters)."""
+
+MIN_CHUNK_CHARGE = 4096
+"""What a chunk counts as at least against ``max_pending_bytes`` in the transport (the
+smallest ``max_message_size`` a device may cut replies at)."""
 
 
 class RejectedReply(WireError):
@@ -98,6 +105,7 @@ class _Transfer:
     count: int
     parts: dict[int, bytes] = field(default_factory=dict)
     size: int = 0
+    charged: int = 0
     touched: float = 0.0
     tokens: list[int] = field(default_factory=list)
 
@@ -120,6 +128,7 @@ class ReplyAssembler:
         max_transfers: int,
         ttl: float,
         max_held: int = 0,
+        min_chunk_charge: int = 0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.max_reply_size = max_reply_size
@@ -132,6 +141,7 @@ class ReplyAssembler:
         self.dropped = 0
         """Incomplete transfers dropped (expired or evicted) so far."""
         self.max_held = max_held
+        self.min_chunk_charge = min_chunk_charge
         self._held = 0
         self._releasable: list[int] = []
 
@@ -196,27 +206,34 @@ class ReplyAssembler:
         elif transfer.count != count:
             self._drop(key)
             raise RejectedReply(f"transfer {transfer_id[:40]!r} changed its chunk count")
-        old = len(transfer.parts.get(index, b""))
+        previous = transfer.parts.get(index)
+        old = len(previous) if previous is not None else 0
         grown = transfer.size - old + len(body)
         if grown > self.max_reply_size:
             self._drop(key)
             raise RejectedReply(f"transfer {transfer_id[:40]!r} grows over the reply limit")
+        old_charge = self._charge(previous)
+        charge = self._charge(body)
         if key not in self._transfers:
-            self._make_room(len(body))
+            self._make_room(charge)
             self._transfers[key] = transfer
         else:
-            self._make_room(len(body) - old, keep=key)
+            self._make_room(charge - old_charge, keep=key)
         transfer.parts[index] = body
         transfer.size = grown
+        transfer.charged += charge - old_charge
         transfer.touched = self._clock()
         self._transfers.move_to_end(key)
-        self.pending_bytes += len(body) - old
+        self.pending_bytes += charge - old_charge
         if len(transfer.parts) < count:
             if token is not None:
                 self._hold(transfer, token)
             return None
         self._drop(key, counted=False)
         return b"".join(transfer.parts[i] for i in range(count))
+
+    def _charge(self, part: bytes | None) -> int:
+        return 0 if part is None else max(len(part), self.min_chunk_charge)
 
     def _hold(self, transfer: _Transfer, token: int) -> None:
         if transfer.count > self.max_held:  # it could never be held whole
@@ -263,6 +280,6 @@ class ReplyAssembler:
     def _drop(self, key: tuple[str, str], *, counted: bool = True) -> None:
         transfer = self._transfers.pop(key, None)
         if transfer is not None:
-            self.pending_bytes -= transfer.size
+            self.pending_bytes -= transfer.charged
             self.dropped += counted
             self._release(transfer)

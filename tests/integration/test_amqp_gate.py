@@ -24,6 +24,7 @@ from broker_config.envelope import (
     chunk_headers,
     task_headers,
 )
+from consumer.worker.chunks import MAX_PENDING_TRANSFERS
 from producer.transport.amqp import AmqpTransport
 from schemas.tensor_codec import tensor_from_proto
 from schemas.wire import new_id
@@ -252,6 +253,29 @@ def test_an_unfinished_chunked_transfer_expires_and_is_collected_at_worker_start
     workers("jo", env=env)  # a new worker on the same directory collects them at start
     _wait_for(lambda: not list(chunks.glob("*")))
     _ok(transport, replies, "jo", torch.arange(4.0))
+
+
+def test_a_flood_of_one_byte_chunks_each_opening_a_transfer_stops_at_the_transfer_bound(
+    vhost: RunVhost,
+    workers: Callable[..., WorkerProcess],
+    transport: AmqpTransport,
+    replies: Replies,
+    sender: RawSender,
+) -> None:
+    """Before the fix every one got a directory of its own (disk), and each chunk scanned all
+    of them, so the device slowed down with every chunk (3 ms to 60 ms after 1,800)."""
+    mo = workers("mo")
+    transport.ensure_device("mo")
+    n = MAX_PENDING_TRANSFERS + 40
+    cids = [sender.send("mo", b"\x01", headers=chunk_headers(f"fl{i}", 1, 2)) for i in range(n)]
+    for cid in cids[MAX_PENDING_TRANSFERS:]:
+        reply = replies.wait(cid, 120)
+        assert reply.error.code == "MESSAGE_REFUSED", reply.error
+        assert "incomplete chunked transfers already" in reply.error.message
+    vhost.wait_queue(names.device_queue("mo"), messages=0, messages_unacknowledged=0)
+    assert all(replies.count(cid) == 0 for cid in cids[:MAX_PENDING_TRANSFERS])  # held
+    assert len(list((mo.data_dir / "chunks").glob("*"))) == MAX_PENDING_TRANSFERS
+    _ok(transport, replies, "mo", torch.arange(6.0))  # unchunked work is served
 
 
 def test_the_worker_log_file_rotates_and_stays_bounded(

@@ -22,7 +22,15 @@ from broker_config.envelope import (
     task_headers,
 )
 from broker_config.settings import Settings
-from consumer.worker.chunks import assemble, collect_expired, transfer_dir
+from consumer.worker.chunks import (
+    MAX_PENDING_TRANSFERS,
+    assemble,
+    collect_expired,
+    done_with_chunks,
+    pending,
+    pending_bytes,
+    transfer_dir,
+)
 from consumer.worker.gate import (
     DELIVERIES_HEADER,
     MIN_CHUNK_BYTES,
@@ -231,6 +239,32 @@ def test_chunks_assemble_within_the_bounds_and_refuse_beyond(tmp_path: Path) -> 
     assert assemble(s, _request("u", 1, 3), b"a" * 4096) is None
     with pytest.raises(MessageRefused, match="max_command_size"):
         assemble(s, _request("u", 2, 3), b"c")
+
+
+def test_a_flood_of_one_byte_transfers_stops_at_the_transfer_bound(tmp_path: Path) -> None:
+    s = Settings(data_dir=tmp_path)
+    for i in range(MAX_PENDING_TRANSFERS):
+        assert assemble(s, _request(f"flood{i}", 1, 2), b"x") is None
+    with pytest.raises(MessageRefused, match="incomplete chunked transfers already"):
+        assemble(s, _request("one-more", 1, 2), b"x")
+    assert not transfer_dir(s, "one-more", 2).exists()
+    assert assemble(s, _request("flood0", 0, 2), b"y") == b"yx"  # open ones still complete
+    done_with_chunks(s, _request("flood0", 0, 2))
+    assert pending(s) == (MAX_PENDING_TRANSFERS - 1, (MAX_PENDING_TRANSFERS - 1) * MIN_CHUNK_BYTES)
+
+
+def test_tiny_chunks_count_as_min_chunk_bytes_against_the_pending_bound(tmp_path: Path) -> None:
+    s = Settings(
+        data_dir=tmp_path,
+        max_message_size=4096,
+        max_command_size=MIN_CHUNK_BYTES * 3,
+        max_pending_chunk_bytes=MIN_CHUNK_BYTES * 3,
+    )
+    for i in range(3):
+        assert assemble(s, _request("t", i, 4), b"x") is None
+    with pytest.raises(MessageRefused, match="max_pending_chunk_bytes"):
+        assemble(s, _request("u", 0, 2), b"x")
+    assert pending_bytes(s) == 3 * MIN_CHUNK_BYTES
 
 
 def test_incomplete_transfers_expire_after_their_ttl(tmp_path: Path) -> None:

@@ -184,3 +184,21 @@ def test_forgotten_tokens_are_never_released() -> None:
     a.forget_tokens()
     assert a.add(_chunk("t", 1, 2), b"cd", sender="alice", token=2) == b"abcd"
     assert a.releasable() == []
+
+
+def test_one_byte_chunks_count_as_the_minimum_charge_so_a_flood_holds_few_pieces() -> None:
+    """Before: pending bytes counted the byte only, so 2 GiB of pending room held 2**31
+    one-byte pieces (~100 bytes of producer memory each)."""
+    a = _assembler(max_reply_size=10**6, max_pending_bytes=64 * 1024, min_chunk_charge=4096)
+    refused = 0
+    for i in range(1000):
+        try:
+            assert a.add(_chunk("t", i, 10**6), b"x", sender="evil") is None
+        except RejectedReply:
+            refused += 1
+    assert refused == 1000 - 16 and a.pending_bytes == 64 * 1024
+    pieces = sum(len(t.parts) for t in a._transfers.values())
+    assert pieces == 16  # 64 KiB of room / 4 KiB a piece
+    assert a.add(_chunk("u", 0, 2), b"a" * 5000, sender="alice") is None
+    assert a.add(_chunk("u", 1, 2), b"b", sender="alice") == b"a" * 5000 + b"b"
+    assert a.pending_bytes <= 64 * 1024
