@@ -41,3 +41,19 @@ def test_a_second_producer_with_an_id_in_use_is_refused_and_takes_no_reply_of_th
         assert got == [float(i) for i in range(24)]
     with fp.connect(vhost.url, producer_id=producer_id, journal_dir=journal) as again:
         assert again.recover() == {}  # closed cleanly: the id is free, nothing in flight
+
+
+def test_a_second_producer_with_an_id_in_use_on_another_host_is_refused_by_the_broker(
+    vhost: RunVhost, workers: Callable[..., WorkerProcess], tmp_path: Path
+) -> None:
+    producer_id = f"twin{new_id()[:10]}"
+    workers("alice")
+    # another journal dir: as on another host, where the journal's lock cannot see it
+    with fp.connect(vhost.url, producer_id=producer_id, journal_dir=tmp_path / "a") as first:
+        alice = first.device("alice")
+        with pytest.raises(ProducerIdInUse, match="is in use"):
+            fp.connect(vhost.url, producer_id=producer_id, journal_dir=tmp_path / "b")
+        ptrs = [fp.send(torch.tensor([float(i)]), alice) for i in range(12)]
+        assert [float(p.get().item()) for p in ptrs] == [float(i) for i in range(12)]
+    with fp.connect(vhost.url, producer_id=producer_id, journal_dir=tmp_path / "b") as after:
+        assert after.recover() == {}  # the first closed: the id is free
