@@ -121,12 +121,19 @@ class Journal:
         self._lock = threading.Lock()
 
     def record(self, command_id: str, device_id: str, result_ids: tuple[str, ...]) -> None:
-        """Note a command before it is published."""
-        with self._lock:
-            self._db.execute(
-                "INSERT OR REPLACE INTO in_flight VALUES (?, ?, ?, ?)",
-                (command_id, device_id, json.dumps(list(result_ids)), time.time()),
-            )
+        """Note a command before it is published; raises ``TransportError`` when the journal
+        cannot take it (a full disk): the command must not be published then."""
+        try:
+            with self._lock:
+                self._db.execute(
+                    "INSERT OR REPLACE INTO in_flight VALUES (?, ?, ?, ?)",
+                    (command_id, device_id, json.dumps(list(result_ids)), time.time()),
+                )
+        except sqlite3.Error as e:
+            raise TransportError(
+                f"command {command_id} for device {device_id!r} was not sent: the producer "
+                f"journal {self.path} cannot record it ({e}); free space there"
+            ) from e
 
     def done(self, command_id: str) -> None:
         """Forget a command (its reply was handed over, or it was never published)."""

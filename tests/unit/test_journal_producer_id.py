@@ -62,3 +62,23 @@ def test_a_sigkilled_producer_leaves_its_id_free_for_the_next_one(tmp_path: Path
         assert [e.command_id for e in after.in_flight()] == ["c1"]
     finally:
         after.close()
+
+
+def test_a_full_journal_refuses_a_command_with_a_typed_error_before_it_is_published(
+    tmp_path: Path,
+) -> None:
+    from producer.remote.collector import ReplyCollector
+
+    journal = Journal(journal_path(tmp_path, "p3"))
+    try:
+        db = journal._db
+        pages = int(db.execute("PRAGMA page_count").fetchone()[0])
+        db.execute(f"PRAGMA max_page_count = {pages}")  # SQLITE_FULL at the next new page
+        collector = ReplyCollector(journal=journal)
+        big = tuple(f"r{i:05d}" for i in range(5000))  # a row over the pages left
+        with pytest.raises(TransportError, match="was not sent"):
+            collector.expect("c1", device_id="alice", result_ids=big)
+        assert collector.in_flight == 0  # not registered: the caller never publishes it
+        assert journal.in_flight() == []
+    finally:
+        journal.close()
