@@ -12,8 +12,8 @@ never the machine's broker). Scenarios:
 - ``node-loss``: ``--calls`` calls in flight, that node is SIGKILLed and stays down until
   every call is answered (then it is restarted).
 - ``producer-kill``: a producer process publishing ``--calls`` calls is SIGKILLed half-way;
-  a new producer with the same producer id collects the replies from the durable results
-  queue. The public ``fleet.recover()`` is reported as "not available" when it is missing.
+  a new ``fp.connect(url, producer_id=...)`` with the same id gets the calls its journal
+  says are in flight through ``fleet.recover()``.
 
 Goal: 0 lost / 0 duplicated / 0 wrong. A duplicated execution is a run of the plan beyond one
 per call (the device state shows it); a reply delivered twice for one call is not one.
@@ -35,15 +35,16 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from broker_config.settings import Settings  # noqa: E402
 from producer.transport.amqp import AmqpTransport  # noqa: E402
 from tests.integration.broker import Replies, WorkerProcess  # noqa: E402
 from tests.integration.cluster import Cluster, ClusterVhost, CounterRun, Tally  # noqa: E402
@@ -59,9 +60,9 @@ class TimedReplies(Replies):
         super().__init__()
         self.times: list[float] = []
 
-    def on_reply(self, data: bytes) -> None:
+    def on_reply(self, data: bytes, *, sender: str | None = None) -> None:
         self.times.append(time.monotonic())
-        super().on_reply(data)
+        super().on_reply(data, sender=sender)
 
     def first_after(self, t: float, timeout: float = 300.0) -> float | None:
         deadline = time.monotonic() + timeout
@@ -256,15 +257,19 @@ def node_loss(bench: Bench, args: argparse.Namespace) -> Result:
 
 
 def producer_kill(bench: Bench, args: argparse.Namespace) -> Result:
+    """A producer (``fp.connect(url, producer_id=...)``) SIGKILLed half-way through
+    ``--calls`` calls; a successor with the same id gets the rest through ``fleet.recover()``.
+    """
     import producer as fp
+    from schemas.command_pb2 import Reply
 
     res = Result("producer-kill")
-    if not hasattr(fp.Fleet, "recover"):
-        res.notes.append("fleet.recover(): not available (transport-level recovery measured)")
     vh = bench.vhost()
     setup_replies = TimedReplies()
     setup_transport = bench.transport(vh, setup_replies)
-    journal = bench.root / f"journal-{secrets.token_hex(3)}.txt"
+    sent_file = bench.root / f"sent-{secrets.token_hex(3)}.txt"
+    got_file = Path(str(sent_file) + ".replies")
+    journal_dir = bench.root / f"journal-{secrets.token_hex(3)}"
     pid = f"chaosp{secrets.token_hex(4)}"
     try:
         bench.worker(vh, "pk")
@@ -277,7 +282,8 @@ def producer_kill(bench: Bench, args: argparse.Namespace) -> Result:
             "plan": run.plan_id,
             "x": run.x_id,
             "calls": args.calls,
-            "journal": str(journal),
+            "sent": str(sent_file),
+            "journal_dir": str(journal_dir),
         }
         child = subprocess.Popen(
             [sys.executable, __file__, "--child-producer", json.dumps(spec)],
@@ -285,39 +291,58 @@ def producer_kill(bench: Bench, args: argparse.Namespace) -> Result:
         )
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and child.poll() is None:
-            if journal.exists() and len(journal.read_text().split()) >= args.calls // 2:
+            if sent_file.exists() and len(sent_file.read_text().split()) >= args.calls // 2:
                 break
             time.sleep(0.01)
         child.send_signal(signal.SIGKILL)
         child.wait(30)
         t_kill = time.monotonic()
-        sent = journal.read_text().split()
-        got_path = Path(str(journal) + ".replies")
-        got_before = set(got_path.read_text().split()) if got_path.exists() else set()
+        confirmed = sent_file.read_text().split()
+        # What the killed producer's futures received before the kill: its own to keep.
         replies = TimedReplies()
-        successor = bench.transport(vh, replies, pid)  # same producer id: same results queue
+        for line in got_file.read_text().splitlines() if got_file.exists() else []:
+            cid, _, hexdata = line.partition(" ")
+            if hexdata:
+                replies.by_id[cid].append(Reply.FromString(bytes.fromhex(hexdata)))
+        got_before = set(replies.by_id)
+        with fp.connect(
+            vh.url, producer_id=pid, journal_dir=journal_dir, timeout=120, queue_type="quorum"
+        ) as successor:
+            recovered = successor.recover()
+            never_published = 0
+            errors: list[str] = []
+            for cid, pending in recovered.items():
+                try:
+                    reply = pending.result(120)
+                except TimeoutError:
+                    if cid not in confirmed:
+                        never_published += 1  # journaled, killed before the publish
+                    continue
+                except fp.FedplanError as exc:
+                    errors.append(f"{cid}: {exc}")  # tally() counts it as lost (no count)
+                    continue
+                replies.by_id[cid].append(reply)
+                replies.times.append(time.monotonic())
+            if replies.times:
+                res.recoveries.append(min(replies.times) - t_kill)
+        run.replies, run.cids = replies, sorted(set(confirmed) | set(recovered))
+        run.cids = [c for c in run.cids if c in replies.by_id or c in confirmed]
+        probe = bench.transport(vh, replies)  # tally()'s last call reads the run count
         try:
-            run.transport, run.replies = successor, replies
-            # Replies the killed producer received (and acked) are its to keep: a real
-            # producer persists them before the ack; the successor waits for the rest.
-            run.cids = [c for c in sent if c not in got_before]
-            rec = replies.first_after(t_kill, 120)
-            if rec is not None:
-                res.recoveries.append(rec)
-            if not run.wait_all(300):
-                res.notes.append("some journaled calls unanswered after 300 s")
-            time.sleep(2)  # replies to publishes the journal missed
-            extra = (set(replies.by_id) | got_before) - set(sent)
+            run.transport = probe
             res.tally = run.tally()
-            res.tally.sent = len(sent)
-            res.tally.duplicated = max(0, res.tally.executions - (len(sent) + len(extra)))
-            res.notes.append(
-                f"killed after {len(sent)} confirmed publishes; {len(got_before)} replies "
-                f"reached it before the kill, the successor got the rest; {len(extra)} "
-                "published but not journaled were answered too"
-            )
         finally:
-            successor.close()
+            probe.close()
+        res.notes.extend(
+            [
+                f"fleet.recover(): killed after {len(confirmed)} confirmed calls; "
+                f"{len(got_before)} replies reached its futures before the kill, "
+                f"{len(recovered)} commands recovered from its journal "
+                f"({never_published} journaled but never published, {len(errors)} error "
+                "replies)",
+                *errors[:5],
+            ]
+        )
     finally:
         setup_transport.close()
         vh.delete()
@@ -325,23 +350,33 @@ def producer_kill(bench: Bench, args: argparse.Namespace) -> Result:
 
 
 def child_producer(spec_json: str) -> None:
-    """The producer that gets SIGKILLed: publish counter calls, journal each confirmed id."""
-    from schemas.wire import decode_reply
-    from tests.integration import commands as cmd
+    """The producer that gets SIGKILLed: counter calls through a fleet with a journal."""
+    import producer as fp
+    from schemas.command_pb2 import RunPlan
+    from schemas.ir import ObjectId
+    from schemas.plan_pb2 import ValueList
+    from schemas.value_codec import value_to_proto
+    from schemas.wire import new_id
 
     spec = json.loads(spec_json)
-    settings = Settings.from_env(broker_url=spec["url"], producer_id=spec["pid"])
-    received = open(spec["journal"] + ".replies", "a", buffering=1)  # noqa: SIM115
-    transport = AmqpTransport(
-        on_reply=lambda d: received.write(decode_reply(d).command_id + "\n"), settings=settings
-    )
-    with open(spec["journal"], "a", buffering=1) as journal:
-        for i in range(spec["calls"]):
-            cid = f"{spec['pid']}-{i}"
-            data = cmd.run_plan(cid, spec["device"], spec["plan"], [spec["x"]], [f"r-{cid}"])
-            transport.publish(spec["device"], data, command_id=cid)
-            journal.write(cid + "\n")
-    transport.close()
+    got = open(spec["sent"] + ".replies", "a", buffering=1)  # noqa: SIM115
+    lock = threading.Lock()
+
+    def note(pending: Any) -> None:
+        if pending.exception() is None:
+            with lock:
+                got.write(f"{pending.command_id} {pending.result().SerializeToString().hex()}\n")
+
+    fleet = fp.connect(spec["url"], producer_id=spec["pid"], journal_dir=spec["journal_dir"])
+    args = ValueList(items=[value_to_proto(ObjectId(spec["x"]))])
+    with open(spec["sent"], "a", buffering=1) as sent:
+        for _ in range(spec["calls"]):
+            rid = f"r-{new_id()}"
+            msg = RunPlan(plan_id=spec["plan"], args=args, result_ids=[rid], return_values=True)
+            pending = fleet.submit(spec["device"], "run_plan", msg, (rid,))
+            pending.add_done_callback(note)
+            sent.write(pending.command_id + "\n")
+    fleet.close()
 
 
 RUNNERS: dict[str, Callable[[Bench, argparse.Namespace], Result]] = {

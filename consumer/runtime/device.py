@@ -147,6 +147,11 @@ class DeviceRuntime:
         remember = bool(command_id) and body not in _READ_ONLY and not is_plain_read(command)
         try:
             self.store.begin()
+            if remember:  # again, under the unit's write lock: another process may have
+                cached = self.store.get_reply(command_id)  # run it meanwhile (a redelivery)
+                if cached is not None:
+                    self.store.rollback()
+                    return cached
             data_out = self._run_once(command, body, result_ids, remember)
             self.store.commit()
         except Exception as exc:  # the store failed: nothing of the command is kept

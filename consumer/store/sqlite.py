@@ -501,8 +501,17 @@ class SqliteStore(BlobUnits):
             self._expire_replies(db, time.time(), 0, 0, force=True)
 
     def get_reply(self, command_id: str) -> bytes | None:
+        """The cached reply of a command, or None.
+
+        Inside a unit it is read under the unit's write lock (taken here, held to its end):
+        a run of the same command in another process has then committed or not begun.
+        """
         q = "SELECT reply, file FROM replies WHERE command_id = ?"
-        row = self._conn().execute(q, (command_id,)).fetchone()
+        if self._unit() is not None:
+            with self._lock, self._tx() as db:
+                row = db.execute(q, (command_id,)).fetchone()
+        else:
+            row = self._conn().execute(q, (command_id,)).fetchone()
         if row is None:
             return None
         if row[1] is None:

@@ -5,10 +5,14 @@ end). Blob files are only ever created inside a transaction, under new names, an
 that point at them commit with it; the files a unit replaces are deleted after its commit.
 A process killed at any point leaves files no committed row names, and nothing else:
 :meth:`BlobUnits.collect_orphans` (run under the write lock, when a store opens) deletes them.
+A full disk (``ENOSPC``/``EDQUOT`` writing a file, ``SQLITE_FULL`` in the index or at
+``COMMIT``) raises :class:`~schemas.errors.StoreFullError`, like the store's own bounds: the
+caller rolls the unit back and nothing of it stays.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import secrets
@@ -22,6 +26,24 @@ from pathlib import Path
 import torch
 
 from consumer.store.tensor_files import write_bytes_file, write_tensor_file
+from schemas.errors import StoreFullError
+
+_DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def disk_full(exc: BaseException) -> StoreFullError | None:
+    """The ``StoreFullError`` for an out-of-space ``OSError`` or ``SQLITE_FULL``, else None."""
+    if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
+        what = f"{exc.strerror} ({exc.filename})" if exc.filename else str(exc.strerror)
+    elif isinstance(exc, sqlite3.Error) and getattr(exc, "sqlite_errorcode", None) == 13:
+        what = f"the device's index is full: {exc}"  # 13: SQLITE_FULL
+    else:
+        return None
+    return StoreFullError(
+        f"the device's disk is full: {what}; the command changed nothing. Free space in "
+        "the device's data dir, delete objects the server no longer needs, or lower "
+        "FEDPLAN_STORE_MAX_BYTES below the free space"
+    )
 
 
 @dataclass(slots=True)
@@ -108,7 +130,10 @@ class BlobUnits:
             return
         db = self._conn()
         if db.in_transaction:
-            db.execute("COMMIT")
+            try:
+                db.execute("COMMIT")
+            except sqlite3.Error as e:
+                raise (disk_full(e) or e) from e
             self._lock.release()
         self._local.unit = None
         self._unlink(unit.stale)
@@ -139,10 +164,10 @@ class BlobUnits:
             try:
                 with self._tx() as db:
                     yield db
+                self.commit()
             except BaseException:
-                self.rollback()
+                self.rollback()  # a failed COMMIT too: the unit and its lock end here
                 raise
-            self.commit()
             return
         db = self._conn()
         if not db.in_transaction:
@@ -156,14 +181,20 @@ class BlobUnits:
         db.execute("SAVEPOINT w")
         try:
             yield db
-        except BaseException:
+        except BaseException as e:
             if db.in_transaction:
                 db.execute("ROLLBACK TO w")
                 db.execute("RELEASE w")
             self._unlink(unit.fresh[fresh:])
             del unit.fresh[fresh:], unit.stale[stale:]
+            full = disk_full(e)
+            if full is not None:
+                raise full from e
             raise
-        db.execute("RELEASE w")
+        try:
+            db.execute("RELEASE w")
+        except sqlite3.Error as e:
+            raise (disk_full(e) or e) from e
 
     def _touched(self) -> Unit:
         """The open unit (inside :meth:`_tx`)."""

@@ -294,17 +294,18 @@ class ReplyCollector:
                 return False  # another reply won
             del self._pending[pending.command_id]
             self._retire(pending)
+        if not pending.done():
+            if reply.WhichOneof("outcome") == "error":
+                try:
+                    error: BaseException = error_from_proto(reply.error)
+                except Exception as exc:  # a malformed error still fails the waiters
+                    error = FedplanError(f"device sent an unreadable error: {exc}")
+                pending.set_exception(error)
+            else:
+                pending.set_result(reply)
+        # Only once the reply is handed over: a process killed before this line leaves the
+        # row, and the next producer with this id recovers the command again.
         self._journal_done(pending.command_id)
-        if pending.done():
-            return True
-        if reply.WhichOneof("outcome") == "error":
-            try:
-                error: BaseException = error_from_proto(reply.error)
-            except Exception as exc:  # a malformed error still fails the waiters
-                error = FedplanError(f"device sent an unreadable error: {exc}")
-            pending.set_exception(error)
-        else:
-            pending.set_result(reply)
         return True
 
     def _journal_done(self, command_id: str) -> None:

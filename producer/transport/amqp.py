@@ -27,6 +27,7 @@ from broker_config.envelope import (
     task_headers,
 )
 from broker_config.settings import Settings
+from producer.transport.journal import ProducerIdInUse
 from producer.transport.reassembly import (
     MIN_CHUNK_CHARGE,
     RejectedReply,
@@ -328,6 +329,16 @@ class AmqpTransport:
                 self._loop(self._conn, ch)
             except Exception as e:
                 lost = isinstance(e, _CONNECTION_ERRORS)
+                if not self._ready.done() and _exclusive_refusal(e):
+                    self._ready.set_exception(
+                        ProducerIdInUse(
+                            f"producer id {self.producer_id!r} is in use: another producer "
+                            f"consumes {self.results_queue} at {_safe_url(self.settings)}; "
+                            "two producers with one id would take each other's replies. "
+                            "Close that one, or connect with another producer_id"
+                        )
+                    )
+                    return
                 if not self._ready.done():
                     self._ready.set_exception(
                         BrokerUnavailable(
@@ -364,7 +375,10 @@ class AmqpTransport:
             self._declare_queue(ch, topology.device_queue(device, self.settings))
         ch.basic_qos(prefetch_count=PREFETCH)
         self._assembler.forget_tokens()  # unacked chunks come again on this channel
-        ch.basic_consume(self.results_queue, self._on_message, auto_ack=False)
+        # exclusive: one producer per producer id, on any host (a second one is refused).
+        # Classic queues only: RabbitMQ 3.10 quorum queues accept a second exclusive
+        # consumer; there, only the journal's lock (same host) keeps an id to one producer.
+        ch.basic_consume(self.results_queue, self._on_message, auto_ack=False, exclusive=True)
         return ch
 
     def _declare_dead_letter_queue(
@@ -501,6 +515,15 @@ _CONNECTION_ERRORS = (
     pex.ChannelWrongStateError,
     OSError,
 )
+
+
+def _exclusive_refusal(e: Exception) -> bool:
+    """Whether the broker refused our results-queue consumer: another holds it exclusively."""
+    return (
+        isinstance(e, pex.ChannelClosedByBroker)
+        and e.reply_code == 403
+        and "exclusive" in str(e.reply_text).lower()
+    )
 
 
 def connection_parameters(settings: Settings, name: str) -> list[pika.ConnectionParameters]:

@@ -17,7 +17,12 @@ Rules (also in ``broker_config.settings``):
   oldest dropped first), until a command or recovery with its id claims it;
 - a producer killed between a command's journal row and its publish recovers a command
   that was never sent: waiting on it raises ``ReplyTimeout``, and its row goes with the
-  ``results_queue_expires`` rule.
+  ``results_queue_expires`` rule;
+- one process at a time holds a producer id: the journal takes an exclusive lock
+  (``<producer_id>.sqlite3.lock``, ``flock``; the kernel drops it when the process dies,
+  SIGKILL included), and a second ``Journal`` of that id raises :class:`ProducerIdInUse`.
+  Two producers on one id would share one results queue, and each would take replies the
+  other awaits.
 
 Example
 -------
@@ -33,7 +38,9 @@ Example
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -41,7 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from broker_config import names
-from schemas.errors import FedplanError
+from schemas.errors import FedplanError, TransportError
 
 MAX_UNCLAIMED = 1024
 """Unclaimed replies kept at most (in memory and in the journal)."""
@@ -57,6 +64,15 @@ CREATE TABLE IF NOT EXISTS in_flight (
 CREATE TABLE IF NOT EXISTS unclaimed (
     command_id TEXT PRIMARY KEY, sender TEXT, data BLOB NOT NULL, received REAL NOT NULL);
 """
+
+
+class ProducerIdInUse(TransportError):
+    """Another live producer (in this or another process) holds this producer id.
+
+    Only one process may use a producer id at a time: they would share its results queue.
+    """
+
+    code = "PRODUCER_ID_IN_USE"
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,21 +107,33 @@ class Journal:
         self.path = Path(path)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._lock_fd = _lock_exclusively(self.path.with_name(self.path.name + ".lock"))
+        except OSError as e:
+            raise FedplanError(f"cannot open the producer journal {self.path}: {e}") from e
+        try:
             self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")  # durable across a process kill
             self._db.executescript(_SCHEMA)
         except (OSError, sqlite3.Error) as e:
+            os.close(self._lock_fd)
             raise FedplanError(f"cannot open the producer journal {self.path}: {e}") from e
         self._lock = threading.Lock()
 
     def record(self, command_id: str, device_id: str, result_ids: tuple[str, ...]) -> None:
-        """Note a command before it is published."""
-        with self._lock:
-            self._db.execute(
-                "INSERT OR REPLACE INTO in_flight VALUES (?, ?, ?, ?)",
-                (command_id, device_id, json.dumps(list(result_ids)), time.time()),
-            )
+        """Note a command before it is published; raises ``TransportError`` when the journal
+        cannot take it (a full disk): the command must not be published then."""
+        try:
+            with self._lock:
+                self._db.execute(
+                    "INSERT OR REPLACE INTO in_flight VALUES (?, ?, ?, ?)",
+                    (command_id, device_id, json.dumps(list(result_ids)), time.time()),
+                )
+        except sqlite3.Error as e:
+            raise TransportError(
+                f"command {command_id} for device {device_id!r} was not sent: the producer "
+                f"journal {self.path} cannot record it ({e}); free space there"
+            ) from e
 
     def done(self, command_id: str) -> None:
         """Forget a command (its reply was handed over, or it was never published)."""
@@ -156,6 +184,29 @@ class Journal:
         return [Unclaimed(c, s, bytes(d), r) for c, s, d, r in rows]
 
     def close(self) -> None:
-        """Close the file (rows stay for the next producer with this id)."""
+        """Close the file and give up the producer id (rows stay for its next producer)."""
         with self._lock:
             self._db.close()
+            if self._lock_fd >= 0:
+                os.close(self._lock_fd)  # releases the flock
+                self._lock_fd = -1
+
+
+def _lock_exclusively(lock_path: Path) -> int:
+    """An open descriptor holding an exclusive ``flock`` on ``lock_path``; raises
+    :class:`ProducerIdInUse` when another open descriptor holds it."""
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ProducerIdInUse(
+            f"producer id {lock_path.name.removesuffix('.sqlite3.lock')!r} is in use by a "
+            f"running producer (its journal {lock_path.with_suffix('')} is locked); two "
+            "producers with one id would take each other's replies. Close that fleet, or "
+            "connect with another producer_id"
+        ) from None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd

@@ -10,14 +10,19 @@ the order a command reaches them:
 - ``state_saved``: the plan's new state is written (in the open transaction)
 - ``results_stored``: its results are written
 - ``forwarded``: a move published the object to the destination device
+- ``deleted``: an object was deleted (``DeleteObjects``, ``get(delete=True)``), not committed
 - ``reply_stored``: its reply is written, the transaction not committed
 - ``committed``: committed, the reply not yet published
+
+and ``open:collecting``, whatever the body: a pool process opening the store has deleted one
+orphan blob file of the collection at open, the rest of it not done nor committed.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,6 +30,7 @@ from typing import Any
 import consumer.worker.tasks as tasks
 from consumer.runtime.device import DeviceRuntime
 from consumer.store.sqlite import SqliteStore
+from consumer.store.units import BlobUnits
 from consumer.worker.celery_app import app
 
 POINTS = frozenset(filter(None, os.environ.get("FEDPLAN_TEST_CRASH_AT", "").split(",")))
@@ -34,7 +40,11 @@ _body = [""]
 
 def crash(point: str) -> None:
     """Exit at once if this command body's point is listed and has not crashed yet."""
-    name = f"{_body[0]}:{point}"
+    crash_named(f"{_body[0]}:{point}")
+
+
+def crash_named(name: str) -> None:
+    """Exit at once if ``name`` is listed and has not crashed yet."""
     if name not in POINTS:
         return
     try:
@@ -67,7 +77,19 @@ def _dispatch_noting_body(self: DeviceRuntime, body: str, *args: Any) -> Any:
     return _dispatch(self, body, *args)
 
 
+def _collect_orphans_crashing(self: BlobUnits, db: sqlite3.Connection, referenced: set[str]) -> int:
+    """``BlobUnits.collect_orphans`` with a crash after its first unlink."""
+    self._touched()
+    orphans = [p for p in self.blob_dir.iterdir() if p.name not in referenced]
+    for p in orphans:
+        p.unlink(missing_ok=True)
+        crash_named("open:collecting")
+    return len(orphans)
+
+
 DeviceRuntime._dispatch = _dispatch_noting_body  # type: ignore[method-assign]
+BlobUnits.collect_orphans = _collect_orphans_crashing  # type: ignore[method-assign]
+_around(SqliteStore, "delete_object", after="deleted")
 _around(SqliteStore, "save_plan_state", before="ran", after="state_saved")
 _around(DeviceRuntime, "_store_results", before="ran", after="results_stored")
 _around(tasks, "_forward", after="forwarded")

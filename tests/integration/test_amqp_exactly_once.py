@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from producer.transport.amqp import AmqpTransport
-from schemas.command_pb2 import Command, MoveObject, Reply, RunOp
+from schemas.command_pb2 import Command, DeleteObjects, GetObject, MoveObject, Reply, RunOp
 from schemas.ir import SCHEMA_VERSION, ObjectId
 from schemas.plan_pb2 import ValueList
 from schemas.tensor_codec import tensor_from_proto
@@ -183,3 +183,49 @@ def test_a_move_killed_at_every_step_before_its_reply_is_stored_moves_the_object
     missing = _send(t, replies, "kim", cmd.get_object(gone, "kim", "x"), gone)
     assert missing.error.code == "NOT_FOUND"
     _no_orphan_files(kim.data_dir)
+
+
+def test_deletes_killed_at_every_step_and_during_collection_at_open_delete_once(
+    workers: Callable[..., WorkerProcess],
+    limit_transport: AmqpTransport,
+    replies: Replies,
+    tmp_path: Path,
+) -> None:
+    points = [
+        *(f"get_object:{p}" for p in ("deleted", "reply_stored", "committed")),
+        *(f"delete_objects:{p}" for p in ("deleted", "reply_stored", "committed")),
+        "open:collecting",  # the next pool process dies half-way through collecting orphans
+    ]
+    mia, flags = _crashing(workers, tmp_path, "mia", points)
+    t = limit_transport
+    t.ensure_device("mia")
+    x = torch.randn(20_000)  # its get() reply is a file of its own (over 64 KiB)
+    for object_id, value in (("x", x), ("y", torch.ones(3)), ("z", torch.zeros(2))):
+        cid = new_id()
+        _ok(_send(t, replies, "mia", cmd.store_object(cid, "mia", object_id, value), cid))
+    get_cid = new_id()
+    get = Command(
+        schema_version=SCHEMA_VERSION,
+        command_id=get_cid,
+        device_id="mia",
+        get_object=GetObject(id="x", delete=True),
+    )
+    reply = _ok(_send(t, replies, "mia", encode_command(get), get_cid))
+    assert torch.equal(tensor_from_proto(reply.ok.objects[0].value), x)
+    del_cid = new_id()
+    delete = Command(
+        schema_version=SCHEMA_VERSION,
+        command_id=del_cid,
+        device_id="mia",
+        delete_objects=DeleteObjects(ids=["y"]),
+    )
+    _ok(_send(t, replies, "mia", encode_command(delete), del_cid))
+    _crashed_at_each(flags, points, mia)
+    assert replies.count(get_cid) == 1 and replies.count(del_cid) == 1
+    for gone in ("x", "y"):
+        cid = new_id()
+        assert _send(t, replies, "mia", cmd.get_object(cid, "mia", gone), cid).error.code == (
+            "NOT_FOUND"
+        )
+    assert torch.equal(_value(t, replies, "mia", "z"), torch.zeros(2))
+    _no_orphan_files(mia.data_dir)

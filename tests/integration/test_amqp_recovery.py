@@ -130,3 +130,64 @@ def test_a_chunked_reply_half_received_by_a_stopped_producer_reaches_the_next_on
     chunk(1, reply[half:])
     with fp.connect(vhost.url, producer_id=producer_id, journal_dir=journal) as second:
         assert second.recover()[cid].value("r", 60) == "x" * 5000
+
+
+HALF_RECEIVER = """
+import sys, time
+import producer as fp
+url, producer_id, journal, cid = sys.argv[1:5]
+fleet = fp.connect(url, producer_id=producer_id, journal_dir=journal)
+fleet.collector.expect(cid, device_id="alice", result_ids=("r",))  # as if it had sent it
+print("READY", flush=True)
+while fleet.transport.incomplete_replies[0] != 1:
+    time.sleep(0.02)
+print("HELD", flush=True)
+time.sleep(300)
+"""
+
+
+def test_a_producer_sigkilled_half_way_through_a_chunked_reply_leaves_all_of_it_to_the_next(
+    vhost: RunVhost, tmp_path: Path
+) -> None:
+    from broker_config import names
+    from broker_config.envelope import CHUNK_HEADER, CHUNKS_HEADER, TRANSFER_HEADER
+    from schemas.command_pb2 import ObjectInfo, Ok, Reply
+    from schemas.value_codec import value_to_proto
+    from schemas.wire import encode_reply, new_id
+
+    producer_id = f"h{new_id()[:12]}"
+    journal = tmp_path / "journal"
+    cid = new_id()
+    info = ObjectInfo(id="r", kind="value", python_value=value_to_proto("y" * 7000))
+    reply = encode_reply(Reply(command_id=cid, device_id="alice", ok=Ok(objects=[info])))
+    half = len(reply) // 2
+    conn = pika.BlockingConnection(pika.URLParameters(vhost.url))
+    ch = conn.channel()
+    ch.confirm_delivery()
+
+    def chunk(i: int, data: bytes) -> None:
+        headers = {TRANSFER_HEADER: cid, CHUNK_HEADER: i, CHUNKS_HEADER: 2}
+        props = pika.BasicProperties(headers=headers, user_id="guest", delivery_mode=2)
+        ch.basic_publish(
+            names.results_exchange(), names.results_routing_key(producer_id), data, props
+        )
+
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HALF_RECEIVER, vhost.url, producer_id, str(journal), cid],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert _line(proc) == "READY"
+        chunk(0, reply[:half])
+        assert _line(proc) == "HELD"  # the first chunk is in, unacked
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+        chunk(1, reply[half:])
+        conn.close()
+    with fp.connect(vhost.url, producer_id=producer_id, journal_dir=journal) as successor:
+        assert successor.recover()[cid].value("r", 60) == "y" * 7000
