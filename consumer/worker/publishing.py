@@ -50,6 +50,17 @@ def confirming_producer(settings: Settings) -> Producer:
     return producer
 
 
+def forget_connection() -> None:
+    """Drop this process's publishing connection (after a failure): the next publish
+    connects again, to the next node of a cluster if this one is gone."""
+    producer = _producers.pop(os.getpid(), None)
+    if producer is not None:
+        try:
+            producer.connection.release()
+        except Exception:
+            log.debug("closing a failed publishing connection failed", exc_info=True)
+
+
 def publish(
     settings: Settings,
     body: bytes,
@@ -121,5 +132,5 @@ def send_error(
         return True
     except Exception:
         log.exception("publishing the error reply to %s failed", command_id)
-        _producers.pop(os.getpid(), None)  # reconnect next time
+        forget_connection()
         return False

@@ -20,7 +20,7 @@ from consumer.store.sqlite import SqliteStore
 from consumer.worker.chunks import assemble, done_with_chunks
 from consumer.worker.gate import DELIVERIES_HEADER
 from consumer.worker.limits import time_budget
-from consumer.worker.publishing import publish, publish_reply
+from consumer.worker.publishing import forget_connection, publish, publish_reply
 from schemas.command_pb2 import Reply
 from schemas.errors import DeviceError, FedplanError, TimeLimitError
 from schemas.wire import decode_reply, encode_reply
@@ -130,7 +130,13 @@ def handle(self: Task, data: bytes) -> None:
     if not parsed.command_id and parsed.WhichOneof("outcome") == "error":
         parsed.command_id = command_id  # undecodable: answer under the message's id
         reply = encode_reply(parsed)
-    _answer(self, reply, command_id)
+    try:
+        _answer(self, reply, command_id)
+    except Exception as exc:  # the broker did not take the reply (a node lost, say)
+        forget_connection()
+        log.warning("reply to %s not published (%r); the command is requeued", command_id, exc)
+        # Its effects and reply are committed: the redelivery is answered from the cache.
+        raise Reject(f"reply to {command_id} not published: {exc!r}", requeue=True) from None
     done_with_chunks(settings, request)
     if parsed.WhichOneof("outcome") == "error" and parsed.error.code in DEAD_LETTER_CODES:
         raise Reject(f"{parsed.error.code}: {parsed.error.message}", requeue=False)

@@ -14,7 +14,9 @@ the order a command reaches them:
 - ``reply_stored``: its reply is written, the transaction not committed
 - ``committed``: committed, the reply not yet published
 
-and ``open:collecting``, whatever the body: a pool process opening the store has deleted one
+``reply:unpublished``, whatever the body: the first reply publish fails as if the broker's
+node had gone (a kombu ``OperationalError``; the pool process lives on), and
+``open:collecting``, whatever the body: a pool process opening the store has deleted one
 orphan blob file of the collection at open, the rest of it not done nor committed.
 """
 
@@ -26,6 +28,8 @@ import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from kombu.exceptions import OperationalError
 
 import consumer.worker.tasks as tasks
 from consumer.runtime.device import DeviceRuntime
@@ -87,6 +91,22 @@ def _collect_orphans_crashing(self: BlobUnits, db: sqlite3.Connection, reference
     return len(orphans)
 
 
+_publish_reply = tasks.publish_reply
+
+
+def _publish_reply_failing_once(*args: Any, **kwargs: Any) -> None:
+    name = "reply:unpublished"
+    if name in POINTS:
+        try:
+            os.close(os.open(FLAGS / name, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            pass
+        else:
+            raise OperationalError("test: the broker node took no reply")
+    _publish_reply(*args, **kwargs)
+
+
+tasks.publish_reply = _publish_reply_failing_once  # type: ignore[assignment]
 DeviceRuntime._dispatch = _dispatch_noting_body  # type: ignore[method-assign]
 BlobUnits.collect_orphans = _collect_orphans_crashing  # type: ignore[method-assign]
 _around(SqliteStore, "delete_object", after="deleted")

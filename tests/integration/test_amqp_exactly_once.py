@@ -229,3 +229,32 @@ def test_deletes_killed_at_every_step_and_during_collection_at_open_delete_once(
         )
     assert torch.equal(_value(t, replies, "mia", "z"), torch.zeros(2))
     _no_orphan_files(mia.data_dir)
+
+
+def test_a_reply_the_broker_did_not_take_is_sent_again_from_the_cache_and_the_plan_runs_once(
+    workers: Callable[..., WorkerProcess],
+    limit_transport: AmqpTransport,
+    replies: Replies,
+    tmp_path: Path,
+) -> None:
+    """A node lost between commit and reply (chaos: node-loss) requeues the command."""
+    kate, flags = _crashing(workers, tmp_path, "kate", ["reply:unpublished"])
+    t = limit_transport
+    t.ensure_device("kate")
+    w, x = torch.randn(6), torch.randn(6)
+    for data_of in (
+        lambda c: cmd.store_object(c, "kate", "x", x),
+        lambda c: cmd.store_plan(c, "kate", _accumulate(w.clone()), "acc"),
+    ):
+        cid = new_id()
+        _send(t, replies, "kate", data_of(cid), cid)
+    assert [p.name for p in flags.iterdir()] == ["reply:unpublished"]  # the first one failed
+    cid = new_id()
+    reply = _ok(_send(t, replies, "kate", cmd.run_plan(cid, "kate", "acc", ["x"], ["y"]), cid))
+    eager = w.clone()
+    assert torch.allclose(tensor_from_proto(reply.ok.objects[0].value), eager.add_(x) * 2)
+    cid = new_id()
+    again = _ok(_send(t, replies, "kate", cmd.run_plan(cid, "kate", "acc", ["x"], ["z"]), cid))
+    assert torch.allclose(tensor_from_proto(again.ok.objects[0].value), eager.add_(x) * 2)
+    assert "not published" in kate.log_tail(4000)
+    assert torch.equal(_value(t, replies, "kate", "x"), x)
