@@ -21,7 +21,12 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
-from producer.transport.journal import MAX_UNCLAIMED, MAX_UNCLAIMED_BYTES, Journal
+from producer.transport.journal import (
+    MAX_UNCLAIMED,
+    MAX_UNCLAIMED_BYTES,
+    CommandNotSent,
+    Journal,
+)
 from schemas.command_pb2 import ObjectInfo, Reply
 from schemas.errors import FedplanError, ObjectNotFound, ReplyTimeout
 from schemas.tensor_codec import tensor_from_proto
@@ -124,21 +129,43 @@ class ReplyCollector:
         self._unclaimed: OrderedDict[str, tuple[Reply, str | None, float, int]] = OrderedDict()
         self._unclaimed_bytes = 0
         self._recovered: dict[str, PendingCommand] = {}
+        self._unsent: list[tuple[str, str, bytes]] = []
         self.journal = journal
         self.unclaimed_ttl = unclaimed_ttl
         self.refused = 0
         """Replies refused: from the wrong device or sender."""
 
     def expect(
-        self, command_id: str, *, device_id: str, result_ids: tuple[str, ...] = ()
+        self,
+        command_id: str,
+        *,
+        device_id: str,
+        result_ids: tuple[str, ...] = (),
+        data: bytes | None = None,
     ) -> PendingCommand:
         """Register a command before publishing it; its future resolves with the reply.
 
-        With a journal the command is written to it first (before it can be published).
+        With a journal the command (and ``data``, its encoded bytes, when small enough) is
+        written to it first, before it can be published; call :meth:`published` once the
+        broker confirmed it.
         """
         if self.journal is not None:
-            self.journal.record(command_id, device_id, tuple(result_ids))
+            self.journal.record(command_id, device_id, tuple(result_ids), data)
         return self._register(command_id, device_id, tuple(result_ids))
+
+    def published(self, command_id: str) -> None:
+        """The broker confirmed the command: the journal drops its bytes."""
+        if self.journal is not None:
+            try:
+                self.journal.published(command_id)
+            except Exception:  # at worst a successor publishes it again: the device dedups
+                log.exception("could not journal the publish of command %s", command_id)
+
+    def unsent(self) -> list[tuple[str, str, bytes]]:
+        """Recovered commands whose publish was never confirmed, as ``(device_id,
+        command_id, data)``: publish each again, then call :meth:`published`."""
+        with self._lock:
+            return list(self._unsent)
 
     def _register(
         self, command_id: str, device_id: str, result_ids: tuple[str, ...]
@@ -179,6 +206,19 @@ class ReplyCollector:
                 pending = self._register(entry.command_id, entry.device_id, entry.result_ids)
                 with self._lock:
                     self._recovered[entry.command_id] = pending
+                    if not entry.published and entry.body is not None:
+                        self._unsent.append((entry.device_id, entry.command_id, entry.body))
+                if not entry.published and entry.body is None:
+                    self.forget(
+                        entry.command_id,
+                        CommandNotSent(
+                            f"command {entry.command_id} for device {entry.device_id!r} may "
+                            "never have reached the broker (its producer died before the "
+                            "publish was confirmed) and was too large to journal: send it "
+                            "again",
+                            device_id=entry.device_id,
+                        ),
+                    )
         with self._lock:
             return dict(self._recovered)
 

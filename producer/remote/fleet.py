@@ -98,14 +98,26 @@ class Fleet:
         getattr(command, body).CopyFrom(msg)
         data = encode_command(command, tensors)
         pending = self.collector.expect(
-            command.command_id, device_id=device_id, result_ids=result_ids
+            command.command_id, device_id=device_id, result_ids=result_ids, data=data
         )
         try:
             self.transport.publish(device_id, data, command_id=command.command_id)
         except BaseException as exc:
             self.collector.forget(command.command_id, exc)
             raise
+        self.collector.published(command.command_id)
         return pending
+
+    def _publish_unsent(self) -> None:
+        """Publish again what a killed predecessor journaled but never saw confirmed (the
+        device runs a command id once: a repeat of one that did arrive gets its reply)."""
+        for device_id, command_id, data in self.collector.unsent():
+            try:
+                self.transport.publish(device_id, data, command_id=command_id)
+            except Exception as exc:
+                self.collector.forget(command_id, exc)
+            else:
+                self.collector.published(command_id)
 
     def release(self, command_id: str) -> None:
         """Stop keeping a command whose reply was read findable by id (see ``ReplyCollector``)."""
@@ -242,4 +254,6 @@ def connect(
             raise
     else:
         raise ValueError(f"unsupported fleet URL {url!r}; use None (embedded) or amqp://...")
-    return Fleet(transport=transport, collector=collector, timeout=timeout)
+    fleet = Fleet(transport=transport, collector=collector, timeout=timeout)
+    fleet._publish_unsent()
+    return fleet

@@ -15,9 +15,11 @@ Rules (also in ``broker_config.settings``):
 - a reply to a command nobody awaits is kept (``unclaimed``) for ``unclaimed_reply_ttl``
   seconds, at most ``MAX_UNCLAIMED`` of them and ``MAX_UNCLAIMED_BYTES`` in all (the
   oldest dropped first), until a command or recovery with its id claims it;
-- a producer killed between a command's journal row and its publish recovers a command
-  that was never sent: waiting on it raises ``ReplyTimeout``, and its row goes with the
-  ``results_queue_expires`` rule;
+- a command's row keeps its encoded bytes (up to ``MAX_JOURNALED_BODY``) until the broker
+  confirmed the publish; a producer killed before that confirm leaves a command that may
+  never have been sent, and its successor publishes it again on recovery (the device runs
+  a command id once and answers a repeat from its reply cache); one too large to keep
+  fails with :class:`CommandNotSent` instead of waiting for a reply that may never come;
 - one process at a time holds a producer id: the journal takes an exclusive lock
   (``<producer_id>.sqlite3.lock``, ``flock``; the kernel drops it when the process dies,
   SIGKILL included), and a second ``Journal`` of that id raises :class:`ProducerIdInUse`.
@@ -53,6 +55,10 @@ from schemas.errors import FedplanError, TransportError
 MAX_UNCLAIMED = 1024
 """Unclaimed replies kept at most (in memory and in the journal)."""
 
+MAX_JOURNALED_BODY = 4 * 1024 * 1024
+"""Commands up to this size are journaled with their bytes until their publish is confirmed
+(so a successor can publish them again); larger ones are journaled without."""
+
 MAX_UNCLAIMED_BYTES = 256 * 1024 * 1024
 """Bytes of unclaimed replies kept at most (the oldest dropped first; a larger one alone is
 not kept)."""
@@ -60,7 +66,7 @@ not kept)."""
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS in_flight (
     command_id TEXT PRIMARY KEY, device_id TEXT NOT NULL, result_ids TEXT NOT NULL,
-    created REAL NOT NULL);
+    created REAL NOT NULL, published INTEGER NOT NULL DEFAULT 0, body BLOB);
 CREATE TABLE IF NOT EXISTS unclaimed (
     command_id TEXT PRIMARY KEY, sender TEXT, data BLOB NOT NULL, received REAL NOT NULL);
 """
@@ -75,6 +81,13 @@ class ProducerIdInUse(TransportError):
     code = "PRODUCER_ID_IN_USE"
 
 
+class CommandNotSent(TransportError):
+    """A recovered command may never have reached the broker (its producer died before the
+    publish was confirmed) and was too large to journal whole: send it again."""
+
+    code = "COMMAND_NOT_SENT"
+
+
 @dataclass(frozen=True, slots=True)
 class InFlight:
     """One journaled command: where it went and the result ids its reply carries."""
@@ -83,6 +96,10 @@ class InFlight:
     device_id: str
     result_ids: tuple[str, ...]
     created: float
+    published: bool = True
+    """Whether the broker confirmed the publish (else it may never have been sent)."""
+    body: bytes | None = None
+    """The encoded command while its publish is unconfirmed (``None`` when too large)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,25 +132,47 @@ class Journal:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")  # durable across a process kill
             self._db.executescript(_SCHEMA)
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(in_flight)")}
+            if "published" not in columns:  # a journal of an older fedplan
+                self._db.execute(
+                    "ALTER TABLE in_flight ADD COLUMN published INTEGER NOT NULL DEFAULT 1"
+                )
+                self._db.execute("ALTER TABLE in_flight ADD COLUMN body BLOB")
         except (OSError, sqlite3.Error) as e:
             os.close(self._lock_fd)
             raise FedplanError(f"cannot open the producer journal {self.path}: {e}") from e
         self._lock = threading.Lock()
 
-    def record(self, command_id: str, device_id: str, result_ids: tuple[str, ...]) -> None:
-        """Note a command before it is published; raises ``TransportError`` when the journal
-        cannot take it (a full disk): the command must not be published then."""
+    def record(
+        self,
+        command_id: str,
+        device_id: str,
+        result_ids: tuple[str, ...],
+        body: bytes | None = None,
+    ) -> None:
+        """Note a command before it is published (with its bytes when they are at most
+        ``MAX_JOURNALED_BODY``); raises ``TransportError`` when the journal cannot take it
+        (a full disk): the command must not be published then."""
+        kept = body if body is not None and len(body) <= MAX_JOURNALED_BODY else None
         try:
             with self._lock:
                 self._db.execute(
-                    "INSERT OR REPLACE INTO in_flight VALUES (?, ?, ?, ?)",
-                    (command_id, device_id, json.dumps(list(result_ids)), time.time()),
+                    "INSERT OR REPLACE INTO in_flight VALUES (?, ?, ?, ?, 0, ?)",
+                    (command_id, device_id, json.dumps(list(result_ids)), time.time(), kept),
                 )
         except sqlite3.Error as e:
             raise TransportError(
                 f"command {command_id} for device {device_id!r} was not sent: the producer "
                 f"journal {self.path} cannot record it ({e}); free space there"
             ) from e
+
+    def published(self, command_id: str) -> None:
+        """The broker confirmed the command: its bytes are no longer needed."""
+        with self._lock:
+            self._db.execute(
+                "UPDATE in_flight SET published = 1, body = NULL WHERE command_id = ?",
+                (command_id,),
+            )
 
     def done(self, command_id: str) -> None:
         """Forget a command (its reply was handed over, or it was never published)."""
@@ -148,15 +187,17 @@ class Journal:
             if older_than_drop is not None:
                 self._db.execute("DELETE FROM in_flight WHERE created < ?", (older_than_drop,))
             rows = self._db.execute(
-                "SELECT command_id, device_id, result_ids, created FROM in_flight ORDER BY created"
+                "SELECT command_id, device_id, result_ids, created, published, body "
+                "FROM in_flight ORDER BY created"
             ).fetchall()
         found = []
-        for command_id, device_id, result_ids, created in rows:
+        for command_id, device_id, result_ids, created, published, body in rows:
             try:
                 ids = tuple(str(r) for r in json.loads(result_ids))
             except (ValueError, TypeError):
                 ids = ()
-            found.append(InFlight(command_id, device_id, ids, created))
+            kept = bytes(body) if isinstance(body, bytes) else None
+            found.append(InFlight(command_id, device_id, ids, created, bool(published), kept))
         return found
 
     def keep(self, command_id: str, sender: str | None, data: bytes) -> None:

@@ -119,6 +119,7 @@ def test_a_chunked_reply_half_received_by_a_stopped_producer_reaches_the_next_on
 
     first = fp.connect(vhost.url, producer_id=producer_id, journal_dir=journal)
     first.collector.expect(cid, device_id="alice", result_ids=("r",))  # as if sent
+    first.collector.published(cid)  # the broker confirmed it
     transport = first.transport
     assert isinstance(transport, AmqpTransport)
     chunk(0, reply[:half])
@@ -138,6 +139,7 @@ import producer as fp
 url, producer_id, journal, cid = sys.argv[1:5]
 fleet = fp.connect(url, producer_id=producer_id, journal_dir=journal)
 fleet.collector.expect(cid, device_id="alice", result_ids=("r",))  # as if it had sent it
+fleet.collector.published(cid)  # and the broker had confirmed it
 print("READY", flush=True)
 while fleet.transport.incomplete_replies[0] != 1:
     time.sleep(0.02)
@@ -191,3 +193,48 @@ def test_a_producer_sigkilled_half_way_through_a_chunked_reply_leaves_all_of_it_
         conn.close()
     with fp.connect(vhost.url, producer_id=producer_id, journal_dir=journal) as successor:
         assert successor.recover()[cid].value("r", 60) == "y" * 7000
+
+
+UNSENT = """
+import sys, os
+import torch
+import producer as fp
+from schemas.command_pb2 import Command, StoreObject
+from schemas.tensor_codec import tensor_to_proto
+from schemas.wire import SCHEMA_VERSION, encode_command, new_id
+url, producer_id, journal = sys.argv[1:4]
+fleet = fp.connect(url, producer_id=producer_id, journal_dir=journal)
+fleet.device("alice")
+cid = new_id()
+msg = StoreObject(id="kept", tensor=tensor_to_proto(torch.arange(4.0)))
+data = encode_command(
+    Command(schema_version=SCHEMA_VERSION, command_id=cid, device_id="alice", store_object=msg)
+)
+fleet.collector.expect(cid, device_id="alice", result_ids=("kept",), data=data)
+print(cid, flush=True)
+os._exit(0)  # killed between the journal row and the publish
+"""
+
+
+def test_a_command_whose_producer_died_before_publishing_it_is_sent_by_the_successor(
+    vhost: RunVhost, workers: Callable[..., WorkerProcess], tmp_path: Path
+) -> None:
+    producer_id = f"u{os.getpid()}{tmp_path.name[-6:]}".replace("_", "")
+    journal = tmp_path / "journal"
+    workers("alice")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run(
+        [sys.executable, "-c", UNSENT, vhost.url, producer_id, str(journal)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    cid = done.stdout.split()[-1]
+    with fp.connect(vhost.url, producer_id=producer_id, journal_dir=journal) as fleet:
+        recovered = fleet.recover()
+        assert set(recovered) == {cid}
+        recovered[cid].result(60)  # published again on recovery, answered by alice
+        assert torch.equal(fleet.device("alice").fetch("kept", timeout=60), torch.arange(4.0))

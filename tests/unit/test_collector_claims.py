@@ -94,6 +94,8 @@ def test_a_new_collector_on_the_same_journal_recovers_what_was_in_flight(tmp_pat
     first.expect("c1", device_id="alice", result_ids=("r1",))
     first.expect("c2", device_id="alice", result_ids=("r2",))
     first.expect("c3", device_id="alice", result_ids=("r3",))
+    for cid in ("c1", "c2", "c3"):
+        first.published(cid)  # the broker confirmed them
     first.on_reply(_value("c3", "r3", 3))  # answered: leaves the journal
     first.on_reply(_value("lost", "rl", 9))  # nobody awaits it: kept in the journal
     assert first.journal is not None
