@@ -109,7 +109,9 @@ class AmqpTransport:
         self._on_reply = on_reply
         self._params = connection_parameters(s, f"fedplan producer {self.producer_id}")
         extra = {u.strip() for u in s.trusted_reply_users.split(",") if u.strip()}
-        self._trusted_users = frozenset({self._params[0].credentials.username, *extra})
+        self.user: str = self._params[0].credentials.username
+        """The broker user this producer connects as: the identity devices see."""
+        self._trusted_users = frozenset({self.user, *extra})
         self._assembler = ReplyAssembler(
             max_reply_size=s.max_reply_size,
             max_pending_bytes=2 * s.max_reply_size,
@@ -163,6 +165,7 @@ class AmqpTransport:
                     reply_to=names.results_routing_key(self.producer_id),
                     headers=task_headers(task_id, extra=extra),
                     priority=0,
+                    user_id=self.user,  # the broker refuses it unless it is our user
                 )
                 try:
                     ch.basic_publish(

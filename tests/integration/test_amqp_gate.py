@@ -43,6 +43,7 @@ class RawSender:
         self.ch = self.conn.channel()
         self.ch.confirm_delivery()
         self.reply_to = reply_to
+        self.user = pika.URLParameters(vhost.url).credentials.username
 
     def send(
         self,
@@ -68,6 +69,7 @@ class RawSender:
             "reply_to": self.reply_to,
             "delivery_mode": 2,
             "headers": h,
+            "user_id": self.user,
         }
         base.update(props)
         self.ch.basic_publish(
