@@ -109,20 +109,48 @@ class Workers:
                 p.wait()
 
 
-def spawn_workers(shares: list[DeviceData], root: Path, broker: str) -> Workers:
-    """Store each share in its device's data dir, then start one Celery worker per device."""
+def training_plans(setup: DemoSetup) -> dict[int, Any]:
+    """The training plan of every local dataset size in the demo (one plan per size)."""
+    sizes = sorted({len(share.x_train) for share in setup.shares})
+    return {n: build_training_plan(setup.model, setup.spec, n) for n in sizes}
+
+
+def plan_hashes(plans: dict[int, Any]) -> list[str]:
+    """The content hashes the device operators approve: only these plans' outputs (the
+    model updates) may leave the devices; the training data itself stays private."""
+    from schemas.plan_codec import plan_content_hash
+
+    return [plan_content_hash(plan.ir) for plan in plans.values()]
+
+
+def install_share(store: Any, share: DeviceData) -> None:
+    """As the device's operator: store the share as the device's own (private) data."""
     from consumer.store.base import StoredObject
+    from producer.remote.tagging import tags_of
+
+    for i, t in enumerate(share.tagged()):
+        store.put_object(StoredObject(f"{share.device_id}-{i}", t.contiguous(), tags_of(t)))
+
+
+def spawn_workers(
+    shares: list[DeviceData],
+    root: Path,
+    broker: str,
+    approved: list[str] = (),  # type: ignore[assignment]
+) -> Workers:
+    """Store each share in its device's data dir as the device's private data, approve the
+    training plans by hash in its policy, then start one Celery worker per device."""
+    from consumer.policy.rules import PolicyFile
     from consumer.store.sqlite import SqliteStore
     from consumer.worker.cli import worker_argv, worker_env
-    from producer.remote.tagging import tags_of
 
     workers = Workers()
     for share in shares:
         data_dir = root / share.device_id
         store = SqliteStore(data_dir)
         store.clear_objects()
-        for i, t in enumerate(share.tagged()):
-            store.put_object(StoredObject(f"{share.device_id}-{i}", t.contiguous(), tags_of(t)))
+        install_share(store, share)
+        PolicyFile(data_dir).update(approve=list(approved or []))
         log = open(root / f"{share.device_id}.log", "ab")  # noqa: SIM115 - lives with the worker
         argv = [sys.executable, *worker_argv(share.device_id, loglevel="warning")]
         workers.processes.append(
@@ -202,13 +230,16 @@ def announce(args: argparse.Namespace, setup: DemoSetup) -> None:
 def train(args: argparse.Namespace, setup: DemoSetup) -> JobResult:
     """Start the devices (Celery workers with ``--broker``), run the job, stop them."""
     spawned = bool(args.broker) and not args.no_spawn
+    plans = training_plans(setup)
     workers = Workers()
     if spawned:
-        workers = spawn_workers(setup.shares, setup.out / "devices", args.broker)
+        workers = spawn_workers(
+            setup.shares, setup.out / "devices", args.broker, plan_hashes(plans)
+        )
     fleet = connect(args.broker, timeout=args.timeout) if args.broker else connect()
     executor = ThreadPoolExecutor(max(4, 2 * args.devices), thread_name_prefix="fl-fit")
     try:
-        members = participants(args, setup, fleet, executor, spawned=spawned)
+        members = participants(args, setup, fleet, executor, spawned=spawned, plans=plans)
         with ProgressBar(args.rounds) as bar:
             job = make_job(args, setup, members, bar)
             return job.run(get_weights(setup.model), args.rounds, resume=args.resume)
@@ -225,9 +256,15 @@ def participants(
     executor: ThreadPoolExecutor,
     *,
     spawned: bool,
+    plans: dict[int, Any] | None = None,
 ) -> list[PlanParticipant]:
-    """One plan participant per share; embedded devices (or empty ones) get their data."""
-    plans: dict[int, Any] = {}
+    """One plan participant per share. Embedded devices get their share as their own
+    private data and approve the training plans by hash, as a device operator would; a
+    Celery device not spawned here must hold its data and approve the plans already
+    (``fedplan data add``, ``fedplan device approve``)."""
+    from producer.transport.local import LocalTransport
+
+    plans = {} if plans is None else plans
 
     def plan_for(n: int) -> Any:  # one training plan per local dataset size
         if n not in plans:
@@ -237,8 +274,11 @@ def participants(
     out = []
     for share in setup.shares:
         device = fleet.device(share.device_id)
-        if not spawned and not device.search("train", "x"):
-            device = fleet.device(share.device_id, data=share.tagged())
+        if isinstance(fleet.transport, LocalTransport) and not device.search("train", "x"):
+            runtime = fleet.transport.runtime(device.id)
+            install_share(runtime.store, share)
+            for content_hash in plan_hashes({0: plan_for(len(share.x_train))}):
+                runtime.policy_source.approve(content_hash)
         out.append(
             PlanParticipant(
                 device,
