@@ -276,6 +276,7 @@ class DeviceRuntime(TenantRules):
 
     def _store_plan(self, msg: StorePlan) -> Ok:
         self._check_plan_size(msg.plan)
+        self._check_plan_budget(msg.plan)
         ir, plan_id = plan_from_proto(msg.plan)
         content_hash = msg.plan.content_hash
         self._entry.plan_hash = content_hash

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 import torch
 
@@ -165,6 +166,25 @@ class TenantRules:
                 if PRIVATE_TAG not in obj.tags:
                     tainted = (*obj.tags, PRIVATE_TAG)
                     self.store.put_object(StoredObject(key, obj.tensor, tainted, obj.description))
+
+    def _check_plan_budget(self, plan: Any) -> None:
+        """Refuse a plan over the policy's op count or size budget (before decoding it)."""
+        budgets = self._policy.budgets
+        ops = len(plan.ops)
+        if budgets.max_plan_ops and ops > budgets.max_plan_ops:
+            raise self._over_budget(f"plan {plan.name!r} has {ops} ops", "max_plan_ops")
+        if budgets.max_plan_bytes and plan.ByteSize() > budgets.max_plan_bytes:
+            what = f"plan {plan.name!r} has {plan.ByteSize()} encoded bytes"
+            raise self._over_budget(what, "max_plan_bytes")
+
+    def _over_budget(self, what: str, budget: str) -> PolicyError:
+        self._entry.rule = f"budgets.{budget}"
+        limit = getattr(self._policy.budgets, budget)
+        return PolicyError(
+            f"{what}; device {self.device_id!r} allows producer {self._sender!r} at most "
+            f"{limit} (rule: budgets.{budget})",
+            device_id=self.device_id,
+        )
 
     def _check_stored_budget(self, adding: int, key: str) -> None:
         limit = self._policy.budgets.max_stored_bytes

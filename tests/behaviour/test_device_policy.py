@@ -55,9 +55,15 @@ class Operator:
             SqliteStore(data_dir(self.device_id)).put_object(obj)
 
     def policy(
-        self, *, producers: list[str] = (), public_tags: list[str] = (), approve: list[str] = ()
+        self,
+        *,
+        producers: list[str] = (),  # type: ignore[assignment]
+        public_tags: list[str] = (),  # type: ignore[assignment]
+        approve: list[str] = (),  # type: ignore[assignment]
+        budgets: dict[str, int] | None = None,
     ) -> None:
-        """Admit only ``producers`` (when given), add public tags and approved plan hashes."""
+        """Admit only ``producers`` (when given), add public tags, approved plan hashes and
+        budgets."""
         if self.embedded:
             holder = self._runtime().policy_source
             current = holder.current().to_json()
@@ -65,12 +71,16 @@ class Operator:
                 current["producers"] = list(producers)
             current["public_tags"] += list(public_tags)
             current["approved_plans"] += list(approve)
+            current["budgets"].update(budgets or {})
             holder.set(Policy.from_json(current))
         else:
             from tests.integration.fleet import data_dir
 
             PolicyFile(data_dir(self.device_id)).update(
-                allow=list(producers), public_tags=list(public_tags), approve=list(approve)
+                allow=list(producers),
+                public_tags=list(public_tags),
+                approve=list(approve),
+                budgets=budgets,
             )
 
     def pending(self) -> list[str]:
@@ -200,3 +210,27 @@ def test_a_producer_the_policy_does_not_admit_is_refused_and_others_are_served(
         theirs.send_tensor(torch.ones(2)).wait()
     assert "producers" in str(refused.value)
     assert torch.equal(fp.send(torch.ones(2), alice).get(), torch.ones(2))
+
+
+@fp.func2plan(args_shape=[(2,)])
+def _three_ops(x: torch.Tensor) -> torch.Tensor:
+    return ((x + 1) * 2).abs()
+
+
+def test_over_budget_plans_outputs_and_storage_get_a_typed_refusal_and_the_device_serves_on(
+    fleet: fp.Fleet, device_name: str
+) -> None:
+    alice = fleet.device(device_name)
+    operator = Operator(fleet, device_name)
+    operator.policy(
+        budgets={"max_plan_ops": 2, "max_output_bytes": 4096, "max_stored_bytes": 64 * 1024}
+    )
+    with pytest.raises(PolicyError, match=r"budgets\.max_plan_ops"):
+        _three_ops.send(alice).wait()
+    big = fp.send(torch.ones(2048), alice)  # 8 KB stored: within max_stored_bytes
+    with pytest.raises(PolicyError, match=r"budgets\.max_output_bytes"):
+        (big * 2).wait()  # an 8 KB result: over max_output_bytes
+    with pytest.raises(PolicyError, match=r"budgets\.max_stored_bytes"):
+        fp.send(torch.ones(64 * 256), alice).wait()  # 64 KB more: over max_stored_bytes
+    small = fp.send(torch.tensor([1.0, -2.0]), alice)
+    assert torch.equal(_double.send(alice)(small).get(), torch.tensor([2.0, -4.0]))
