@@ -210,7 +210,8 @@ class AmqpTransport:
         spec = topology.device_queue(device_id, self.settings)
 
         def work(ch: BlockingChannel) -> None:
-            self._declare_queue(ch, spec)
+            if self.settings.producer_declares:
+                self._declare_queue(ch, spec)
             self._devices.add(device_id)
 
         self._call(work)
@@ -322,11 +323,13 @@ class AmqpTransport:
     def _setup(self, conn: pika.BlockingConnection) -> BlockingChannel:
         ch = conn.channel()
         ch.confirm_delivery()
-        for ex in topology.exchanges():
-            ch.exchange_declare(ex.name, ex.type, durable=True)
-        ch = self._declare_dead_letter_queue(conn, ch)
+        declares = self.settings.producer_declares  # off under a least-privilege user
+        if declares:
+            for ex in topology.exchanges():
+                ch.exchange_declare(ex.name, ex.type, durable=True)
+            ch = self._declare_dead_letter_queue(conn, ch)
         self._declare_queue(ch, topology.results_queue(self.producer_id, self.settings))
-        for device in sorted(self._devices):  # queues may have been deleted meanwhile
+        for device in sorted(self._devices) if declares else ():  # may have been deleted
             self._declare_queue(ch, topology.device_queue(device, self.settings))
         ch.basic_qos(prefetch_count=PREFETCH)
         self._assembler.forget_tokens()  # unacked chunks come again on this channel
