@@ -101,6 +101,7 @@ class AuditLog:
             db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             db.execute("PRAGMA busy_timeout = 10000")
             db.execute("PRAGMA journal_mode = WAL")
+            db.execute("PRAGMA synchronous = NORMAL")  # durable at checkpoints, no fsync per row
             db.executescript(_SCHEMA)
             self._db, self._pid = db, os.getpid()
         return self._db

@@ -43,6 +43,13 @@ def _budgets(pairs: list[str]) -> dict[str, int]:
     return out
 
 
+def _pair(text: str) -> tuple[str, str]:
+    name, sep, key = text.partition("=")
+    if not sep or not name:
+        raise SystemExit(f"--trust takes NAME=PUBLIC_KEY_HEX, not {text!r}")
+    return name, key.lower()
+
+
 def run_policy(args: argparse.Namespace) -> int:
     """``fedplan device policy``: show the policy, or change it and show the result."""
     holder = PolicyFile(_data_dir(args))
@@ -53,6 +60,8 @@ def run_policy(args: argparse.Namespace) -> int:
         "private_tags": args.private or [],
         "revoke": args.revoke or [],
         "budgets": _budgets(args.budget or []),
+        "trust": dict(_pair(p) for p in args.trust or []),
+        "distrust": args.distrust or [],
     }
     try:
         policy = holder.update(**changes) if any(changes.values()) else holder.current()
@@ -119,7 +128,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("--public", action="append", help="data with this tag may be read")
     p.add_argument("--private", action="append", help="make this tag private again")
     p.add_argument("--revoke", action="append", help="withdraw a plan's approval")
-    p.add_argument("--budget", action="append", help="NAME=BYTES, e.g. max_output_bytes=1e6")
+    p.add_argument("--budget", action="append", help="NAME=BYTES, e.g. max_output_bytes=1000000")
+    p.add_argument(
+        "--trust", action="append", help="NAME=KEY: plans this ed25519 key signs are approved"
+    )
+    p.add_argument("--distrust", action="append", help="stop trusting the key of this name")
     p.set_defaults(func=run_policy)
     p = add("pending", "plans waiting for approval, with their listings")
     p.set_defaults(func=run_pending)

@@ -13,6 +13,8 @@ Rules (the defaults are the safe ones):
   *all* public may be read by producers; any other device data is private (the default).
 - ``approved_plans``: content hashes of plans whose outputs may leave the device even when
   computed from private data (``fedplan device approve HASH``).
+- ``trusted_keys``: ed25519 public keys by name (``schemas.signing``); a plan signed by one
+  of them counts as approved.
 - ``budgets``: limits per command and per producer (see :class:`Budgets`).
 
 Example
@@ -82,6 +84,12 @@ class Policy:
     public_tags: frozenset[str] = frozenset()
     approved_plans: frozenset[str] = frozenset()
     budgets: Budgets = field(default_factory=Budgets)
+    trusted_keys: tuple[tuple[str, str], ...] = ()
+    """(name, public key hex) pairs."""
+
+    def trusted_key(self, name: str) -> str | None:
+        """The public key trusted under ``name``, if any."""
+        return dict(self.trusted_keys).get(name)
 
     def admits(self, producer: str) -> bool:
         """Whether ``producer`` may use the device at all."""
@@ -107,7 +115,7 @@ class Policy:
         """Parse and validate the JSON form; ``ValueError`` names what is wrong."""
         if not isinstance(data, dict):
             raise ValueError("a policy is a JSON object")
-        known = {"producers", "public_tags", "approved_plans", "budgets"}
+        known = {"producers", "public_tags", "approved_plans", "budgets", "trusted_keys"}
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"unknown policy keys {sorted(unknown)}; known: {sorted(known)}")
@@ -117,11 +125,17 @@ class Policy:
             if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
                 raise ValueError(f"policy {key!r} must be a list of non-empty strings")
             lists[key] = value
+        keys = data.get("trusted_keys", {})
+        if not isinstance(keys, dict) or not all(
+            isinstance(k, str) and k and isinstance(v, str) and _is_key(v) for k, v in keys.items()
+        ):
+            raise ValueError("policy 'trusted_keys' maps names to ed25519 keys (64 hex digits)")
         return cls(
             producers=tuple(lists["producers"]),
             public_tags=frozenset(lists["public_tags"]),
             approved_plans=frozenset(lists["approved_plans"]),
             budgets=Budgets.from_json(data.get("budgets")),
+            trusted_keys=tuple(sorted(keys.items())),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -131,6 +145,7 @@ class Policy:
             "public_tags": sorted(self.public_tags),
             "approved_plans": sorted(self.approved_plans),
             "budgets": {k: v for k, v in budgets.items() if v},
+            "trusted_keys": dict(self.trusted_keys),
         }
 
 
@@ -256,6 +271,8 @@ class PolicyFile:
         approve: list[str] = (),  # type: ignore[assignment]
         revoke: list[str] = (),  # type: ignore[assignment]
         budgets: dict[str, int] | None = None,
+        trust: dict[str, str] | None = None,
+        distrust: list[str] = (),  # type: ignore[assignment]
     ) -> Policy:
         """Change the policy file; returns the new policy."""
         policy = self.current()
@@ -267,7 +284,13 @@ class PolicyFile:
             producers.remove("*")  # naming producers means only those
         budget_values = {f.name: getattr(policy.budgets, f.name) for f in fields(Budgets)}
         budget_values.update(budgets or {})
+        keys = {k: v for k, v in policy.trusted_keys if k not in distrust}
+        keys.update(trust or {})
+        for name, key in keys.items():
+            if not _is_key(key):
+                raise ValueError(f"trusted key {name!r} is not an ed25519 key (64 hex digits)")
         new = Policy(
+            trusted_keys=tuple(sorted(keys.items())),
             producers=tuple(producers),
             public_tags=(policy.public_tags | set(public_tags)) - set(private_tags),
             approved_plans=(policy.approved_plans | set(approve)) - set(revoke),
@@ -311,6 +334,10 @@ class PolicyFile:
         except (OSError, ValueError):
             return {}
         return data if isinstance(data, dict) else {}
+
+
+def _is_key(value: str) -> bool:
+    return len(value) == 64 and all(c in "0123456789abcdef" for c in value)
 
 
 def _write_json(path: Path, data: Any) -> None:

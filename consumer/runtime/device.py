@@ -281,12 +281,16 @@ class DeviceRuntime(TenantRules):
         content_hash = msg.plan.content_hash
         self._entry.plan_hash = content_hash
         key = self._key(plan_id)
+        signed = self._signature_tag(msg, plan_id)
         if self.store.has_plan(key):
             held = self.store.get_plan(key)
             if not content_hash or held.content_hash == content_hash:
+                if signed and signed not in held.tags:
+                    held.tags = (*held.tags, signed)
+                    self.store.put_plan(held)
                 return Ok(objects=[plan_info(plan_id, held.ir.name)])
         loaded = self._load(ir, plan_id)  # checks every op against the allow-list
-        self.store.put_plan(StoredPlan(key, ir, content_hash))
+        self.store.put_plan(StoredPlan(key, ir, content_hash, (signed,) if signed else ()))
         self._loaded[key] = (content_hash, loaded)
         return Ok(objects=[plan_info(plan_id, ir.name)])
 
@@ -304,7 +308,7 @@ class DeviceRuntime(TenantRules):
         loaded = self._loaded_plan(stored)
         args = [self._resolve(value_from_proto(v)) for v in msg.args.items]
         kwargs = self._resolve_kwargs(msg.kwargs)
-        approved = self._policy.approves(stored.content_hash)
+        approved = self._approved(stored)
         private = (self._private_inputs or PRIVATE_TAG in stored.tags) and not approved
         if private and msg.return_values:
             self._refuse_plan(stored, msg.plan_id, "its outputs as values in the reply")
@@ -316,8 +320,8 @@ class DeviceRuntime(TenantRules):
             raise
         finally:
             self.store.save_plan_state(stored)
-        if private:
-            self._taint_plan(stored, msg.plan_id)
+            if private:  # also when the run failed midway: its state may hold private data
+                self._taint_plan(stored, msg.plan_id)
         state = {id(t) for t in stored.ir.state_values.values()}
         results = [
             _own(v, state) if isinstance(v, torch.Tensor) else v
@@ -352,6 +356,9 @@ class DeviceRuntime(TenantRules):
                 f"{msg.target} failed on device {self.device_id!r}: {type(exc).__name__}: {exc}",
                 device_id=self.device_id,
             ) from exc
+        finally:
+            if private:  # an in-place op may have written private data into its arguments
+                self._taint_arguments()
         several = isinstance(out, tuple | list) and any(isinstance(v, torch.Tensor) for v in out)
         results = list(out) if several else [out]  # None and Python values are one value
         if msg.result_ids and len(results) != len(msg.result_ids):
@@ -362,8 +369,6 @@ class DeviceRuntime(TenantRules):
             )
         if private and any(not isinstance(v, torch.Tensor | None) for v in results):
             raise self._private_error(msg.target, "returned as a Python value by an op")
-        if private:
-            self._taint_arguments()  # an in-place op may have written private data into them
         with_values = [msg.return_values] * len(results)
         return Ok(objects=self._store_results(msg.result_ids, results, with_values, private))
 
@@ -406,7 +411,7 @@ class DeviceRuntime(TenantRules):
     def _get_plan(self, msg: GetPlan) -> Ok:
         stored = self._plan(msg.plan_id)
         self._entry.plan_hash = stored.content_hash
-        if PRIVATE_TAG in stored.tags and not self._policy.approves(stored.content_hash):
+        if PRIVATE_TAG in stored.tags and not self._approved(stored):
             self._refuse_plan(stored, msg.plan_id, "its state (trained on private data)")
         proto = plan_to_proto(stored.ir, plan_id=msg.plan_id)
         if msg.delete:

@@ -28,8 +28,13 @@ from consumer.runtime.replies import tensor_info
 from consumer.store.base import DeviceStore, StoredObject, StoredPlan
 from schemas.command_pb2 import ObjectInfo
 from schemas.errors import FedplanError, ObjectNotFound, PolicyError
+from schemas.signing import verify_plan_hash
 
 log = logging.getLogger(__name__)
+
+SIGNED_PREFIX = "fedplan:signed:"
+"""Reserved plan tag + a public key: the plan was stored with a valid signature by that key
+(it counts as approved while the policy trusts the key)."""
 
 
 class TenantRules:
@@ -134,7 +139,7 @@ class TenantRules:
         )
 
     def _note_pending(self, stored: StoredPlan) -> None:
-        if not stored.content_hash or self._policy.approves(stored.content_hash):
+        if not stored.content_hash or self._approved(stored):
             return
         listing = "\n".join(f"{i:4d}  {op.target}" for i, op in enumerate(stored.ir.ops[:500]))
         pending = PendingPlan(
@@ -148,6 +153,33 @@ class TenantRules:
             self.policy_source.note_pending(pending)
         except Exception:
             log.exception("recording a pending plan failed")
+
+    def _approved(self, stored: StoredPlan) -> bool:
+        """Whether the plan's outputs may leave: its hash is approved, or it was stored with
+        a valid signature by a key the policy (still) trusts."""
+        if self._policy.approves(stored.content_hash):
+            return True
+        trusted = {key for _, key in self._policy.trusted_keys}
+        return any(t[len(SIGNED_PREFIX) :] in trusted for t in stored.tags)
+
+    def _signature_tag(self, msg: Any, plan_id: str) -> str | None:
+        """Check a ``StorePlan``'s signature: ``None`` when unsigned, the reserved tag that
+        marks the plan signed when valid; ``PolicyError`` when it does not verify."""
+        if not msg.signature and not msg.signer:
+            return None
+        key = self._policy.trusted_key(msg.signer)
+        if key is None or not verify_plan_hash(key, msg.plan.content_hash, msg.signature):
+            self._entry.rule = "trusted-keys"
+            raise PolicyError(
+                f"plan {msg.plan.name!r} from producer {self._sender!r} carries a signature "
+                f"by {msg.signer!r} that device {self.device_id!r} does not trust or that does "
+                "not verify (rule: trusted-keys); send it unsigned or have the operator trust "
+                "the key (`fedplan device policy --trust NAME=KEY`)",
+                device_id=self.device_id,
+                plan_id=plan_id,
+                plan_name=msg.plan.name,
+            )
+        return f"{SIGNED_PREFIX}{key}"
 
     def _taint_plan(self, stored: StoredPlan, plan_id: str) -> None:
         """Mark the plan's state as derived from private data (kept with the plan)."""

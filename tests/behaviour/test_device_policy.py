@@ -61,6 +61,7 @@ class Operator:
         public_tags: list[str] = (),  # type: ignore[assignment]
         approve: list[str] = (),  # type: ignore[assignment]
         budgets: dict[str, int] | None = None,
+        trust: dict[str, str] | None = None,
     ) -> None:
         """Admit only ``producers`` (when given), add public tags, approved plan hashes and
         budgets."""
@@ -72,6 +73,7 @@ class Operator:
             current["public_tags"] += list(public_tags)
             current["approved_plans"] += list(approve)
             current["budgets"].update(budgets or {})
+            current["trusted_keys"].update(trust or {})
             holder.set(Policy.from_json(current))
         else:
             from tests.integration.fleet import data_dir
@@ -81,6 +83,7 @@ class Operator:
                 public_tags=list(public_tags),
                 approve=list(approve),
                 budgets=budgets,
+                trust=trust,
             )
 
     def pending(self) -> list[str]:
@@ -234,3 +237,27 @@ def test_over_budget_plans_outputs_and_storage_get_a_typed_refusal_and_the_devic
         fp.send(torch.ones(64 * 256), alice).wait()  # 64 KB more: over max_stored_bytes
     small = fp.send(torch.tensor([1.0, -2.0]), alice)
     assert torch.equal(_double.send(alice)(small).get(), torch.tensor([2.0, -4.0]))
+
+
+@fp.func2plan(args_shape=[(2,)])
+def _triple(x: torch.Tensor) -> torch.Tensor:
+    return x * 3
+
+
+def test_a_plan_signed_by_a_trusted_key_counts_as_approved_and_a_forged_signature_is_refused(
+    fleet: fp.Fleet, device_name: str
+) -> None:
+    from schemas.signing import new_signing_key, public_key_hex
+
+    alice = fleet.device(device_name)
+    operator = Operator(fleet, device_name)
+    operator.add_data("secret-rows", torch.tensor([1.0, 2.0]), "#train")
+    lab, stranger = new_signing_key(), new_signing_key()
+    operator.policy(trust={"lab": public_key_hex(lab)})
+    [rows] = alice.search("#train")
+    with pytest.raises(PolicyError, match="trusted-keys"):
+        alice.send_plan(_triple, signed_by=("lab", stranger))  # the wrong key under that name
+    with pytest.raises(PolicyError):
+        alice.send_plan(_double_renamed)(rows).get()  # unsigned, unapproved: stays
+    plan = alice.send_plan(_triple, signed_by=("lab", lab))
+    assert torch.equal(plan(rows).get(), torch.tensor([3.0, 6.0]))  # signed: released
