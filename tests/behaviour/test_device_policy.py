@@ -261,3 +261,24 @@ def test_a_plan_signed_by_a_trusted_key_counts_as_approved_and_a_forged_signatur
         alice.send_plan(_double_renamed)(rows).get()  # unsigned, unapproved: stays
     plan = alice.send_plan(_triple, signed_by=("lab", lab))
     assert torch.equal(plan(rows).get(), torch.tensor([3.0, 6.0]))  # signed: released
+
+
+def test_a_flood_from_one_producer_is_bounded_by_its_budget_while_anothers_work_goes_on(
+    fleet: fp.Fleet, second: fp.Fleet, device_name: str
+) -> None:
+    alice = fleet.device(device_name)
+    Operator(fleet, device_name).policy(budgets={"max_stored_bytes": 64 * 1024})
+    theirs = second.device(device_name)
+    flood = [theirs.send_tensor(torch.ones(1024)) for _ in range(40)]  # 40 x 4 KB, no waiting
+    mine = fp.send(torch.arange(4096.0), alice)  # 16 KB, queued behind the flood
+    assert torch.equal(mine.get(), torch.arange(4096.0))
+    refused = 0
+    for pointer in flood:
+        try:
+            pointer.wait()
+        except PolicyError as exc:
+            assert "budgets.max_stored_bytes" in str(exc)
+            refused += 1
+    assert refused == 40 - 16  # exactly its 64 KB were stored; the rest refused, typed
+    flood[0].get()  # freeing room: the flooding producer is served again within its budget
+    assert torch.equal(theirs.send_tensor(torch.zeros(2)).get(), torch.zeros(2))
