@@ -49,12 +49,15 @@ class Budgets:
     """Limits of the policy; ``0`` means no limit beyond the device's settings.
 
     ``max_plan_ops`` / ``max_plan_bytes``: size of a plan a producer may store;
+    ``max_alloc_bytes``: bytes a plan's (or op's) tensor-creating ops with literal sizes
+    allocate (:mod:`consumer.policy.allocation`), checked before it is stored or run;
     ``max_output_bytes``: bytes of results one command may store or return;
     ``max_stored_bytes``: bytes one producer may keep stored on the device.
     """
 
     max_plan_ops: int = 0
     max_plan_bytes: int = 0
+    max_alloc_bytes: int = 0
     max_output_bytes: int = 0
     max_stored_bytes: int = 0
 

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from consumer.policy.allocation import plan_static_bytes, static_bytes
 from consumer.policy.audit import AuditEntry, AuditSink, MemoryAudit
 from consumer.policy.rules import MemoryPolicy, Policy, PolicySource
 from consumer.policy.tenancy import (
@@ -26,6 +27,7 @@ from consumer.runtime.replies import (
     error_reply,
     is_plain_read,
     ok_reply,
+    own_result,
     plan_info,
     result_ids_of,
     tensor_info,
@@ -289,6 +291,7 @@ class DeviceRuntime(TenantRules):
                     held.tags = (*held.tags, signed)
                     self.store.put_plan(held)
                 return Ok(objects=[plan_info(plan_id, held.ir.name)])
+        self._check_alloc_budget(f"plan {ir.name!r}", plan_static_bytes(ir))
         loaded = self._load(ir, plan_id)  # checks every op against the allow-list
         self.store.put_plan(StoredPlan(key, ir, content_hash, (signed,) if signed else ()))
         self._loaded[key] = (content_hash, loaded)
@@ -324,7 +327,7 @@ class DeviceRuntime(TenantRules):
                 self._taint_plan(stored, msg.plan_id)
         state = {id(t) for t in stored.ir.state_values.values()}
         results = [
-            _own(v, state) if isinstance(v, torch.Tensor) else v
+            own_result(v, state) if isinstance(v, torch.Tensor) else v
             for v in flatten_like(stored.ir.outputs, out)
         ]
         inline = inline_flags(
@@ -344,6 +347,7 @@ class DeviceRuntime(TenantRules):
         args = [self._resolve(value_from_proto(v)) for v in msg.args.items]
         kwargs = self._resolve_kwargs(msg.kwargs)
         private = self._private_inputs
+        self._check_alloc_budget(msg.target, static_bytes(msg.target, args, kwargs))
         if private and msg.return_values:
             raise self._private_error(msg.target, "returned as a value by an op")
         try:
@@ -573,14 +577,6 @@ class DeviceRuntime(TenantRules):
             info.has_value = True
             self._frames.append(obj.tensor)
         return info
-
-
-def _own(tensor: torch.Tensor, state_ids: set[int]) -> torch.Tensor:
-    """A result tensor cut from the plan's graph, and copied if it is live plan state."""
-    out = tensor.detach()
-    if id(tensor) in state_ids:
-        out = out.clone()
-    return out.requires_grad_(tensor.requires_grad) if out.is_floating_point() else out
 
 
 _HANDLERS: dict[str, Callable[[DeviceRuntime, Command], Ok]] = {

@@ -209,6 +209,12 @@ class TenantRules:
             what = f"plan {plan.name!r} has {plan.ByteSize()} encoded bytes"
             raise self._over_budget(what, "max_plan_bytes")
 
+    def _check_alloc_budget(self, what: str, allocates: int) -> None:
+        """Refuse a plan or op whose literal-size allocations pass ``max_alloc_bytes``."""
+        limit = self._policy.budgets.max_alloc_bytes
+        if limit and allocates > limit:
+            raise self._over_budget(f"{what} allocates {allocates} bytes", "max_alloc_bytes")
+
     def _over_budget(self, what: str, budget: str) -> PolicyError:
         self._entry.rule = f"budgets.{budget}"
         limit = getattr(self._policy.budgets, budget)

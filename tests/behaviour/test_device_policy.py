@@ -282,3 +282,20 @@ def test_a_flood_from_one_producer_is_bounded_by_its_budget_while_anothers_work_
     assert refused == 40 - 16  # exactly its 64 KB were stored; the rest refused, typed
     flood[0].get()  # freeing room: the flooding producer is served again within its budget
     assert torch.equal(theirs.send_tensor(torch.zeros(2)).get(), torch.zeros(2))
+
+
+@fp.func2plan(args_shape=[(2,)])
+def _allocates(x: torch.Tensor) -> torch.Tensor:
+    return x + torch.zeros(4096, 2).sum()
+
+
+def test_an_over_budget_allocation_is_refused_before_it_runs_and_the_device_serves_on(
+    fleet: fp.Fleet, device_name: str
+) -> None:
+    alice = fleet.device(device_name)
+    Operator(fleet, device_name).policy(budgets={"max_alloc_bytes": 16 * 1024})
+    with pytest.raises(PolicyError, match=r"budgets\.max_alloc_bytes"):
+        _allocates.send(alice).wait()  # 32 KB of zeros in the plan
+    with pytest.raises(PolicyError, match=r"budgets\.max_alloc_bytes"):
+        alice.run_op("torch.ones", [10**9]).wait()  # refused before a byte is allocated
+    assert torch.equal(alice.run_op("torch.ones", [4]).get(), torch.ones(4))
