@@ -52,7 +52,9 @@ class Budgets:
     ``max_alloc_bytes``: bytes a plan's (or op's) tensor-creating ops with literal sizes
     allocate (:mod:`consumer.policy.allocation`), checked before it is stored or run;
     ``max_output_bytes``: bytes of results one command may store or return;
-    ``max_stored_bytes``: bytes one producer may keep stored on the device.
+    ``max_stored_bytes``: bytes one producer may keep stored on the device;
+    ``max_wall_seconds``: seconds one command may run (Celery devices; below the device's
+    ``FEDPLAN_SOFT_TIME_LIMIT``), ended with a ``TIME_LIMIT`` error.
     """
 
     max_plan_ops: int = 0
@@ -60,6 +62,7 @@ class Budgets:
     max_alloc_bytes: int = 0
     max_output_bytes: int = 0
     max_stored_bytes: int = 0
+    max_wall_seconds: int = 0
 
     @classmethod
     def from_json(cls, data: Any) -> Budgets:

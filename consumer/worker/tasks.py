@@ -128,8 +128,15 @@ def handle(self: Task, data: bytes) -> None:
         _answer(self, _error(device_id, request, exc))
         done_with_chunks(settings, request)
         raise Reject(f"{exc.code}: {exc.message}", requeue=False) from None
+    seconds, hint = settings.soft_time_limit, "raise FEDPLAN_SOFT_TIME_LIMIT on the device"
     try:
-        with time_budget(settings.soft_time_limit):
+        wall = runtime.policy_source.current().budgets.max_wall_seconds
+    except Exception:  # an invalid policy file: the runtime refuses the command itself
+        wall = 0
+    if wall and wall < seconds:
+        seconds, hint = wall, "ask the operator (policy budget max_wall_seconds)"
+    try:
+        with time_budget(seconds, hint):
             reply = runtime.handle(whole, sender)
     except TimeLimitError as exc:  # fired outside the runtime's own error handling
         reply = _error(device_id, request, exc)
