@@ -145,7 +145,8 @@ def mask_input(
     _expect(state, "shared", request.round_id)
     cfg, me = state.config, state.device_id
     if not set(request.ciphertexts) <= set(state.adverts):
-        raise SecAggProtocolError("a ciphertext from a device that did not advertise", device_id=me)
+        raise SecAggProtocolError("a ciphertext from a device that did not advertise",
+                                  device_id=me)
     if len(request.ciphertexts) < cfg.threshold:
         # with fewer pairwise masks, revealing the self-mask seed could expose the input
         raise SecAggThresholdError(
@@ -165,9 +166,8 @@ def mask_input(
         held[peer] = (key_share, seed_share)
     flat = _as_float_vector(values)
     if flat.size != cfg.length:
-        raise SecAggProtocolError(
-            f"{flat.size} values, the round aggregates {cfg.length}", device_id=me
-        )
+        raise SecAggProtocolError(f"{flat.size} values, the round aggregates {cfg.length}",
+                                  device_id=me)
     params = cfg.quantization
     noise = None
     if cfg.noise_sigma > 0:
@@ -179,9 +179,8 @@ def mask_input(
         state.self_seed, length=vector.size, modulus_bits=bits, label=SELF_LABEL
     )
     for peer in sorted(held):
-        mask = pairwise_mask(
-            state.config, state.mask_keys.private, me, state.adverts[peer].mask_public, peer
-        )
+        mask = pairwise_mask(state.config, state.mask_keys.private, me,
+                             state.adverts[peer].mask_public, peer)
         vector = vector + mask if me < peer else vector - mask
     vector &= np.uint64(crypto.modulus_mask(bits))
     message = MaskedInput(cfg.round_id, me, pack_vector(vector, bits))
@@ -233,25 +232,15 @@ def pairwise_mask(
 ) -> np.ndarray:
     """The mask two devices share (uint64 mod 2^b); the smaller id adds it, the other
     subtracts it. The server recomputes it from a dropped device's rebuilt key."""
-    seed = crypto.agree(
-        private, peer_public, purpose=MASK_PURPOSE, round_id=config.round_id, pair=(me, peer)
-    )
-    return crypto.expand_mask(
-        seed,
-        length=config.length + 1,
-        modulus_bits=config.quantization.modulus_bits,
-        label=PAIR_LABEL,
-    )
+    seed = crypto.agree(private, peer_public, purpose=MASK_PURPOSE,
+                        round_id=config.round_id, pair=(me, peer))
+    return crypto.expand_mask(seed, length=config.length + 1,
+                              modulus_bits=config.quantization.modulus_bits, label=PAIR_LABEL)
 
 
 def _cipher_key(state: ClientState, peer: str, peer_public: bytes) -> bytes:
-    return crypto.agree(
-        state.cipher_keys.private,
-        peer_public,
-        purpose=CIPHER_PURPOSE,
-        round_id=state.config.round_id,
-        pair=(state.device_id, peer),
-    )
+    return crypto.agree(state.cipher_keys.private, peer_public, purpose=CIPHER_PURPOSE,
+                        round_id=state.config.round_id, pair=(state.device_id, peer))
 
 
 def _aad(config: RoundConfig, sender: str, recipient: str) -> bytes:
@@ -260,9 +249,8 @@ def _aad(config: RoundConfig, sender: str, recipient: str) -> bytes:
 
 def _expect(state: ClientState, stage: str, round_id: str) -> None:
     if state.stage != stage:
-        raise SecAggProtocolError(
-            f"expected stage {stage!r}, the device is in {state.stage!r}", device_id=state.device_id
-        )
+        raise SecAggProtocolError(f"expected stage {stage!r}, the device is in {state.stage!r}",
+                                  device_id=state.device_id)
     if round_id != state.config.round_id:
         raise SecAggProtocolError("a request of another round", device_id=state.device_id)
 

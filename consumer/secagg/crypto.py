@@ -50,9 +50,8 @@ class KeyPair:
         """A fresh key pair from the operating system's randomness."""
         key = X25519PrivateKey.generate()
         return cls(
-            private=key.private_bytes(
-                _RAW, serialization.PrivateFormat.Raw, serialization.NoEncryption()
-            ),
+            private=key.private_bytes(_RAW, serialization.PrivateFormat.Raw,
+                                      serialization.NoEncryption()),
             public=key.public_key().public_bytes(_RAW, serialization.PublicFormat.Raw),
         )
 

@@ -64,19 +64,14 @@ def state_to_bytes(state: ClientState) -> bytes:
         "mask_keys": [_b64(state.mask_keys.private), _b64(state.mask_keys.public)],
         "self_seed": _b64(state.self_seed),
         "adverts": {
-            d: [
-                a.round_id,
-                a.device_id,
-                _b64(a.cipher_public),
-                _b64(a.mask_public),
-                _b64(a.seed_commitment),
-            ]
+            d: [a.round_id, a.device_id, _b64(a.cipher_public), _b64(a.mask_public),
+                _b64(a.seed_commitment)]
             for d, a in state.adverts.items()
         },
         "held_shares": {p: [_b64(k), _b64(s)] for p, (k, s) in state.held_shares.items()},
-        "masked": None
-        if state.masked is None
-        else [state.masked.round_id, state.masked.device_id, _b64(state.masked.vector)],
+        "masked": None if state.masked is None else [
+            state.masked.round_id, state.masked.device_id, _b64(state.masked.vector)
+        ],
         "revealed_seed_of": sorted(state.revealed_seed_of),
         "revealed_key_of": sorted(state.revealed_key_of),
     }
@@ -104,9 +99,8 @@ def state_from_bytes(data: bytes) -> ClientState:
         config = RoundConfig(
             round_id=_str(c["round_id"]),
             devices=tuple(_str(d) for d in c["devices"]),
-            neighbours={
-                _str(d): tuple(_str(p) for p in ps) for d, ps in _dict(c["neighbours"]).items()
-            },
+            neighbours={_str(d): tuple(_str(p) for p in ps)
+                        for d, ps in _dict(c["neighbours"]).items()},
             threshold=_int(c["threshold"]),
             min_survivors=_int(c["min_survivors"]),
             length=_int(c["length"]),
@@ -132,18 +126,17 @@ def state_from_bytes(data: bytes) -> ClientState:
             held_shares={
                 _str(p): (_bytes(v[0]), _bytes(v[1])) for p, v in _dict(doc["held_shares"]).items()
             },
-            masked=None
-            if masked is None
-            else MaskedInput(_str(masked[0]), _str(masked[1]), _bytes(masked[2])),
+            masked=None if masked is None else MaskedInput(
+                _str(masked[0]), _str(masked[1]), _bytes(masked[2])
+            ),
             revealed_seed_of=frozenset(_str(p) for p in doc["revealed_seed_of"]),
             revealed_key_of=frozenset(_str(p) for p in doc["revealed_key_of"]),
         )
     except SecAggIntegrityError:
         raise
     except (SecAggError, KeyError, IndexError, TypeError, ValueError, binascii.Error) as exc:
-        raise SecAggIntegrityError(
-            f"a stored secure-aggregation state is corrupt: {exc!r}"
-        ) from None
+        raise SecAggIntegrityError(f"a stored secure-aggregation state is corrupt: {exc!r}") \
+            from None
 
 
 def _b64(raw: bytes) -> str:
