@@ -33,6 +33,7 @@ ENV_VARS: dict[str, str] = {
     "FEDPLAN_RECONNECT_MAX_DELAY": "reconnect_max_delay",
     "FEDPLAN_HEARTBEAT": "heartbeat",
     "FEDPLAN_WORKER_DECLARES": "worker_declares",
+    "FEDPLAN_PRODUCER_DECLARES": "producer_declares",
     "FEDPLAN_MAX_COMMAND_SIZE": "max_command_size",
     "FEDPLAN_CHUNK_TTL": "chunk_ttl",
     "FEDPLAN_MAX_PENDING_CHUNK_BYTES": "max_pending_chunk_bytes",
@@ -87,6 +88,10 @@ class Settings:
     heartbeat: int = 60
     worker_declares: bool = True
     """False for workers under a least-privilege device user: the queue exists already."""
+    producer_declares: bool = True
+    """False for a producer under a least-privilege producer user (``fedplan broker setup
+    --producer``): it declares only its own results queue; exchanges and device queues must
+    exist (a command for a device without a queue raises ``DeviceNotFound``)."""
     max_command_size: int = 1024 * MIB
     """Largest command a device assembles from chunks; bigger chunk counts are refused unread."""
     chunk_ttl: float = 3600.0

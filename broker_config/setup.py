@@ -1,4 +1,5 @@
-"""``fedplan broker setup``: declare the topology idempotently and create device users."""
+"""``fedplan broker setup``: declare the topology idempotently; create device and producer
+users with least privilege."""
 
 from __future__ import annotations
 
@@ -79,6 +80,39 @@ def create_device_user(client: ManagementClient, device_id: str, password: str) 
     return user
 
 
+def producer_user(producer_id: str) -> str:
+    """The RabbitMQ user name created for a producer by ``fedplan broker setup --producer``."""
+    return f"{names.PREFIX}-producer-{names.check_id('producer', producer_id)}"
+
+
+def producer_permissions(producer_id: str) -> dict[str, str]:
+    """Least privilege for a producer: declare, bind and read its own results queue only,
+    publish to the commands exchange only (never the results exchange, the default exchange
+    or another producer's queue).
+
+    The commands exchange routes by device (a direct exchange), which RabbitMQ permissions
+    cannot restrict by routing key: which producers a device serves is the device's policy
+    (``fedplan device policy --allow fedplan-producer-<id>``), enforced with the sender the
+    broker validates (``user_id``). Connect it with ``FEDPLAN_PRODUCER_DECLARES=false``.
+    """
+    results = re.escape(names.results_queue(producer_id))
+    return {
+        "configure": f"^{results}$",
+        "write": f"^({re.escape(names.commands_exchange())}|{results})$",
+        "read": f"^({re.escape(names.results_exchange())}|{results})$",
+    }
+
+
+def create_producer_user(client: ManagementClient, producer_id: str, password: str) -> str:
+    """Create (or update) the producer's user with :func:`producer_permissions`."""
+    user = producer_user(producer_id)
+    client.request("PUT", f"users/{client.q(user)}", {"password": password, "tags": ""})
+    client.request(
+        "PUT", f"permissions/{client.vq()}/{client.q(user)}", producer_permissions(producer_id)
+    )
+    return user
+
+
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``fedplan broker setup``."""
     settings = Settings.from_env(broker_url=args.url)
@@ -86,12 +120,22 @@ def run(args: argparse.Namespace) -> int:
     devices: list[str] = list(args.device or [])
     for line in declare_topology(client, settings, devices):
         print(f"declared {line}")
+    producers: list[str] = list(args.producer or [])
     if args.password is not None:
-        if not devices:
-            print("--password needs --device ID")
+        if not devices and not producers:
+            print("--password needs --device ID or --producer ID")
             return 2
         for d in devices:
             print(f"user {create_device_user(client, d, args.password)} ready (least privilege)")
+        for p in producers:
+            user = create_producer_user(client, p, args.password)
+            print(
+                f"user {user} ready (least privilege: its results queue, the commands "
+                f"exchange); connect with producer_id={p!r} and FEDPLAN_PRODUCER_DECLARES=false"
+            )
+    elif producers:
+        print("--producer needs --password")
+        return 2
     return 0
 
 
@@ -103,5 +147,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--url", default=None, help="broker URL (default FEDPLAN_BROKER_URL)")
     p.add_argument("--api", default=None, help="management API URL (default from --url)")
     p.add_argument("--device", action="append", help="a device id (repeatable)")
-    p.add_argument("--password", default=None, help="create each device's user with this")
+    p.add_argument("--producer", action="append", help="a producer id to create a user for")
+    p.add_argument(
+        "--password", default=None, help="create each device's and producer's user with this"
+    )
     p.set_defaults(func=run)

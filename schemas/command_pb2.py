@@ -26,7 +26,7 @@ from schemas import plan_pb2 as schemas_dot_plan__pb2
 from schemas import tensor_pb2 as schemas_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15schemas/command.proto\x12\nfedplan.v1\x1a\x12schemas/plan.proto\x1a\x14schemas/tensor.proto\"e\n\x0bStoreObject\x12\n\n\x02id\x18\x01 \x01(\t\x12\'\n\x06tensor\x18\x02 \x01(\x0b\x32\x17.fedplan.v1.TensorProto\x12\x0c\n\x04tags\x18\x03 \x03(\t\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\"0\n\tStorePlan\x12#\n\x04plan\x18\x01 \x01(\x0b\x32\x15.fedplan.v1.PlanProto\"\xa7\x01\n\x07RunPlan\x12\x0f\n\x07plan_id\x18\x01 \x01(\t\x12#\n\x04\x61rgs\x18\x02 \x01(\x0b\x32\x15.fedplan.v1.ValueList\x12%\n\x06kwargs\x18\x03 \x01(\x0b\x32\x15.fedplan.v1.ValueDict\x12\x12\n\nresult_ids\x18\x04 \x03(\t\x12\x15\n\rreturn_values\x18\x05 \x01(\x08\x12\x14\n\x0cinline_limit\x18\x06 \x01(\x04\"\x9f\x01\n\x05RunOp\x12\x0e\n\x06target\x18\x01 \x01(\t\x12#\n\x04\x61rgs\x18\x02 \x01(\x0b\x32\x15.fedplan.v1.ValueList\x12%\n\x06kwargs\x18\x03 \x01(\x0b\x32\x15.fedplan.v1.ValueDict\x12\x12\n\nresult_ids\x18\x04 \x03(\t\x12\x15\n\rreturn_values\x18\x05 \x01(\x08\x12\x0f\n\x07no_grad\x18\x06 \x01(\x08\"\'\n\tGetObject\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65lete\x18\x02 \x01(\x08\"\x1c\n\rDeleteObjects\x12\x0b\n\x03ids\x18\x01 \x03(\t\"\x16\n\x06Search\x12\x0c\n\x04tags\x18\x01 \x03(\t\"\r\n\x0bListObjects\"\x0e\n\x0c\x43learObjects\"*\n\x07GetPlan\x12\x0f\n\x07plan_id\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65lete\x18\x02 \x01(\x08\"D\n\nMoveObject\x12\n\n\x02id\x18\x01 \x01(\t\x12\x1a\n\x12\x64\x65stination_device\x18\x02 \x01(\t\x12\x0e\n\x06new_id\x18\x03 \x01(\t\"\x80\x01\n\x0cStorePointer\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08location\x18\x02 \x01(\t\x12\x11\n\tremote_id\x18\x03 \x01(\t\x12\x0c\n\x04tags\x18\x04 \x03(\t\x12\x13\n\x0b\x64\x65scription\x18\x05 \x01(\t\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\r\n\x05shape\x18\x07 \x03(\x03\"\x89\x05\n\x07\x43ommand\x12\x16\n\x0eschema_version\x18\x01 \x01(\r\x12\x12\n\ncommand_id\x18\x02 \x01(\t\x12\x11\n\tdevice_id\x18\x03 \x01(\t\x12\x14\n\x0c\x64\x65lete_first\x18\x04 \x03(\t\x12/\n\x0cstore_object\x18\n \x01(\x0b\x32\x17.fedplan.v1.StoreObjectH\x00\x12+\n\nstore_plan\x18\x0b \x01(\x0b\x32\x15.fedplan.v1.StorePlanH\x00\x12\'\n\x08run_plan\x18\x0c \x01(\x0b\x32\x13.fedplan.v1.RunPlanH\x00\x12#\n\x06run_op\x18\r \x01(\x0b\x32\x11.fedplan.v1.RunOpH\x00\x12+\n\nget_object\x18\x0e \x01(\x0b\x32\x15.fedplan.v1.GetObjectH\x00\x12\x33\n\x0e\x64\x65lete_objects\x18\x0f \x01(\x0b\x32\x19.fedplan.v1.DeleteObjectsH\x00\x12$\n\x06search\x18\x10 \x01(\x0b\x32\x12.fedplan.v1.SearchH\x00\x12/\n\x0clist_objects\x18\x11 \x01(\x0b\x32\x17.fedplan.v1.ListObjectsH\x00\x12\x31\n\rclear_objects\x18\x12 \x01(\x0b\x32\x18.fedplan.v1.ClearObjectsH\x00\x12\'\n\x08get_plan\x18\x13 \x01(\x0b\x32\x13.fedplan.v1.GetPlanH\x00\x12-\n\x0bmove_object\x18\x14 \x01(\x0b\x32\x16.fedplan.v1.MoveObjectH\x00\x12\x31\n\rstore_pointer\x18\x15 \x01(\x0b\x32\x18.fedplan.v1.StorePointerH\x00\x42\x06\n\x04\x62ody\"\xfb\x01\n\nObjectInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04tags\x18\x02 \x03(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\r\n\x05shape\x18\x05 \x03(\x03\x12&\n\x05value\x18\x06 \x01(\x0b\x32\x17.fedplan.v1.TensorProto\x12\x11\n\thas_value\x18\x07 \x01(\x08\x12\x0c\n\x04kind\x18\x08 \x01(\t\x12\'\n\x0cpython_value\x18\t \x01(\x0b\x32\x11.fedplan.v1.Value\x12\x18\n\x10points_to_device\x18\n \x01(\t\x12\x14\n\x0cpoints_to_id\x18\x0b \x01(\t\"\x89\x01\n\tErrorInfo\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x11\n\tdevice_id\x18\x03 \x01(\t\x12\x0f\n\x07plan_id\x18\x04 \x01(\t\x12\x11\n\tplan_name\x18\x05 \x01(\t\x12\x10\n\x08op_index\x18\x06 \x01(\x05\x12\x14\n\x0chas_op_index\x18\x07 \x01(\x08\"\xab\x01\n\x05Reply\x12\x16\n\x0eschema_version\x18\x01 \x01(\r\x12\x12\n\ncommand_id\x18\x02 \x01(\t\x12\x11\n\tdevice_id\x18\x03 \x01(\t\x12\x12\n\nresult_ids\x18\x04 \x03(\t\x12\x1c\n\x02ok\x18\n \x01(\x0b\x32\x0e.fedplan.v1.OkH\x00\x12&\n\x05\x65rror\x18\x0b \x01(\x0b\x32\x15.fedplan.v1.ErrorInfoH\x00\x42\t\n\x07outcome\"R\n\x02Ok\x12\'\n\x07objects\x18\x01 \x03(\x0b\x32\x16.fedplan.v1.ObjectInfo\x12#\n\x04plan\x18\x02 \x01(\x0b\x32\x15.fedplan.v1.PlanProtob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15schemas/command.proto\x12\nfedplan.v1\x1a\x12schemas/plan.proto\x1a\x14schemas/tensor.proto\"e\n\x0bStoreObject\x12\n\n\x02id\x18\x01 \x01(\t\x12\'\n\x06tensor\x18\x02 \x01(\x0b\x32\x17.fedplan.v1.TensorProto\x12\x0c\n\x04tags\x18\x03 \x03(\t\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\"S\n\tStorePlan\x12#\n\x04plan\x18\x01 \x01(\x0b\x32\x15.fedplan.v1.PlanProto\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x12\x0e\n\x06signer\x18\x03 \x01(\t\"\xa7\x01\n\x07RunPlan\x12\x0f\n\x07plan_id\x18\x01 \x01(\t\x12#\n\x04\x61rgs\x18\x02 \x01(\x0b\x32\x15.fedplan.v1.ValueList\x12%\n\x06kwargs\x18\x03 \x01(\x0b\x32\x15.fedplan.v1.ValueDict\x12\x12\n\nresult_ids\x18\x04 \x03(\t\x12\x15\n\rreturn_values\x18\x05 \x01(\x08\x12\x14\n\x0cinline_limit\x18\x06 \x01(\x04\"\x9f\x01\n\x05RunOp\x12\x0e\n\x06target\x18\x01 \x01(\t\x12#\n\x04\x61rgs\x18\x02 \x01(\x0b\x32\x15.fedplan.v1.ValueList\x12%\n\x06kwargs\x18\x03 \x01(\x0b\x32\x15.fedplan.v1.ValueDict\x12\x12\n\nresult_ids\x18\x04 \x03(\t\x12\x15\n\rreturn_values\x18\x05 \x01(\x08\x12\x0f\n\x07no_grad\x18\x06 \x01(\x08\"\'\n\tGetObject\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65lete\x18\x02 \x01(\x08\"\x1c\n\rDeleteObjects\x12\x0b\n\x03ids\x18\x01 \x03(\t\"\x16\n\x06Search\x12\x0c\n\x04tags\x18\x01 \x03(\t\"\r\n\x0bListObjects\"\x0e\n\x0c\x43learObjects\"*\n\x07GetPlan\x12\x0f\n\x07plan_id\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65lete\x18\x02 \x01(\x08\"D\n\nMoveObject\x12\n\n\x02id\x18\x01 \x01(\t\x12\x1a\n\x12\x64\x65stination_device\x18\x02 \x01(\t\x12\x0e\n\x06new_id\x18\x03 \x01(\t\"\x80\x01\n\x0cStorePointer\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08location\x18\x02 \x01(\t\x12\x11\n\tremote_id\x18\x03 \x01(\t\x12\x0c\n\x04tags\x18\x04 \x03(\t\x12\x13\n\x0b\x64\x65scription\x18\x05 \x01(\t\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\r\n\x05shape\x18\x07 \x03(\x03\"\x89\x05\n\x07\x43ommand\x12\x16\n\x0eschema_version\x18\x01 \x01(\r\x12\x12\n\ncommand_id\x18\x02 \x01(\t\x12\x11\n\tdevice_id\x18\x03 \x01(\t\x12\x14\n\x0c\x64\x65lete_first\x18\x04 \x03(\t\x12/\n\x0cstore_object\x18\n \x01(\x0b\x32\x17.fedplan.v1.StoreObjectH\x00\x12+\n\nstore_plan\x18\x0b \x01(\x0b\x32\x15.fedplan.v1.StorePlanH\x00\x12\'\n\x08run_plan\x18\x0c \x01(\x0b\x32\x13.fedplan.v1.RunPlanH\x00\x12#\n\x06run_op\x18\r \x01(\x0b\x32\x11.fedplan.v1.RunOpH\x00\x12+\n\nget_object\x18\x0e \x01(\x0b\x32\x15.fedplan.v1.GetObjectH\x00\x12\x33\n\x0e\x64\x65lete_objects\x18\x0f \x01(\x0b\x32\x19.fedplan.v1.DeleteObjectsH\x00\x12$\n\x06search\x18\x10 \x01(\x0b\x32\x12.fedplan.v1.SearchH\x00\x12/\n\x0clist_objects\x18\x11 \x01(\x0b\x32\x17.fedplan.v1.ListObjectsH\x00\x12\x31\n\rclear_objects\x18\x12 \x01(\x0b\x32\x18.fedplan.v1.ClearObjectsH\x00\x12\'\n\x08get_plan\x18\x13 \x01(\x0b\x32\x13.fedplan.v1.GetPlanH\x00\x12-\n\x0bmove_object\x18\x14 \x01(\x0b\x32\x16.fedplan.v1.MoveObjectH\x00\x12\x31\n\rstore_pointer\x18\x15 \x01(\x0b\x32\x18.fedplan.v1.StorePointerH\x00\x42\x06\n\x04\x62ody\"\xfb\x01\n\nObjectInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04tags\x18\x02 \x03(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\r\n\x05shape\x18\x05 \x03(\x03\x12&\n\x05value\x18\x06 \x01(\x0b\x32\x17.fedplan.v1.TensorProto\x12\x11\n\thas_value\x18\x07 \x01(\x08\x12\x0c\n\x04kind\x18\x08 \x01(\t\x12\'\n\x0cpython_value\x18\t \x01(\x0b\x32\x11.fedplan.v1.Value\x12\x18\n\x10points_to_device\x18\n \x01(\t\x12\x14\n\x0cpoints_to_id\x18\x0b \x01(\t\"\x89\x01\n\tErrorInfo\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x11\n\tdevice_id\x18\x03 \x01(\t\x12\x0f\n\x07plan_id\x18\x04 \x01(\t\x12\x11\n\tplan_name\x18\x05 \x01(\t\x12\x10\n\x08op_index\x18\x06 \x01(\x05\x12\x14\n\x0chas_op_index\x18\x07 \x01(\x08\"\xab\x01\n\x05Reply\x12\x16\n\x0eschema_version\x18\x01 \x01(\r\x12\x12\n\ncommand_id\x18\x02 \x01(\t\x12\x11\n\tdevice_id\x18\x03 \x01(\t\x12\x12\n\nresult_ids\x18\x04 \x03(\t\x12\x1c\n\x02ok\x18\n \x01(\x0b\x32\x0e.fedplan.v1.OkH\x00\x12&\n\x05\x65rror\x18\x0b \x01(\x0b\x32\x15.fedplan.v1.ErrorInfoH\x00\x42\t\n\x07outcome\"R\n\x02Ok\x12\'\n\x07objects\x18\x01 \x03(\x0b\x32\x16.fedplan.v1.ObjectInfo\x12#\n\x04plan\x18\x02 \x01(\x0b\x32\x15.fedplan.v1.PlanProtob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,35 +36,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STOREOBJECT']._serialized_start=79
   _globals['_STOREOBJECT']._serialized_end=180
   _globals['_STOREPLAN']._serialized_start=182
-  _globals['_STOREPLAN']._serialized_end=230
-  _globals['_RUNPLAN']._serialized_start=233
-  _globals['_RUNPLAN']._serialized_end=400
-  _globals['_RUNOP']._serialized_start=403
-  _globals['_RUNOP']._serialized_end=562
-  _globals['_GETOBJECT']._serialized_start=564
-  _globals['_GETOBJECT']._serialized_end=603
-  _globals['_DELETEOBJECTS']._serialized_start=605
-  _globals['_DELETEOBJECTS']._serialized_end=633
-  _globals['_SEARCH']._serialized_start=635
-  _globals['_SEARCH']._serialized_end=657
-  _globals['_LISTOBJECTS']._serialized_start=659
-  _globals['_LISTOBJECTS']._serialized_end=672
-  _globals['_CLEAROBJECTS']._serialized_start=674
-  _globals['_CLEAROBJECTS']._serialized_end=688
-  _globals['_GETPLAN']._serialized_start=690
-  _globals['_GETPLAN']._serialized_end=732
-  _globals['_MOVEOBJECT']._serialized_start=734
-  _globals['_MOVEOBJECT']._serialized_end=802
-  _globals['_STOREPOINTER']._serialized_start=805
-  _globals['_STOREPOINTER']._serialized_end=933
-  _globals['_COMMAND']._serialized_start=936
-  _globals['_COMMAND']._serialized_end=1585
-  _globals['_OBJECTINFO']._serialized_start=1588
-  _globals['_OBJECTINFO']._serialized_end=1839
-  _globals['_ERRORINFO']._serialized_start=1842
-  _globals['_ERRORINFO']._serialized_end=1979
-  _globals['_REPLY']._serialized_start=1982
-  _globals['_REPLY']._serialized_end=2153
-  _globals['_OK']._serialized_start=2155
-  _globals['_OK']._serialized_end=2237
+  _globals['_STOREPLAN']._serialized_end=265
+  _globals['_RUNPLAN']._serialized_start=268
+  _globals['_RUNPLAN']._serialized_end=435
+  _globals['_RUNOP']._serialized_start=438
+  _globals['_RUNOP']._serialized_end=597
+  _globals['_GETOBJECT']._serialized_start=599
+  _globals['_GETOBJECT']._serialized_end=638
+  _globals['_DELETEOBJECTS']._serialized_start=640
+  _globals['_DELETEOBJECTS']._serialized_end=668
+  _globals['_SEARCH']._serialized_start=670
+  _globals['_SEARCH']._serialized_end=692
+  _globals['_LISTOBJECTS']._serialized_start=694
+  _globals['_LISTOBJECTS']._serialized_end=707
+  _globals['_CLEAROBJECTS']._serialized_start=709
+  _globals['_CLEAROBJECTS']._serialized_end=723
+  _globals['_GETPLAN']._serialized_start=725
+  _globals['_GETPLAN']._serialized_end=767
+  _globals['_MOVEOBJECT']._serialized_start=769
+  _globals['_MOVEOBJECT']._serialized_end=837
+  _globals['_STOREPOINTER']._serialized_start=840
+  _globals['_STOREPOINTER']._serialized_end=968
+  _globals['_COMMAND']._serialized_start=971
+  _globals['_COMMAND']._serialized_end=1620
+  _globals['_OBJECTINFO']._serialized_start=1623
+  _globals['_OBJECTINFO']._serialized_end=1874
+  _globals['_ERRORINFO']._serialized_start=1877
+  _globals['_ERRORINFO']._serialized_end=2014
+  _globals['_REPLY']._serialized_start=2017
+  _globals['_REPLY']._serialized_end=2188
+  _globals['_OK']._serialized_start=2190
+  _globals['_OK']._serialized_end=2272
 # @@protoc_insertion_point(module_scope)

@@ -59,16 +59,25 @@ class StorePlan(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     PLAN_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    SIGNER_FIELD_NUMBER: _builtins.int
+    signature: _builtins.bytes
+    """Optional ed25519 signature of the plan's content hash (schemas/signing.py) by the key
+    the device's policy trusts under the name `signer`: such a plan counts as approved.
+    """
+    signer: _builtins.str
     @_builtins.property
     def plan(self) -> _plan_pb2.PlanProto: ...
     def __init__(
         self,
         *,
         plan: _plan_pb2.PlanProto | None = ...,
+        signature: _builtins.bytes = ...,
+        signer: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["plan", b"plan"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["plan", b"plan"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["plan", b"plan", "signature", b"signature", "signer", b"signer"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -16,6 +16,7 @@
     │   └── SchemaVersionError        a message of a schema version this side does not speak
     ├── MessageRefused                a device's gate refused a message before running it
     ├── TimeLimitError                a command ran past the device's time limit
+    ├── PolicyError                   the device's owner policy refused the command
     ├── DeviceError                   anything else a device reported
     │   ├── StoreFullError            a device store bound (bytes, reply size) would be passed
     │   └── PlanTooLargeError         a plan over the device's op count or size limit
@@ -226,6 +227,13 @@ class PlanTooLargeError(DeviceError):
     """A plan has more ops, or more encoded bytes, than the device accepts."""
 
     code = "PLAN_TOO_LARGE"
+
+
+class PolicyError(FedplanError, PermissionError):
+    """The device's policy (its owner's rules) refused the command: the message names the
+    object, the producer and the rule (``fedplan device policy`` on the device shows them)."""
+
+    code = "POLICY_REFUSED"
 
 
 def error_from_code(code: str, message: str, **fields: Any) -> FedplanError:

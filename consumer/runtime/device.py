@@ -9,6 +9,17 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from consumer.policy.allocation import plan_static_bytes, static_bytes
+from consumer.policy.audit import AuditEntry, AuditSink, MemoryAudit
+from consumer.policy.rules import MemoryPolicy, Policy, PolicySource
+from consumer.policy.tenancy import (
+    PRIVATE_TAG,
+    check_tags,
+    external_id,
+    is_device_data,
+    scoped,
+    visible_tags,
+)
 from consumer.runtime.lowering import Lowering, get
 from consumer.runtime.pointer_records import PointerRecords
 from consumer.runtime.replies import (
@@ -16,10 +27,12 @@ from consumer.runtime.replies import (
     error_reply,
     is_plain_read,
     ok_reply,
+    own_result,
     plan_info,
     result_ids_of,
     tensor_info,
 )
+from consumer.runtime.tenant_rules import TenantRules
 from consumer.store.base import DeviceStore, StoredObject, StoredPlan
 from consumer.store.limits import StoreLimits
 from schemas import allowlist
@@ -46,7 +59,7 @@ from schemas.errors import (
     ObjectNotFound,
     PlanExecutionError,
     PlanInputError,
-    PlanTooLargeError,
+    PolicyError,
     StoreFullError,
     TransportError,
     WireError,
@@ -71,8 +84,11 @@ Forward = Callable[[str, bytes], None]
 _READ_ONLY = frozenset({"search", "list_objects"})
 """Commands that change nothing: their replies are not kept for redeliveries."""
 
+LOCAL_SENDER = "local"
+"""The sender of a command handed to :meth:`DeviceRuntime.handle` without one."""
 
-class DeviceRuntime:
+
+class DeviceRuntime(TenantRules):
     """Runs commands for one device; the same code behind embedded threads and Celery tasks.
 
     Parameters
@@ -85,6 +101,16 @@ class DeviceRuntime:
         Publishes a command to another device; needed only for ``MoveObject``.
     limits
         Plan size limits checked on receipt (default: ``Settings()``'s).
+    policy
+        The device owner's policy (:mod:`consumer.policy.rules`; default: private data,
+        every producer admitted, no plan approved).
+    audit
+        Where every command is recorded (:mod:`consumer.policy.audit`).
+
+    Every command runs for its *sender* (the broker-validated AMQP ``user_id``; embedded:
+    the producer's id): the objects, plans, pointer records and cached replies it names are
+    the sender's own (:mod:`consumer.policy.tenancy`), and values derived from the device's
+    private data never leave the device unless an approved plan computed them.
 
     Every command runs as one store *unit*: its state changes, stored results, in-place
     changes and cached reply commit together (``SqliteStore``: one transaction), so a
@@ -106,37 +132,62 @@ class DeviceRuntime:
         store: DeviceStore,
         forward: Forward | None = None,
         limits: StoreLimits | None = None,
+        policy: PolicySource | None = None,
+        audit: AuditSink | None = None,
     ) -> None:
         self.device_id = device_id
         self.store = store
         self.limits = limits or StoreLimits()
+        self.policy_source: PolicySource = policy or MemoryPolicy()
+        self.audit: AuditSink = audit or MemoryAudit()
         self._forward = forward
         self._command_id = ""
+        self._sender = LOCAL_SENDER
+        self._policy = Policy()
+        self._entry = AuditEntry(sender=LOCAL_SENDER, kind="")
+        self._private_inputs = False
+        self._inputs: list[str] = []  # store keys of the command's own-object arguments
         self._loaded: dict[str, tuple[str, LoadedPlan]] = {}
-        self._pointers = PointerRecords()  # pointers to objects on other devices
+        self._records: dict[str, PointerRecords] = {}  # per sender: pointers to other devices
         self._frames: list[torch.Tensor] = []  # tensors sent raw after the current reply
         self._lowering = Lowering(lambda message, _index: WireError(message))
         self._lock = threading.RLock()  # one command at a time: plan state is mutated in place
 
     # -- entry point -------------------------------------------------------------------------
 
-    def handle(self, data: bytes) -> bytes:
-        """Decode a ``Command``, run it once, and return the encoded ``Reply``; never raises.
+    def handle(self, data: bytes, sender: str = LOCAL_SENDER) -> bytes:
+        """Decode a ``Command``, run it once for ``sender``, and return the encoded ``Reply``;
+        never raises.
 
-        A command id seen before returns the reply stored the first time, so a redelivered
-        command does not run twice.
+        ``sender`` is who sent the command as the transport vouches for it (the AMQP
+        ``user_id`` the broker validated; never a value from the body). A command id seen
+        before from the same sender returns the reply stored the first time, so a
+        redelivered command does not run twice.
         """
         with self._lock:
-            return self._handle(data)
+            self._sender = sender or LOCAL_SENDER
+            self._entry = AuditEntry(sender=self._sender, kind="")
+            try:
+                reply = self._handle(data)
+            finally:
+                self._record_audit()
+            return reply
+
+    def cached_reply(self, command_id: str, sender: str = LOCAL_SENDER) -> bytes | None:
+        """The stored reply of ``sender``'s command ``command_id``, if it ran to the end."""
+        return self.store.get_reply(scoped(sender or LOCAL_SENDER, command_id))
 
     def _handle(self, data: bytes) -> bytes:
         try:
             command = decode_command(data)
         except Exception as exc:
+            self._entry.outcome = WireError.code
             return encode_safely(error_reply(self.device_id, "", [], exc, WireError))
         command_id = command.command_id
+        self._entry.command_id = command_id
+        self._entry.kind = command.WhichOneof("body") or ""
         try:
-            cached = self.store.get_reply(command_id) if command_id else None
+            cached = self.cached_reply(command_id, self._sender) if command_id else None
         except Exception:  # a broken reply cache must not stop the command
             log.exception("reading the reply cache of %s failed", command_id)
             cached = None
@@ -147,8 +198,8 @@ class DeviceRuntime:
         remember = bool(command_id) and body not in _READ_ONLY and not is_plain_read(command)
         try:
             self.store.begin()
-            if remember:  # again, under the unit's write lock: another process may have
-                cached = self.store.get_reply(command_id)  # run it meanwhile (a redelivery)
+            if remember:  # again, under the unit's write lock: another process may have run
+                cached = self.cached_reply(command_id, self._sender)  # run it meanwhile
                 if cached is not None:
                     self.store.rollback()
                     return cached
@@ -176,16 +227,19 @@ class DeviceRuntime:
             ok = self._dispatch(body, command, frames)
             data_out = encode_reply(ok_reply(self.device_id, command_id, result_ids, ok), frames)
             if remember:
-                self.store.put_reply(command_id, result_ids, data_out)
+                self.store.put_reply(scoped(self._sender, command_id), result_ids, data_out)
             return data_out
         except StoreFullError as exc:  # a bound: the command leaves its error reply only
             self.store.rollback()
             self.store.begin()
             data_out = encode_safely(error_reply(self.device_id, command_id, result_ids, exc))
+            self._note_refusal(exc)
         except Exception as exc:
             data_out = encode_safely(error_reply(self.device_id, command_id, result_ids, exc))
+            self._note_refusal(exc)
+        self._frames = []  # nothing of an error reply's command left the device
         if remember:
-            self.store.put_reply(command_id, result_ids, data_out)
+            self.store.put_reply(scoped(self._sender, command_id), result_ids, data_out)
         return data_out
 
     # -- dispatch ----------------------------------------------------------------------------
@@ -201,60 +255,83 @@ class DeviceRuntime:
             raise WireError(f"command has no known body ({body or 'empty'}); upgrade the device")
         self._frames = frames
         self._command_id = command.command_id
+        self._policy = self.policy_source.current()
+        self._policy.check_admits(self._sender, self.device_id)
+        self._private_inputs = False
+        self._inputs = []
         if command.delete_first:  # deletes batched by the server ride with the next command
             self._delete_objects(DeleteObjects(ids=command.delete_first))
         return handler(self, command)
 
     def _store_object(self, msg: StoreObject) -> Ok:
+        check_tags(msg.tags)
         tensor = tensor_from_proto(msg.tensor)
-        obj = StoredObject(msg.id, tensor, tuple(msg.tags), msg.description)
+        key = self._key(msg.id)
+        self._check_stored_budget(tensor.numel() * tensor.element_size(), key)
+        obj = StoredObject(key, tensor, tuple(msg.tags), msg.description)
         self.store.put_object(obj)
         self._pointers.pop(msg.id)  # the value a pointer record named has arrived
-        return Ok(objects=[tensor_info(obj)])
+        return Ok(objects=[self._info(obj)])
 
     def _store_pointer(self, msg: StorePointer) -> Ok:
-        if self.store.has_object(msg.id):
-            self.store.delete_object(msg.id)
+        check_tags(msg.tags)
+        if self.store.has_object(self._key(msg.id)):
+            self.store.delete_object(self._key(msg.id))
         self._pointers.put(msg)
         return Ok(objects=[PointerRecords.info(msg)])
 
     def _store_plan(self, msg: StorePlan) -> Ok:
-        self._check_plan_size(msg.plan)
+        self.limits.check_plan(msg.plan, self.device_id)
+        self._check_plan_budget(msg.plan)
         ir, plan_id = plan_from_proto(msg.plan)
         content_hash = msg.plan.content_hash
-        if self.store.has_plan(plan_id):
-            held = self.store.get_plan(plan_id)
+        self._entry.plan_hash = content_hash
+        key = self._key(plan_id)
+        signed = self._signature_tag(msg, plan_id)
+        if self.store.has_plan(key):
+            held = self.store.get_plan(key)
             if not content_hash or held.content_hash == content_hash:
+                if signed and signed not in held.tags:
+                    held.tags = (*held.tags, signed)
+                    self.store.put_plan(held)
                 return Ok(objects=[plan_info(plan_id, held.ir.name)])
+        self._check_alloc_budget(f"plan {ir.name!r}", plan_static_bytes(ir))
         loaded = self._load(ir, plan_id)  # checks every op against the allow-list
-        self.store.put_plan(StoredPlan(plan_id, ir, content_hash))
-        self._loaded[plan_id] = (content_hash, loaded)
+        self.store.put_plan(StoredPlan(key, ir, content_hash, (signed,) if signed else ()))
+        self._loaded[key] = (content_hash, loaded)
         return Ok(objects=[plan_info(plan_id, ir.name)])
 
     def _run_plan(self, msg: RunPlan) -> Ok:
-        stored = self.store.get_plan(msg.plan_id)
+        stored = self._plan(msg.plan_id)
+        self._entry.plan_hash = stored.content_hash
         leaves = output_slots(stored.ir.outputs)
         if len(msg.result_ids) != len(leaves):
             raise PlanInputError(
                 f"plan {stored.ir.name!r} has {len(leaves)} outputs but the command named "
                 f"{len(msg.result_ids)} result ids; call it through a PointerPlan",
-                plan_id=stored.id,
+                plan_id=msg.plan_id,
                 plan_name=stored.ir.name,
             )
         loaded = self._loaded_plan(stored)
         args = [self._resolve(value_from_proto(v)) for v in msg.args.items]
         kwargs = self._resolve_kwargs(msg.kwargs)
+        approved = self._approved(stored)
+        private = (self._private_inputs or PRIVATE_TAG in stored.tags) and not approved
+        if private and msg.return_values:
+            self._refuse_plan(stored, msg.plan_id, "its outputs as values in the reply")
         try:
             out = loaded.run(tuple(args), kwargs, stored.ir.state_values)
         except FedplanError as exc:
-            exc.plan_id = exc.plan_id or stored.id
+            exc.plan_id = exc.plan_id or msg.plan_id
             exc.plan_name = exc.plan_name or stored.ir.name
             raise
         finally:
             self.store.save_plan_state(stored)
+            if private:  # also when the run failed midway: its state may hold private data
+                self._taint_plan(stored, msg.plan_id)
         state = {id(t) for t in stored.ir.state_values.values()}
         results = [
-            _own(v, state) if isinstance(v, torch.Tensor) else v
+            own_result(v, state) if isinstance(v, torch.Tensor) else v
             for v in flatten_like(stored.ir.outputs, out)
         ]
         inline = inline_flags(
@@ -262,13 +339,21 @@ class DeviceRuntime:
             msg.inline_limit,
             [args, kwargs, stored.ir.state_values, stored.ir.constants],
         )
-        with_values = [msg.return_values or flag for flag in inline]
-        return Ok(objects=self._store_results(msg.result_ids, results, with_values))
+        with_values = [(msg.return_values or flag) and not private for flag in inline]
+        if private and any(not isinstance(v, torch.Tensor) for v in results):
+            self._refuse_plan(stored, msg.plan_id, "a Python value in the reply")
+        if approved and self._private_inputs:
+            self._entry.rule = "approved-plan"
+        return Ok(objects=self._store_results(msg.result_ids, results, with_values, private))
 
     def _run_op(self, msg: RunOp) -> Ok:
         fn = allowlist.resolve(msg.target)
         args = [self._resolve(value_from_proto(v)) for v in msg.args.items]
         kwargs = self._resolve_kwargs(msg.kwargs)
+        private = self._private_inputs
+        self._check_alloc_budget(msg.target, static_bytes(msg.target, args, kwargs))
+        if private and msg.return_values:
+            raise self._private_error(msg.target, "returned as a value by an op")
         try:
             with torch.set_grad_enabled(not msg.no_grad):
                 out = fn(*args, **kwargs)
@@ -279,6 +364,9 @@ class DeviceRuntime:
                 f"{msg.target} failed on device {self.device_id!r}: {type(exc).__name__}: {exc}",
                 device_id=self.device_id,
             ) from exc
+        finally:
+            if private:  # an in-place op may have written private data into its arguments
+                self._taint_arguments()
         several = isinstance(out, tuple | list) and any(isinstance(v, torch.Tensor) for v in out)
         results = list(out) if several else [out]  # None and Python values are one value
         if msg.result_ids and len(results) != len(msg.result_ids):
@@ -287,48 +375,57 @@ class DeviceRuntime:
                 f"{len(msg.result_ids)} result ids; pass num_results={len(results)}",
                 device_id=self.device_id,
             )
+        if private and any(not isinstance(v, torch.Tensor | None) for v in results):
+            raise self._private_error(msg.target, "returned as a Python value by an op")
         with_values = [msg.return_values] * len(results)
-        return Ok(objects=self._store_results(msg.result_ids, results, with_values))
+        return Ok(objects=self._store_results(msg.result_ids, results, with_values, private))
 
     def _get_object(self, msg: GetObject) -> Ok:
         record = self._pointers.pop(msg.id) if msg.delete else self._pointers.get(msg.id)
         if record is not None:
             return Ok(objects=[PointerRecords.info(record)])
-        obj = self.store.get_object(msg.id)
+        obj = self._lookup(msg.id)
+        self._check_may_leave(obj, msg.id, "get()")
         info = self._tensor_info(obj, with_value=True)
-        if msg.delete:
-            self.store.delete_object(msg.id)
+        if msg.delete and not is_device_data(obj.id):  # device data is never deleted
+            self.store.delete_object(obj.id)
         return Ok(objects=[info])
 
     def _delete_objects(self, msg: DeleteObjects) -> Ok:
         for object_id in msg.ids:
             self._pointers.pop(object_id)
-            if self.store.has_object(object_id):
-                self.store.delete_object(object_id)
+            key = self._key(object_id)
+            if self.store.has_object(key):
+                self.store.delete_object(key)
         return Ok()
 
     def _search(self, msg: Search) -> Ok:
-        found = self.store.search(list(msg.tags))
+        found = [o for o in self.store.search(list(msg.tags)) if self._visible(o.id)]
         records = self._pointers.search(list(msg.tags))
-        return Ok(objects=[*map(tensor_info, found), *map(PointerRecords.info, records)])
+        return Ok(objects=[*map(self._info, found), *map(PointerRecords.info, records)])
 
     def _list_objects(self, msg: ListObjects) -> Ok:
         records = self._pointers.search([])
-        objects = self.store.list_objects()
-        return Ok(objects=[*map(tensor_info, objects), *map(PointerRecords.info, records)])
+        objects = [o for o in self.store.list_objects() if self._visible(o.id)]
+        return Ok(objects=[*map(self._info, objects), *map(PointerRecords.info, records)])
 
     def _clear_objects(self, msg: ClearObjects) -> Ok:
-        self.store.clear_objects()
+        for obj in self.store.list_objects():  # the sender's objects only
+            if not is_device_data(obj.id) and obj.id.startswith(self._key("")):
+                self.store.delete_object(obj.id)
         self._pointers.clear()
         return Ok()
 
     def _get_plan(self, msg: GetPlan) -> Ok:
-        stored = self.store.get_plan(msg.plan_id)
-        proto = plan_to_proto(stored.ir, plan_id=stored.id)
+        stored = self._plan(msg.plan_id)
+        self._entry.plan_hash = stored.content_hash
+        if PRIVATE_TAG in stored.tags and not self._approved(stored):
+            self._refuse_plan(stored, msg.plan_id, "its state (trained on private data)")
+        proto = plan_to_proto(stored.ir, plan_id=msg.plan_id)
         if msg.delete:
             self.store.delete_plan(stored.id)
             self._loaded.pop(stored.id, None)
-        return Ok(objects=[plan_info(stored.id, stored.ir.name)], plan=proto)
+        return Ok(objects=[plan_info(msg.plan_id, stored.ir.name)], plan=proto)
 
     def _move_object(self, msg: MoveObject) -> Ok:
         if self._forward is None:
@@ -351,7 +448,9 @@ class DeviceRuntime:
             self._forward(msg.destination_device, encode_command(command))
             self._pointers.pop(msg.id)
             return Ok(objects=[PointerRecords.info(moved_record)])
-        obj = self.store.get_object(msg.id)
+        obj = self._lookup(msg.id)
+        self._check_may_leave(obj, msg.id, "move()")
+        tags = visible_tags(obj.tags)
         command = Command(
             schema_version=SCHEMA_VERSION,
             command_id=self._forwarded_id(),
@@ -359,32 +458,18 @@ class DeviceRuntime:
             store_object=StoreObject(
                 id=moved_id,
                 tensor=tensor_to_proto(obj.tensor, framed=True),
-                tags=list(obj.tags),
+                tags=tags,
                 description=obj.description,
             ),
         )
         self._forward(msg.destination_device, encode_command(command, [obj.tensor]))
-        self.store.delete_object(msg.id)
-        moved = StoredObject(moved_id, obj.tensor, obj.tags, obj.description)
+        self._entry.bytes_out += obj.tensor.numel() * obj.tensor.element_size()
+        if not is_device_data(obj.id):  # device data is copied, never removed
+            self.store.delete_object(obj.id)
+        moved = StoredObject(moved_id, obj.tensor, tuple(tags), obj.description)
         return Ok(objects=[tensor_info(moved)])
 
     # -- helpers -----------------------------------------------------------------------------
-
-    def _check_plan_size(self, plan: Any) -> None:
-        """Refuse a plan over the op count or size limit before decoding its ops."""
-        ops = len(plan.ops)
-        size = plan.ByteSize() if ops <= self.limits.max_plan_ops else -1  # cost: a walk
-        if ops > self.limits.max_plan_ops or size > self.limits.max_plan_bytes:
-            what = f"{ops} ops" + (f" and {size} encoded bytes" if size >= 0 else "")
-            raise PlanTooLargeError(
-                f"plan {plan.name!r} has {what}; device {self.device_id!r} accepts at most "
-                f"{self.limits.max_plan_ops} ops (FEDPLAN_MAX_PLAN_OPS) and "
-                f"{self.limits.max_plan_bytes} bytes (FEDPLAN_MAX_PLAN_BYTES). Split the "
-                "plan or send big state with send()",
-                device_id=self.device_id,
-                plan_id=plan.id or None,
-                plan_name=plan.name or None,
-            )
 
     def _forwarded_id(self) -> str:
         """The id of the command a move forwards: the same when the move runs again after
@@ -402,7 +487,7 @@ class DeviceRuntime:
         cached = self._loaded.get(stored.id)
         if cached is not None and cached[0] == stored.content_hash:
             return cached[1]
-        loaded = self._load(stored.ir, stored.id)
+        loaded = self._load(stored.ir, external_id(stored.id))
         self._loaded[stored.id] = (stored.content_hash, loaded)
         return loaded
 
@@ -424,7 +509,11 @@ class DeviceRuntime:
                     "or bring the value here with remote_get()",
                     device_id=self.device_id,
                 )
-            return self.store.get_object(value.id).tensor
+            obj = self._lookup(value.id)
+            if self._is_private(obj):
+                self._private_inputs = True
+            self._inputs.append(obj.id)
+            return obj.tensor
         if isinstance(value, Ref | SymExpr):
             raise WireError("a command argument names a plan slot; send objects by id instead")
         if isinstance(value, Slice):
@@ -439,12 +528,23 @@ class DeviceRuntime:
         }
 
     def _store_results(
-        self, result_ids: Any, results: list[Any], with_values: list[bool]
+        self, result_ids: Any, results: list[Any], with_values: list[bool], private: bool
     ) -> list[ObjectInfo]:
+        budget = self._policy.budgets.max_output_bytes
+        size = sum(v.numel() * v.element_size() for v in results if isinstance(v, torch.Tensor))
+        if budget and size > budget:
+            raise PolicyError(
+                f"the command's results are {size} bytes; device {self.device_id!r} lets "
+                f"producer {self._sender!r} store at most {budget} per command (rule: "
+                "budgets.max_output_bytes)",
+                device_id=self.device_id,
+            )
+        self._check_stored_budget(size, "")
+        tags = (PRIVATE_TAG,) if private else ()
         infos: list[ObjectInfo] = []
         for result_id, value, with_value in zip(result_ids, results, with_values, strict=False):
             if isinstance(value, torch.Tensor):
-                obj = StoredObject(result_id, value)
+                obj = StoredObject(self._key(result_id), value, tags)
                 self.store.put_object(obj)
                 infos.append(self._tensor_info(obj, with_value=with_value))
             else:  # a Python value (loss.item()): it travels in the reply, nothing is stored
@@ -459,20 +559,12 @@ class DeviceRuntime:
         return infos
 
     def _tensor_info(self, obj: StoredObject, *, with_value: bool) -> ObjectInfo:
-        info = tensor_info(obj)
+        info = self._info(obj)
         if with_value:  # the bytes follow the reply as a raw frame
             info.value.CopyFrom(tensor_to_proto(obj.tensor, framed=True))
             info.has_value = True
             self._frames.append(obj.tensor)
         return info
-
-
-def _own(tensor: torch.Tensor, state_ids: set[int]) -> torch.Tensor:
-    """A result tensor cut from the plan's graph, and copied if it is live plan state."""
-    out = tensor.detach()
-    if id(tensor) in state_ids:
-        out = out.clone()
-    return out.requires_grad_(tensor.requires_grad) if out.is_floating_point() else out
 
 
 _HANDLERS: dict[str, Callable[[DeviceRuntime, Command], Ok]] = {

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 
+import torch
+
 from consumer.store.base import StoredObject
 from schemas.command_pb2 import Command, ErrorInfo, ObjectInfo, Ok, Reply
 from schemas.errors import DeviceError, FedplanError, PlanExecutionError
@@ -121,3 +123,11 @@ def crashed_reply(device_id: str, data: bytes, deliveries: int, message_id: str)
     )
     result_ids = result_ids_of(command) if command is not None else []
     return encode_safely(error_reply(device_id, command_id, result_ids, exc))
+
+
+def own_result(tensor: torch.Tensor, state_ids: set[int]) -> torch.Tensor:
+    """A plan's result tensor cut from the plan's graph, copied if it is live plan state."""
+    out = tensor.detach()
+    if id(tensor) in state_ids:
+        out = out.clone()
+    return out.requires_grad_(tensor.requires_grad) if out.is_floating_point() else out

@@ -21,8 +21,10 @@ What accumulates on a device, and what bounds it:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from broker_config.settings import Settings
+from schemas.errors import PlanTooLargeError
 
 _DEFAULTS = Settings()
 
@@ -58,3 +60,20 @@ class StoreLimits:
             max_plan_ops=settings.max_plan_ops,
             max_plan_bytes=settings.max_plan_bytes,
         )
+
+    def check_plan(self, plan: Any, device_id: str) -> None:
+        """Refuse a plan (its protobuf message) over the op count or size limit before its
+        ops are decoded (``PlanTooLargeError``)."""
+        ops = len(plan.ops)
+        size = plan.ByteSize() if ops <= self.max_plan_ops else -1  # cost: a walk
+        if ops > self.max_plan_ops or size > self.max_plan_bytes:
+            what = f"{ops} ops" + (f" and {size} encoded bytes" if size >= 0 else "")
+            raise PlanTooLargeError(
+                f"plan {plan.name!r} has {what}; device {device_id!r} accepts at most "
+                f"{self.max_plan_ops} ops (FEDPLAN_MAX_PLAN_OPS) and "
+                f"{self.max_plan_bytes} bytes (FEDPLAN_MAX_PLAN_BYTES). Split the "
+                "plan or send big state with send()",
+                device_id=device_id,
+                plan_id=plan.id or None,
+                plan_name=plan.name or None,
+            )

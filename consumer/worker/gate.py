@@ -46,6 +46,14 @@ log = logging.getLogger(__name__)
 DELIVERIES_HEADER = "fedplan_deliveries"
 """Set by the gate only (a sender's value is dropped): how often this message was delivered."""
 
+SENDER_HEADER = "fedplan_sender"
+"""Set by the gate only: who sent the command, from the AMQP ``user_id`` property (which the
+broker checked is the publishing connection's user); the task runs the command for it."""
+
+ON_BEHALF_HEADER = "fedplan_on_behalf"
+"""A device forwarding a ``MoveObject`` names the producer it acts for; the gate honours it
+only from a device user (``fedplan-device-<id>``), so a producer cannot claim another's name."""
+
 MAX_HEADER_BYTES = 16 * 1024
 """Bound on the headers of one message (names, strings and nesting together)."""
 
@@ -57,6 +65,8 @@ MIN_CHUNK_BYTES = 64 * 1024
 """Chunks of a transfer are this big at least (but the last): bounds the chunk count."""
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,199}$")
+_USER = re.compile(r"^[A-Za-z0-9_.@:-][A-Za-z0-9_.@:+=-]{0,199}$")
+_DEVICE_USER = re.compile(rf"^{re.escape(names.PREFIX)}-device-[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _REPLY_TO = re.compile(r"^fedplan\.results\.[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _TEXT = 1024  # argsrepr, kwargsrepr, origin
 
@@ -172,7 +182,8 @@ def inspect(properties: Any, body: Any, settings: Settings) -> Verdict:
     --------
     >>> from broker_config.envelope import task_headers
     >>> props = {"content_type": CONTENT_TYPE, "content_encoding": CONTENT_ENCODING,
-    ...          "application_headers": task_headers("c1"), "correlation_id": "c1"}
+    ...          "application_headers": task_headers("c1"), "correlation_id": "c1",
+    ...          "user_id": "producer-1"}
     >>> inspect(props, b"x", Settings()).refusal is None
     True
     >>> props["application_headers"]["eta"] = "2099-01-01T00:00:00"
@@ -258,10 +269,30 @@ def _inspect(properties: Any, body: Any, settings: Settings, verdict: Verdict) -
     }
     for key in _PASSED_TEXT:
         clean[key] = _text(headers, key)
+    clean[SENDER_HEADER] = _sender(properties, headers)
     chunks = _chunk_headers(headers, settings)
     verdict.chunked = bool(chunks)
     clean.update(chunks)
     verdict.headers = clean
+
+
+def _sender(properties: dict[str, Any], headers: dict[str, Any]) -> str:
+    """Who the command runs for: the broker-validated ``user_id`` (or, for a device
+    forwarding a move, the producer it names)."""
+    user = properties.get("user_id")
+    if not isinstance(user, str) or not _USER.match(user):
+        raise _Refuse(
+            "a command must carry its sender as the AMQP user_id property (the broker checks "
+            "it is the connection's user); fedplan's producer sets it"
+        )
+    behalf = headers.get(ON_BEHALF_HEADER)
+    if behalf is None:
+        return user
+    if not _DEVICE_USER.match(user):
+        raise _Refuse(f"header {ON_BEHALF_HEADER!r} is honoured from device users only")
+    if not isinstance(behalf, str) or not _USER.match(behalf):
+        raise _Refuse(f"header {ON_BEHALF_HEADER!r} must name a user")
+    return behalf
 
 
 def quorum_deliveries(headers: Any) -> int:

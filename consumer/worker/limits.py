@@ -25,7 +25,9 @@ log = logging.getLogger(__name__)
 
 
 @contextmanager
-def time_budget(seconds: float) -> Iterator[None]:
+def time_budget(
+    seconds: float, hint: str = "raise FEDPLAN_SOFT_TIME_LIMIT on the device"
+) -> Iterator[None]:
     """Raise :class:`TimeLimitError` in this (main) thread after ``seconds``.
 
     Outside the main thread (where signals cannot be used) it does nothing; the hard time
@@ -43,7 +45,7 @@ def time_budget(seconds: float) -> Iterator[None]:
     def on_alarm(signum: int, frame: FrameType | None) -> None:
         raise TimeLimitError(
             f"the command ran longer than the device's time limit of {seconds:g} s and was "
-            "stopped; make it smaller or raise FEDPLAN_SOFT_TIME_LIMIT on the device"
+            f"stopped; make it smaller or {hint}"
         )
 
     previous = signal.signal(signal.SIGALRM, on_alarm)

@@ -13,14 +13,21 @@ from celery.exceptions import Reject
 from broker_config import names
 from broker_config.envelope import task_headers
 from broker_config.settings import Settings
+from consumer.policy.audit import AuditLog
+from consumer.policy.rules import PolicyFile
 from consumer.runtime.device import DeviceRuntime
 from consumer.runtime.replies import crashed_reply, encode_safely, error_reply
 from consumer.store.limits import StoreLimits
 from consumer.store.sqlite import SqliteStore
 from consumer.worker.chunks import assemble, done_with_chunks
-from consumer.worker.gate import DELIVERIES_HEADER
+from consumer.worker.gate import DELIVERIES_HEADER, ON_BEHALF_HEADER, SENDER_HEADER
 from consumer.worker.limits import time_budget
-from consumer.worker.publishing import forget_connection, publish, publish_reply
+from consumer.worker.publishing import (
+    confirming_producer,
+    forget_connection,
+    publish,
+    publish_reply,
+)
 from schemas.command_pb2 import Reply
 from schemas.errors import DeviceError, FedplanError, TimeLimitError
 from schemas.wire import decode_reply, encode_reply
@@ -61,20 +68,27 @@ def _runtime(task: Task, device_id: str, settings: Settings) -> DeviceRuntime:
             store=store,
             forward=lambda dest, data: _forward(task, dest, data),
             limits=limits,
+            policy=PolicyFile(settings.data_dir),
+            audit=AuditLog(settings.data_dir),
         )
         _runtimes[key] = runtime
     return runtime
 
 
 def _forward(task: Task, device_id: str, command: bytes) -> None:
-    """MoveObject: publish a command to another device's queue, replying where we reply."""
+    """MoveObject: publish a command to another device's queue, replying where we reply,
+    for the producer the move runs for (honoured by the destination from device users)."""
     command_id = hashlib.sha256(command).hexdigest()[:16]
+    headers = task_headers(command_id)
+    behalf = _sender(task.request)
+    if behalf != _settings_user(task):
+        headers[ON_BEHALF_HEADER] = behalf
     publish(
         _settings(task),
         command,
         exchange=names.commands_exchange(),
         routing_key=names.device_routing_key(device_id),
-        headers=task_headers(command_id),
+        headers=headers,
         correlation_id=command_id,
         reply_to=task.request.reply_to,
     )
@@ -114,8 +128,21 @@ def handle(self: Task, data: bytes) -> None:
         return  # more chunks to come; this one is stored, ack it
     runtime = _runtime(self, device_id, settings)
     try:
-        with time_budget(settings.soft_time_limit):
-            reply = runtime.handle(whole)
+        sender = _sender(request)
+    except DeviceError as exc:
+        _answer(self, _error(device_id, request, exc))
+        done_with_chunks(settings, request)
+        raise Reject(f"{exc.code}: {exc.message}", requeue=False) from None
+    seconds, hint = settings.soft_time_limit, "raise FEDPLAN_SOFT_TIME_LIMIT on the device"
+    try:
+        wall = runtime.policy_source.current().budgets.max_wall_seconds
+    except Exception:  # an invalid policy file: the runtime refuses the command itself
+        wall = 0
+    if wall and wall < seconds:
+        seconds, hint = wall, "ask the operator (policy budget max_wall_seconds)"
+    try:
+        with time_budget(seconds, hint):
+            reply = runtime.handle(whole, sender)
     except TimeLimitError as exc:  # fired outside the runtime's own error handling
         reply = _error(device_id, request, exc)
     store = runtime.store
@@ -140,6 +167,19 @@ def handle(self: Task, data: bytes) -> None:
     done_with_chunks(settings, request)
     if parsed.WhichOneof("outcome") == "error" and parsed.error.code in DEAD_LETTER_CODES:
         raise Reject(f"{parsed.error.code}: {parsed.error.message}", requeue=False)
+
+
+def _sender(request: Any) -> str:
+    """Who sent the command: the gate's ``fedplan_sender`` (from the AMQP ``user_id``)."""
+    sender = getattr(request, SENDER_HEADER, None)
+    if not isinstance(sender, str) or not sender:
+        raise DeviceError("the command reached the task without its sender; refused")
+    return sender
+
+
+def _settings_user(task: Task) -> str:
+    """The broker user this worker publishes as."""
+    return str(confirming_producer(_settings(task)).connection.userid or "")
 
 
 def _deliveries(request: Any) -> int:
@@ -169,7 +209,11 @@ def _refuse_unless_done(task: Task, runtime: DeviceRuntime, data: bytes, deliver
     message_id = str(request.correlation_id or request.id)
     reply = crashed_reply(runtime.device_id, data, deliveries, message_id)
     command_id = decode_reply(reply).command_id or message_id
-    if runtime.store.get_reply(command_id) is not None:
+    try:
+        done = runtime.cached_reply(command_id, _sender(request)) is not None
+    except DeviceError:
+        done = False
+    if done:
         return  # it ran to the end once, only the ack got lost: republish its reply
     log.error("command %s delivered %d times: refused, dead-lettered", command_id, deliveries)
     _answer(task, reply, command_id)

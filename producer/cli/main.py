@@ -12,6 +12,7 @@ from collections.abc import Sequence
 SUBCOMMAND_MODULES: tuple[str, ...] = (
     "broker_config.setup",
     "consumer.worker.cli",
+    "consumer.policy.cli",
     "producer.cli.status",
     "producer.fl.demo",
 )

@@ -28,6 +28,8 @@ class DeviceStatus:
     publish_rate: float
     deliver_rate: float
     dead_lettered: int
+    refused: int | None = None
+    """Commands the device's policy refused (from its audit log, when readable here)."""
 
     @property
     def online(self) -> bool:
@@ -99,9 +101,11 @@ def format_table(rows: list[DeviceStatus]) -> str:
     alice   online      3        1          1    2.5        2.0     0
     """
     table = Table(box=None, pad_edge=False, show_edge=False, header_style="")
-    for name, justify in _COLUMNS:
+    audited = any(r.refused is not None for r in rows)
+    for name, justify in _COLUMNS + ((("REFUSED", "right"),) if audited else ()):
         table.add_column(name, justify=justify, no_wrap=True)
     for r in rows:
+        refused = ("-" if r.refused is None else str(r.refused),) if audited else ()
         table.add_row(
             r.device_id,
             "online" if r.online else "offline",
@@ -111,6 +115,7 @@ def format_table(rows: list[DeviceStatus]) -> str:
             f"{r.publish_rate:.1f}",
             f"{r.deliver_rate:.1f}",
             str(r.dead_lettered),
+            *refused,
         )
     out = io.StringIO()
     Console(file=out, width=10_000, color_system=None, highlight=False).print(table)
@@ -123,12 +128,30 @@ _COLUMNS: tuple[tuple[str, JustifyMethod], ...] = (
 )  # fmt: skip
 
 
+def with_refusals(rows: list[DeviceStatus], devices_dir: str) -> list[DeviceStatus]:
+    """Add each device's count of policy refusals from ``<devices_dir>/<device>/audit.sqlite3``
+    (devices whose data dir is readable from here; others show ``-``)."""
+    from dataclasses import replace
+    from pathlib import Path
+
+    from consumer.policy.audit import AUDIT_FILE, AuditLog
+
+    out = []
+    for r in rows:
+        data_dir = Path(devices_dir) / r.device_id
+        refused = AuditLog(data_dir).refusals() if (data_dir / AUDIT_FILE).is_file() else None
+        out.append(replace(r, refused=refused))
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``fedplan status``."""
     settings = Settings.from_env(broker_url=args.url)
     client = ManagementClient.from_settings(settings, args.api)
     try:
         rows = device_statuses(client)
+        if args.devices_dir:
+            rows = with_refusals(rows, args.devices_dir)
     except FedplanError as e:
         print(e)
         return 1
@@ -141,4 +164,9 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser("status", help="per-device queue depth, consumers and rates")
     p.add_argument("--api", default=None, help="management API URL (default from settings)")
     p.add_argument("--url", default=None, help="broker URL for credentials")
+    p.add_argument(
+        "--devices-dir",
+        default=None,
+        help="a dir holding the devices' data dirs (<dir>/<device>): adds policy refusals",
+    )
     p.set_defaults(func=run)

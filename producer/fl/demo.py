@@ -106,20 +106,56 @@ class Workers:
                 p.wait()
 
 
-def spawn_workers(shares: list[DeviceData], root: Path, broker: str) -> Workers:
-    """Store each share in its device's data dir, then start one Celery worker per device."""
+def training_plans(
+    setup: DemoSetup, *, device_eval: bool = False
+) -> dict[tuple[str, int], Any]:
+    """The demo's plans, one per local dataset size: ``("fit", n)`` trains on n rows and,
+    when devices evaluate, ``("evaluate", n)`` evaluates on n test rows."""
+    plans: dict[tuple[str, int], Any] = {}
+    for n in sorted({len(share.x_train) for share in setup.shares}):
+        plans["fit", n] = build_training_plan(setup.model, setup.spec, n)
+    if device_eval:
+        for n in sorted({len(share.x_test) for share in setup.shares} - {0}):
+            plans["evaluate", n] = build_evaluation_plan(setup.model, n)
+    return plans
+
+
+def plan_hashes(plans: dict[tuple[str, int], Any]) -> list[str]:
+    """The content hashes the device operators approve: only these plans' outputs (the
+    model updates) may leave the devices; the training data itself stays private."""
+    from schemas.plan_codec import plan_content_hash
+
+    return [plan_content_hash(plan.ir) for plan in plans.values()]
+
+
+def install_share(store: Any, share: DeviceData) -> None:
+    """As the device's operator: store the share as the device's own (private) data."""
     from consumer.store.base import StoredObject
+    from producer.remote.tagging import tags_of
+
+    for i, t in enumerate(share.tagged()):
+        store.put_object(StoredObject(f"{share.device_id}-{i}", t.contiguous(), tags_of(t)))
+
+
+def spawn_workers(
+    shares: list[DeviceData],
+    root: Path,
+    broker: str,
+    approved: list[str] = (),  # type: ignore[assignment]
+) -> Workers:
+    """Store each share in its device's data dir as the device's private data, approve the
+    training plans by hash in its policy, then start one Celery worker per device."""
+    from consumer.policy.rules import PolicyFile
     from consumer.store.sqlite import SqliteStore
     from consumer.worker.cli import worker_argv, worker_env
-    from producer.remote.tagging import tags_of
 
     workers = Workers()
     for share in shares:
         data_dir = root / share.device_id
         store = SqliteStore(data_dir)
         store.clear_objects()
-        for i, t in enumerate(share.tagged()):
-            store.put_object(StoredObject(f"{share.device_id}-{i}", t.contiguous(), tags_of(t)))
+        install_share(store, share)
+        PolicyFile(data_dir).update(approve=list(approved or []))
         log = open(root / f"{share.device_id}.log", "ab")  # noqa: SIM115 - lives with the worker
         argv = [sys.executable, *worker_argv(share.device_id, loglevel="warning")]
         workers.processes.append(
@@ -199,13 +235,16 @@ def announce(args: argparse.Namespace, setup: DemoSetup) -> None:
 def train(args: argparse.Namespace, setup: DemoSetup) -> JobResult:
     """Start the devices (Celery workers with ``--broker``), run the job, stop them."""
     spawned = bool(args.broker) and not args.no_spawn
+    plans = training_plans(setup, device_eval=args.device_eval)
     workers = Workers()
     if spawned:
-        workers = spawn_workers(setup.shares, setup.out / "devices", args.broker)
+        workers = spawn_workers(
+            setup.shares, setup.out / "devices", args.broker, plan_hashes(plans)
+        )
     fleet = connect(args.broker, timeout=args.timeout) if args.broker else connect()
     executor = ThreadPoolExecutor(max(4, 2 * args.devices), thread_name_prefix="fl-fit")
     try:
-        members = participants(args, setup, fleet, executor, spawned=spawned)
+        members = participants(args, setup, fleet, executor, spawned=spawned, plans=plans)
         pace = PaceSteering(probe_for(fleet), max_backlog=args.max_backlog) if args.pace else None
         with ProgressBar(args.rounds) as bar:
             job = make_job(args, setup, members, bar)
@@ -224,9 +263,16 @@ def participants(
     executor: ThreadPoolExecutor,
     *,
     spawned: bool,
+    plans: dict[tuple[str, int], Any] | None = None,
 ) -> list[PlanParticipant]:
-    """One plan participant per share; embedded devices (or empty ones) get their data."""
-    plans: dict[tuple[str, int], Any] = {}
+    """One plan participant per share. Embedded devices get their share as their own
+    private data and approve the training (and evaluation) plans by hash, as a device
+    operator would; a
+    Celery device not spawned here must hold its data and approve the plans already
+    (``fedplan data add``, ``fedplan device approve``)."""
+    from producer.transport.local import LocalTransport
+
+    plans = {} if plans is None else plans
 
     def plan_for(n: int) -> Any:  # one training plan per local dataset size
         if ("fit", n) not in plans:
@@ -241,8 +287,14 @@ def participants(
     out = []
     for share in setup.shares:
         device = fleet.device(share.device_id)
-        if not spawned and not device.search("train", "x"):
-            device = fleet.device(share.device_id, data=share.tagged())
+        if isinstance(fleet.transport, LocalTransport) and not device.search("train", "x"):
+            runtime = fleet.transport.runtime(device.id)
+            install_share(runtime.store, share)
+            mine = {("fit", 0): plan_for(len(share.x_train))}
+            if args.device_eval and len(share.x_test):
+                mine["evaluate", 0] = evaluation_plan_for(len(share.x_test))
+            for content_hash in plan_hashes(mine):
+                runtime.policy_source.approve(content_hash)
         out.append(
             PlanParticipant(
                 device,

@@ -217,7 +217,12 @@ class Device:
     # -- plans -------------------------------------------------------------------------------
 
     def send_plan(
-        self, plan: BuiltPlan, *, wait: bool = True, force: bool = False
+        self,
+        plan: BuiltPlan,
+        *,
+        wait: bool = True,
+        force: bool = False,
+        signed_by: tuple[str, Any] | None = None,
     ) -> PointerPlan:
         """Store a built plan on the device (once: sending it again transfers nothing).
 
@@ -225,6 +230,9 @@ class Device:
         accepted it, so a plan refused by the device's allow-list raises here. ``force``
         sends it again: the device then replaces its copy if the plan or its state differ
         (use it to push locally changed state; otherwise the device keeps its own state).
+        ``signed_by=(name, ed25519_private_key)`` signs the plan's content hash
+        (``schemas.signing``): a device whose policy trusts that key under ``name`` treats
+        the plan as approved (its outputs may leave even when computed on private data).
         """
         if not plan.is_built:
             raise PlanNotBuiltError(NOT_BUILT_MESSAGE, plan_id=plan.id, plan_name=plan.name)
@@ -232,6 +240,11 @@ class Device:
         ir: PlanIR = plan.ir
         if force or self._plans.get(plan.id) is not ir.ops:
             msg = cmd.StorePlan(plan=plan_to_proto(ir, plan_id=plan.id))
+            if signed_by is not None:
+                from schemas.signing import sign_plan_hash
+
+                msg.signer = signed_by[0]
+                msg.signature = sign_plan_hash(signed_by[1], msg.plan.content_hash)
             pending = self._submit("store_plan", msg)
             self._plans[plan.id] = ir.ops
             pending.add_done_callback(lambda f: self._forget_refused(plan.id, f))

@@ -69,6 +69,27 @@ class Fleet:
             pointer.wait()
         return device
 
+    def as_producer(self, producer_id: str) -> Fleet:
+        """This fleet's embedded devices as another producer sees them (its own identity,
+        objects and replies): how tests play a second producer without a broker.
+
+        Example
+        -------
+        >>> import producer as fp
+        >>> with fp.connect() as fleet:
+        ...     mallory = fleet.as_producer("mallory")
+        ...     [d.id for d in mallory.devices], mallory.transport.producer_id
+        ([], 'mallory')
+        """
+        if not isinstance(self.transport, LocalTransport):
+            raise TypeError(
+                "as_producer() plays another producer on embedded devices; over RabbitMQ "
+                "connect with that producer's broker user instead"
+            )
+        collector = ReplyCollector()
+        transport = self.transport.as_producer(producer_id, collector.on_reply)
+        return Fleet(transport=transport, collector=collector, timeout=self.timeout)
+
     @property
     def devices(self) -> tuple[Device, ...]:
         """The devices used through this fleet, in order of first use."""
@@ -232,9 +253,10 @@ def connect(
     collector = ReplyCollector()
     transport: Transport
     if url is None:
+        producer_id = settings.pop("producer_id", None)
         if settings:
             raise TypeError(f"embedded devices take no broker settings: {sorted(settings)}")
-        transport = LocalTransport(collector.on_reply)
+        transport = LocalTransport(collector.on_reply, producer_id=producer_id or "local")
     elif url.startswith(("amqp://", "amqps://")):
         from broker_config.settings import Settings
         from producer.transport.amqp import AmqpTransport

@@ -146,7 +146,9 @@ class AmqpTransport:
         self._on_reply = on_reply
         self._params = connection_parameters(s, f"fedplan producer {self.producer_id}")
         extra = {u.strip() for u in s.trusted_reply_users.split(",") if u.strip()}
-        self._trusted_users = frozenset({self._params[0].credentials.username, *extra})
+        self.user: str = self._params[0].credentials.username
+        """The broker user this producer connects as: the identity devices see."""
+        self._trusted_users = frozenset({self.user, *extra})
         self._assembler = ReplyAssembler(
             max_reply_size=s.max_reply_size,
             max_pending_bytes=2 * s.max_reply_size,
@@ -201,6 +203,7 @@ class AmqpTransport:
                     reply_to=names.results_routing_key(self.producer_id),
                     headers=task_headers(task_id, extra=extra),
                     priority=0,
+                    user_id=self.user,  # the broker refuses it unless it is our user
                 )
                 try:
                     ch.basic_publish(
@@ -245,7 +248,8 @@ class AmqpTransport:
         spec = topology.device_queue(device_id, self.settings)
 
         def work(ch: BlockingChannel) -> None:
-            self._declare_queue(ch, spec)
+            if self.settings.producer_declares:
+                self._declare_queue(ch, spec)
             self._devices.add(device_id)
 
         self._call(work)
@@ -367,11 +371,13 @@ class AmqpTransport:
     def _setup(self, conn: pika.BlockingConnection) -> BlockingChannel:
         ch = conn.channel()
         ch.confirm_delivery()
-        for ex in topology.exchanges():
-            ch.exchange_declare(ex.name, ex.type, durable=True)
-        ch = self._declare_dead_letter_queue(conn, ch)
+        declares = self.settings.producer_declares  # off under a least-privilege user
+        if declares:
+            for ex in topology.exchanges():
+                ch.exchange_declare(ex.name, ex.type, durable=True)
+            ch = self._declare_dead_letter_queue(conn, ch)
         self._declare_queue(ch, topology.results_queue(self.producer_id, self.settings))
-        for device in sorted(self._devices):  # queues may have been deleted meanwhile
+        for device in sorted(self._devices) if declares else ():  # may have been deleted
             self._declare_queue(ch, topology.device_queue(device, self.settings))
         ch.basic_qos(prefetch_count=PREFETCH)
         self._assembler.forget_tokens()  # unacked chunks come again on this channel

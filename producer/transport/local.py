@@ -21,6 +21,12 @@ log = logging.getLogger(__name__)
 
 _STOP = None
 
+LOCAL_PRODUCER = "local"
+"""The identity embedded devices see for a fleet connected without a ``producer_id``."""
+
+_Item = tuple[bytes, str, ReplyHandler]
+"""A command for an embedded device: its bytes, its sender, where its reply goes."""
+
 
 @functools.cache
 def _openmp() -> Any:
@@ -61,12 +67,14 @@ class _EmbeddedDevice:
         on_reply: ReplyHandler,
         intra_op_threads: int | None,
         run_lock: threading.Lock | None,
+        current: threading.local,
     ) -> None:
         self.device_id = device_id
         self._intra_op_threads = intra_op_threads
         self._run_lock = run_lock
+        self._current = current
         self.runtime = runtime
-        self.inbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self.inbox: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
         self._on_reply = on_reply
         self.thread = threading.Thread(
             target=self._serve, name=f"fedplan-device-{device_id}", daemon=True
@@ -77,16 +85,18 @@ class _EmbeddedDevice:
         if self._intra_op_threads is not None:
             limit_intra_op_threads(self._intra_op_threads)
         while True:
-            data = self.inbox.get()
-            if data is _STOP:
+            item = self.inbox.get()
+            if item is _STOP:
                 return
+            data, sender, on_reply = item
+            self._current.item = item  # a MoveObject forwards as the same sender
             if self._run_lock is None:
-                reply = self.runtime.handle(data)
+                reply = self.runtime.handle(data, sender)
             else:
                 with self._run_lock:
-                    reply = self.runtime.handle(data)
+                    reply = self.runtime.handle(data, sender)
             try:
-                self._on_reply(reply)
+                on_reply(reply)
             except Exception:
                 log.exception("reply handler failed for device %s", self.device_id)
 
@@ -108,6 +118,13 @@ class LocalTransport:
         and context switches (an 8-device FedAvg round ran ~25% faster one at a time on 2
         cores); ``False`` lets them overlap inside torch ops that release the GIL.
 
+    producer_id
+        The identity the devices see as the sender of this transport's commands (the
+        embedded counterpart of the broker-validated AMQP ``user_id``).
+
+    :meth:`as_producer` gives another producer's transport to the same devices (its own
+    identity, its own replies): what two producers sharing a RabbitMQ device are.
+
     Examples
     --------
     >>> replies = []
@@ -124,13 +141,36 @@ class LocalTransport:
         *,
         intra_op_threads: int | None = 1,
         one_at_a_time: bool = True,
+        producer_id: str = LOCAL_PRODUCER,
     ) -> None:
         self._on_reply = on_reply
+        self.producer_id = producer_id or LOCAL_PRODUCER
         self._intra_op_threads = intra_op_threads
         self._run_lock = threading.Lock() if one_at_a_time else None
         self._lock = threading.Lock()
         self._devices: dict[str, _EmbeddedDevice] = {}
         self._closed = False
+        self._current = threading.local()
+        self._owner = True  # this transport started the devices and closes them
+
+    def as_producer(self, producer_id: str, on_reply: ReplyHandler) -> LocalTransport:
+        """A transport to the same devices for another producer (closing it stops nothing).
+
+        Example
+        -------
+        >>> mine, theirs = [], []
+        >>> transport = LocalTransport(mine.append)
+        >>> other = transport.as_producer("mallory", theirs.append)
+        >>> other.producer_id
+        'mallory'
+        >>> transport.close()
+        """
+        other = LocalTransport.__new__(LocalTransport)
+        other.__dict__.update(self.__dict__)
+        other._on_reply = on_reply
+        other.producer_id = producer_id or LOCAL_PRODUCER
+        other._owner = False
+        return other
 
     @property
     def device_ids(self) -> tuple[str, ...]:
@@ -147,18 +187,28 @@ class LocalTransport:
                 return
             runtime = DeviceRuntime(device_id=device_id, store=MemoryStore(), forward=self._forward)
             self._devices[device_id] = _EmbeddedDevice(
-                device_id, runtime, self._on_reply, self._intra_op_threads, self._run_lock
+                device_id,
+                runtime,
+                self._on_reply,
+                self._intra_op_threads,
+                self._run_lock,
+                self._current,
             )
 
     def publish(self, device_id: str, command: bytes, *, command_id: str) -> None:
         """Queue the command bytes for the device; ``DeviceNotFound`` if it was never started."""
-        self._inbox(device_id).put(bytes(command))
+        self._inbox(device_id).put((bytes(command), self.producer_id, self._on_reply))
 
     def _forward(self, device_id: str, command: bytes) -> None:
-        """A device publishing to another (``MoveObject``); its reply goes to ``on_reply``."""
-        self._inbox(device_id).put(bytes(command))
+        """A device publishing to another (``MoveObject``), for the producer whose command
+        it runs; the reply goes to that producer."""
+        item = getattr(self._current, "item", None)
+        sender, on_reply = (
+            (item[1], item[2]) if item is not None else (LOCAL_PRODUCER, self._on_reply)
+        )
+        self._inbox(device_id).put((bytes(command), sender, on_reply))
 
-    def _inbox(self, device_id: str) -> queue.SimpleQueue[bytes | None]:
+    def _inbox(self, device_id: str) -> queue.SimpleQueue[_Item | None]:
         with self._lock:
             device = self._devices.get(device_id)
             closed = self._closed
@@ -189,7 +239,10 @@ class LocalTransport:
         return device.runtime
 
     def close(self) -> None:
-        """Stop every device thread after it has drained the commands already queued."""
+        """Stop every device thread after it has drained the commands already queued (a
+        transport from :meth:`as_producer` leaves the devices running)."""
+        if not self._owner:
+            return
         with self._lock:
             if self._closed:
                 return

@@ -16,10 +16,10 @@ MARKER = os.environ.get("FEDPLAN_TEST_CRASH_MARKER", "").encode()
 _handle = DeviceRuntime.handle
 
 
-def _crashing_handle(self: DeviceRuntime, data: bytes) -> bytes:
+def _crashing_handle(self: DeviceRuntime, data: bytes, sender: str = "local") -> bytes:
     if MARKER and MARKER in data:
         os._exit(70)
-    return _handle(self, data)
+    return _handle(self, data, sender)
 
 
 DeviceRuntime.handle = _crashing_handle  # type: ignore[method-assign]

@@ -80,3 +80,38 @@ def connect_rabbitmq(timeout: float = 120.0) -> fp.Fleet:
     settings = pool.vhost.settings.replace(producer_id=f"b{secrets.token_hex(4)}")
     transport = SpawningTransport(pool=pool, on_reply=collector.on_reply, settings=settings)
     return fp.Fleet(transport=transport, collector=collector, timeout=timeout)
+
+
+def connect_rabbitmq_as(user: str, password: str, timeout: float = 120.0) -> fp.Fleet:
+    """A fleet over the session's vhost as another broker user (created with full rights in
+    the vhost: a second producer); delete it with :func:`delete_user`."""
+    from urllib.parse import quote
+
+    pool = worker_pool()
+    admin = pool.vhost.admin
+    admin.request("PUT", f"users/{admin.q(user)}", {"password": password, "tags": ""})
+    admin.request(
+        "PUT",
+        f"permissions/{admin.q(pool.vhost.name)}/{admin.q(user)}",
+        {"configure": ".*", "write": ".*", "read": ".*"},
+    )
+    url = f"amqp://{user}:{password}@127.0.0.1:5672/{quote(pool.vhost.name, safe='')}"
+    collector = ReplyCollector()
+    settings = pool.vhost.settings.replace(
+        broker_url=url,
+        producer_id=f"m{secrets.token_hex(4)}",
+        trusted_reply_users=admin.user,  # the workers answer as the session's user
+    )
+    transport = SpawningTransport(pool=pool, on_reply=collector.on_reply, settings=settings)
+    return fp.Fleet(transport=transport, collector=collector, timeout=timeout)
+
+
+def delete_user(user: str) -> None:
+    """Delete a broker user made by :func:`connect_rabbitmq_as`."""
+    admin = worker_pool().vhost.admin
+    admin.request("DELETE", f"users/{admin.q(user)}")
+
+
+def data_dir(device_id: str) -> Path:
+    """The data dir of the session's worker for ``device_id`` (the device operator's)."""
+    return worker_pool().root / device_id

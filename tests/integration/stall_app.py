@@ -18,11 +18,11 @@ MARKER = os.environ.get("FEDPLAN_TEST_STALL_MARKER", "").encode()
 _handle = DeviceRuntime.handle
 
 
-def _stalling_handle(self: DeviceRuntime, data: bytes) -> bytes:
+def _stalling_handle(self: DeviceRuntime, data: bytes, sender: str = "local") -> bytes:
     if MARKER and MARKER in data:
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
         time.sleep(3600)
-    return _handle(self, data)
+    return _handle(self, data, sender)
 
 
 DeviceRuntime.handle = _stalling_handle  # type: ignore[method-assign]

@@ -44,6 +44,7 @@ class RawSender:
         self.ch = self.conn.channel()
         self.ch.confirm_delivery()
         self.reply_to = reply_to
+        self.user = pika.URLParameters(vhost.url).credentials.username
 
     def send(
         self,
@@ -69,6 +70,7 @@ class RawSender:
             "reply_to": self.reply_to,
             "delivery_mode": 2,
             "headers": h,
+            "user_id": self.user,
         }
         base.update(props)
         self.ch.basic_publish(

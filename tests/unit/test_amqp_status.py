@@ -42,3 +42,20 @@ def test_status_has_one_row_per_device_queue_with_depth_consumers_and_dead_lette
     assert table[0].split()[:3] == ["DEVICE", "STATE", "READY"]
     assert table[1].split()[:3] == ["alice", "offline", "7"]
     assert table[2].split()[:2] == ["bob", "online"]
+
+
+def test_status_shows_each_devices_policy_refusals_from_its_audit_log(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from consumer.policy.audit import AuditEntry, AuditLog
+    from producer.cli.status import DeviceStatus, with_refusals
+
+    log = AuditLog(tmp_path / "alice")
+    log.record(AuditEntry(sender="p1", kind="get_object", outcome="POLICY_REFUSED"))
+    log.record(AuditEntry(sender="p1", kind="store_object"))
+    rows = with_refusals(
+        [DeviceStatus("alice", 0, 0, 1, 0.0, 0.0, 0), DeviceStatus("bob", 0, 0, 1, 0.0, 0.0, 0)],
+        str(tmp_path),
+    )
+    assert [r.refused for r in rows] == [1, None]
+    lines = format_table(rows).splitlines()
+    assert lines[0].split()[-1] == "REFUSED"
+    assert lines[1].split()[-1] == "1" and lines[2].split()[-1] == "-"

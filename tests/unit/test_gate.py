@@ -34,6 +34,7 @@ from consumer.worker.chunks import (
 from consumer.worker.gate import (
     DELIVERIES_HEADER,
     MIN_CHUNK_BYTES,
+    SENDER_HEADER,
     Gate,
     inspect,
     max_chunks,
@@ -56,6 +57,7 @@ def _props(**headers: Any) -> dict[str, Any]:
         "content_encoding": CONTENT_ENCODING,
         "application_headers": h,
         "correlation_id": "c1",
+        "user_id": "producer-1",
         "reply_to": "fedplan.results.p1",
     }
 
@@ -320,3 +322,24 @@ def test_bound_settings_are_read_from_the_environment_and_checked() -> None:
         Settings(max_command_size=1024)
     with pytest.raises(FedplanError, match="chunk_ttl"):
         Settings.from_env({"FEDPLAN_CHUNK_TTL": "0"})
+
+
+def test_the_gate_takes_the_sender_from_user_id_and_drops_a_senders_own_claim() -> None:
+    props = _props(fedplan_sender="victim")
+    verdict = inspect(props, b"x", Settings())
+    assert verdict.refusal is None
+    assert verdict.headers[SENDER_HEADER] == "producer-1"
+
+
+def test_a_command_without_user_id_is_refused() -> None:
+    props = _props()
+    del props["user_id"]
+    assert "user_id" in (inspect(props, b"x", Settings()).refusal or "")
+
+
+def test_acting_for_another_producer_is_honoured_from_device_users_only() -> None:
+    props = _props(fedplan_on_behalf="victim")
+    assert "device users only" in (inspect(props, b"x", Settings()).refusal or "")
+    props["user_id"] = "fedplan-device-alice"
+    verdict = inspect(props, b"x", Settings())
+    assert verdict.refusal is None and verdict.headers[SENDER_HEADER] == "victim"

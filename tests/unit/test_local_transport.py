@@ -10,6 +10,7 @@ from collections.abc import Callable
 import pytest
 import torch
 
+from consumer.policy.tenancy import scoped
 from producer.transport.local import LocalTransport
 from schemas import command_pb2 as cmd
 from schemas.errors import DeviceNotFound, TransportError
@@ -38,7 +39,7 @@ def test_commands_are_run_in_order_and_every_one_gets_a_reply() -> None:
     got = [decode_reply(replies.get(timeout=10)).command_id for _ in sent]
     transport.close()
     assert got == sent
-    assert transport.runtime("d1").store.has_object("x4")
+    assert transport.runtime("d1").store.has_object(scoped("local", "x4"))
 
 
 def test_publishing_to_a_device_never_started_raises_device_not_found() -> None:
@@ -76,8 +77,8 @@ def test_devices_forward_moved_objects_to_each_other() -> None:
     outcomes = {decode_reply(replies.get(timeout=10)).WhichOneof("outcome") for _ in range(3)}
     transport.close()
     assert outcomes == {"ok"}
-    assert transport.runtime("alice").store.has_object("x")
-    assert not transport.runtime("bob").store.has_object("x")
+    assert transport.runtime("alice").store.has_object(scoped("local", "x"))
+    assert not transport.runtime("bob").store.has_object(scoped("local", "x"))
 
 
 def _threads_seen_by_device(intra_op_threads: int | None = 1) -> int:
@@ -126,13 +127,15 @@ def _watch_overlap(transport: LocalTransport, device_ids: list[str], inside: lis
         runtime = transport.runtime(device_id)
         original = runtime.handle
 
-        def handle(data: bytes, original: Callable[[bytes], bytes] = original) -> bytes:
+        def handle(
+            data: bytes, sender: str = "local", original: Callable[..., bytes] = original
+        ) -> bytes:
             with lock:
                 active[0] += 1
                 inside.append(active[0])
             try:
                 time.sleep(0.05)  # leave room for another device to start meanwhile
-                return original(data)
+                return original(data, sender)
             finally:
                 with lock:
                     active[0] -= 1
@@ -166,7 +169,9 @@ def test_devices_may_overlap_when_one_at_a_time_is_off() -> None:
         runtime = transport.runtime(device_id)
         original = runtime.handle
 
-        def handle(data: bytes, original: Callable[[bytes], bytes] = original) -> bytes:
+        def handle(
+            data: bytes, sender: str = "local", original: Callable[..., bytes] = original
+        ) -> bytes:
             barrier.wait()
             return original(data)
 

@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 import torch
 
+from consumer.policy.tenancy import scoped
 from consumer.runtime.device import DeviceRuntime
 from consumer.store.memory import MemoryStore
 from schemas import command_pb2 as cmd
@@ -109,7 +110,9 @@ def test_a_stored_plan_runs_on_a_stored_object_like_eager_torch() -> None:
     reply = _run_plan(runtime, "p1", object_id)
     assert torch.equal(_value(reply), torch.abs(x + x))
     result_id = reply.result_ids[0]
-    assert torch.equal(runtime.store.get_object(result_id).tensor, torch.abs(x + x))
+    assert torch.equal(
+        runtime.store.get_object(scoped("local", result_id)).tensor, torch.abs(x + x)
+    )
 
 
 def test_plan_state_persists_between_runs_like_an_eager_loop() -> None:
@@ -122,7 +125,7 @@ def test_plan_state_persists_between_runs_like_an_eager_loop() -> None:
         expected = x * w
         w.add_(1.0)
         assert torch.equal(_value(_run_plan(runtime, "p1", object_id)), expected)
-    assert torch.equal(runtime.store.get_plan("p1").ir.state_values["w"], w)
+    assert torch.equal(runtime.store.get_plan(scoped("local", "p1")).ir.state_values["w"], w)
 
 
 def test_a_redelivered_command_returns_the_first_reply_without_running_again() -> None:
@@ -133,7 +136,9 @@ def test_a_redelivered_command_returns_the_first_reply_without_running_again() -
     first = runtime.handle(data)
     again = runtime.handle(data)
     assert first == again
-    assert torch.equal(runtime.store.get_plan("p1").ir.state_values["w"], torch.tensor([2.0, 2.0]))
+    assert torch.equal(
+        runtime.store.get_plan(scoped("local", "p1")).ir.state_values["w"], torch.tensor([2.0, 2.0])
+    )
 
 
 def test_storing_a_plan_again_keeps_its_trained_state() -> None:
@@ -142,7 +147,9 @@ def test_storing_a_plan_again_keeps_its_trained_state() -> None:
     _ok(_store_plan(runtime, _counter_plan()))
     _ok(_run_plan(runtime, "p1", object_id))
     _ok(_store_plan(runtime, _counter_plan()))
-    assert torch.equal(runtime.store.get_plan("p1").ir.state_values["w"], torch.tensor([2.0, 2.0]))
+    assert torch.equal(
+        runtime.store.get_plan(scoped("local", "p1")).ir.state_values["w"], torch.tensor([2.0, 2.0])
+    )
 
 
 def test_a_plan_with_a_forbidden_op_is_refused_before_anything_runs() -> None:
@@ -157,7 +164,7 @@ def test_a_plan_with_a_forbidden_op_is_refused_before_anything_runs() -> None:
     reply = _store_plan(runtime, bad, plan_id="bad")
     assert reply.error.code == "OP_NOT_ALLOWED"
     assert "torch.load" in reply.error.message
-    assert not runtime.store.has_plan("bad")
+    assert not runtime.store.has_plan(scoped("local", "bad"))
     assert _run_plan(runtime, "bad", _store(runtime, torch.ones(1))).error.code == "NOT_FOUND"
 
 
@@ -222,7 +229,7 @@ def test_run_op_runs_one_allowed_op_on_stored_objects() -> None:
     )
     reply = _send(runtime, "run_op", msg)
     assert torch.equal(_value(reply), torch.add(x, y))
-    assert torch.equal(runtime.store.get_object("z").tensor, x + y)
+    assert torch.equal(runtime.store.get_object(scoped("local", "z")).tensor, x + y)
 
 
 def test_run_op_refuses_ops_outside_the_allow_list() -> None:
@@ -275,11 +282,11 @@ def test_move_object_forwards_it_to_the_destination_and_deletes_it_here() -> Non
     x = torch.tensor([1, 2, 3, 4, 5])
     object_id = _store(source, x, "kept")
     _ok(_send(source, "move_object", cmd.MoveObject(id=object_id, destination_device="d2")))
-    assert not source.store.has_object(object_id)
+    assert not source.store.has_object(scoped("local", object_id))
     [(device, data)] = forwarded
     assert device == "d2"
     _ok(decode_reply(destination.handle(data)))
-    moved = destination.store.get_object(object_id)
+    moved = destination.store.get_object(scoped("local", object_id))
     assert torch.equal(moved.tensor, x) and moved.tags == ("kept",)
 
 
@@ -288,7 +295,7 @@ def test_move_object_without_a_forwarder_is_an_error_and_keeps_the_object() -> N
     object_id = _store(runtime, torch.ones(1))
     reply = _send(runtime, "move_object", cmd.MoveObject(id=object_id, destination_device="d2"))
     assert reply.error.code == "TRANSPORT"
-    assert runtime.store.has_object(object_id)
+    assert runtime.store.has_object(scoped("local", object_id))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.int64, torch.bool])
@@ -330,7 +337,9 @@ def test_a_missing_argument_object_is_not_found_and_nothing_runs() -> None:
     _ok(_store_plan(runtime, _counter_plan()))
     reply = _run_plan(runtime, "p1", "no-such-object")
     assert reply.error.code == "NOT_FOUND"
-    assert torch.equal(runtime.store.get_plan("p1").ir.state_values["w"], torch.ones(2))
+    assert torch.equal(
+        runtime.store.get_plan(scoped("local", "p1")).ir.state_values["w"], torch.ones(2)
+    )
 
 
 def test_run_op_honours_no_grad_like_eager_torch() -> None:
@@ -344,5 +353,5 @@ def test_run_op_honours_no_grad_like_eager_torch() -> None:
     w = torch.tensor([1.0, 2.0], requires_grad=True)
     with torch.no_grad():
         w.add_(1.0)
-    assert torch.equal(runtime.store.get_object(w_id).tensor.detach(), w.detach())
+    assert torch.equal(runtime.store.get_object(scoped("local", w_id)).tensor.detach(), w.detach())
     assert torch.is_grad_enabled()

@@ -18,7 +18,8 @@ import pytest
 import torch
 
 import consumer.store.units as units
-from consumer.runtime.device import DeviceRuntime
+from consumer.policy.tenancy import scoped
+from consumer.runtime.device import LOCAL_SENDER, DeviceRuntime
 from consumer.store.sqlite import SqliteStore
 from schemas.command_pb2 import Command, RunPlan, StoreObject
 from schemas.ir import SCHEMA_VERSION, ObjectId, Op, PlanIR, Ref
@@ -106,12 +107,12 @@ def test_a_disk_full_while_a_command_writes_its_result_gets_store_full_and_keeps
     assert reply.error.code == "STORE_FULL"
     assert "No space left" in reply.error.message
     assert len(writes) == 2  # the state was written, then the result failed
-    assert not store.has_object("r-c2")
+    assert not store.has_object(scoped(LOCAL_SENDER, "r-c2"))
     monkeypatch.setattr(units, "write_tensor_file", real)
     again = decode_reply(runtime.handle(_run("c2")))  # a redelivery: the same answer
     assert again.WhichOneof("outcome") == "error" and again.error.code == "STORE_FULL"
     assert _count(runtime.handle(_run("c3"))) == 4.0  # state as after c1: the 2nd run
-    assert _count(SqliteStore(tmp_path).get_reply("c3") or b"") == 4.0
+    assert _count(SqliteStore(tmp_path).get_reply(scoped(LOCAL_SENDER, "c3")) or b"") == 4.0
     assert {p.name for p in (tmp_path / "blobs").iterdir()} == _referenced(tmp_path)
 
 
@@ -135,12 +136,13 @@ def test_sqlite_out_of_pages_during_a_command_gets_store_full_and_keeps_nothing(
     reply = decode_reply(runtime.handle(data))
     assert reply.WhichOneof("outcome") == "error"
     assert reply.error.code == "STORE_FULL"
-    assert not store.has_object("y")
-    kept = store.get_reply("c-big")  # no room may be left even for the error reply
+    assert not store.has_object(scoped(LOCAL_SENDER, "y"))
+    # no room may be left even for the error reply
+    kept = store.get_reply(scoped(LOCAL_SENDER, "c-big"))
     assert kept is None or decode_reply(kept).error.code == "STORE_FULL"
     db.execute(f"PRAGMA max_page_count = {10**9}")
     retry = data.replace(b"c-big", b"c-bi2")  # the server retries with a new command id
     assert decode_reply(runtime.handle(retry)).WhichOneof("outcome") == "ok"
-    assert store.has_object("y")
+    assert store.has_object(scoped(LOCAL_SENDER, "y"))
     assert _count(runtime.handle(_run("c3"))) == 2.0
     assert {p.name for p in (tmp_path / "blobs").iterdir()} == _referenced(tmp_path)

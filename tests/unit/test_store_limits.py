@@ -12,6 +12,7 @@ import torch
 import consumer.store.memory as memory_module
 import consumer.store.sqlite as sqlite_module
 from broker_config.settings import Settings
+from consumer.policy.tenancy import scoped
 from consumer.runtime.device import DeviceRuntime
 from consumer.store.base import StoredObject, StoredPlan
 from consumer.store.limits import StoreLimits
@@ -235,7 +236,7 @@ def _run(runtime: DeviceRuntime, *, return_values: bool = True) -> cmd.Reply:
 
 
 def _state(runtime: DeviceRuntime) -> torch.Tensor:
-    return runtime.store.get_plan("p").ir.state_values["w"]
+    return runtime.store.get_plan(scoped("local", "p")).ir.state_values["w"]
 
 
 def test_a_run_whose_results_do_not_fit_gets_store_full_and_changes_no_state(
@@ -247,7 +248,9 @@ def test_a_run_whose_results_do_not_fit_gets_store_full_and_changes_no_state(
     reply = _run(runtime, return_values=False)  # the next one does not
     assert reply.error.code == "STORE_FULL", reply
     assert torch.equal(_state(runtime), torch.ones(1000))  # the refused run left no trace
-    assert torch.equal(SqliteStore(tmp_path).get_plan("p").ir.state_values["w"], torch.ones(1000))
+    assert torch.equal(
+        SqliteStore(tmp_path).get_plan(scoped("local", "p")).ir.state_values["w"], torch.ones(1000)
+    )
     _ok(_send(runtime, "delete_objects", cmd.DeleteObjects(ids=[reply.result_ids[0]])))
     found = _ok(_send(runtime, "list_objects", cmd.ListObjects()))
     _ok(
@@ -269,7 +272,7 @@ def test_a_reply_too_big_to_cache_is_refused_and_the_command_changed_nothing(
     assert reply.error.code == "STORE_FULL"
     assert "FEDPLAN_STORE_MAX_REPLY_BYTES" in reply.error.message
     assert torch.equal(_state(runtime), torch.zeros(1000))
-    assert not runtime.store.has_object(reply.result_ids[0])
+    assert not runtime.store.has_object(scoped("local", reply.result_ids[0]))
     ok = _ok(_run(runtime, return_values=False))
     assert torch.equal(_state(runtime), torch.ones(1000))
     value = _ok(_send(runtime, "get_object", cmd.GetObject(id=ok.objects[0].id)))
@@ -285,7 +288,7 @@ def test_a_plan_over_the_size_limits_is_refused_on_receipt(
     reply = _send(runtime, "store_plan", cmd.StorePlan(plan=plan))
     assert reply.error.code == "PLAN_TOO_LARGE"
     assert reply.error.plan_name == "counter"
-    assert not runtime.store.has_plan("p")
+    assert not runtime.store.has_plan(scoped("local", "p"))
     one_op = PlanIR(
         name="abs",
         inputs=(Ref(0),),
@@ -334,7 +337,7 @@ def test_a_command_whose_commit_fails_gets_an_error_reply_and_leaves_nothing(
     msg = cmd.StoreObject(id="y", tensor=tensor_to_proto(torch.ones(3)))
     reply = _send(runtime, "store_object", msg)
     assert reply.error.code == "DEVICE_ERROR" and "disk I/O error" in reply.error.message
-    assert not runtime.store.has_object("y")
+    assert not runtime.store.has_object(scoped("local", "y"))
     assert not list((tmp_path / "blobs").iterdir())
     _ok(_send(runtime, "store_object", msg))  # the device keeps serving
-    assert torch.equal(SqliteStore(tmp_path).get_object("y").tensor, torch.ones(3))
+    assert torch.equal(SqliteStore(tmp_path).get_object(scoped("local", "y")).tensor, torch.ones(3))

@@ -1,0 +1,91 @@
+"""A least-privilege producer user from ``fedplan broker setup --producer``, with a real worker.
+
+It runs commands on a device and reads its replies, and the device sees it by its broker
+user; it can neither read another producer's results queue, nor publish to the results
+exchange (forging replies), nor declare queues; the device's policy decides which devices
+serve it.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable, Iterator
+from urllib.parse import quote
+
+import pika
+import pika.exceptions as pex
+import pytest
+import torch
+
+from broker_config import names
+from broker_config.setup import create_producer_user, declare_topology
+from consumer.policy.rules import PolicyFile
+from producer.transport.amqp import AmqpTransport
+from schemas.wire import new_id
+from tests.integration import commands as cmd
+from tests.integration.broker import Replies, RunVhost, WorkerProcess
+
+pytestmark = pytest.mark.rabbitmq
+
+
+@pytest.fixture
+def producer(vhost: RunVhost) -> Iterator[tuple[str, str, str]]:
+    """A producer id, its user and the AMQP URL of that user (deleted afterwards)."""
+    pid = f"lp{secrets.token_hex(3)}"
+    password = secrets.token_hex(8)
+    declare_topology(vhost.client, vhost.settings, ["pu"])
+    user = create_producer_user(vhost.client, pid, password)
+    url = f"amqp://{user}:{password}@127.0.0.1:5672/{quote(vhost.name, safe='')}"
+    yield pid, user, url
+    vhost.admin.request("DELETE", f"users/{vhost.admin.q(user)}")
+
+
+def test_a_producer_user_runs_commands_and_can_do_nothing_else(
+    vhost: RunVhost,
+    producer: tuple[str, str, str],
+    workers: Callable[..., WorkerProcess],
+    transport: AmqpTransport,
+) -> None:
+    other_results = transport.results_queue  # another producer's (existing) results queue
+    pid, user, url = producer
+    worker = workers("pu")
+    replies = Replies()
+    settings = vhost.settings.replace(
+        broker_url=url,
+        producer_id=pid,
+        producer_declares=False,
+        trusted_reply_users=vhost.admin.user,  # the worker answers as the session's user
+    )
+    mine = AmqpTransport(on_reply=replies.on_reply, settings=settings)
+    try:
+        mine.ensure_device("pu")
+        cid = new_id()
+        mine.publish("pu", cmd.store_object(cid, "pu", "x", torch.ones(2)), command_id=cid)
+        assert replies.wait(cid, 60).WhichOneof("outcome") == "ok", worker.log_tail()
+        PolicyFile(worker.data_dir).update(allow=["someone-else"])  # the device stops serving it
+        cid = new_id()
+        mine.publish("pu", cmd.get_object(cid, "pu", "x"), command_id=cid)
+        reply = replies.wait(cid, 60)
+        assert reply.error.code == "POLICY_REFUSED" and user in reply.error.message
+        PolicyFile(worker.data_dir).update(allow=[user])
+        cid = new_id()
+        mine.publish("pu", cmd.get_object(cid, "pu", "x"), command_id=cid)
+        assert replies.wait(cid, 60).WhichOneof("outcome") == "ok"  # valid work goes on
+    finally:
+        mine.close()
+
+    conn = pika.BlockingConnection(pika.URLParameters(url))
+    try:
+        for attempt in (
+            lambda ch: ch.basic_get(other_results),
+            lambda ch: ch.queue_declare("fedplan.results.mine-too"),
+            lambda ch: ch.basic_publish(names.results_exchange(), "x", b"forged"),
+        ):
+            ch = conn.channel()
+            ch.confirm_delivery()
+            with pytest.raises((pex.ChannelClosedByBroker, pex.ConnectionClosedByBroker)) as e:
+                attempt(ch)
+            assert "ACCESS_REFUSED" in str(e.value) or "403" in str(e.value)
+    finally:
+        if conn.is_open:
+            conn.close()
