@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn
@@ -132,27 +132,22 @@ class ProgressBar:
 
 def write_metrics(rows: Sequence[RoundMetrics], directory: str | Path) -> tuple[Path, Path]:
     """Write ``metrics.csv`` and ``metrics.json`` in ``directory``; returns both paths."""
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    csv_path, json_path = d / "metrics.csv", d / "metrics.json"
-    names = [f.name for f in fields(RoundMetrics)]
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=names)
-        writer.writeheader()
-        for r in rows:
-            writer.writerow(asdict(r))
-    json_path.write_text(json.dumps([asdict(r) for r in rows], indent=2))
-    return csv_path, json_path
+    return _write_rows(RoundMetrics, rows, Path(directory), "metrics")
 
 
 def write_device_metrics(rows: Sequence[DeviceMetrics], directory: str | Path) -> tuple[Path, Path]:
     """Write ``devices.csv`` and ``devices.json``: one row per device, round and phase."""
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    csv_path, json_path = d / "devices.csv", d / "devices.json"
-    names = [f.name for f in fields(DeviceMetrics)]
+    return _write_rows(DeviceMetrics, rows, Path(directory), "devices")
+
+
+def _write_rows(
+    kind: type[Any], rows: Sequence[Any], directory: Path, stem: str
+) -> tuple[Path, Path]:
+    """``<stem>.csv`` and ``<stem>.json`` of dataclass rows of ``kind``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    csv_path, json_path = directory / f"{stem}.csv", directory / f"{stem}.json"
     with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=names)
+        writer = csv.DictWriter(f, fieldnames=[f.name for f in fields(kind)])
         writer.writeheader()
         for r in rows:
             writer.writerow(asdict(r))
