@@ -178,11 +178,11 @@ def test_a_plan_past_the_soft_time_limit_ends_with_a_time_limit_reply(
 ) -> None:
     workers("hal", env={"FEDPLAN_SOFT_TIME_LIMIT": "1", "FEDPLAN_TIME_LIMIT": "60"})
     transport.ensure_device("hal")
-    n = 1200
+    n = 1200  # 1,500 steps of this: far past the 1 s limit on any machine
     w, x = torch.randn(n, n) / math.sqrt(n), torch.randn(n, n)
     for build in (
         lambda c: cmd.store_object(c, "hal", "big", x),
-        lambda c: cmd.store_plan(c, "hal", cmd.slow_plan(60, w), "slow"),
+        lambda c: cmd.store_plan(c, "hal", cmd.slow_plan(1500, w), "slow"),
     ):
         cid = new_id()
         transport.publish("hal", build(cid), command_id=cid)
@@ -296,9 +296,13 @@ def test_the_worker_log_file_rotates_and_stays_bounded(
     }
     workers("kim", env=env)
     transport.ensure_device("kim")
+    dead_before = _dead(vhost)
     cids = [sender.send("kim", b"x", headers={"retries": 9}) for _ in range(300)]
     for cid in cids:
         assert replies.wait(cid, 60).error.code == "MESSAGE_REFUSED"
+    # the reply goes out before the reject: wait until all 300 are dead-lettered, so the
+    # next test in this vhost counts only its own
+    vhost.wait_queue(names.dead_letter_queue(), messages=dead_before + 300, timeout=60)
     files = sorted(log_file.parent.glob("kim.log*"))
     assert [f.name for f in files] == ["kim.log", "kim.log.1", "kim.log.2"]
     assert all(f.stat().st_size <= 20000 for f in files)

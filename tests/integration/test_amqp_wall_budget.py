@@ -23,11 +23,11 @@ def test_a_slow_plan_past_the_policys_wall_time_budget_gets_a_time_limit_reply(
 ) -> None:
     worker = workers("wall", env={"FEDPLAN_SOFT_TIME_LIMIT": "120", "FEDPLAN_TIME_LIMIT": "180"})
     transport.ensure_device("wall")
-    n = 1200
+    n = 1200  # 1,500 steps of this: far past the 1 s limit on any machine
     w, x = torch.randn(n, n) / math.sqrt(n), torch.randn(n, n)
     for build in (
         lambda c: cmd.store_object(c, "wall", "big", x),
-        lambda c: cmd.store_plan(c, "wall", cmd.slow_plan(60, w), "slow"),
+        lambda c: cmd.store_plan(c, "wall", cmd.slow_plan(1500, w), "slow"),
     ):
         cid = new_id()
         transport.publish("wall", build(cid), command_id=cid)
