@@ -54,6 +54,7 @@ ENV_VARS: dict[str, str] = {
     "FEDPLAN_STORE_CACHE_BYTES": "store_cache_bytes",
     "FEDPLAN_MAX_PLAN_OPS": "max_plan_ops",
     "FEDPLAN_MAX_PLAN_BYTES": "max_plan_bytes",
+    "FEDPLAN_MAX_LOOP_STEPS": "max_loop_steps",
 }
 
 
@@ -138,6 +139,9 @@ class Settings:
     """Ops in one stored plan; a larger plan is refused on receipt (``PLAN_TOO_LARGE``)."""
     max_plan_bytes: int = 256 * MIB
     """Encoded size of one stored plan with its state; larger is refused (``PLAN_TOO_LARGE``)."""
+    max_loop_steps: int = 100_000
+    """Steps (epochs times batches) one call of a plan's training loop may run; a call asking
+    for more is refused before its first step (``LOOP_LIMIT``)."""
 
     def __post_init__(self) -> None:
         urls = self.broker_url.split(";")
@@ -190,6 +194,7 @@ class Settings:
             "store_max_replies",
             "max_plan_ops",
             "max_plan_bytes",
+            "max_loop_steps",
         ):
             if getattr(self, name) < 1:
                 _bad(name, getattr(self, name), "a positive integer")

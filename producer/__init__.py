@@ -91,3 +91,8 @@ from producer.plans.decorators import func2plan, method2plan  # noqa: E402
 from producer.plans.plan import Plan, State  # noqa: E402
 
 __all__ += ["Plan", "State", "func2plan", "method2plan", "trace"]
+
+# the training loop inside a plan (producer/plans/loop.py)
+from producer.plans.loop import LoopPlan  # noqa: E402
+
+__all__ += ["LoopPlan"]

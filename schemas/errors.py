@@ -236,6 +236,13 @@ class PolicyError(FedplanError, PermissionError):
     code = "POLICY_REFUSED"
 
 
+class LoopLimitError(PlanInputError):
+    """A plan's loop would run more steps than the device allows (``FEDPLAN_MAX_LOOP_STEPS``:
+    epochs times batches per epoch); nothing ran. Also a ``PlanInputError``."""
+
+    code = "LOOP_LIMIT"
+
+
 def error_from_code(code: str, message: str, **fields: Any) -> FedplanError:
     """The exception for a wire error code (``DeviceError`` for codes this side lacks)."""
     cls = _BY_CODE.get(code, DeviceError)

@@ -42,6 +42,11 @@ from schemas.tree import tree_leaves, tree_map
 SCHEMA_VERSION = 1
 """Version of the plan IR and wire format; bumped on incompatible change."""
 
+LOOP_SCHEMA_VERSION = 2
+"""Version of a plan with a :class:`LoopOverBatches` section: a device that only speaks
+:data:`SCHEMA_VERSION` refuses it with ``SchemaVersionError`` instead of silently running the
+plan without its loop (protobuf would drop the unknown field)."""
+
 
 @dataclass(frozen=True, slots=True)
 class Ref:
@@ -189,6 +194,38 @@ class InputSpec:
 
 
 @dataclass(slots=True)
+class LoopOverBatches:
+    """The local training loop of a plan: one traced step run over the device's batches.
+
+    After the plan's ops ``[:at]`` (the set-up) the device runs ``body`` once per batch and
+    then the ops ``[at:]`` (the finish). ``data`` are the slots of the dataset tensors
+    (``x``, ``y``: same first dimension ``n``); ``epochs``, ``batch_size`` and ``seed`` the
+    slots of the call's integers. Each epoch draws ``torch.randperm(n, generator=g)`` from
+    one ``g = torch.Generator().manual_seed(seed)``; a batch is the next ``batch_size``
+    indices of that order, the last short batch kept unless ``drop_last``. The body is called
+    as ``body(*(t[idx] for t in data), *(extras))`` with the plan's named state (its state
+    names are a subset of the plan's; parameters and optimizer buffers carry over from step
+    to step in place) and returns a tensor; their mean over all steps goes to slot ``out``.
+
+    The body has its own slots (freed after every step) and no loop of its own.
+    """
+
+    body: PlanIR
+    at: int
+    data: tuple[Ref, ...]
+    extras: tuple[Ref, ...]
+    epochs: Ref
+    batch_size: Ref
+    seed: Ref
+    out: Ref
+    drop_last: bool = False
+
+    def reads(self) -> list[Ref]:
+        """The plan slots the loop reads."""
+        return [*self.data, *self.extras, self.epochs, self.batch_size, self.seed]
+
+
+@dataclass(slots=True)
 class PlanIR:
     """A traced plan: inputs, named state, constants, ops, outputs.
 
@@ -197,7 +234,8 @@ class PlanIR:
     equal. ``state`` maps state names (``fc1.weight``) to slots, in order; ``state_values``
     holds the tensors to install for them when the plan is stored on a device.
     ``constants`` maps slots to tensors captured at trace time (``torch.tensor([1, 2])``
-    inside the function, closures).
+    inside the function, closures). ``loop``, when set, is the plan's local training loop
+    (:class:`LoopOverBatches`), run between ``ops[:loop.at]`` and ``ops[loop.at:]``.
     """
 
     name: str
@@ -210,6 +248,7 @@ class PlanIR:
     state: dict[str, int] = field(default_factory=dict)
     state_values: dict[str, torch.Tensor] = field(default_factory=dict)
     constants: dict[int, torch.Tensor] = field(default_factory=dict)
+    loop: LoopOverBatches | None = None
 
     def copy(self) -> PlanIR:
         """Deep enough copy: new op list, cloned state tensors, shared constants."""
@@ -224,6 +263,11 @@ class PlanIR:
             },
             constants=dict(self.constants),
             kwinputs=dict(self.kwinputs),
+            loop=(
+                None
+                if self.loop is None
+                else dataclasses.replace(self.loop, body=self.loop.body.copy())
+            ),
         )
 
 

@@ -21,21 +21,25 @@ Examples
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 
 from schemas.errors import SchemaVersionError, WireError
 from schemas.ir import (
+    LOOP_SCHEMA_VERSION,
     NO_EXPECT,
     SCHEMA_VERSION,
     DType,
     InputSpec,
+    LoopOverBatches,
     NoExpect,
     Op,
     PlanIR,
+    Ref,
     Value,
     refs_in,
 )
-from schemas.plan_pb2 import InputSpecProto, NamedTensor, OpProto, PlanProto
+from schemas.plan_pb2 import InputSpecProto, LoopProto, NamedTensor, OpProto, PlanProto
 from schemas.tensor_codec import DTYPES, tensor_from_proto, tensor_to_proto
 from schemas.value_codec import (
     value_dict_from_proto,
@@ -47,7 +51,10 @@ from schemas.value_codec import (
 )
 
 SUPPORTED_SCHEMA_VERSIONS: tuple[int, ...] = (SCHEMA_VERSION,)
-"""Plan and message schema versions this side can decode."""
+"""Message schema versions this side can decode."""
+
+PLAN_SCHEMA_VERSIONS: tuple[int, ...] = (SCHEMA_VERSION, LOOP_SCHEMA_VERSION)
+"""Plan schema versions this side can decode: plans with a loop section are version 2."""
 
 MAX_SLOTS = 1 << 24
 """Largest ``num_slots`` accepted from the wire (a device allocates a table of that size)."""
@@ -80,7 +87,14 @@ def plan_from_proto(proto: PlanProto) -> tuple[PlanIR, str]:
         The content hash does not match, or the plan is malformed (slot references out of
         range, empty values, undecodable tensors).
     """
-    check_schema_version(proto.schema_version, "plan")
+    check_schema_version(proto.schema_version, "plan", PLAN_SCHEMA_VERSIONS)
+    if proto.HasField("loop") != (proto.schema_version == LOOP_SCHEMA_VERSION):
+        raise WireError(
+            f"plan {proto.id!r} has schema version {proto.schema_version} but "
+            f"{'a' if proto.HasField('loop') else 'no'} loop section; encode it with "
+            "plan_to_proto",
+            plan_id=proto.id or None,
+        )
     if not proto.content_hash:
         raise WireError(f"plan {proto.id!r} has no content hash; encode it with plan_to_proto")
     actual = _hash(proto)
@@ -90,8 +104,9 @@ def plan_from_proto(proto: PlanProto) -> tuple[PlanIR, str]:
             f"not match the announced {proto.content_hash[:12]}...; send it again",
             plan_id=proto.id or None,
         )
-    if proto.num_slots > MAX_SLOTS:
-        raise WireError(f"plan {proto.id!r} asks for {proto.num_slots} slots (max {MAX_SLOTS})")
+    for slots in (proto.num_slots, proto.loop.body.num_slots):
+        if slots > MAX_SLOTS:
+            raise WireError(f"plan {proto.id!r} asks for {slots} slots (max {MAX_SLOTS})")
     try:
         ir = _decode(proto)
         _check_slots(ir)
@@ -107,10 +122,23 @@ def plan_content_hash(ir: PlanIR) -> str:
     return _hash(_encode(ir))
 
 
-def check_schema_version(version: int, what: str) -> None:
+def plan_op_count(proto: PlanProto) -> int:
+    """Ops of an encoded plan, its loop body's included (size limits count both).
+
+    Examples
+    --------
+    >>> plan_op_count(PlanProto(ops=[OpProto()], loop=LoopProto(body=PlanProto(ops=[OpProto()]))))
+    2
+    """
+    return len(proto.ops) + len(proto.loop.body.ops)
+
+
+def check_schema_version(
+    version: int, what: str, supported_versions: tuple[int, ...] = SUPPORTED_SCHEMA_VERSIONS
+) -> None:
     """Raise ``SchemaVersionError`` unless ``version`` is one this side speaks."""
-    if version not in SUPPORTED_SCHEMA_VERSIONS:
-        supported = ", ".join(str(v) for v in SUPPORTED_SCHEMA_VERSIONS)
+    if version not in supported_versions:
+        supported = ", ".join(str(v) for v in supported_versions)
         raise SchemaVersionError(
             f"{what} has schema version {version}, this side supports {supported}; "
             "run the same fedplan version on the server and the devices"
@@ -131,7 +159,7 @@ def _hash(proto: PlanProto) -> str:
 
 def _encode(ir: PlanIR) -> PlanProto:
     proto = PlanProto(
-        schema_version=SCHEMA_VERSION,
+        schema_version=SCHEMA_VERSION if ir.loop is None else LOOP_SCHEMA_VERSION,
         name=ir.name,
         inputs=value_list_to_proto(ir.inputs),
         kwinputs=value_dict_to_proto(ir.kwinputs),
@@ -147,7 +175,46 @@ def _encode(ir: PlanIR) -> PlanProto:
         proto.state.append(entry)
     for slot, tensor in ir.constants.items():
         proto.constants.append(NamedTensor(slot=slot, tensor=tensor_to_proto(tensor)))
+    if ir.loop is not None:
+        proto.loop.CopyFrom(_loop_to_proto(ir.loop))
     return proto
+
+
+def _loop_to_proto(loop: LoopOverBatches) -> LoopProto:
+    if loop.body.loop is not None:
+        raise WireError(f"the loop body {loop.body.name!r} has a loop of its own; not supported")
+    return LoopProto(
+        body=_encode(dataclasses.replace(loop.body, state_values={})),
+        at=loop.at,
+        data=[r.slot for r in loop.data],
+        extras=[r.slot for r in loop.extras],
+        epochs=loop.epochs.slot,
+        batch_size=loop.batch_size.slot,
+        seed=loop.seed.slot,
+        out=loop.out.slot,
+        drop_last=loop.drop_last,
+    )
+
+
+def _loop_from_proto(proto: LoopProto) -> LoopOverBatches:
+    body = proto.body
+    if body.HasField("loop"):
+        raise WireError("the loop body has a loop of its own; a device runs one loop level")
+    if body.schema_version != SCHEMA_VERSION or any(e.HasField("tensor") for e in body.state):
+        raise WireError("the loop body must be a version-1 plan naming its state without values")
+    if not proto.data:
+        raise WireError("the loop names no dataset slots")
+    return LoopOverBatches(
+        body=_decode(body),
+        at=proto.at,
+        data=tuple(Ref(s) for s in proto.data),
+        extras=tuple(Ref(s) for s in proto.extras),
+        epochs=Ref(proto.epochs),
+        batch_size=Ref(proto.batch_size),
+        seed=Ref(proto.seed),
+        out=Ref(proto.out),
+        drop_last=proto.drop_last,
+    )
 
 
 def _decode(proto: PlanProto) -> PlanIR:
@@ -177,6 +244,7 @@ def _decode(proto: PlanProto) -> PlanIR:
         state=state,
         state_values=state_values,
         constants=constants,
+        loop=_loop_from_proto(proto.loop) if proto.HasField("loop") else None,
     )
 
 
@@ -259,3 +327,7 @@ def _check_slots(ir: PlanIR) -> None:
     for index, op in enumerate(ir.ops):
         for ref in refs_in((op.args, op.kwargs, op.out)):
             check(ref.slot, f"op {index} ({op.target})", index)
+    if ir.loop is not None:
+        for ref in (*ir.loop.reads(), ir.loop.out):
+            check(ref.slot, "the loop")
+        _check_slots(ir.loop.body)

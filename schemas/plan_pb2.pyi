@@ -349,6 +349,7 @@ class PlanProto(_message.Message):
     OPS_FIELD_NUMBER: _builtins.int
     OUTPUTS_FIELD_NUMBER: _builtins.int
     NUM_SLOTS_FIELD_NUMBER: _builtins.int
+    LOOP_FIELD_NUMBER: _builtins.int
     schema_version: _builtins.int
     id: _builtins.str
     name: _builtins.str
@@ -371,6 +372,10 @@ class PlanProto(_message.Message):
     def ops(self) -> _containers.RepeatedCompositeFieldContainer[Global___OpProto]: ...
     @_builtins.property
     def outputs(self) -> Global___Value: ...
+    @_builtins.property
+    def loop(self) -> Global___LoopProto:
+        """The local training loop (schema version 2): see LoopProto."""
+
     def __init__(
         self,
         *,
@@ -386,11 +391,63 @@ class PlanProto(_message.Message):
         ops: _abc.Iterable[Global___OpProto] | None = ...,
         outputs: Global___Value | None = ...,
         num_slots: _builtins.int = ...,
+        loop: Global___LoopProto | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["inputs", b"inputs", "kwinputs", b"kwinputs", "outputs", b"outputs"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["inputs", b"inputs", "kwinputs", b"kwinputs", "loop", b"loop", "outputs", b"outputs"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["constants", b"constants", "content_hash", b"content_hash", "id", b"id", "input_specs", b"input_specs", "inputs", b"inputs", "kwinputs", b"kwinputs", "name", b"name", "num_slots", b"num_slots", "ops", b"ops", "outputs", b"outputs", "schema_version", b"schema_version", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["constants", b"constants", "content_hash", b"content_hash", "id", b"id", "input_specs", b"input_specs", "inputs", b"inputs", "kwinputs", b"kwinputs", "loop", b"loop", "name", b"name", "num_slots", b"num_slots", "ops", b"ops", "outputs", b"outputs", "schema_version", b"schema_version", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PlanProto: _TypeAlias = PlanProto  # noqa: Y015
+
+@_typing.final
+class LoopProto(_message.Message):
+    """LoopOverBatches of schemas/ir.py: after ops[:at], run body once per batch of the
+    dataset slots, then ops[at:]. Slot numbers are the enclosing plan's; the body has its
+    own slots (num_slots), state by name only (no tensors) and no loop of its own.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BODY_FIELD_NUMBER: _builtins.int
+    AT_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    EXTRAS_FIELD_NUMBER: _builtins.int
+    EPOCHS_FIELD_NUMBER: _builtins.int
+    BATCH_SIZE_FIELD_NUMBER: _builtins.int
+    SEED_FIELD_NUMBER: _builtins.int
+    OUT_FIELD_NUMBER: _builtins.int
+    DROP_LAST_FIELD_NUMBER: _builtins.int
+    at: _builtins.int
+    epochs: _builtins.int
+    batch_size: _builtins.int
+    seed: _builtins.int
+    out: _builtins.int
+    drop_last: _builtins.bool
+    @_builtins.property
+    def body(self) -> Global___PlanProto: ...
+    @_builtins.property
+    def data(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def extras(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    def __init__(
+        self,
+        *,
+        body: Global___PlanProto | None = ...,
+        at: _builtins.int = ...,
+        data: _abc.Iterable[_builtins.int] | None = ...,
+        extras: _abc.Iterable[_builtins.int] | None = ...,
+        epochs: _builtins.int = ...,
+        batch_size: _builtins.int = ...,
+        seed: _builtins.int = ...,
+        out: _builtins.int = ...,
+        drop_last: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "batch_size", b"batch_size", "body", b"body", "data", b"data", "drop_last", b"drop_last", "epochs", b"epochs", "extras", b"extras", "out", b"out", "seed", b"seed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LoopProto: _TypeAlias = LoopProto  # noqa: Y015

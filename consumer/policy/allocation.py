@@ -87,7 +87,8 @@ def static_bytes(target: str, args: tuple[Any, ...] | list[Any], kwargs: dict[st
 
 def plan_static_bytes(ir: PlanIR) -> int:
     """Bytes the plan's tensor-creating ops with literal sizes allocate, summed."""
-    return sum(static_bytes(op.target, op.args, op.kwargs) for op in ir.ops)
+    ops = [*ir.ops, *(ir.loop.body.ops if ir.loop is not None else ())]
+    return sum(static_bytes(op.target, op.args, op.kwargs) for op in ops)
 
 
 __all__ = ["plan_static_bytes", "static_bytes"]

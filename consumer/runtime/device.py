@@ -481,7 +481,12 @@ class DeviceRuntime(TenantRules):
             LoadedPlan,  # the interpreter pulls in all of torch's ops
         )
 
-        return LoadedPlan(ir, plan_id=plan_id, device_id=self.device_id)
+        return LoadedPlan(
+            ir,
+            plan_id=plan_id,
+            device_id=self.device_id,
+            max_loop_steps=self.limits.max_loop_steps,
+        )
 
     def _loaded_plan(self, stored: StoredPlan) -> LoadedPlan:
         cached = self._loaded.get(stored.id)

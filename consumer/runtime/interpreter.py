@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from broker_config.settings import Settings
+from consumer.runtime.loop import LoopRunner
 from consumer.runtime.lowering import (
     DTYPES,
     Const,
@@ -28,10 +30,12 @@ from schemas.errors import (
     PlanShapeError,
     WireError,
 )
-from schemas.ir import NoExpect, Op, PlanIR, Ref, refs_in
+from schemas.ir import LoopOverBatches, NoExpect, Op, PlanIR, Ref, refs_in
 from schemas.tree import tree_leaves, tree_map
 
 Step = Callable[[Slots], None]
+
+_DEFAULT_LOOP_STEPS = Settings().max_loop_steps
 
 
 class LoadedPlan:
@@ -44,6 +48,9 @@ class LoadedPlan:
         must be written first; otherwise nothing runs (``OpNotAllowedError``/``WireError``).
     plan_id, device_id:
         Where the plan lives, for error fields.
+    max_loop_steps:
+        The most steps one call of the plan's loop section may run (default: the
+        ``FEDPLAN_MAX_LOOP_STEPS`` default); see :mod:`consumer.runtime.loop`.
 
     Examples
     --------
@@ -57,7 +64,12 @@ class LoadedPlan:
     """
 
     def __init__(
-        self, ir: PlanIR, *, plan_id: str | None = None, device_id: str | None = None
+        self,
+        ir: PlanIR,
+        *,
+        plan_id: str | None = None,
+        device_id: str | None = None,
+        max_loop_steps: int | None = None,
     ) -> None:
         self.ir = ir
         self.plan_id = plan_id
@@ -76,13 +88,21 @@ class LoadedPlan:
                     **self._where,
                 )
         self._lower = Lowering(self._malformed)
+        self._loop: LoopRunner | None = None
         try:
-            self._load()
+            self._load(max_loop_steps or _DEFAULT_LOOP_STEPS)
         except RecursionError:
             raise self._malformed("values are nested too deeply") from None
 
-    def _load(self) -> None:
+    def _load(self, max_loop_steps: int) -> None:
         ir = self.ir
+        if ir.loop is not None:  # the body is checked on its own: allow-list, slots
+            if not isinstance(ir.loop, LoopOverBatches) or ir.loop.body.loop is not None:
+                raise self._malformed("the loop section is not one loop over batches")
+            body = LoadedPlan(ir.loop.body, plan_id=self.plan_id, device_id=self.device_id)
+            self._loop = LoopRunner(
+                ir.loop, body, set(ir.state), max_steps=max_loop_steps, where=self._where
+            )
         self._input_slots, self._size = self._check_structure()
         self._bind = self._compile_binder()
         self._specs = [
@@ -92,6 +112,7 @@ class LoadedPlan:
         self._state = tuple(ir.state.items())
         self._constants = tuple(ir.constants.items())
         self._program = self._compile_program()
+        self._loop_at = -1 if ir.loop is None else ir.loop.at
         self._outputs = self._lower.value(ir.outputs, "outputs")
 
     # ------------------------------------------------------------------ checking
@@ -146,13 +167,22 @@ class LoadedPlan:
                 raise self._malformed(f"input spec {spec.path!r} names slot {spec.slot}")
             if spec.dtype is not None and spec.dtype.name not in DTYPES:
                 raise self._malformed(f"input spec {spec.path!r} has dtype {spec.dtype.name!r}")
+        loop = ir.loop
+        if loop is not None and (type(loop.at) is not int or not 0 <= loop.at <= len(ir.ops)):
+            raise self._malformed(f"the loop runs after op {loop.at!r} of {len(ir.ops)}")
         for index, op in enumerate(ir.ops):
+            if loop is not None and index == loop.at:
+                read(loop.reads(), "the loop")
+                define(loop.out, "the loop")
             read((op.args, op.kwargs), f"op {index} ({op.target})", index)
             if not isinstance(op.expect, NoExpect) and refs_in(op.expect):
                 raise self._malformed(f"guard op {index} expects a slot value", index)
             check_out(op.out, index)
             for ref in refs_in(op.out):
                 define(ref, f"op {index} ({op.target})", index)
+        if loop is not None and loop.at == len(ir.ops):
+            read(loop.reads(), "the loop")
+            define(loop.out, "the loop")
         read(ir.outputs, "the outputs")
         return inputs, max(defined, default=-1) + 1  # a huge num_slots allocates nothing
 
@@ -164,6 +194,12 @@ class LoadedPlan:
         for index, op in enumerate(ir.ops):
             for ref in refs_in((op.args, op.kwargs)):
                 last_read[ref.slot] = index
+        if ir.loop is not None:  # what the loop reads lives until the op after it
+            for ref in ir.loop.reads():
+                if ir.loop.at < len(ir.ops):
+                    last_read[ref.slot] = max(last_read.get(ref.slot, -1), ir.loop.at)
+                else:
+                    keep.add(ref.slot)
         free_after: list[list[int]] = [[] for _ in ir.ops]
         for slot, index in last_read.items():
             if slot not in keep:
@@ -303,9 +339,13 @@ class LoadedPlan:
         try:
             for step, free in self._program:
                 index += 1
+                if index == self._loop_at:
+                    self._run_loop(slots, state)
                 step(slots)
                 for slot in free:
                     slots[slot] = None
+            if self._loop_at == len(self._program):
+                self._run_loop(slots, state)
             index = -1  # past the ops: a failure now is in the outputs' size expressions
             return get(self._outputs, slots)
         except FedplanError:
@@ -322,6 +362,10 @@ class LoadedPlan:
         finally:
             torch._C._set_grad_enabled(grad_mode)
             _clear_grads(live)
+
+    def _run_loop(self, slots: Slots, state: Mapping[str, Any]) -> None:
+        assert self._loop is not None
+        self._loop.run(slots, state)
 
     def _check_specs(self, slots: Slots) -> None:
         for slot, path, ndim, dtype, sizes in self._specs:

@@ -28,6 +28,7 @@ from consumer.runtime.replies import tensor_info
 from consumer.store.base import DeviceStore, StoredObject, StoredPlan
 from schemas.command_pb2 import ObjectInfo
 from schemas.errors import FedplanError, ObjectNotFound, PolicyError
+from schemas.plan_codec import plan_op_count
 from schemas.signing import verify_plan_hash
 
 log = logging.getLogger(__name__)
@@ -202,7 +203,7 @@ class TenantRules:
     def _check_plan_budget(self, plan: Any) -> None:
         """Refuse a plan over the policy's op count or size budget (before decoding it)."""
         budgets = self._policy.budgets
-        ops = len(plan.ops)
+        ops = plan_op_count(plan)
         if budgets.max_plan_ops and ops > budgets.max_plan_ops:
             raise self._over_budget(f"plan {plan.name!r} has {ops} ops", "max_plan_ops")
         if budgets.max_plan_bytes and plan.ByteSize() > budgets.max_plan_bytes:

@@ -14,8 +14,10 @@ What accumulates on a device, and what bounds it:
   command redelivered after its reply was dropped runs again.
 - **tensors in memory**: a least-recently-used cache of at most ``cache_bytes`` (tensors that
   require grad are kept: their ``.grad`` and autograd graph live only in memory).
-- **plans**: at most ``max_plan_ops`` ops and ``max_plan_bytes`` encoded bytes, checked on
-  receipt before the plan is decoded (``PLAN_TOO_LARGE``).
+- **plans**: at most ``max_plan_ops`` ops (a loop body's included) and ``max_plan_bytes``
+  encoded bytes, checked on receipt before the plan is decoded (``PLAN_TOO_LARGE``).
+- **plan loops**: at most ``max_loop_steps`` steps per call, checked before the first step
+  (``LOOP_LIMIT``); every step's slots are freed when it ends.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any
 
 from broker_config.settings import Settings
 from schemas.errors import PlanTooLargeError
+from schemas.plan_codec import plan_op_count
 
 _DEFAULTS = Settings()
 
@@ -47,6 +50,7 @@ class StoreLimits:
     cache_bytes: int = _DEFAULTS.store_cache_bytes
     max_plan_ops: int = _DEFAULTS.max_plan_ops
     max_plan_bytes: int = _DEFAULTS.max_plan_bytes
+    max_loop_steps: int = _DEFAULTS.max_loop_steps
 
     @classmethod
     def from_settings(cls, settings: Settings) -> StoreLimits:
@@ -59,12 +63,13 @@ class StoreLimits:
             cache_bytes=settings.store_cache_bytes,
             max_plan_ops=settings.max_plan_ops,
             max_plan_bytes=settings.max_plan_bytes,
+            max_loop_steps=settings.max_loop_steps,
         )
 
     def check_plan(self, plan: Any, device_id: str) -> None:
         """Refuse a plan (its protobuf message) over the op count or size limit before its
         ops are decoded (``PlanTooLargeError``)."""
-        ops = len(plan.ops)
+        ops = plan_op_count(plan)
         size = plan.ByteSize() if ops <= self.max_plan_ops else -1  # cost: a walk
         if ops > self.max_plan_ops or size > self.max_plan_bytes:
             what = f"{ops} ops" + (f" and {size} encoded bytes" if size >= 0 else "")

@@ -109,11 +109,9 @@ class Workers:
 def training_plans(
     setup: DemoSetup, *, device_eval: bool = False
 ) -> dict[tuple[str, int], Any]:
-    """The demo's plans, one per local dataset size: ``("fit", n)`` trains on n rows and,
-    when devices evaluate, ``("evaluate", n)`` evaluates on n test rows."""
-    plans: dict[tuple[str, int], Any] = {}
-    for n in sorted({len(share.x_train) for share in setup.shares}):
-        plans["fit", n] = build_training_plan(setup.model, setup.spec, n)
+    """The demo's plans: ``("fit", 0)``, the one training loop plan every device runs over
+    its own rows, and, when devices evaluate, ``("evaluate", n)`` per test set size n."""
+    plans: dict[tuple[str, int], Any] = {("fit", 0): build_training_plan(setup.model, setup.spec)}
     if device_eval:
         for n in sorted({len(share.x_test) for share in setup.shares} - {0}):
             plans["evaluate", n] = build_evaluation_plan(setup.model, n)
@@ -274,10 +272,10 @@ def participants(
 
     plans = {} if plans is None else plans
 
-    def plan_for(n: int) -> Any:  # one training plan per local dataset size
-        if ("fit", n) not in plans:
-            plans["fit", n] = build_training_plan(setup.model, setup.spec, n)
-        return plans["fit", n]
+    def plan_for(n: int) -> Any:  # one training loop plan, whatever the dataset size
+        if ("fit", 0) not in plans:
+            plans["fit", 0] = build_training_plan(setup.model, setup.spec)
+        return plans["fit", 0]
 
     def evaluation_plan_for(n: int) -> Any:  # devices evaluate on their own test rows
         if ("evaluate", n) not in plans:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
 from collections.abc import Callable
@@ -102,13 +103,7 @@ class EagerParticipant:
     def _fit(self, task: FitTask) -> FitReply:
         try:
             mu = float(task.instructions.config.get("proximal_mu", self.spec.proximal_mu))
-            spec = TrainingSpec(
-                loss=self.spec.loss,
-                lr=self.spec.lr,
-                batch_size=self.spec.batch_size,
-                epochs=self.spec.epochs,
-                proximal_mu=mu,
-            )
+            spec = dataclasses.replace(self.spec, proximal_mu=mu)
             order = sample_order(len(self.x), task.seed, spec.epochs)
             with self._lock:
                 weights, loss = train_eager(
@@ -121,7 +116,8 @@ class EagerParticipant:
 
 
 PlanFactory = Callable[[int], Any]
-"""Builds (or returns a cached) device training plan for a device holding ``n`` examples."""
+"""Returns the device plan for a device holding ``n`` examples (one training loop plan
+serves every count; evaluation plans are built per count)."""
 
 
 class PlanParticipant:
@@ -130,8 +126,10 @@ class PlanParticipant:
     At construction it finds the device's training rows and labels by tag (``device.search``)
     and learns their count from the pointers' metadata; the data never leaves the device.
     Each round it sends the plan if the device does not hold it yet (a no-op otherwise),
-    then one ``RunPlan`` with the round's sample order and the flattened global weights,
-    and delivers the device's reply: the new weights and the mean local loss.
+    then one ``RunPlan`` with the flattened global weights and the round's loop settings
+    (``epochs``, ``batch_size``: default the plan's ``spec``; ``seed``: the round's), and
+    delivers the device's reply: the new weights and the mean local loss. The device
+    shuffles its own rows from the seed (:class:`producer.plans.loop.LoopPlan`).
 
     With ``evaluation_plan_for``, a device that holds ``test``-tagged rows and labels
     (``x_test_tags``, ``y_test_tags``) also evaluates global weights with that plan (one
@@ -159,7 +157,8 @@ class PlanParticipant:
         *,
         x_tags: tuple[str, ...] = ("train", "x"),
         y_tags: tuple[str, ...] = ("train", "y"),
-        epochs: int = 1,
+        epochs: int | None = None,
+        batch_size: int | None = None,
         proximal_mu: float | None = None,
         timeout: float | None = None,
         executor: ThreadPoolExecutor | None = None,
@@ -185,7 +184,9 @@ class PlanParticipant:
                 device_id=device.id,
             )
         self.plan = plan_for(self.num_examples)
-        self.epochs = epochs
+        spec = getattr(self.plan, "spec", None)
+        self.epochs = epochs or (spec.epochs if isinstance(spec, TrainingSpec) else 1)
+        self.batch_size = batch_size or (spec.batch_size if isinstance(spec, TrainingSpec) else 32)
         self.timeout = timeout
         self.executor = executor or ThreadPoolExecutor(1, thread_name_prefix=f"fit-{device.id}")
         self.x_test: Any = None
@@ -258,9 +259,16 @@ class PlanParticipant:
                 device_id=self.device_id,
             )
         weights = task.instructions.weights
-        order = sample_order(self.num_examples, task.seed, self.epochs)
         pointer_plan = self.device.send_plan(self.plan, wait=False)
-        out = pointer_plan.run(self.x, self.y, order, flatten(weights), return_values=True)
+        out = pointer_plan.run(
+            self.x,
+            self.y,
+            flatten(weights),
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            seed=task.seed,
+            return_values=True,
+        )
         self.executor.submit(self._collect, task, out, weights, deliver)
 
     def _collect(self, task: FitTask, out: Any, template: Weights, deliver: Deliver) -> None:

@@ -24,10 +24,11 @@ LOSSES: dict[str, Callable[..., torch.Tensor]] = {
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TrainingSpec:
-    """How a device trains each round: native loss, plain SGD settings, batches and epochs.
+    """How a device trains each round: native loss, SGD settings, batches and epochs.
 
-    Momentum and weight decay are refused: optimizer state would have to live on the device
-    across rounds, and FedAvg restarts every round from the global weights.
+    ``momentum`` is SGD's (no dampening); its buffers live on the device for one round and
+    start from zero every round, since FedAvg restarts every round from the global weights.
+    Weight decay is not offered.
     """
 
     loss: str = "cross_entropy"
@@ -35,12 +36,15 @@ class TrainingSpec:
     batch_size: int = 32
     epochs: int = 1
     proximal_mu: float = 0.0
+    momentum: float = 0.0
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
             raise ValueError(f"unknown loss {self.loss!r}; use one of {sorted(LOSSES)}")
         if self.lr <= 0 or self.batch_size < 1 or self.epochs < 1 or self.proximal_mu < 0:
             raise ValueError("lr must be > 0, batch_size and epochs >= 1, proximal_mu >= 0")
+        if not 0 <= self.momentum < 1:
+            raise ValueError("momentum must be in [0, 1)")
 
     def batches(self, n_examples: int) -> list[tuple[int, int]]:
         """``(start, stop)`` into the sample order for every local step, last short batch kept.
@@ -104,7 +108,7 @@ def train_eager(
     model.train()
     params = list(model.parameters())
     global_params = [weights[k].detach() for k, _ in model.named_parameters()]
-    opt = torch.optim.SGD(params, lr=spec.lr)
+    opt = torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum)
     loss_fn = LOSSES[spec.loss]
     total = 0.0
     steps = spec.batches(len(x))
@@ -177,80 +181,93 @@ def unflatten(flat: torch.Tensor, template: Weights) -> Weights:
 def build_training_plan(
     model: nn.Module,
     spec: TrainingSpec,
-    n_examples: int,
+    example_rows: int | None = None,
     *,
     feature_shape: tuple[int, ...] | None = None,
 ) -> Any:
-    """Trace the device's round of local training into one plan (``fp.Plan``).
+    """Trace one local training step into a loop plan (``fp.LoopPlan``): one plan, any data.
 
-    The plan takes ``(x, y, order, flat_weights)``: the device's rows and labels (pointers
-    to its tagged data), the sample order for this round (``E * n`` indices from
-    :func:`sample_order`) and the global weights flattened with :func:`flatten`. It loads
-    the weights into its copy of ``model``, runs ``spec.batches(n_examples)`` SGD steps
-    (forward, native loss, FedProx term when ``spec.proximal_mu``, ``backward()``,
-    ``torch.optim.SGD.step``) and returns one vector: the new weights, flattened, followed
-    by the mean batch loss. The Python loop over batches unrolls in the trace, so a plan is
-    built per local example count ``n_examples`` (a guard refuses other counts).
-    ``feature_shape`` is the shape of one row (default: the model's ``in_features``, or
-    that of its first ``nn.Linear``); the CNN and GRU of :mod:`producer.fl.models` take
-    flat rows and declare ``in_features``.
+    The plan is called as ``plan(x, y, flat_weights, epochs=E, batch_size=B, seed=S)``: the
+    device's rows and labels (pointers to its tagged data), the global weights flattened
+    with :func:`flatten`, and the round's loop settings. It loads the weights into its copy
+    of ``model`` (and zeroes the momentum buffers: every round starts afresh, as
+    :func:`train_eager` does), runs one SGD step (forward, native loss, FedProx term when
+    ``spec.proximal_mu``, ``backward()``, ``torch.optim.SGD.step``) per batch of the
+    device's own shuffled rows (:class:`~producer.plans.loop.LoopPlan`: the order of
+    :func:`sample_order`, the last short batch kept), and returns one vector: the new
+    weights, flattened, followed by the mean batch loss. The plan's size does not depend on
+    the number of rows, epochs or batches; ``example_rows`` is only the size of the example
+    traced at build. ``feature_shape`` is the shape of one row (default: the model's
+    ``in_features``, or that of its first ``nn.Linear``); the CNN and GRU of
+    :mod:`producer.fl.models` take flat rows and declare ``in_features``.
 
     Examples
     --------
     >>> torch.manual_seed(0) and None
     >>> net = nn.Linear(3, 2)
-    >>> plan = build_training_plan(net, TrainingSpec(batch_size=2), 4)
-    >>> x, y = torch.randn(4, 3), torch.tensor([0, 1, 1, 0])
+    >>> plan = build_training_plan(net, TrainingSpec(batch_size=2))
+    >>> x, y = torch.randn(5, 3), torch.tensor([0, 1, 1, 0, 1])
     >>> w = get_weights(net)
-    >>> out = plan(x, y, sample_order(4, 7), flatten(w))
+    >>> out = plan(x, y, flatten(w), epochs=1, batch_size=2, seed=7)
     >>> ref, loss = train_eager(scratch_copy(net), TrainingSpec(batch_size=2), w, x, y,
-    ...                         sample_order(4, 7))
-    >>> torch.equal(out[:-1], flatten(ref))
+    ...                         sample_order(5, 7))
+    >>> torch.allclose(out[:-1], flatten(ref))
     True
     """
-    from producer.plans.plan import Plan
+    from producer.plans.loop import LoopPlan
 
-    steps = spec.batches(n_examples)
     loss_fn = LOSSES[spec.loss]
     mu = spec.proximal_mu
 
-    class FederatedTraining(Plan):
+    class FederatedTraining(LoopPlan):
         def __init__(self) -> None:
-            super().__init__(name=f"fl_train_n{n_examples}")
+            super().__init__(name="fl_train")
+            self.spec = spec
             self.model = scratch_copy(model)
-            self.opt = torch.optim.SGD(self.model.parameters(), lr=spec.lr)
+            self.opt = torch.optim.SGD(self.model.parameters(), lr=spec.lr, momentum=spec.momentum)
 
-        def forward(
-            self, x: torch.Tensor, y: torch.Tensor, order: torch.Tensor, flat: torch.Tensor
-        ) -> torch.Tensor:
-            if x.shape[0] != n_examples:  # a guard: this plan's batches are for n_examples
-                raise ValueError(f"this plan trains on {n_examples} rows")
-            state = dict(self.model.state_dict(keep_vars=True))
-            given = unflatten(flat, {k: t.detach() for k, t in state.items()})
+        def _live(self) -> tuple[dict[str, torch.Tensor], Weights]:
+            return (
+                dict(self.model.state_dict(keep_vars=True)),
+                {k: t.detach() for k, t in self.model.state_dict().items()},
+            )
+
+        def setup(self, flat: torch.Tensor) -> None:
+            state, template = self._live()
+            given = unflatten(flat, template)
             with torch.no_grad():
                 for name, t in state.items():
                     t.copy_(given[name])
-            params = list(self.model.parameters())
-            anchors = [given[k] for k, _ in self.model.named_parameters()]
-            total = torch.zeros(())
-            for start, stop in steps:
-                idx = order[start:stop]
-                loss = loss_fn(self.model(x[idx]), y[idx])
-                if mu:
-                    loss = loss + proximal_term(params, anchors, mu)
-                self.opt.zero_grad()
-                loss.backward()
-                self.opt.step()
-                total = total + loss.detach()
+                for group in self.opt.param_groups:
+                    for p in group["params"]:
+                        buffer = self.opt.state[p].get("momentum_buffer")
+                        if buffer is not None:
+                            buffer.zero_()
+
+        def step(self, x: torch.Tensor, y: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+            loss = loss_fn(self.model(x), y)
+            if mu:
+                params = list(self.model.parameters())
+                anchors = unflatten(flat, self._live()[1])
+                loss = loss + proximal_term(
+                    params, [anchors[k] for k, _ in self.model.named_parameters()], mu
+                )
             self.opt.zero_grad()
+            loss.backward()
+            self.opt.step()
+            return loss.detach()
+
+        def finish(self, mean: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+            self.opt.zero_grad()
+            state = self._live()[0]
             new = torch.cat([t.detach().reshape(-1).to(torch.float32) for t in state.values()])
-            return torch.cat([new, (total / len(steps)).reshape(1)])
+            return torch.cat([new, mean.reshape(1)])
 
     plan = FederatedTraining()
-    x_ex = torch.zeros(n_examples, *(feature_shape or _feature_shape(model)))
-    y_ex = torch.zeros(n_examples, dtype=torch.int64)
-    flat = flatten(get_weights(model))
-    plan.build(x_ex, y_ex, sample_order(n_examples, 0, spec.epochs), flat)
+    rows = example_rows or 2 * spec.batch_size
+    x_ex = torch.zeros(rows, *(feature_shape or _feature_shape(model)))
+    y_ex = torch.zeros(rows, dtype=torch.int64)
+    plan.build(x_ex, y_ex, flatten(get_weights(model)))
     return plan
 
 
@@ -265,7 +282,7 @@ def build_evaluation_plan(
 
     The plan takes ``(x, y, flat_weights)`` and returns ``[loss, accuracy]`` of the weights
     on all ``n_examples`` rows in one batch, without gradients: the computation of
-    :func:`evaluate`, which tests compare it with. Built per example count, like training.
+    :func:`evaluate`, which tests compare it with. Built per example count.
 
     Examples
     --------
