@@ -125,8 +125,7 @@ class LoopPlan(Plan):
 
     def _target(self) -> tuple[Any, list[str]]:
         raise PlanBuildError(
-            f"loop plan {self.name!r} cannot run inside another plan's trace; call it on "
-            "its own",
+            f"loop plan {self.name!r} cannot run inside another plan's trace; call it on its own",
             plan_name=self.name,
         )
 
@@ -147,20 +146,17 @@ class LoopPlan(Plan):
         self._check_examples(data, extras)
         state = self.named_state()
         setup = self._sub_plan("setup", self.setup, None).build(*extras)
-        dynamic = {n: (0,) for n in names[: self.data_inputs]}
+        dynamic: dict[str, tuple[int, ...]] = {n: (0,) for n in names[: self.data_inputs]}
         with warnings.catch_warnings():  # a step leaves grads; they are cleared after it
             warnings.filterwarnings("ignore", "plan .* leaves .grad set", UserWarning)
             step = self._sub_plan("step", self.step, dynamic).build(*data, *extras)
         step_ir = step.ir
         if not isinstance(step_ir.outputs, Ref):
             raise PlanBuildError(
-                f"{type(self).__name__}.step must return one tensor (the loss), not a "
-                "structure",
+                f"{type(self).__name__}.step must return one tensor (the loss), not a structure",
                 plan_name=self.name,
             )
-        example = step._replay(
-            (*data, *extras), {}, {k: clone_tensor(t) for k, t in state.items()}
-        )
+        example = step._replay((*data, *extras), {}, {k: clone_tensor(t) for k, t in state.items()})
         if not isinstance(example, torch.Tensor) or not example.is_floating_point():
             raise PlanBuildError(
                 f"{type(self).__name__}.step returns {type(example).__name__}; it must "
@@ -172,7 +168,8 @@ class LoopPlan(Plan):
         ir = _assemble(
             self.name, names, len(data), len(extras), setup.ir, step_ir, finish.ir, state
         )
-        ir = dataclasses.replace(ir, loop=dataclasses.replace(ir.loop, drop_last=self.drop_last))
+        assert ir.loop is not None
+        ir.loop.drop_last = self.drop_last
         self._install(ir, self)
         if self.self_check:
             n = int(data[0].shape[0])
@@ -313,18 +310,24 @@ class _Spliced:
     def __init__(
         self, ir: PlanIR, inputs: list[int], state_slots: dict[str, int], base: int
     ) -> None:
-        if ir.kwinputs or len(ir.inputs) != len(inputs) or not all(
-            isinstance(p, Ref) for p in ir.inputs
+        if (
+            ir.kwinputs
+            or len(ir.inputs) != len(inputs)
+            or not all(isinstance(p, Ref) for p in ir.inputs)
         ):
-            raise PlanBuildError(
-                f"{ir.name}: every input must be one tensor", plan_name=ir.name
-            )
+            raise PlanBuildError(f"{ir.name}: every input must be one tensor", plan_name=ir.name)
         mapping = {p.slot: slot for p, slot in zip(ir.inputs, inputs, strict=True)}  # type: ignore[union-attr]
         mapping.update({ir.state[k]: state_slots[k] for k in ir.state})
         self._map = lambda s: mapping.get(s, base + s)
         self.ops = [
-            Op(op.target, self.value(op.args), self.value(op.kwargs), self.value(op.out),
-               op.expect, op.source)  # fmt: skip
+            Op(
+                op.target,
+                self.value(op.args),
+                self.value(op.kwargs),
+                self.value(op.out),
+                op.expect,
+                op.source,
+            )
             for op in ir.ops
         ]
         self.constants = {self._map(s): t for s, t in ir.constants.items()}

@@ -50,7 +50,7 @@ def test_a_training_plan_of_the_model_equals_eager_sgd_step_for_step(name: str, 
     w = get_weights(net)
     for seed in (1001, 2001):  # two rounds: the plan keeps no state between calls
         order = sample_order(17, seed, spec.epochs)
-        out = plan(x, y, order, flatten(w))
+        out = plan(x, y, flatten(w), epochs=2, batch_size=7, seed=seed)
         ref, loss = train_eager(scratch_copy(net), spec, w, x, y, order)
         assert torch.allclose(out[:-1], flatten(ref), atol=1e-6)
         assert float(out[-1]) == pytest.approx(loss, abs=1e-6)

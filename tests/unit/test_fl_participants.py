@@ -22,7 +22,7 @@ from producer.fl.training import (
     train_eager,
     unflatten,
 )
-from schemas.errors import ObjectNotFound, PlanGuardError
+from schemas.errors import ObjectNotFound
 
 
 def _net() -> nn.Module:
@@ -47,20 +47,23 @@ def test_the_training_plan_equals_the_eager_local_update(spec: TrainingSpec) -> 
     x, y = _data(21, 1)
     w = get_weights(net)
     order = sample_order(21, 1003, spec.epochs)
-    plan = build_training_plan(net, spec, 21)
-    out = plan(x, y, order, flatten(w))
+    plan = build_training_plan(net, spec)
+    out = plan(x, y, flatten(w), epochs=spec.epochs, batch_size=spec.batch_size, seed=1003)
     ref, loss = train_eager(scratch_copy(net), spec, w, x, y, order)
     for k, v in unflatten(out[:-1], w).items():
         torch.testing.assert_close(v, ref[k], rtol=0, atol=1e-6)
     assert float(out[-1]) == pytest.approx(loss, rel=1e-5)
 
 
-def test_the_training_plan_refuses_a_device_with_another_example_count() -> None:
-    net = _net()
-    plan = build_training_plan(net, TrainingSpec(batch_size=8), 21)
-    x, y = _data(20, 1)
-    with pytest.raises(PlanGuardError):
-        plan(x, y, sample_order(20, 1), flatten(get_weights(net)))
+def test_one_training_plan_serves_devices_with_any_example_count() -> None:
+    net, spec = _net(), TrainingSpec(batch_size=8)
+    plan = build_training_plan(net, spec, 21)
+    w = get_weights(net)
+    for n in (1, 8, 20, 33):
+        x, y = _data(n, n)
+        out = plan(x, y, flatten(w), epochs=1, batch_size=8, seed=n)
+        ref, _ = train_eager(scratch_copy(net), spec, w, x, y, sample_order(n, n))
+        torch.testing.assert_close(unflatten(out[:-1], w), ref, rtol=0, atol=1e-6)
 
 
 def test_flatten_and_unflatten_are_inverse() -> None:
@@ -71,12 +74,10 @@ def test_flatten_and_unflatten_are_inverse() -> None:
 
 def _fleet_job(fleet: fp.Fleet, spec: TrainingSpec, strategy: FedAvg) -> FederatedJob:
     net = _net()
-    plans: dict[int, object] = {}
+    plan = build_training_plan(net, spec)
 
     def plan_for(n: int) -> object:
-        if n not in plans:
-            plans[n] = build_training_plan(net, spec, n)
-        return plans[n]
+        return plan
 
     participants = []
     for k in range(3):

@@ -12,9 +12,6 @@ from torch import nn
 import producer as fp
 from consumer.runtime.interpreter import LoadedPlan
 from consumer.runtime.loop import MAX_SEED
-from consumer.store.limits import StoreLimits
-from consumer.store.memory import MemoryStore
-from producer.plans.selfcheck import clone_tensor
 from producer.fl.training import (
     TrainingSpec,
     build_training_plan,
@@ -25,6 +22,7 @@ from producer.fl.training import (
     train_eager,
     unflatten,
 )
+from producer.plans.selfcheck import clone_tensor
 from schemas import plan_codec
 from schemas.errors import (
     LoopLimitError,
@@ -240,7 +238,9 @@ def _loaded(ir: object) -> LoadedPlan:
 
 def test_a_loop_that_reads_slots_it_should_not_is_refused_at_load() -> None:
     ir = Train().build(*_data(6)).ir
-    unwritten = dataclasses.replace(ir, loop=dataclasses.replace(ir.loop, extras=(Ref(ir.num_slots - 1),)))
+    unwritten = dataclasses.replace(
+        ir, loop=dataclasses.replace(ir.loop, extras=(Ref(ir.num_slots - 1),))
+    )
     with pytest.raises(WireError):
         _loaded(unwritten)
     outside = dataclasses.replace(ir, loop=dataclasses.replace(ir.loop, data=(Ref(10**6),)))
