@@ -104,5 +104,20 @@ def render(ir: PlanIR) -> str:
     params += [f"{k}={render_value(v, name)}" for k, v in ir.kwinputs.items()]
     lines = [f"def {ir.name}({', '.join(params)}):"]
     lines += [f"    {_render_op(op, name)}" for op in ir.ops]
+    if ir.loop is not None:  # the loop section, then its body as a nested def
+        loop = ir.loop
+        data = ", ".join(render_value(r, name) for r in loop.data)
+        extras = "".join(f", {render_value(r, name)}" for r in loop.extras)
+        rule = "drop_last" if loop.drop_last else "last short batch kept"
+        lines.insert(
+            1 + loop.at,
+            f"    {render_value(loop.out, name)} = mean({loop.body.name}(*batch{extras}) "
+            f"for batch in batches({data}, {render_value(loop.epochs, name)}, "
+            f"{render_value(loop.batch_size, name)}, {render_value(loop.seed, name)}))"
+            f"  # {rule}",
+        )
+        lines.append(f"    return {render_value(ir.outputs, name)}")
+        body = render(loop.body).splitlines()
+        return "\n".join([*lines, *body])
     lines.append(f"    return {render_value(ir.outputs, name)}")
     return "\n".join(lines)
