@@ -19,7 +19,12 @@ from schemas.ir import (
     Slice,
     SymExpr,
 )
-from schemas.plan_codec import plan_content_hash, plan_from_proto, plan_to_proto
+from schemas.plan_codec import (
+    PLAN_SCHEMA_VERSIONS,
+    plan_content_hash,
+    plan_from_proto,
+    plan_to_proto,
+)
 from schemas.plan_pb2 import PlanProto
 
 
@@ -157,8 +162,8 @@ def test_a_plan_without_a_content_hash_is_refused() -> None:
 
 def test_an_unknown_schema_version_is_refused_naming_the_supported_ones() -> None:
     proto = plan_to_proto(linear_plan(), plan_id="p")
-    proto.schema_version = SCHEMA_VERSION + 1
-    with pytest.raises(SchemaVersionError, match=f"supports {SCHEMA_VERSION}"):
+    proto.schema_version = max(PLAN_SCHEMA_VERSIONS) + 1
+    with pytest.raises(SchemaVersionError, match=f"supports {SCHEMA_VERSION}, 2"):
         plan_from_proto(proto)
 
 
