@@ -73,18 +73,25 @@ def run(transport: str) -> dict[str, object]:
         empty = torch.zeros(0)
         shares.append(DeviceData(f"client-{k}", x_train[idx], y_train[idx], empty, empty))
     workers = Workers()
+    plans: dict[int, object] = {}
     vhost: Vhost | None = None
     tmp = Path(tempfile.mkdtemp(prefix="fedplan-bench-"))
     if transport == "rabbitmq":
+        from schemas.plan_codec import plan_content_hash
+
+        # Devices are private by default: approve the training plans (one per local
+        # example count) by hash, as `fedplan demo` does.
+        for n in sorted({len(p) for p in parts}):
+            plans[n] = build_training_plan(net, spec, n)
+        approved = [plan_content_hash(plan.ir) for plan in plans.values()]  # type: ignore[attr-defined]
         vhost = Vhost().__enter__()
-        workers = spawn_workers(shares, tmp, vhost.url)
+        workers = spawn_workers(shares, tmp, vhost.url, approved)
         fleet = fp.connect(vhost.url, timeout=120.0)
     else:
         fleet = fp.connect()
     executor = ThreadPoolExecutor(2 * N_CLIENTS)
     evaluator = Net()
     try:
-        plans: dict[int, object] = {}
 
         def plan_for(n: int) -> object:
             if n not in plans:
