@@ -85,6 +85,7 @@ def test_a_pool_process_runs_torch_with_the_configured_thread_count(
     before = torch.get_num_threads()
     monkeypatch.setenv("FEDPLAN_TORCH_THREADS", "1")  # the app here has no fedplan settings
     try:
+        torch.set_num_threads(2)  # what torch starts with on a 2-core machine
         tasks._pool_process_init()
         assert torch.get_num_threads() == 1
     finally:
