@@ -176,6 +176,7 @@ class DeviceRuntime(TenantRules):
             try:
                 reply = self._handle(data)
             finally:
+                self._object_frame = None  # a cached reply never read it: free the buffer
                 self._record_audit()
             return reply
 
