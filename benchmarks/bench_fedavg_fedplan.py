@@ -73,18 +73,23 @@ def run(transport: str) -> dict[str, object]:
         empty = torch.zeros(0)
         shares.append(DeviceData(f"client-{k}", x_train[idx], y_train[idx], empty, empty))
     workers = Workers()
+    plan = build_training_plan(net, spec)  # one loop plan serves every device
     vhost: Vhost | None = None
     tmp = Path(tempfile.mkdtemp(prefix="fedplan-bench-"))
     if transport == "rabbitmq":
+        from schemas.plan_codec import plan_content_hash
+
+        # Devices are private by default: approve the training plan by hash, as
+        # `fedplan demo` does.
+        approved = [plan_content_hash(plan.ir)]  # type: ignore[attr-defined]
         vhost = Vhost().__enter__()
-        workers = spawn_workers(shares, tmp, vhost.url)
+        workers = spawn_workers(shares, tmp, vhost.url, approved)
         fleet = fp.connect(vhost.url, timeout=120.0)
     else:
         fleet = fp.connect()
     executor = ThreadPoolExecutor(2 * N_CLIENTS)
     evaluator = Net()
     try:
-        plan = build_training_plan(net, spec)  # one loop plan serves every device
 
         def plan_for(n: int) -> object:
             return plan

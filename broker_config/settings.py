@@ -55,6 +55,8 @@ ENV_VARS: dict[str, str] = {
     "FEDPLAN_MAX_PLAN_OPS": "max_plan_ops",
     "FEDPLAN_MAX_PLAN_BYTES": "max_plan_bytes",
     "FEDPLAN_MAX_LOOP_STEPS": "max_loop_steps",
+    "FEDPLAN_TORCH_THREADS": "torch_threads",
+    "FEDPLAN_TASK_EVENTS": "task_events",
 }
 
 
@@ -142,6 +144,14 @@ class Settings:
     max_loop_steps: int = 100_000
     """Steps (epochs times batches) one call of a plan's training loop may run; a call asking
     for more is refused before its first step (``LOOP_LIMIT``)."""
+    torch_threads: int = 1
+    """torch intra-op threads of a worker's pool process (0: torch's default, one per core).
+    One by default: a machine runs several device workers, and a device's plans are small;
+    every worker splitting each op over all cores made them fight for the CPUs."""
+    task_events: bool = False
+    """Whether workers publish Celery task events (what Flower monitors). Off by default:
+    the worker's main process published three event messages per command on the critical
+    path of every call (docs/performance.md); ``FEDPLAN_TASK_EVENTS=true`` for Flower."""
 
     def __post_init__(self) -> None:
         urls = self.broker_url.split(";")
@@ -200,6 +210,8 @@ class Settings:
                 _bad(name, getattr(self, name), "a positive integer")
         if self.store_cache_bytes < 0:
             _bad("store_cache_bytes", self.store_cache_bytes, "0 (no cache) or more bytes")
+        if self.torch_threads < 0:
+            _bad("torch_threads", self.torch_threads, "0 (torch's default) or a thread count")
         if self.heartbeat < 0:
             _bad("heartbeat", self.heartbeat, "0 (off) or a positive number of seconds")
 

@@ -22,7 +22,8 @@ def device_permissions(device_id: str) -> dict[str, str]:
     exchange is not writable, so a device can neither read another device's commands nor
     publish into a producer's results queue except through the results exchange. The one
     exception is Celery's event exchange (``celeryev``), which a worker declares and writes
-    to for task events (Flower); run such workers with ``FEDPLAN_WORKER_DECLARES=false``.
+    to for task events (Flower, with ``FEDPLAN_TASK_EVENTS=true``); run such workers with
+    ``FEDPLAN_WORKER_DECLARES=false``.
     """
     events = re.escape(CELERY_EVENT_EXCHANGE)
     return {

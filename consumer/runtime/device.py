@@ -68,10 +68,15 @@ from schemas.ir import SCHEMA_VERSION, ObjectId, PlanIR, Ref, Slice, SymExpr, Va
 from schemas.outputs import flatten_like, inline_flags, output_slots
 from schemas.plan_codec import plan_from_proto, plan_to_proto
 from schemas.plan_pb2 import ValueDict
-from schemas.tensor_codec import tensor_from_proto, tensor_to_proto
+from schemas.tensor_codec import (
+    framed_tensor_protos,
+    inline_frames,
+    tensor_from_proto,
+    tensor_to_proto,
+)
 from schemas.tree import tree_map
 from schemas.value_codec import value_from_proto, value_to_proto
-from schemas.wire import decode_command, encode_command, encode_reply, new_id
+from schemas.wire import decode_command_framed, encode_command, encode_reply, new_id
 
 if TYPE_CHECKING:
     from consumer.runtime.interpreter import LoadedPlan
@@ -146,6 +151,7 @@ class DeviceRuntime(TenantRules):
         self._policy = Policy()
         self._entry = AuditEntry(sender=LOCAL_SENDER, kind="")
         self._private_inputs = False
+        self._object_frame: memoryview | None = None
         self._inputs: list[str] = []  # store keys of the command's own-object arguments
         self._loaded: dict[str, tuple[str, LoadedPlan]] = {}
         self._records: dict[str, PointerRecords] = {}  # per sender: pointers to other devices
@@ -155,7 +161,7 @@ class DeviceRuntime(TenantRules):
 
     # -- entry point -------------------------------------------------------------------------
 
-    def handle(self, data: bytes, sender: str = LOCAL_SENDER) -> bytes:
+    def handle(self, data: bytes | bytearray, sender: str = LOCAL_SENDER) -> bytes:
         """Decode a ``Command``, run it once for ``sender``, and return the encoded ``Reply``;
         never raises.
 
@@ -170,6 +176,7 @@ class DeviceRuntime(TenantRules):
             try:
                 reply = self._handle(data)
             finally:
+                self._object_frame = None  # a cached reply never read it: free the buffer
                 self._record_audit()
             return reply
 
@@ -177,9 +184,32 @@ class DeviceRuntime(TenantRules):
         """The stored reply of ``sender``'s command ``command_id``, if it ran to the end."""
         return self.store.get_reply(scoped(sender or LOCAL_SENDER, command_id))
 
-    def _handle(self, data: bytes) -> bytes:
+    def _decode(self, data: bytes | bytearray) -> Command:
+        """Parse a command; a ``StoreObject``'s framed tensor is kept as a view of ``data``.
+
+        That tensor is then decoded straight from the received buffer (no copy into the
+        protobuf ``bytes`` field and out again: zero copies when ``data`` is the writable
+        buffer chunks were assembled into, one otherwise). Frames of any other command are
+        inlined, so every other handler sees inline tensors only.
+        """
+        command, frames = decode_command_framed(data)
+        self._object_frame = None
+        if not frames:
+            return command
+        protos = framed_tensor_protos(command)
+        if (
+            command.WhichOneof("body") == "store_object"
+            and len(protos) == len(frames) == 1
+            and protos[0] is command.store_object.tensor
+        ):
+            self._object_frame = frames[0]
+        else:
+            inline_frames(command, frames)
+        return command
+
+    def _handle(self, data: bytes | bytearray) -> bytes:
         try:
-            command = decode_command(data)
+            command = self._decode(data)
         except Exception as exc:
             self._entry.outcome = WireError.code
             return encode_safely(error_reply(self.device_id, "", [], exc, WireError))
@@ -265,7 +295,8 @@ class DeviceRuntime(TenantRules):
 
     def _store_object(self, msg: StoreObject) -> Ok:
         check_tags(msg.tags)
-        tensor = tensor_from_proto(msg.tensor)
+        frame, self._object_frame = self._object_frame, None
+        tensor = tensor_from_proto(msg.tensor, frame)
         key = self._key(msg.id)
         self._check_stored_budget(tensor.numel() * tensor.element_size(), key)
         obj = StoredObject(key, tensor, tuple(msg.tags), msg.description)

@@ -91,7 +91,8 @@ def make_app(settings: Settings | None = None) -> Celery:
     """A Celery app configured for fedplan devices.
 
     Late acks (a command is acked only after its reply was confirmed by the broker),
-    prefetch 1, requeue when the pool process dies, task events on, and every delivery
+    prefetch 1, requeue when the pool process dies, task events only with
+    ``settings.task_events`` (for Flower), and every delivery
     checked by the gate (:mod:`consumer.worker.gate`) before Celery reads it: only the
     fedplan envelope is served, anything else is refused to the dead-letter queue. The soft
     time limit is enforced in the pool process (:mod:`consumer.worker.limits`); Celery
@@ -124,7 +125,7 @@ def make_app(settings: Settings | None = None) -> Celery:
         worker_pool="prefork",
         task_soft_time_limit=None,  # enforced in the pool process: no timer per task
         task_time_limit=s.time_limit,
-        worker_send_task_events=True,
+        worker_send_task_events=s.task_events,
         task_send_sent_event=False,
         worker_enable_remote_control=False,
         task_create_missing_queues=True,

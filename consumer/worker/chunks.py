@@ -116,7 +116,7 @@ def _maybe_sweep(settings: Settings) -> None:
         collect_expired(settings)
 
 
-def assemble(settings: Settings, request: Any, data: bytes) -> bytes | None:
+def assemble(settings: Settings, request: Any, data: bytes) -> bytes | bytearray | None:
     """Store one chunk; the whole command once every chunk is there, else None.
 
     Raises :class:`~schemas.errors.MessageRefused` when the chunk would make the transfer
@@ -156,7 +156,25 @@ def assemble(settings: Settings, request: Any, data: bytes) -> bytes | None:
     os.replace(tmp, folder / str(index))
     if len(sizes) < count:
         return None
-    return b"".join((folder / str(i)).read_bytes() for i in range(count))
+    return _read_whole(folder, [sizes[str(i)] for i in range(count)])
+
+
+def _read_whole(folder: Path, sizes: list[int]) -> bytearray:
+    """The chunk files read straight into one preallocated buffer (one copy, no join).
+
+    A ``bytearray`` is writable, so the framed tensors of the command decode into it without
+    another copy (:func:`schemas.tensor_codec.tensor_from_proto`).
+    """
+    whole = bytearray(sum(sizes))
+    view = memoryview(whole)
+    offset = 0
+    for i, size in enumerate(sizes):
+        with open(folder / str(i), "rb", buffering=0) as f:
+            got = f.readinto(view[offset : offset + size])
+        if got != size:
+            raise MessageRefused(f"chunk {i} of a transfer changed while it was read")
+        offset += size
+    return whole
 
 
 def done_with_chunks(settings: Settings, request: Any) -> None:

@@ -7,7 +7,8 @@ import logging
 import os
 from typing import Any
 
-from celery import Task, shared_task
+import torch
+from celery import Task, shared_task, signals
 from celery.exceptions import Reject
 
 from broker_config import names
@@ -38,6 +39,24 @@ log = logging.getLogger(__name__)
 DEAD_LETTER_CODES = frozenset({"DECODE_FAILED", "UNSUPPORTED_SCHEMA", "OP_NOT_ALLOWED"})
 
 _runtimes: dict[tuple[int, str, str], DeviceRuntime] = {}
+
+
+def _pool_process_init(**_: Any) -> None:
+    """In each new pool process: torch's intra-op threads from ``settings.torch_threads``.
+
+    torch starts one thread per core in every process; eight device workers on two cores
+    then ran each small op on two threads that fought the other workers' threads (see
+    docs/performance.md). Celery sends ``worker_process_init`` in the child after the fork.
+    """
+    s = getattr(handle.app.conf, "fedplan_settings", None)
+    threads = (s if isinstance(s, Settings) else Settings.from_env()).torch_threads
+    if threads > 0:
+        torch.set_num_threads(threads)
+
+
+signals.worker_process_init.connect(
+    _pool_process_init, weak=False, dispatch_uid="fedplan-pool-process-init"
+)
 
 
 def _settings(task: Task) -> Settings:

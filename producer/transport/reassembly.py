@@ -166,7 +166,7 @@ class ReplyAssembler:
 
     def add(
         self, headers: object, body: bytes, *, sender: str | None, token: int | None = None
-    ) -> bytes | None:
+    ) -> bytes | bytearray | None:
         """The whole reply once complete (``body`` itself for an unchunked one), else None.
 
         Raises :class:`RejectedReply` for a message that is malformed or over a bound;
@@ -230,7 +230,15 @@ class ReplyAssembler:
                 self._hold(transfer, token)
             return None
         self._drop(key, counted=False)
-        return b"".join(transfer.parts[i] for i in range(count))
+        # One copy into a writable buffer (tensor frames then decode without another copy);
+        # each part is released once copied, so the peak stays at about twice the reply.
+        whole = bytearray(transfer.size)
+        offset = 0
+        for i in range(count):
+            part = transfer.parts.pop(i)
+            whole[offset : offset + len(part)] = part
+            offset += len(part)
+        return whole
 
     def _charge(self, part: bytes | None) -> int:
         return 0 if part is None else max(len(part), self.min_chunk_charge)

@@ -61,7 +61,8 @@ def test_the_celery_app_acks_late_prefetches_one_and_accepts_only_protobuf() -> 
     assert (c.task_soft_time_limit, c.task_time_limit) == (None, 7)
     assert c.fedplan_settings.soft_time_limit == 5
     assert not c.task_acks_on_failure_or_timeout  # failed or timed out: dead-lettered
-    assert c.worker_send_task_events
+    assert not c.worker_send_task_events  # off unless FEDPLAN_TASK_EVENTS (Flower)
+    assert make_app(Settings(task_events=True)).conf.worker_send_task_events
     assert names.TASK_NAME in app.tasks
 
 

@@ -1,0 +1,99 @@
+"""The copy-free paths and worker settings of issue 13 (speed): behaviour, not timing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from broker_config.envelope import CHUNK_HEADER, CHUNKS_HEADER, TRANSFER_HEADER
+from broker_config.settings import Settings
+from consumer.runtime.device import DeviceRuntime
+from consumer.store.memory import MemoryStore
+from consumer.worker import tasks
+from consumer.worker.chunks import assemble
+from producer.transport.reassembly import ReplyAssembler
+from schemas import command_pb2 as cmd
+from schemas.errors import FedplanError
+from schemas.tensor_codec import tensor_to_proto
+from schemas.wire import decode_reply, encode_command, new_id
+
+
+def _store_object_command(tensor: torch.Tensor, object_id: str) -> bytes:
+    command = cmd.Command(command_id=new_id(), device_id="d1")
+    command.store_object.CopyFrom(
+        cmd.StoreObject(id=object_id, tensor=tensor_to_proto(tensor, framed=True))
+    )
+    return encode_command(command, [tensor])
+
+
+def test_a_framed_store_object_from_a_writable_buffer_is_stored_without_a_copy() -> None:
+    store = MemoryStore()
+    runtime = DeviceRuntime(device_id="d1", store=store)
+    tensor = torch.arange(4096, dtype=torch.float32)
+    data = bytearray(_store_object_command(tensor, "big"))
+    reply = decode_reply(runtime.handle(data))
+    assert reply.WhichOneof("outcome") == "ok", reply.error
+    stored = next(iter(store._objects.values())).tensor
+    assert torch.equal(stored, tensor)
+    start = torch.frombuffer(data, dtype=torch.uint8).data_ptr()
+    assert start <= stored.data_ptr() < start + len(data)  # a view of the received buffer
+    stored.add_(1)  # writable, and the buffer it lives in is the device's own
+    assert stored[0].item() == 1.0
+
+
+def test_a_framed_store_object_from_read_only_bytes_is_copied_once_and_writable() -> None:
+    store = MemoryStore()
+    runtime = DeviceRuntime(device_id="d1", store=store)
+    tensor = torch.ones(3, 5, dtype=torch.float64)
+    reply = decode_reply(runtime.handle(_store_object_command(tensor, "x")))
+    assert reply.WhichOneof("outcome") == "ok", reply.error
+    stored = next(iter(store._objects.values())).tensor
+    stored.mul_(2)
+    assert torch.equal(stored, 2 * tensor)
+
+
+def test_chunks_are_assembled_into_one_writable_buffer_in_order(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path)
+    parts = [bytes([i]) * 5000 for i in range(3)]
+    out = None
+    for index in (2, 0, 1):
+        request = SimpleNamespace(
+            **{TRANSFER_HEADER: "t1", CHUNK_HEADER: index, CHUNKS_HEADER: 3}
+        )
+        out = assemble(settings, request, parts[index])
+    assert isinstance(out, bytearray)
+    assert bytes(out) == b"".join(parts)
+
+
+def test_a_chunked_reply_is_joined_into_one_writable_buffer() -> None:
+    assembler = ReplyAssembler(max_reply_size=100, max_pending_bytes=200, max_transfers=4, ttl=9)
+    pieces = [b"abc", b"def", b"g"]
+    got = None
+    for i in (1, 2, 0):
+        headers = {TRANSFER_HEADER: "r1", CHUNK_HEADER: i, CHUNKS_HEADER: 3}
+        got = assembler.add(headers, pieces[i], sender="guest")
+    assert isinstance(got, bytearray) and bytes(got) == b"abcdefg"
+    assert assembler.transfers == 0 and assembler.pending_bytes == 0
+
+
+def test_a_pool_process_runs_torch_with_the_configured_thread_count(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    before = torch.get_num_threads()
+    monkeypatch.setenv("FEDPLAN_TORCH_THREADS", "1")  # the app here has no fedplan settings
+    try:
+        torch.set_num_threads(2)  # what torch starts with on a 2-core machine
+        tasks._pool_process_init()
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_negative_torch_thread_count_is_refused() -> None:
+    with pytest.raises(FedplanError, match="torch_threads"):
+        Settings.from_env({"FEDPLAN_TORCH_THREADS": "-1"})
+    assert Settings.from_env({"FEDPLAN_TORCH_THREADS": "0"}).torch_threads == 0
+    assert Settings.from_env({"FEDPLAN_TASK_EVENTS": "true"}).task_events
