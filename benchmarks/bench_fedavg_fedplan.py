@@ -81,7 +81,7 @@ def run(transport: str) -> dict[str, object]:
 
         # Devices are private by default: approve the training plan by hash, as
         # `fedplan demo` does.
-        approved = [plan_content_hash(plan.ir)]  # type: ignore[attr-defined]
+        approved = [plan_content_hash(plan.ir)]
         vhost = Vhost().__enter__()
         workers = spawn_workers(shares, tmp, vhost.url, approved)
         fleet = fp.connect(vhost.url, timeout=120.0)
