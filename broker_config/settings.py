@@ -54,6 +54,7 @@ ENV_VARS: dict[str, str] = {
     "FEDPLAN_STORE_CACHE_BYTES": "store_cache_bytes",
     "FEDPLAN_MAX_PLAN_OPS": "max_plan_ops",
     "FEDPLAN_MAX_PLAN_BYTES": "max_plan_bytes",
+    "FEDPLAN_POOL_MEMORY_LIMIT": "pool_memory_limit",
 }
 
 
@@ -138,6 +139,10 @@ class Settings:
     """Ops in one stored plan; a larger plan is refused on receipt (``PLAN_TOO_LARGE``)."""
     max_plan_bytes: int = 256 * MIB
     """Encoded size of one stored plan with its state; larger is refused (``PLAN_TOO_LARGE``)."""
+    pool_memory_limit: int = 0
+    """Bytes of memory (``RLIMIT_DATA``) a worker's pool process may use beyond what it uses
+    when it starts; a command that needs more fails with ``MEMORY_LIMIT`` and the worker
+    serves on. 0: no limit but the machine's (and the policy's ``max_alloc_bytes``)."""
 
     def __post_init__(self) -> None:
         urls = self.broker_url.split(";")
@@ -193,6 +198,8 @@ class Settings:
         ):
             if getattr(self, name) < 1:
                 _bad(name, getattr(self, name), "a positive integer")
+        if self.pool_memory_limit < 0:
+            _bad("pool_memory_limit", self.pool_memory_limit, "0 (no limit) or more bytes")
         if self.store_cache_bytes < 0:
             _bad("store_cache_bytes", self.store_cache_bytes, "0 (no cache) or more bytes")
         if self.heartbeat < 0:

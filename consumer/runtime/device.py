@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -11,6 +12,7 @@ import torch
 
 from consumer.policy.allocation import plan_static_bytes, static_bytes
 from consumer.policy.audit import AuditEntry, AuditSink, MemoryAudit
+from consumer.policy.fairness import CommandRates
 from consumer.policy.rules import MemoryPolicy, Policy, PolicySource
 from consumer.policy.tenancy import (
     PRIVATE_TAG,
@@ -20,6 +22,7 @@ from consumer.policy.tenancy import (
     scoped,
     visible_tags,
 )
+from consumer.runtime.budgets import deadline_of, is_out_of_memory
 from consumer.runtime.lowering import Lowering, get
 from consumer.runtime.pointer_records import PointerRecords
 from consumer.runtime.replies import (
@@ -32,6 +35,7 @@ from consumer.runtime.replies import (
     result_ids_of,
     tensor_info,
 )
+from consumer.runtime.run_limits import RunLimits
 from consumer.runtime.tenant_rules import TenantRules
 from consumer.store.base import DeviceStore, StoredObject, StoredPlan
 from consumer.store.limits import StoreLimits
@@ -88,7 +92,7 @@ LOCAL_SENDER = "local"
 """The sender of a command handed to :meth:`DeviceRuntime.handle` without one."""
 
 
-class DeviceRuntime(TenantRules):
+class DeviceRuntime(TenantRules, RunLimits):
     """Runs commands for one device; the same code behind embedded threads and Celery tasks.
 
     Parameters
@@ -106,6 +110,10 @@ class DeviceRuntime(TenantRules):
         every producer admitted, no plan approved).
     audit
         Where every command is recorded (:mod:`consumer.policy.audit`).
+    rates
+        Checks the policy's ``max_commands_per_minute`` per sender before a command runs
+        (:mod:`consumer.policy.fairness`); embedded devices pass one, a Celery device's
+        gate checks it before the command reaches the runtime.
 
     Every command runs for its *sender* (the broker-validated AMQP ``user_id``; embedded:
     the producer's id): the objects, plans, pointer records and cached replies it names are
@@ -134,8 +142,10 @@ class DeviceRuntime(TenantRules):
         limits: StoreLimits | None = None,
         policy: PolicySource | None = None,
         audit: AuditSink | None = None,
+        rates: CommandRates | None = None,
     ) -> None:
         self.device_id = device_id
+        self.rates = rates
         self.store = store
         self.limits = limits or StoreLimits()
         self.policy_source: PolicySource = policy or MemoryPolicy()
@@ -151,6 +161,8 @@ class DeviceRuntime(TenantRules):
         self._records: dict[str, PointerRecords] = {}  # per sender: pointers to other devices
         self._frames: list[torch.Tensor] = []  # tensors sent raw after the current reply
         self._lowering = Lowering(lambda message, _index: WireError(message))
+        self._deadline: float | None = None  # the policy's max_wall_seconds, per command
+        self._measured: OrderedDict[Any, int | None] = OrderedDict()  # allocation pre-checks
         self._lock = threading.RLock()  # one command at a time: plan state is mutated in place
 
     # -- entry point -------------------------------------------------------------------------
@@ -168,7 +180,7 @@ class DeviceRuntime(TenantRules):
             self._sender = sender or LOCAL_SENDER
             self._entry = AuditEntry(sender=self._sender, kind="")
             try:
-                reply = self._handle(data)
+                reply = self._refuse_over_rate(data) or self._handle(data)
             finally:
                 self._record_audit()
             return reply
@@ -257,6 +269,7 @@ class DeviceRuntime(TenantRules):
         self._command_id = command.command_id
         self._policy = self.policy_source.current()
         self._policy.check_admits(self._sender, self.device_id)
+        self._deadline = deadline_of(self._policy.budgets.max_wall_seconds)
         self._private_inputs = False
         self._inputs = []
         if command.delete_first:  # deletes batched by the server ride with the next command
@@ -319,8 +332,10 @@ class DeviceRuntime(TenantRules):
         private = (self._private_inputs or PRIVATE_TAG in stored.tags) and not approved
         if private and msg.return_values:
             self._refuse_plan(stored, msg.plan_id, "its outputs as values in the reply")
+        self._precheck_plan(stored, loaded, args, kwargs)
+        known = [args, kwargs, stored.ir.state_values, stored.ir.constants]
         try:
-            out = loaded.run(tuple(args), kwargs, stored.ir.state_values)
+            out = loaded.run(tuple(args), kwargs, stored.ir.state_values, watch=self._watch(known))
         except FedplanError as exc:
             exc.plan_id = exc.plan_id or msg.plan_id
             exc.plan_name = exc.plan_name or stored.ir.name
@@ -352,14 +367,18 @@ class DeviceRuntime(TenantRules):
         kwargs = self._resolve_kwargs(msg.kwargs)
         private = self._private_inputs
         self._check_alloc_budget(msg.target, static_bytes(msg.target, args, kwargs))
+        self._precheck_op(msg.target, fn, args, kwargs)
         if private and msg.return_values:
             raise self._private_error(msg.target, "returned as a value by an op")
         try:
             with torch.set_grad_enabled(not msg.no_grad):
                 out = fn(*args, **kwargs)
+            self._check_op_result(msg.target, out)
         except FedplanError:
             raise
         except Exception as exc:
+            if is_out_of_memory(exc):
+                raise self._memory_error(msg.target, exc) from exc
             raise PlanExecutionError(
                 f"{msg.target} failed on device {self.device_id!r}: {type(exc).__name__}: {exc}",
                 device_id=self.device_id,

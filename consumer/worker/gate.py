@@ -11,7 +11,10 @@ before all of that, and either
   (no eta, expiry, time limits or retries from the sender: the device's settings apply),
   plus the delivery count the gate recorded (``fedplan_deliveries``); or
 - refuses it: a typed ``MESSAGE_REFUSED`` error reply where a reply address is known
-  (``reply_to`` + ``correlation_id``), then a reject to the dead-letter queue.
+  (``reply_to`` + ``correlation_id``), then a reject to the dead-letter queue; or
+- refuses a well-formed command whose sender is over the policy's
+  ``max_commands_per_minute`` (:mod:`consumer.policy.fairness`): a typed ``POLICY_REFUSED``
+  reply, and the message is acked unrun (it is not a bad message).
 
 The gate never raises into Celery: a failure inside it refuses the message.
 """
@@ -36,6 +39,8 @@ from broker_config.envelope import (
     TRANSFER_HEADER,
 )
 from broker_config.settings import Settings
+from consumer.policy.fairness import CommandRates
+from consumer.policy.rules import PolicyFile
 from consumer.worker.delivery_attempts import DeliveryAttempts
 from consumer.worker.frames import UNDECODABLE
 from consumer.worker.publishing import send_error
@@ -309,6 +314,25 @@ class Gate:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._attempts: DeliveryAttempts | None = None
+        self._policy: PolicyFile | None = None
+        self.rates = CommandRates()
+
+    def over_rate(
+        self, verdict: Verdict, deliveries: int, device: str | None
+    ) -> FedplanError | None:
+        """The refusal of a command whose sender is over its ``max_commands_per_minute``
+        (:mod:`consumer.policy.fairness`); a redelivery and the later chunks of a transfer
+        do not count again. An unreadable policy refuses nothing here (the runtime does)."""
+        sender = verdict.headers.get(SENDER_HEADER)
+        if deliveries > 1 or verdict.headers.get(CHUNK_HEADER, 0) != 0 or not sender:
+            return None
+        if self._policy is None:
+            self._policy = PolicyFile(self.settings.data_dir)
+        try:
+            per_minute = self._policy.current().budgets.max_commands_per_minute
+        except Exception:
+            return None
+        return self.rates.refusal(sender, per_minute, device or "")
 
     @property
     def device_id(self) -> str:
@@ -342,17 +366,32 @@ class Gate:
                 limit = self.settings.delivery_limit
                 if n > limit + MAX_REFUSED_HARD:
                     return self._refuse(raw, verdict, device, _crashed(verdict, n))
+                over = self.over_rate(verdict, n, device)
+                if over is not None:
+                    return self._refuse(raw, verdict, device, over, dead_letter=False)
                 verdict.headers[DELIVERIES_HEADER] = n
                 if isinstance(properties, dict):  # always, once admitted
                     properties["application_headers"] = verdict.headers
                     return True
         return self._refuse(raw, verdict, device, MessageRefused(verdict.refusal or ""))
 
-    def _refuse(self, raw: Any, verdict: Verdict, device: str | None, exc: FedplanError) -> bool:
-        log.error(
-            "refused message %s (command %s) to the dead-letter queue: %s [%s]",
+    def _refuse(
+        self,
+        raw: Any,
+        verdict: Verdict,
+        device: str | None,
+        exc: FedplanError,
+        *,
+        dead_letter: bool = True,
+    ) -> bool:
+        """Answer the message with ``exc`` and drop it: to the dead-letter queue (a bad
+        message), or acked (a well-formed command refused by a rate budget)."""
+        log.log(
+            logging.ERROR if dead_letter else logging.INFO,
+            "refused message %s (command %s)%s: %s [%s]",
             verdict.message_id,
             verdict.command_id,
+            " to the dead-letter queue" if dead_letter else "",
             exc.message,
             exc.code,
         )
@@ -365,9 +404,12 @@ class Gate:
             command_id=verdict.command_id,
         )
         try:
-            raw.channel.basic_reject(raw.delivery_tag, requeue=False)
+            if dead_letter:
+                raw.channel.basic_reject(raw.delivery_tag, requeue=False)
+            else:
+                raw.channel.basic_ack(raw.delivery_tag)
         except Exception:
-            log.exception("rejecting a refused message failed; it will come back")
+            log.exception("dropping a refused message failed; it will come back")
         return False
 
 

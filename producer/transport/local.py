@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from consumer.policy.fairness import CommandRates
 from consumer.runtime.device import DeviceRuntime
 from consumer.store.memory import MemoryStore
 from producer.transport.base import ReplyHandler
@@ -185,7 +186,12 @@ class LocalTransport:
                 raise TransportError("the embedded transport is closed; connect() again")
             if device_id in self._devices:
                 return
-            runtime = DeviceRuntime(device_id=device_id, store=MemoryStore(), forward=self._forward)
+            runtime = DeviceRuntime(
+                device_id=device_id,
+                store=MemoryStore(),
+                forward=self._forward,
+                rates=CommandRates(),
+            )
             self._devices[device_id] = _EmbeddedDevice(
                 device_id,
                 runtime,
