@@ -111,6 +111,7 @@ class RunBudget:
         self.held = 0
         self.peak = 0
         self._known = {id(t) for t in _leaves(list(known))}
+        self._known |= {id(t._base) for t in _leaves(list(known)) if t._base is not None}
         self._slots: dict[int, tuple[int, ...]] = {}  # slot -> ids of tensors it holds
         self._refs: dict[int, int] = {}  # tensor id -> slots holding it
         self._cost: dict[int, int] = {}  # tensor id -> bytes charged for it
@@ -141,14 +142,16 @@ class RunBudget:
         self._release(slot)
         ids = []
         for tensor in _leaves(value):
-            key = id(tensor)
+            base = tensor._base if tensor._is_view() else None
+            owner = base if isinstance(base, torch.Tensor) else tensor  # a view holds its base
+            key = id(owner)
             if key in self._known:
                 continue
             ids.append(key)
             count = self._refs.get(key, 0)
             self._refs[key] = count + 1
-            if count == 0:  # a view shares its base's memory: only a new tensor costs
-                cost = 0 if tensor._is_view() else tensor.numel() * tensor.element_size()
+            if count == 0:
+                cost = owner.numel() * owner.element_size()
                 self._cost[key] = cost
                 self.held += cost
         self._slots[slot] = tuple(ids)

@@ -419,14 +419,16 @@ class DeviceRuntime(TenantRules, RunLimits):
         return Ok()
 
     def _search(self, msg: Search) -> Ok:
-        found = [o for o in self.store.search(list(msg.tags)) if self._visible(o.id)]
-        records = self._pointers.search(list(msg.tags))
-        return Ok(objects=[*map(self._info, found), *map(PointerRecords.info, records)])
+        tags = list(msg.tags)
+        found = [o for o in self.store.search(tags) if self._visible(o.id)]
+        infos = [self._search_info(o, tags) for o in found]
+        records = self._pointers.search(tags)
+        return Ok(objects=[*(i for i in infos if i), *map(PointerRecords.info, records)])
 
     def _list_objects(self, msg: ListObjects) -> Ok:
         records = self._pointers.search([])
-        objects = [o for o in self.store.list_objects() if self._visible(o.id)]
-        return Ok(objects=[*map(self._info, objects), *map(PointerRecords.info, records)])
+        infos = [self._search_info(o, []) for o in self.store.list_objects() if self._visible(o.id)]
+        return Ok(objects=[*(i for i in infos if i), *map(PointerRecords.info, records)])
 
     def _clear_objects(self, msg: ClearObjects) -> Ok:
         for obj in self.store.list_objects():  # the sender's objects only

@@ -241,6 +241,24 @@ class TenantRules:
                 device_id=self.device_id,
             )
 
+    def _search_info(self, obj: StoredObject, tags: list[str]) -> ObjectInfo | None:
+        """What ``search``/``objects()`` show the sender of a stored object it may see.
+
+        Its own objects and public device data: their metadata. Private device data: only
+        when named by a tag (``search``; it is not listed), as a pointer with its id, shape
+        and dtype (what a plan on it is built for) and only the tags the sender named: no
+        description, no other tags.
+        """
+        if not is_device_data(obj.id) or not self._is_private(obj):
+            return self._info(obj)
+        if not tags:
+            return None
+        info = self._info(obj)
+        info.description = ""
+        del info.tags[:]
+        info.tags.extend(t for t in visible_tags(obj.tags) if t in tags)
+        return info
+
     def _info(self, obj: StoredObject) -> ObjectInfo:
         """Metadata as the sender sees it: its own id, no reserved tags."""
         info = tensor_info(obj)
