@@ -166,6 +166,10 @@ class RunBudget:
                 self.held -= self._cost.pop(key)
 
 
+class _Late(PolicyError):
+    """The meta run passed the command's deadline."""
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
     """Whether an op failed for want of memory (Python's ``MemoryError`` or torch's
     allocator refusing: ``RuntimeError: ... can't allocate memory``).
@@ -201,11 +205,20 @@ def measure_plan(
     state: Mapping[str, torch.Tensor],
     over: OverAlloc,
     limit: int = 0,
+    deadline: float | None = None,
+    on_time: Callable[[], Exception] | None = None,
 ) -> int | None:
     """The most bytes the plan's slots hold at once on these arguments, from a run on
     ``meta`` tensors; ``None`` when the meta run cannot tell. Raises ``over(bytes)`` as
-    soon as the run passes ``limit`` (when given). The CPU random state is left as it was."""
-    budget = RunBudget(limit=limit, over=lambda n: AllocBudgetExceeded(str(n)), count=True)
+    soon as the run passes ``limit`` (when given), ``on_time()`` past ``deadline`` (the meta
+    run counts against the command's wall time). The CPU random state is left as it was."""
+    budget = RunBudget(
+        limit=limit,
+        over=lambda n: AllocBudgetExceeded(str(n)),
+        count=True,
+        deadline=deadline,
+        on_time=on_time and (lambda: _Late()),
+    )
     try:
         meta_args, meta_kwargs = to_meta(args), to_meta(kwargs)
         meta_state = {k: to_meta(v) for k, v in state.items()}
@@ -218,6 +231,8 @@ def measure_plan(
             )
     except AllocBudgetExceeded:
         raise over(budget.held) from None
+    except _Late:
+        raise on_time() if on_time else TimeoutError("deadline passed") from None
     except Exception:  # a guard reading a value, an op without a meta kernel: not known here
         return None
     return budget.peak

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -12,7 +13,7 @@ import torch
 
 from consumer.policy.allocation import plan_static_bytes, static_bytes
 from consumer.policy.audit import AuditEntry, AuditSink, MemoryAudit
-from consumer.policy.fairness import CommandRates
+from consumer.policy.fairness import ProducerBudgets
 from consumer.policy.rules import MemoryPolicy, Policy, PolicySource
 from consumer.policy.tenancy import (
     PRIVATE_TAG,
@@ -111,9 +112,10 @@ class DeviceRuntime(TenantRules, RunLimits):
     audit
         Where every command is recorded (:mod:`consumer.policy.audit`).
     rates
-        Checks the policy's ``max_commands_per_minute`` per sender before a command runs
-        (:mod:`consumer.policy.fairness`); embedded devices pass one, a Celery device's
-        gate checks it before the command reaches the runtime.
+        Checks the policy's ``max_commands_per_minute`` and ``max_device_seconds_per_minute``
+        per sender before a command runs and charges its run time after
+        (:mod:`consumer.policy.fairness`); embedded devices pass one, a Celery device's gate
+        does this before the command reaches the runtime.
 
     Every command runs for its *sender* (the broker-validated AMQP ``user_id``; embedded:
     the producer's id): the objects, plans, pointer records and cached replies it names are
@@ -142,7 +144,7 @@ class DeviceRuntime(TenantRules, RunLimits):
         limits: StoreLimits | None = None,
         policy: PolicySource | None = None,
         audit: AuditSink | None = None,
-        rates: CommandRates | None = None,
+        rates: ProducerBudgets | None = None,
     ) -> None:
         self.device_id = device_id
         self.rates = rates
@@ -179,8 +181,12 @@ class DeviceRuntime(TenantRules, RunLimits):
         with self._lock:
             self._sender = sender or LOCAL_SENDER
             self._entry = AuditEntry(sender=self._sender, kind="")
+            started = time.monotonic()
             try:
-                reply = self._refuse_over_rate(data) or self._handle(data)
+                reply = self._refuse_over_rate(data)
+                if reply is None:
+                    reply = self._handle(data)
+                    self._charge_device_time(time.monotonic() - started)
             finally:
                 self._record_audit()
             return reply

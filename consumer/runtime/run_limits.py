@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from consumer.policy.fairness import CommandRates
+from consumer.policy.fairness import ProducerBudgets
 from consumer.policy.rules import Policy, PolicySource
 from consumer.runtime.budgets import (
     AllocBudgetExceeded,
@@ -53,7 +53,7 @@ class RunLimits:
     """The run-budget half of a device runtime (state lives on the runtime)."""
 
     device_id: str
-    rates: CommandRates | None
+    rates: ProducerBudgets | None
     policy_source: PolicySource
     _policy: Policy
     _sender: str
@@ -62,15 +62,21 @@ class RunLimits:
     _measured: OrderedDict[Any, int | None]
 
     def _refuse_over_rate(self, data: bytes) -> bytes | None:
-        """The refusal of a command over its sender's ``max_commands_per_minute`` (unrun),
-        or None to run it. An unreadable policy is left to the command's own handling."""
+        """The refusal of a command over its sender's ``max_commands_per_minute`` or
+        ``max_device_seconds_per_minute`` (unrun), or None to run it. An unreadable policy
+        is left to the command's own handling."""
         if self.rates is None:
             return None
         try:
-            per_minute = self.policy_source.current().budgets.max_commands_per_minute
+            budgets = self.policy_source.current().budgets
         except Exception:
             return None
-        refusal = self.rates.refusal(self._sender, per_minute, self.device_id)
+        refusal = self.rates.refusal(
+            self._sender,
+            commands_per_minute=budgets.max_commands_per_minute,
+            seconds_per_minute=budgets.max_device_seconds_per_minute,
+            device_id=self.device_id,
+        )
         if refusal is None:
             return None
         try:
@@ -80,9 +86,19 @@ class RunLimits:
         self._entry.command_id = command.command_id
         self._entry.kind = command.WhichOneof("body") or ""
         self._entry.outcome = refusal.code
-        self._entry.rule = "budgets.max_commands_per_minute"
+        self._entry.rule = refusal.message.split("(rule: ", 1)[1].split(")", 1)[0]
         reply = error_reply(self.device_id, command.command_id, result_ids_of(command), refusal)
         return encode_safely(reply)
+
+    def _charge_device_time(self, seconds: float) -> None:
+        """Take a command's run time from its sender's device-time bucket."""
+        if self.rates is None:
+            return
+        try:
+            per_minute = self.policy_source.current().budgets.max_device_seconds_per_minute
+        except Exception:
+            return
+        self.rates.charge_device_time(self._sender, seconds, per_minute)
 
     def _alloc_error(self, what: str, allocates: int) -> PolicyError:
         self._entry.rule = "budgets.max_alloc_bytes"
@@ -120,7 +136,15 @@ class RunLimits:
             peak = self._measured[key]
         else:
             state = stored.ir.state_values
-            peak = measure_plan(loaded, tuple(args), kwargs, state, AllocBudgetExceeded)
+            peak = measure_plan(
+                loaded,
+                tuple(args),
+                kwargs,
+                state,
+                AllocBudgetExceeded,
+                deadline=self._deadline,
+                on_time=self._time_error,
+            )
             self._measured[key] = peak
             while len(self._measured) > MEASURED_KEEP:
                 self._measured.popitem(last=False)

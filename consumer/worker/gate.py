@@ -13,8 +13,9 @@ before all of that, and either
 - refuses it: a typed ``MESSAGE_REFUSED`` error reply where a reply address is known
   (``reply_to`` + ``correlation_id``), then a reject to the dead-letter queue; or
 - refuses a well-formed command whose sender is over the policy's
-  ``max_commands_per_minute`` (:mod:`consumer.policy.fairness`): a typed ``POLICY_REFUSED``
-  reply, and the message is acked unrun (it is not a bad message).
+  ``max_commands_per_minute`` or ``max_device_seconds_per_minute``
+  (:mod:`consumer.policy.fairness`): a typed ``POLICY_REFUSED`` reply, and the message is
+  acked unrun (it is not a bad message).
 
 The gate never raises into Celery: a failure inside it refuses the message.
 """
@@ -25,6 +26,7 @@ import logging
 import math
 import os
 import re
+import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -39,8 +41,8 @@ from broker_config.envelope import (
     TRANSFER_HEADER,
 )
 from broker_config.settings import Settings
-from consumer.policy.fairness import CommandRates
-from consumer.policy.rules import PolicyFile
+from consumer.policy.fairness import ProducerBudgets
+from consumer.policy.rules import Budgets, PolicyFile
 from consumer.worker.delivery_attempts import DeliveryAttempts
 from consumer.worker.frames import UNDECODABLE
 from consumer.worker.publishing import send_error
@@ -315,24 +317,42 @@ class Gate:
         self.settings = settings
         self._attempts: DeliveryAttempts | None = None
         self._policy: PolicyFile | None = None
-        self.rates = CommandRates()
+        self.fairness = ProducerBudgets()
+        self._running: tuple[str, float] | None = None  # the last admitted: sender, when
 
-    def over_rate(
-        self, verdict: Verdict, deliveries: int, device: str | None
-    ) -> FedplanError | None:
-        """The refusal of a command whose sender is over its ``max_commands_per_minute``
-        (:mod:`consumer.policy.fairness`); a redelivery and the later chunks of a transfer
-        do not count again. An unreadable policy refuses nothing here (the runtime does)."""
-        sender = verdict.headers.get(SENDER_HEADER)
-        if deliveries > 1 or verdict.headers.get(CHUNK_HEADER, 0) != 0 or not sender:
-            return None
+    def _budgets(self) -> Budgets:
         if self._policy is None:
             self._policy = PolicyFile(self.settings.data_dir)
         try:
-            per_minute = self._policy.current().budgets.max_commands_per_minute
-        except Exception:
+            return self._policy.current().budgets
+        except Exception:  # an unreadable policy refuses nothing here (the runtime does)
+            return Budgets()
+
+    def settle(self, now: float) -> None:
+        """A delivery arrived: the command admitted before it has finished (a device takes
+        one message at a time), so its run time is charged to its sender."""
+        if self._running is not None:
+            sender, started = self._running
+            self._running = None
+            per_minute = self._budgets().max_device_seconds_per_minute
+            self.fairness.charge_device_time(sender, now - started, per_minute)
+
+    def over_budget(
+        self, verdict: Verdict, deliveries: int, device: str | None
+    ) -> FedplanError | None:
+        """The refusal of a command whose sender is over its ``max_commands_per_minute`` or
+        ``max_device_seconds_per_minute`` (:mod:`consumer.policy.fairness`); a redelivery
+        and the later chunks of a transfer are not refused (and count no command)."""
+        sender = verdict.headers.get(SENDER_HEADER)
+        if deliveries > 1 or verdict.headers.get(CHUNK_HEADER, 0) != 0 or not sender:
             return None
-        return self.rates.refusal(sender, per_minute, device or "")
+        budgets = self._budgets()
+        return self.fairness.refusal(
+            sender,
+            commands_per_minute=budgets.max_commands_per_minute,
+            seconds_per_minute=budgets.max_device_seconds_per_minute,
+            device_id=device or "",
+        )
 
     @property
     def device_id(self) -> str:
@@ -349,6 +369,8 @@ class Gate:
 
     def admit(self, raw: Any) -> bool:
         """Check a raw py-amqp message: True to hand it on to Celery, else it was refused."""
+        now = time.monotonic()
+        self.settle(now)
         properties = getattr(raw, "properties", None)
         verdict = inspect(properties, getattr(raw, "body", None), self.settings)
         device = self.device_id or names.device_from_queue(
@@ -366,12 +388,13 @@ class Gate:
                 limit = self.settings.delivery_limit
                 if n > limit + MAX_REFUSED_HARD:
                     return self._refuse(raw, verdict, device, _crashed(verdict, n))
-                over = self.over_rate(verdict, n, device)
+                over = self.over_budget(verdict, n, device)
                 if over is not None:
                     return self._refuse(raw, verdict, device, over, dead_letter=False)
                 verdict.headers[DELIVERIES_HEADER] = n
                 if isinstance(properties, dict):  # always, once admitted
                     properties["application_headers"] = verdict.headers
+                    self._running = (verdict.headers[SENDER_HEADER], now)
                     return True
         return self._refuse(raw, verdict, device, MessageRefused(verdict.refusal or ""))
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from consumer.policy.fairness import CommandRates
+from consumer.policy.fairness import ProducerBudgets
 from consumer.runtime.device import DeviceRuntime
 from consumer.store.memory import MemoryStore
 from producer.transport.base import ReplyHandler
@@ -190,7 +190,7 @@ class LocalTransport:
                 device_id=device_id,
                 store=MemoryStore(),
                 forward=self._forward,
-                rates=CommandRates(),
+                rates=ProducerBudgets(),
             )
             self._devices[device_id] = _EmbeddedDevice(
                 device_id,

@@ -19,7 +19,7 @@ from broker_config.envelope import (
     task_headers,
 )
 from broker_config.settings import Settings
-from consumer.policy.fairness import CommandRates
+from consumer.policy.fairness import ProducerBudgets
 from consumer.policy.rules import MemoryPolicy, Policy, PolicyFile
 from consumer.runtime.budgets import RunBudget, measure_op, measure_plan
 from consumer.runtime.device import DeviceRuntime
@@ -101,15 +101,30 @@ def test_a_command_over_the_budget_meets_the_memory_limit_and_the_process_alloca
 
 def test_the_command_rate_refuses_a_sender_over_its_bucket_and_refills_it() -> None:
     now = [0.0]
-    rates = CommandRates(clock=lambda: now[0])
-    assert [rates.take("p1", 3) for _ in range(3)] == [None, None, None]
-    assert rates.take("p1", 3) == pytest.approx(20.0)  # 3 a minute: one every 20 s
-    assert rates.take("p2", 3) is None  # another sender has its own bucket
+    rates = ProducerBudgets(clock=lambda: now[0])
+    assert [rates.take_command("p1", 3) for _ in range(3)] == [None, None, None]
+    assert rates.take_command("p1", 3) == pytest.approx(20.0)  # 3 a minute: one every 20 s
+    assert rates.take_command("p2", 3) is None  # another sender has its own bucket
     now[0] = 20.0
-    assert rates.take("p1", 3) is None
-    assert rates.take("p1", 0) is None  # no budget: no limit
-    refusal = rates.refusal("p1", 3, "d1")
+    assert rates.take_command("p1", 3) is None
+    assert rates.take_command("p1", 0) is None  # no budget: no limit
+    refusal = rates.refusal("p1", commands_per_minute=3, seconds_per_minute=0, device_id="d1")
     assert refusal is not None and "budgets.max_commands_per_minute" in refusal.message
+
+
+def test_device_time_is_charged_after_a_command_and_refuses_its_sender_until_repaid() -> None:
+    now = [0.0]
+    shares = ProducerBudgets(clock=lambda: now[0])
+    assert shares.device_time_wait("p1", 6) is None
+    shares.charge_device_time("p1", 4.0, 6)
+    assert shares.device_time_wait("p1", 6) is None  # 2 s left
+    shares.charge_device_time("p1", 5.0, 6)  # a long command runs to its end: 3 s in debt
+    assert shares.device_time_wait("p1", 6) == pytest.approx(30.0)  # 0.1 s back a second
+    refusal = shares.refusal("p1", commands_per_minute=0, seconds_per_minute=6, device_id="d")
+    assert refusal is not None and "budgets.max_device_seconds_per_minute" in refusal.message
+    assert shares.device_time_wait("p2", 6) is None  # others are served
+    now[0] = 30.5
+    assert shares.device_time_wait("p1", 6) is None
 
 
 class _Channel:
@@ -157,6 +172,26 @@ def test_the_gate_refuses_a_producer_over_its_command_rate_acked_not_dead_letter
     assert gate.admit(_raw("p1", chunk))  # nor a transfer's later chunks
 
 
+def test_the_gate_charges_a_commands_run_time_until_the_next_delivery_to_its_sender(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    now = [100.0]
+    monkeypatch.setattr("consumer.worker.gate.send_error", lambda *a, **k: sent.append(a[2]))
+    monkeypatch.setattr("consumer.worker.gate.time.monotonic", lambda: now[0])
+    sent: list[Any] = []
+    PolicyFile(tmp_path).update(budgets={"max_device_seconds_per_minute": 6})
+    gate = Gate(Settings(data_dir=tmp_path))
+    gate.fairness = ProducerBudgets(clock=lambda: now[0])
+    assert gate.admit(_raw("p1"))
+    now[0] += 10.0  # p1's command ran 10 s: the next delivery comes after it
+    assert gate.admit(_raw("p2"))  # p2 has its own share
+    now[0] += 0.1
+    assert not gate.admit(_raw("p1"))  # p1 is 4 s in debt
+    assert "max_device_seconds_per_minute" in sent[0].message
+    now[0] += 41.0  # repaid at 0.1 s a second
+    assert gate.admit(_raw("p1"))
+
+
 def _store(cid: str) -> bytes:
     body = StoreObject(id=cid, tensor=tensor_to_proto(torch.ones(2)))
     return encode_command(
@@ -167,7 +202,7 @@ def _store(cid: str) -> bytes:
 def test_an_embedded_device_refuses_a_producer_over_its_command_rate_unrun() -> None:
     store = MemoryStore()
     policy = MemoryPolicy(Policy.from_json({"budgets": {"max_commands_per_minute": 2}}))
-    runtime = DeviceRuntime(device_id="d1", store=store, policy=policy, rates=CommandRates())
+    runtime = DeviceRuntime(device_id="d1", store=store, policy=policy, rates=ProducerBudgets())
     outcomes = [decode_reply(runtime.handle(_store(f"c{i}"), "p1")) for i in range(3)]
     assert [r.WhichOneof("outcome") for r in outcomes] == ["ok", "ok", "error"]
     assert outcomes[2].error.code == "POLICY_REFUSED"
