@@ -47,13 +47,11 @@ from schemas.command_pb2 import (
     DeleteObjects,
     GetObject,
     GetPlan,
-    ListObjects,
     MoveObject,
     ObjectInfo,
     Ok,
     RunOp,
     RunPlan,
-    Search,
     StoreObject,
     StorePlan,
     StorePointer,
@@ -423,18 +421,6 @@ class DeviceRuntime(TenantRules, RunLimits):
             if self.store.has_object(key):
                 self.store.delete_object(key)
         return Ok()
-
-    def _search(self, msg: Search) -> Ok:
-        tags = list(msg.tags)
-        found = [o for o in self.store.search(tags) if self._visible(o.id)]
-        infos = [self._search_info(o, tags) for o in found]
-        records = self._pointers.search(tags)
-        return Ok(objects=[*(i for i in infos if i), *map(PointerRecords.info, records)])
-
-    def _list_objects(self, msg: ListObjects) -> Ok:
-        records = self._pointers.search([])
-        infos = [self._search_info(o, []) for o in self.store.list_objects() if self._visible(o.id)]
-        return Ok(objects=[*(i for i in infos if i), *map(PointerRecords.info, records)])
 
     def _clear_objects(self, msg: ClearObjects) -> Ok:
         for obj in self.store.list_objects():  # the sender's objects only

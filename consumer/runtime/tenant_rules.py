@@ -26,7 +26,7 @@ from consumer.policy.tenancy import (
 from consumer.runtime.pointer_records import PointerRecords
 from consumer.runtime.replies import tensor_info
 from consumer.store.base import DeviceStore, StoredObject, StoredPlan
-from schemas.command_pb2 import ObjectInfo
+from schemas.command_pb2 import ListObjects, ObjectInfo, Ok, Search
 from schemas.errors import FedplanError, ObjectNotFound, PolicyError
 from schemas.signing import verify_plan_hash
 
@@ -240,6 +240,18 @@ class TenantRules:
                 f"{self.device_id!r}; its budget is {limit} (rule: budgets.max_stored_bytes)",
                 device_id=self.device_id,
             )
+
+    def _search(self, msg: Search) -> Ok:
+        tags = list(msg.tags)
+        found = [o for o in self.store.search(tags) if self._visible(o.id)]
+        infos = [self._search_info(o, tags) for o in found]
+        records = self._pointers.search(tags)
+        return Ok(objects=[*(i for i in infos if i), *map(PointerRecords.info, records)])
+
+    def _list_objects(self, msg: ListObjects) -> Ok:
+        records = self._pointers.search([])
+        infos = [self._search_info(o, []) for o in self.store.list_objects() if self._visible(o.id)]
+        return Ok(objects=[*(i for i in infos if i), *map(PointerRecords.info, records)])
 
     def _search_info(self, obj: StoredObject, tags: list[str]) -> ObjectInfo | None:
         """What ``search``/``objects()`` show the sender of a stored object it may see.

@@ -329,13 +329,19 @@ class Gate:
             return Budgets()
 
     def settle(self, now: float) -> None:
-        """A delivery arrived: the command admitted before it has finished (a device takes
-        one message at a time), so its run time is charged to its sender."""
+        """The command admitted last has finished (its message was settled, or the next
+        delivery arrived: a device takes one message at a time): its run time is charged to
+        its sender's ``max_device_seconds_per_minute`` bucket."""
         if self._running is not None:
             sender, started = self._running
             self._running = None
             per_minute = self._budgets().max_device_seconds_per_minute
             self.fairness.charge_device_time(sender, now - started, per_minute)
+
+    def finished(self) -> None:
+        """The pool finished the command admitted last (its message was acked or rejected:
+        :class:`~consumer.worker.requests.DeviceRequest`): charge its run time now."""
+        self.settle(time.monotonic())
 
     def over_budget(
         self, verdict: Verdict, deliveries: int, device: str | None
