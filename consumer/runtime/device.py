@@ -110,10 +110,8 @@ class DeviceRuntime(TenantRules, RunLimits):
     audit
         Where every command is recorded (:mod:`consumer.policy.audit`).
     rates
-        Checks the policy's ``max_commands_per_minute`` and ``max_device_seconds_per_minute``
-        per sender before a command runs and charges its run time after
-        (:mod:`consumer.policy.fairness`); embedded devices pass one, a Celery device's gate
-        does this before the command reaches the runtime.
+        The per-producer fairness budgets (:mod:`consumer.policy.fairness`), checked here on
+        embedded devices; a Celery device's gate checks them before the runtime.
 
     Every command runs for its *sender* (the broker-validated AMQP ``user_id``; embedded:
     the producer's id): the objects, plans, pointer records and cached replies it names are
@@ -167,21 +165,22 @@ class DeviceRuntime(TenantRules, RunLimits):
 
     # -- entry point -------------------------------------------------------------------------
 
-    def handle(self, data: bytes, sender: str = LOCAL_SENDER) -> bytes:
+    def handle(self, data: bytes, sender: str = LOCAL_SENDER, *, forwarded: bool = False) -> bytes:
         """Decode a ``Command``, run it once for ``sender``, and return the encoded ``Reply``;
         never raises.
 
         ``sender`` is who sent the command as the transport vouches for it (the AMQP
         ``user_id`` the broker validated; never a value from the body). A command id seen
         before from the same sender returns the reply stored the first time, so a
-        redelivered command does not run twice.
+        redelivered command does not run twice. A ``forwarded`` command (another device's
+        move, for ``sender``) is not refused by the fairness budgets.
         """
         with self._lock:
             self._sender = sender or LOCAL_SENDER
             self._entry = AuditEntry(sender=self._sender, kind="")
             started = time.monotonic()
             try:
-                reply = self._refuse_over_rate(data)
+                reply = None if forwarded else self._refuse_over_rate(data)
                 if reply is None:
                     reply = self._handle(data)
                     self._charge_device_time(time.monotonic() - started)

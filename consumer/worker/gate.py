@@ -344,14 +344,17 @@ class Gate:
         self.settle(time.monotonic())
 
     def over_budget(
-        self, verdict: Verdict, deliveries: int, device: str | None
+        self, verdict: Verdict, deliveries: int, device: str | None, user: Any = None
     ) -> FedplanError | None:
         """The refusal of a command whose sender is over its ``max_commands_per_minute`` or
         ``max_device_seconds_per_minute`` (:mod:`consumer.policy.fairness`); a redelivery
-        and the later chunks of a transfer are not refused (and count no command)."""
+        and the later chunks of a transfer are not refused (and count no command), nor what
+        a device forwards for a producer (``user``: the AMQP ``user_id``)."""
         sender = verdict.headers.get(SENDER_HEADER)
         if deliveries > 1 or verdict.headers.get(CHUNK_HEADER, 0) != 0 or not sender:
             return None
+        if _DEVICE_USER.match(str(user or "")):
+            return None  # a device forwarding a move: the rest of a command already admitted
         budgets = self._budgets()
         return self.fairness.refusal(
             sender,
@@ -394,7 +397,8 @@ class Gate:
                 limit = self.settings.delivery_limit
                 if n > limit + MAX_REFUSED_HARD:
                     return self._refuse(raw, verdict, device, _crashed(verdict, n))
-                over = self.over_budget(verdict, n, device)
+                user = properties.get("user_id") if isinstance(properties, dict) else None
+                over = self.over_budget(verdict, n, device, user)
                 if over is not None:
                     return self._refuse(raw, verdict, device, over, dead_letter=False)
                 verdict.headers[DELIVERIES_HEADER] = n

@@ -25,8 +25,9 @@ _STOP = None
 LOCAL_PRODUCER = "local"
 """The identity embedded devices see for a fleet connected without a ``producer_id``."""
 
-_Item = tuple[bytes, str, ReplyHandler]
-"""A command for an embedded device: its bytes, its sender, where its reply goes."""
+_Item = tuple[bytes, str, ReplyHandler, bool]
+"""A command for an embedded device: its bytes, its sender, where its reply goes, whether
+another device forwarded it (a move)."""
 
 
 @functools.cache
@@ -89,13 +90,13 @@ class _EmbeddedDevice:
             item = self.inbox.get()
             if item is _STOP:
                 return
-            data, sender, on_reply = item
+            data, sender, on_reply, forwarded = item
             self._current.item = item  # a MoveObject forwards as the same sender
             if self._run_lock is None:
-                reply = self.runtime.handle(data, sender)
+                reply = self.runtime.handle(data, sender, forwarded=forwarded)
             else:
                 with self._run_lock:
-                    reply = self.runtime.handle(data, sender)
+                    reply = self.runtime.handle(data, sender, forwarded=forwarded)
             try:
                 on_reply(reply)
             except Exception:
@@ -203,7 +204,7 @@ class LocalTransport:
 
     def publish(self, device_id: str, command: bytes, *, command_id: str) -> None:
         """Queue the command bytes for the device; ``DeviceNotFound`` if it was never started."""
-        self._inbox(device_id).put((bytes(command), self.producer_id, self._on_reply))
+        self._inbox(device_id).put((bytes(command), self.producer_id, self._on_reply, False))
 
     def _forward(self, device_id: str, command: bytes) -> None:
         """A device publishing to another (``MoveObject``), for the producer whose command
@@ -212,7 +213,7 @@ class LocalTransport:
         sender, on_reply = (
             (item[1], item[2]) if item is not None else (LOCAL_PRODUCER, self._on_reply)
         )
-        self._inbox(device_id).put((bytes(command), sender, on_reply))
+        self._inbox(device_id).put((bytes(command), sender, on_reply, True))
 
     def _inbox(self, device_id: str) -> queue.SimpleQueue[_Item | None]:
         with self._lock:

@@ -231,3 +231,22 @@ def test_a_chunk_from_another_sender_is_refused_and_does_not_poison_the_transfer
     with pytest.raises(MessageRefused, match="another sender"):
         assemble(s, _chunk("t", 2, 3, "mallory"), b"c")  # not even the last chunk
     assert assemble(s, _chunk("t", 2, 3, "alice"), b"c") == b"a" * 4096 + b"b" * 4096 + b"c"
+
+
+def test_what_a_device_forwards_for_a_producer_over_its_budget_is_not_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("consumer.worker.gate.send_error", lambda *a, **k: None)
+    PolicyFile(tmp_path).update(budgets={"max_commands_per_minute": 1})
+    gate = Gate(Settings(data_dir=tmp_path))
+    assert gate.admit(_raw("p1")) and not gate.admit(_raw("p1"))
+    moved = _raw("fedplan-device-bob", {"fedplan_on_behalf": "p1"})  # a move's object
+    assert gate.admit(moved)  # the source already sent it off: refusing would lose it
+    policy = MemoryPolicy(Policy.from_json({"budgets": {"max_commands_per_minute": 1}}))
+    runtime = DeviceRuntime(
+        device_id="d1", store=MemoryStore(), policy=policy, rates=ProducerBudgets()
+    )
+    assert decode_reply(runtime.handle(_store("a"), "p1")).WhichOneof("outcome") == "ok"
+    assert decode_reply(runtime.handle(_store("b"), "p1")).WhichOneof("outcome") == "error"
+    forwarded = decode_reply(runtime.handle(_store("c"), "p1", forwarded=True))
+    assert forwarded.WhichOneof("outcome") == "ok"
