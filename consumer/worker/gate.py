@@ -41,6 +41,7 @@ from broker_config.envelope import (
     TRANSFER_HEADER,
 )
 from broker_config.settings import Settings
+from consumer.policy.audit import AuditEntry, AuditLog
 from consumer.policy.fairness import ProducerBudgets
 from consumer.policy.rules import Budgets, PolicyFile
 from consumer.worker.delivery_attempts import DeliveryAttempts
@@ -319,6 +320,7 @@ class Gate:
         self._policy: PolicyFile | None = None
         self.fairness = ProducerBudgets()
         self._running: tuple[str, float] | None = None  # the last admitted: sender, when
+        self._audit: AuditLog | None = None
 
     def _budgets(self) -> Budgets:
         if self._policy is None:
@@ -342,6 +344,23 @@ class Gate:
         """The pool finished the command admitted last (its message was acked or rejected:
         :class:`~consumer.worker.requests.DeviceRequest`): charge its run time now."""
         self.settle(time.monotonic())
+
+    def _audit_refusal(self, verdict: Verdict, exc: FedplanError) -> None:
+        """Record a fairness refusal in the device's audit log (best effort)."""
+        try:
+            if self._audit is None:
+                self._audit = AuditLog(self.settings.data_dir)
+            self._audit.record(
+                AuditEntry(
+                    sender=str(verdict.headers.get(SENDER_HEADER, "")),
+                    kind="refused-unread",
+                    outcome=exc.code,
+                    rule=exc.message.split("(rule: ", 1)[-1].split(")", 1)[0],
+                    command_id=verdict.command_id or "",
+                )
+            )
+        except Exception:
+            log.exception("writing the audit log failed")
 
     def over_budget(
         self, verdict: Verdict, deliveries: int, device: str | None, user: Any = None
@@ -400,6 +419,7 @@ class Gate:
                 user = properties.get("user_id") if isinstance(properties, dict) else None
                 over = self.over_budget(verdict, n, device, user)
                 if over is not None:
+                    self._audit_refusal(verdict, over)
                     return self._refuse(raw, verdict, device, over, dead_letter=False)
                 verdict.headers[DELIVERIES_HEADER] = n
                 if isinstance(properties, dict):  # always, once admitted

@@ -19,6 +19,7 @@ from broker_config.envelope import (
     task_headers,
 )
 from broker_config.settings import Settings
+from consumer.policy.audit import AuditLog
 from consumer.policy.fairness import ProducerBudgets
 from consumer.policy.rules import MemoryPolicy, Policy, PolicyFile
 from consumer.runtime.budgets import RunBudget, measure_op, measure_plan
@@ -166,6 +167,8 @@ def test_the_gate_refuses_a_producer_over_its_command_rate_acked_not_dead_letter
     assert not gate.admit(refused)
     assert refused.channel.acked == [7] and refused.channel.rejected == []
     assert sent[0].code == "POLICY_REFUSED" and "max_commands_per_minute" in sent[0].message
+    [row] = AuditLog(tmp_path).entries()  # the refusal is audited
+    assert (row.sender, row.rule) == ("p1", "budgets.max_commands_per_minute")
     assert gate.admit(_raw("p2"))  # another producer is served
     assert gate.admit(_raw("p1", redelivered=True))  # a redelivery does not count again
     chunk = {TRANSFER_HEADER: "t1", CHUNK_HEADER: 1, CHUNKS_HEADER: 2}
