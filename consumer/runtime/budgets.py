@@ -123,9 +123,10 @@ class RunBudget:
         if self.count:
             for slot in written:
                 self._hold(slot, slots[slot])
-            self.peak = max(self.peak, self.held)
-            if self.limit and self.held > self.limit:
-                raise self.over(self.held)
+            if self.held > self.peak:
+                self.peak = self.held
+                if self.limit and self.held > self.limit:
+                    raise self.over(self.held)
             for slot in freed:
                 self._release(slot)
         if self.deadline is not None and time.monotonic() > self.deadline:
@@ -139,9 +140,10 @@ class RunBudget:
             raise self.over(self.held)
 
     def _hold(self, slot: int, value: Any) -> None:
-        self._release(slot)
+        if slot in self._slots:
+            self._release(slot)
         ids = []
-        for tensor in _leaves(value):
+        for tensor in (value,) if isinstance(value, torch.Tensor) else _leaves(value):
             base = tensor._base if tensor._is_view() else None
             owner = base if isinstance(base, torch.Tensor) else tensor  # a view holds its base
             key = id(owner)
