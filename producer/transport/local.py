@@ -93,14 +93,19 @@ class _EmbeddedDevice:
             data, sender, on_reply, forwarded = item
             self._current.item = item  # a MoveObject forwards as the same sender
             if self._run_lock is None:
-                reply = self.runtime.handle(data, sender, forwarded=forwarded)
+                reply = self._handle(data, sender, forwarded)
             else:
                 with self._run_lock:
-                    reply = self.runtime.handle(data, sender, forwarded=forwarded)
+                    reply = self._handle(data, sender, forwarded)
             try:
                 on_reply(reply)
             except Exception:
                 log.exception("reply handler failed for device %s", self.device_id)
+
+    def _handle(self, data: bytes, sender: str, forwarded: bool) -> bytes:
+        if forwarded:  # another device's move: not refused by the fairness budgets
+            return self.runtime.handle(data, sender, forwarded=True)
+        return self.runtime.handle(data, sender)
 
 
 class LocalTransport:
