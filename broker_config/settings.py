@@ -57,6 +57,7 @@ ENV_VARS: dict[str, str] = {
     "FEDPLAN_MAX_LOOP_STEPS": "max_loop_steps",
     "FEDPLAN_TORCH_THREADS": "torch_threads",
     "FEDPLAN_TASK_EVENTS": "task_events",
+    "FEDPLAN_POOL_MEMORY_LIMIT": "pool_memory_limit",
 }
 
 
@@ -152,6 +153,10 @@ class Settings:
     """Whether workers publish Celery task events (what Flower monitors). Off by default:
     the worker's main process published three event messages per command on the critical
     path of every call (docs/performance.md); ``FEDPLAN_TASK_EVENTS=true`` for Flower."""
+    pool_memory_limit: int = 0
+    """Bytes of memory (``RLIMIT_DATA``) a worker's pool process may use beyond what it uses
+    when it starts; a command that needs more fails with ``MEMORY_LIMIT`` and the worker
+    serves on. 0: no limit but the machine's (and the policy's ``max_alloc_bytes``)."""
 
     def __post_init__(self) -> None:
         urls = self.broker_url.split(";")
@@ -208,6 +213,8 @@ class Settings:
         ):
             if getattr(self, name) < 1:
                 _bad(name, getattr(self, name), "a positive integer")
+        if self.pool_memory_limit < 0:
+            _bad("pool_memory_limit", self.pool_memory_limit, "0 (no limit) or more bytes")
         if self.store_cache_bytes < 0:
             _bad("store_cache_bytes", self.store_cache_bytes, "0 (no cache) or more bytes")
         if self.torch_threads < 0:

@@ -16,6 +16,7 @@
     │   └── SchemaVersionError        a message of a schema version this side does not speak
     ├── MessageRefused                a device's gate refused a message before running it
     ├── TimeLimitError                a command ran past the device's time limit
+    ├── MemoryLimitError              (also MemoryError) a command passed its memory limit
     ├── PolicyError                   the device's owner policy refused the command
     ├── DeviceError                   anything else a device reported
     │   ├── StoreFullError            a device store bound (bytes, reply size) would be passed
@@ -195,6 +196,14 @@ class TimeLimitError(FedplanError):
     """A command ran past the device's time limit and was stopped (no result was kept)."""
 
     code = "TIME_LIMIT"
+
+
+class MemoryLimitError(FedplanError, MemoryError):
+    """A command needed more memory than the device lets it use (its pool process's memory
+    limit, ``FEDPLAN_POOL_MEMORY_LIMIT``, or the policy's ``max_alloc_bytes`` budget while it
+    ran); it was stopped and kept no result. The device serves on."""
+
+    code = "MEMORY_LIMIT"
 
 
 class ReplyTimeout(FedplanError, TimeoutError):

@@ -53,8 +53,12 @@ class Budgets:
     allocate (:mod:`consumer.policy.allocation`), checked before it is stored or run;
     ``max_output_bytes``: bytes of results one command may store or return;
     ``max_stored_bytes``: bytes one producer may keep stored on the device;
-    ``max_wall_seconds``: seconds one command may run (Celery devices; below the device's
-    ``FEDPLAN_SOFT_TIME_LIMIT``), ended with a ``TIME_LIMIT`` error.
+    ``max_wall_seconds``: seconds one command may run (below the device's
+    ``FEDPLAN_SOFT_TIME_LIMIT``), ended with a ``TIME_LIMIT`` error;
+    ``max_commands_per_minute`` / ``max_device_seconds_per_minute``: commands, and seconds
+    of the device's time, one producer may use a minute (buckets refilled at that rate;
+    :mod:`consumer.policy.fairness`), beyond which its commands are refused unrun so other
+    producers' work goes on.
     """
 
     max_plan_ops: int = 0
@@ -63,6 +67,8 @@ class Budgets:
     max_output_bytes: int = 0
     max_stored_bytes: int = 0
     max_wall_seconds: int = 0
+    max_commands_per_minute: int = 0
+    max_device_seconds_per_minute: int = 0
 
     @classmethod
     def from_json(cls, data: Any) -> Budgets:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -11,6 +13,7 @@ import torch
 
 from consumer.policy.allocation import plan_static_bytes, static_bytes
 from consumer.policy.audit import AuditEntry, AuditSink, MemoryAudit
+from consumer.policy.fairness import ProducerBudgets
 from consumer.policy.rules import MemoryPolicy, Policy, PolicySource
 from consumer.policy.tenancy import (
     PRIVATE_TAG,
@@ -20,7 +23,9 @@ from consumer.policy.tenancy import (
     scoped,
     visible_tags,
 )
-from consumer.runtime.lowering import Lowering, get
+from consumer.runtime.budgets import deadline_of, is_out_of_memory
+from consumer.runtime.command_values import CommandValues
+from consumer.runtime.lowering import Lowering
 from consumer.runtime.pointer_records import PointerRecords
 from consumer.runtime.replies import (
     encode_safely,
@@ -32,7 +37,7 @@ from consumer.runtime.replies import (
     result_ids_of,
     tensor_info,
 )
-from consumer.runtime.tenant_rules import TenantRules
+from consumer.runtime.run_limits import RunLimits
 from consumer.store.base import DeviceStore, StoredObject, StoredPlan
 from consumer.store.limits import StoreLimits
 from schemas import allowlist
@@ -42,13 +47,10 @@ from schemas.command_pb2 import (
     DeleteObjects,
     GetObject,
     GetPlan,
-    ListObjects,
     MoveObject,
-    ObjectInfo,
     Ok,
     RunOp,
     RunPlan,
-    Search,
     StoreObject,
     StorePlan,
     StorePointer,
@@ -56,26 +58,22 @@ from schemas.command_pb2 import (
 from schemas.errors import (
     DeviceError,
     FedplanError,
-    ObjectNotFound,
     PlanExecutionError,
     PlanInputError,
-    PolicyError,
     StoreFullError,
     TransportError,
     WireError,
 )
-from schemas.ir import SCHEMA_VERSION, ObjectId, PlanIR, Ref, Slice, SymExpr, Value
+from schemas.ir import SCHEMA_VERSION, PlanIR
 from schemas.outputs import flatten_like, inline_flags, output_slots
 from schemas.plan_codec import plan_from_proto, plan_to_proto
-from schemas.plan_pb2 import ValueDict
 from schemas.tensor_codec import (
     framed_tensor_protos,
     inline_frames,
     tensor_from_proto,
     tensor_to_proto,
 )
-from schemas.tree import tree_map
-from schemas.value_codec import value_from_proto, value_to_proto
+from schemas.value_codec import value_from_proto
 from schemas.wire import decode_command_framed, encode_command, encode_reply, new_id
 
 if TYPE_CHECKING:
@@ -93,7 +91,7 @@ LOCAL_SENDER = "local"
 """The sender of a command handed to :meth:`DeviceRuntime.handle` without one."""
 
 
-class DeviceRuntime(TenantRules):
+class DeviceRuntime(CommandValues, RunLimits):
     """Runs commands for one device; the same code behind embedded threads and Celery tasks.
 
     Parameters
@@ -111,6 +109,9 @@ class DeviceRuntime(TenantRules):
         every producer admitted, no plan approved).
     audit
         Where every command is recorded (:mod:`consumer.policy.audit`).
+    rates
+        The per-producer fairness budgets (:mod:`consumer.policy.fairness`), checked here on
+        embedded devices; a Celery device's gate checks them before the runtime.
 
     Every command runs for its *sender* (the broker-validated AMQP ``user_id``; embedded:
     the producer's id): the objects, plans, pointer records and cached replies it names are
@@ -139,8 +140,10 @@ class DeviceRuntime(TenantRules):
         limits: StoreLimits | None = None,
         policy: PolicySource | None = None,
         audit: AuditSink | None = None,
+        rates: ProducerBudgets | None = None,
     ) -> None:
         self.device_id = device_id
+        self.rates = rates
         self.store = store
         self.limits = limits or StoreLimits()
         self.policy_source: PolicySource = policy or MemoryPolicy()
@@ -157,24 +160,33 @@ class DeviceRuntime(TenantRules):
         self._records: dict[str, PointerRecords] = {}  # per sender: pointers to other devices
         self._frames: list[torch.Tensor] = []  # tensors sent raw after the current reply
         self._lowering = Lowering(lambda message, _index: WireError(message))
+        self._deadline: float | None = None  # the policy's max_wall_seconds, per command
+        self._measured: OrderedDict[Any, int | None] = OrderedDict()  # allocation pre-checks
         self._lock = threading.RLock()  # one command at a time: plan state is mutated in place
 
     # -- entry point -------------------------------------------------------------------------
 
-    def handle(self, data: bytes | bytearray, sender: str = LOCAL_SENDER) -> bytes:
+    def handle(
+        self, data: bytes | bytearray, sender: str = LOCAL_SENDER, *, forwarded: bool = False
+    ) -> bytes:
         """Decode a ``Command``, run it once for ``sender``, and return the encoded ``Reply``;
         never raises.
 
         ``sender`` is who sent the command as the transport vouches for it (the AMQP
         ``user_id`` the broker validated; never a value from the body). A command id seen
         before from the same sender returns the reply stored the first time, so a
-        redelivered command does not run twice.
+        redelivered command does not run twice. A ``forwarded`` command (another device's
+        move, for ``sender``) is not refused by the fairness budgets.
         """
         with self._lock:
             self._sender = sender or LOCAL_SENDER
             self._entry = AuditEntry(sender=self._sender, kind="")
+            started = time.monotonic()
             try:
-                reply = self._handle(data)
+                reply = None if forwarded else self._refuse_over_rate(data)
+                if reply is None:
+                    reply = self._handle(data)
+                    self._charge_device_time(time.monotonic() - started)
             finally:
                 self._object_frame = None  # a cached reply never read it: free the buffer
                 self._record_audit()
@@ -287,6 +299,7 @@ class DeviceRuntime(TenantRules):
         self._command_id = command.command_id
         self._policy = self.policy_source.current()
         self._policy.check_admits(self._sender, self.device_id)
+        self._deadline = deadline_of(self._policy.budgets.max_wall_seconds)
         self._private_inputs = False
         self._inputs = []
         if command.delete_first:  # deletes batched by the server ride with the next command
@@ -350,8 +363,10 @@ class DeviceRuntime(TenantRules):
         private = (self._private_inputs or PRIVATE_TAG in stored.tags) and not approved
         if private and msg.return_values:
             self._refuse_plan(stored, msg.plan_id, "its outputs as values in the reply")
+        self._precheck_plan(stored, loaded, args, kwargs)
+        known = [args, kwargs, stored.ir.state_values, stored.ir.constants]
         try:
-            out = loaded.run(tuple(args), kwargs, stored.ir.state_values)
+            out = loaded.run(tuple(args), kwargs, stored.ir.state_values, watch=self._watch(known))
         except FedplanError as exc:
             exc.plan_id = exc.plan_id or msg.plan_id
             exc.plan_name = exc.plan_name or stored.ir.name
@@ -383,14 +398,18 @@ class DeviceRuntime(TenantRules):
         kwargs = self._resolve_kwargs(msg.kwargs)
         private = self._private_inputs
         self._check_alloc_budget(msg.target, static_bytes(msg.target, args, kwargs))
+        self._precheck_op(msg.target, fn, args, kwargs)
         if private and msg.return_values:
             raise self._private_error(msg.target, "returned as a value by an op")
         try:
             with torch.set_grad_enabled(not msg.no_grad):
                 out = fn(*args, **kwargs)
+            self._check_op_result(msg.target, out)
         except FedplanError:
             raise
         except Exception as exc:
+            if is_out_of_memory(exc):
+                raise self._memory_error(msg.target, exc) from exc
             raise PlanExecutionError(
                 f"{msg.target} failed on device {self.device_id!r}: {type(exc).__name__}: {exc}",
                 device_id=self.device_id,
@@ -429,16 +448,6 @@ class DeviceRuntime(TenantRules):
             if self.store.has_object(key):
                 self.store.delete_object(key)
         return Ok()
-
-    def _search(self, msg: Search) -> Ok:
-        found = [o for o in self.store.search(list(msg.tags)) if self._visible(o.id)]
-        records = self._pointers.search(list(msg.tags))
-        return Ok(objects=[*map(self._info, found), *map(PointerRecords.info, records)])
-
-    def _list_objects(self, msg: ListObjects) -> Ok:
-        records = self._pointers.search([])
-        objects = [o for o in self.store.list_objects() if self._visible(o.id)]
-        return Ok(objects=[*map(self._info, objects), *map(PointerRecords.info, records)])
 
     def _clear_objects(self, msg: ClearObjects) -> Ok:
         for obj in self.store.list_objects():  # the sender's objects only
@@ -526,81 +535,6 @@ class DeviceRuntime(TenantRules):
         loaded = self._load(stored.ir, external_id(stored.id))
         self._loaded[stored.id] = (stored.content_hash, loaded)
         return loaded
-
-    def _resolve(self, value: Value) -> Any:
-        """A command argument as a Python value, every ``ObjectId`` replaced by its tensor."""
-        return get(self._lowering.value(self._fill(value), "a command argument"), [])
-
-    def _fill(self, value: Value) -> Value:
-        filled: Value = tree_map(self._fill_leaf, value)
-        return filled
-
-    def _fill_leaf(self, value: Value) -> Value:
-        if isinstance(value, ObjectId):
-            record = self._pointers.get(value.id)
-            if record is not None:
-                raise ObjectNotFound(
-                    f"object {value.id!r} on device {self.device_id!r} is a pointer to "
-                    f"{record.location}:{record.remote_id}, not a tensor; get() the pointer, "
-                    "or bring the value here with remote_get()",
-                    device_id=self.device_id,
-                )
-            obj = self._lookup(value.id)
-            if self._is_private(obj):
-                self._private_inputs = True
-            self._inputs.append(obj.id)
-            return obj.tensor
-        if isinstance(value, Ref | SymExpr):
-            raise WireError("a command argument names a plan slot; send objects by id instead")
-        if isinstance(value, Slice):
-            parts = (value.start, value.stop, value.step)
-            return Slice(*(self._fill_leaf(part) for part in parts))
-        return value
-
-    def _resolve_kwargs(self, kwargs: ValueDict) -> dict[str, Any]:
-        return {
-            k: self._resolve(value_from_proto(v))
-            for k, v in zip(kwargs.keys, kwargs.values, strict=True)
-        }
-
-    def _store_results(
-        self, result_ids: Any, results: list[Any], with_values: list[bool], private: bool
-    ) -> list[ObjectInfo]:
-        budget = self._policy.budgets.max_output_bytes
-        size = sum(v.numel() * v.element_size() for v in results if isinstance(v, torch.Tensor))
-        if budget and size > budget:
-            raise PolicyError(
-                f"the command's results are {size} bytes; device {self.device_id!r} lets "
-                f"producer {self._sender!r} store at most {budget} per command (rule: "
-                "budgets.max_output_bytes)",
-                device_id=self.device_id,
-            )
-        self._check_stored_budget(size, "")
-        tags = (PRIVATE_TAG,) if private else ()
-        infos: list[ObjectInfo] = []
-        for result_id, value, with_value in zip(result_ids, results, with_values, strict=False):
-            if isinstance(value, torch.Tensor):
-                obj = StoredObject(self._key(result_id), value, tags)
-                self.store.put_object(obj)
-                infos.append(self._tensor_info(obj, with_value=with_value))
-            else:  # a Python value (loss.item()): it travels in the reply, nothing is stored
-                infos.append(
-                    ObjectInfo(
-                        id=result_id,
-                        kind="value",
-                        python_value=value_to_proto(value),
-                        has_value=True,
-                    )
-                )
-        return infos
-
-    def _tensor_info(self, obj: StoredObject, *, with_value: bool) -> ObjectInfo:
-        info = self._info(obj)
-        if with_value:  # the bytes follow the reply as a raw frame
-            info.value.CopyFrom(tensor_to_proto(obj.tensor, framed=True))
-            info.has_value = True
-            self._frames.append(obj.tensor)
-        return info
 
 
 _HANDLERS: dict[str, Callable[[DeviceRuntime, Command], Ok]] = {

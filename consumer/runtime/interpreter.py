@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from broker_config.settings import Settings
+from consumer.runtime.budgets import is_out_of_memory
 from consumer.runtime.loop import LoopRunner
 from consumer.runtime.lowering import (
     DTYPES,
@@ -23,6 +24,7 @@ from consumer.runtime.lowering import (
 from schemas.allowlist import is_allowed, resolve
 from schemas.errors import (
     FedplanError,
+    MemoryLimitError,
     OpNotAllowedError,
     PlanExecutionError,
     PlanGuardError,
@@ -36,6 +38,9 @@ from schemas.tree import tree_leaves, tree_map
 Step = Callable[[Slots], None]
 
 _DEFAULT_LOOP_STEPS = Settings().max_loop_steps
+Watch = Callable[[int, Slots, tuple[int, ...], tuple[int, ...]], None]
+"""Called after each op of a watched run with ``(op index, slots, slots the op wrote,
+slots freed after it)``; it raises to stop the run (a budget, a deadline)."""
 
 
 class LoadedPlan:
@@ -113,6 +118,7 @@ class LoadedPlan:
         self._constants = tuple(ir.constants.items())
         self._program = self._compile_program()
         self._loop_at = -1 if ir.loop is None else ir.loop.at
+        self._writes = [tuple(r.slot for r in refs_in(op.out)) for op in ir.ops]
         self._outputs = self._lower.value(ir.outputs, "outputs")
 
     # ------------------------------------------------------------------ checking
@@ -311,7 +317,15 @@ class LoadedPlan:
         return compiled
 
     # ------------------------------------------------------------------ running
-    def run(self, args: tuple[Any, ...], kwargs: dict[str, Any], state: Mapping[str, Any]) -> Any:
+    def run(
+        self,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        state: Mapping[str, Any],
+        *,
+        watch: Watch | None = None,
+        constants: Mapping[int, Any] | None = None,
+    ) -> Any:
         """Run the plan on ``args``/``kwargs`` with live ``state`` tensors (updated in place).
 
         Raises ``PlanInputError``/``PlanShapeError`` before any op runs when the call does
@@ -326,22 +340,28 @@ class LoadedPlan:
         ...     ops=[Op("torch.mul", (Ref(0), Ref(1)), {}, Ref(2))], outputs=Ref(2))
         >>> LoadedPlan(ir).run((torch.ones(2),), {}, {"w": torch.tensor(3.0)})
         tensor([3., 3.])
+
+        ``watch`` (see :data:`Watch`) is called after every op; ``constants`` replaces the
+        plan's constant tensors for this run (the allocation pre-check runs on meta tensors).
         """
         slots: Slots = [None] * self._size
         self._bind(slots, args, kwargs)
         self._check_specs(slots)
         live = self._bind_state(slots, state)
         for slot, tensor in self._constants:
-            slots[slot] = tensor
+            slots[slot] = tensor if constants is None else constants[slot]
         grad_mode = torch.is_grad_enabled()
         _clear_grads(live)
         index = -1
         try:
+            writes = self._writes
             for step, free in self._program:
                 index += 1
                 if index == self._loop_at:
                     self._run_loop(slots, state)
                 step(slots)
+                if watch is not None:
+                    watch(index, slots, writes[index], free)
                 for slot in free:
                     slots[slot] = None
             if self._loop_at == len(self._program):
@@ -354,6 +374,14 @@ class LoadedPlan:
             op = self.ir.ops[index] if index >= 0 else None
             what = f"op {index} ({op.target})" if op else "the outputs"
             at = f" at {op.source}" if op and op.source else ""
+            if is_out_of_memory(exc):
+                raise MemoryLimitError(
+                    f"{what}{at} ran out of the memory the device allows a command "
+                    f"({type(exc).__name__}: {exc}); no result was stored. Use smaller inputs or "
+                    "ask the operator (FEDPLAN_POOL_MEMORY_LIMIT, budget max_alloc_bytes)",
+                    op_index=index if op else None,
+                    **self._where,
+                ) from exc
             raise PlanExecutionError(
                 f"{what}{at} failed: {type(exc).__name__}: {exc}",
                 op_index=index if op else None,

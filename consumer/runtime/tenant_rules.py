@@ -26,7 +26,7 @@ from consumer.policy.tenancy import (
 from consumer.runtime.pointer_records import PointerRecords
 from consumer.runtime.replies import tensor_info
 from consumer.store.base import DeviceStore, StoredObject, StoredPlan
-from schemas.command_pb2 import ObjectInfo
+from schemas.command_pb2 import ListObjects, ObjectInfo, Ok, Search
 from schemas.errors import FedplanError, ObjectNotFound, PolicyError
 from schemas.plan_codec import plan_op_count
 from schemas.signing import verify_plan_hash
@@ -241,6 +241,36 @@ class TenantRules:
                 f"{self.device_id!r}; its budget is {limit} (rule: budgets.max_stored_bytes)",
                 device_id=self.device_id,
             )
+
+    def _search(self, msg: Search) -> Ok:
+        tags = list(msg.tags)
+        found = [o for o in self.store.search(tags) if self._visible(o.id)]
+        infos = [self._search_info(o, tags) for o in found]
+        records = self._pointers.search(tags)
+        return Ok(objects=[*(i for i in infos if i), *map(PointerRecords.info, records)])
+
+    def _list_objects(self, msg: ListObjects) -> Ok:
+        records = self._pointers.search([])
+        infos = [self._search_info(o, []) for o in self.store.list_objects() if self._visible(o.id)]
+        return Ok(objects=[*(i for i in infos if i), *map(PointerRecords.info, records)])
+
+    def _search_info(self, obj: StoredObject, tags: list[str]) -> ObjectInfo | None:
+        """What ``search``/``objects()`` show the sender of a stored object it may see.
+
+        Its own objects and public device data: their metadata. Private device data: only
+        when named by a tag (``search``; it is not listed), as a pointer with its id, shape
+        and dtype (what a plan on it is built for) and only the tags the sender named: no
+        description, no other tags.
+        """
+        if not is_device_data(obj.id) or not self._is_private(obj):
+            return self._info(obj)
+        if not tags:
+            return None
+        info = self._info(obj)
+        info.description = ""
+        del info.tags[:]
+        info.tags.extend(t for t in visible_tags(obj.tags) if t in tags)
+        return info
 
     def _info(self, obj: StoredObject) -> ObjectInfo:
         """Metadata as the sender sees it: its own id, no reserved tags."""

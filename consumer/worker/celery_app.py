@@ -17,6 +17,7 @@ from broker_config.settings import Settings
 from consumer.worker import frames
 from consumer.worker.chunks import collect_expired
 from consumer.worker.gate import Gate, GatedConsumer
+from consumer.worker.memory import limit_pool_process
 from consumer.worker.serialization import register_content_type
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,15 @@ def _on_worker_init(sender: Any = None, **_: Any) -> None:
         log.exception("collecting expired chunked transfers failed")
 
 
+def _on_process_init(**_: Any) -> None:
+    """A pool process starts: its memory limit (:mod:`consumer.worker.memory`)."""
+    s = GatedConsumer.gate.settings if GatedConsumer.gate is not None else Settings.from_env()
+    try:
+        limit_pool_process(s.pool_memory_limit)
+    except (OSError, ValueError):
+        log.exception("setting the pool process's memory limit failed")
+
+
 class DeviceConsumer(Consumer):
     """Celery's consumer without native delayed delivery (fedplan sends no eta/countdown).
 
@@ -98,7 +108,8 @@ def make_app(settings: Settings | None = None) -> Celery:
     time limit is enforced in the pool process (:mod:`consumer.worker.limits`); Celery
     keeps only the hard limit, and a failed or timed-out task is dead-lettered, not acked.
     The prefork pool runs commands in a child process so the main process keeps answering
-    broker heartbeats during long plans.
+    broker heartbeats during long plans; ``FEDPLAN_POOL_MEMORY_LIMIT`` caps its memory
+    (:mod:`consumer.worker.memory`).
 
     Examples
     --------
@@ -137,6 +148,9 @@ def make_app(settings: Settings | None = None) -> Celery:
     )
     app.conf.fedplan_settings = s
     signals.worker_init.connect(_on_worker_init, weak=False, dispatch_uid="fedplan-worker-init")
+    signals.worker_process_init.connect(
+        _on_process_init, weak=False, dispatch_uid="fedplan-process-init"
+    )
     app.autodiscover_tasks(["consumer.worker"], related_name="tasks", force=True)
     return app
 

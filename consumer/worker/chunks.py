@@ -5,6 +5,11 @@ here every chunk is checked against the assembled size, the bytes all incomplete
 hold together and their number before it is written, and transfers whose last chunk arrived
 more than ``chunk_ttl`` seconds ago are deleted (at worker start and while chunks arrive).
 
+All chunks of one transfer come from one sender (the broker-validated ``user_id`` the gate
+put in ``fedplan_sender``): the first chunk's sender is recorded with the transfer, a chunk
+of the same transfer id from another sender is refused and changes nothing, and the command
+assembled runs for that one sender.
+
 Against the pool of incomplete transfers a chunk counts as at least ``MIN_CHUNK_BYTES``
 (the gate's chunk count bound assumes chunks that big): a flood of one-byte chunks, each
 opening a transfer of its own, would otherwise fill the disk with files and directories
@@ -24,7 +29,7 @@ from typing import Any
 
 from broker_config.envelope import CHUNK_HEADER, CHUNKS_HEADER, TRANSFER_HEADER
 from broker_config.settings import Settings
-from consumer.worker.gate import MIN_CHUNK_BYTES
+from consumer.worker.gate import MIN_CHUNK_BYTES, SENDER_HEADER
 from schemas.errors import MessageRefused
 
 log = logging.getLogger(__name__)
@@ -34,6 +39,9 @@ GC_INTERVAL = 60.0
 
 MAX_PENDING_TRANSFERS = 64
 """Incomplete transfers a device keeps at once; a chunk opening one more is refused."""
+
+SENDER_FILE = ".sender"
+"""In a transfer's folder: the sender of its first chunk; chunks from any other are refused."""
 
 _last_sweep: dict[str, float] = {}
 
@@ -131,6 +139,13 @@ def assemble(settings: Settings, request: Any, data: bytes) -> bytes | bytearray
     index = int(getattr(request, CHUNK_HEADER, 0))
     _maybe_sweep(settings)
     folder = transfer_dir(settings, transfer, count)
+    sender = _sender_of(request)
+    owner = _owner(folder)
+    if owner is not None and owner != sender:
+        raise MessageRefused(
+            f"chunk {index} of transfer {transfer} comes from another sender than the "
+            "transfer's first chunk; refused (the transfer is left as it was)"
+        )
     sizes = _sizes(folder)
     is_new = str(index) not in sizes
     sizes[str(index)] = len(data)
@@ -151,6 +166,8 @@ def assemble(settings: Settings, request: Any, data: bytes) -> bytes | bytearray
                 f"({settings.max_pending_chunk_bytes} bytes) already; send again later"
             )
     folder.mkdir(parents=True, exist_ok=True)
+    if owner is None:
+        (folder / SENDER_FILE).write_text(sender)
     tmp = folder / f".{index}.tmp"
     tmp.write_bytes(data)
     os.replace(tmp, folder / str(index))
@@ -178,8 +195,26 @@ def _read_whole(folder: Path, sizes: list[int]) -> bytearray:
 
 
 def done_with_chunks(settings: Settings, request: Any) -> None:
-    """Delete the chunks of the request's transfer (if it was one)."""
+    """Delete the chunks of the request's transfer (if it was one and is the sender's)."""
     count = getattr(request, CHUNKS_HEADER, None)
     transfer = getattr(request, TRANSFER_HEADER, None)
     if transfer is not None and isinstance(count, int):
-        shutil.rmtree(transfer_dir(settings, str(transfer), count), ignore_errors=True)
+        folder = transfer_dir(settings, str(transfer), count)
+        owner = _owner(folder)
+        if owner is None or owner == _sender_of(request):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _sender_of(request: Any) -> str:
+    sender = getattr(request, SENDER_HEADER, None)
+    return sender if isinstance(sender, str) else ""
+
+
+def _owner(folder: Path) -> str | None:
+    """The sender of a transfer's first chunk (None: no chunk yet)."""
+    try:
+        return (folder / SENDER_FILE).read_text()
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return ""

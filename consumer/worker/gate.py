@@ -11,7 +11,11 @@ before all of that, and either
   (no eta, expiry, time limits or retries from the sender: the device's settings apply),
   plus the delivery count the gate recorded (``fedplan_deliveries``); or
 - refuses it: a typed ``MESSAGE_REFUSED`` error reply where a reply address is known
-  (``reply_to`` + ``correlation_id``), then a reject to the dead-letter queue.
+  (``reply_to`` + ``correlation_id``), then a reject to the dead-letter queue; or
+- refuses a well-formed command whose sender is over the policy's
+  ``max_commands_per_minute`` or ``max_device_seconds_per_minute``
+  (:mod:`consumer.policy.fairness`): a typed ``POLICY_REFUSED`` reply, and the message is
+  acked unrun (it is not a bad message).
 
 The gate never raises into Celery: a failure inside it refuses the message.
 """
@@ -22,6 +26,7 @@ import logging
 import math
 import os
 import re
+import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -36,6 +41,9 @@ from broker_config.envelope import (
     TRANSFER_HEADER,
 )
 from broker_config.settings import Settings
+from consumer.policy.audit import AuditEntry, AuditLog
+from consumer.policy.fairness import ProducerBudgets
+from consumer.policy.rules import Budgets, PolicyFile
 from consumer.worker.delivery_attempts import DeliveryAttempts
 from consumer.worker.frames import UNDECODABLE
 from consumer.worker.publishing import send_error
@@ -309,6 +317,70 @@ class Gate:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._attempts: DeliveryAttempts | None = None
+        self._policy: PolicyFile | None = None
+        self.fairness = ProducerBudgets()
+        self._running: tuple[str, float] | None = None  # the last admitted: sender, when
+        self._audit: AuditLog | None = None
+
+    def _budgets(self) -> Budgets:
+        if self._policy is None:
+            self._policy = PolicyFile(self.settings.data_dir)
+        try:
+            return self._policy.current().budgets
+        except Exception:  # an unreadable policy refuses nothing here (the runtime does)
+            return Budgets()
+
+    def settle(self, now: float) -> None:
+        """The command admitted last has finished (its message was settled, or the next
+        delivery arrived: a device takes one message at a time): its run time is charged to
+        its sender's ``max_device_seconds_per_minute`` bucket."""
+        if self._running is not None:
+            sender, started = self._running
+            self._running = None
+            per_minute = self._budgets().max_device_seconds_per_minute
+            self.fairness.charge_device_time(sender, now - started, per_minute)
+
+    def finished(self) -> None:
+        """The pool finished the command admitted last (its message was acked or rejected:
+        :class:`~consumer.worker.requests.DeviceRequest`): charge its run time now."""
+        self.settle(time.monotonic())
+
+    def _audit_refusal(self, verdict: Verdict, exc: FedplanError) -> None:
+        """Record a fairness refusal in the device's audit log (best effort)."""
+        try:
+            if self._audit is None:
+                self._audit = AuditLog(self.settings.data_dir)
+            self._audit.record(
+                AuditEntry(
+                    sender=str(verdict.headers.get(SENDER_HEADER, "")),
+                    kind="refused-unread",
+                    outcome=exc.code,
+                    rule=exc.message.split("(rule: ", 1)[-1].split(")", 1)[0],
+                    command_id=verdict.command_id or "",
+                )
+            )
+        except Exception:
+            log.exception("writing the audit log failed")
+
+    def over_budget(
+        self, verdict: Verdict, deliveries: int, device: str | None, user: Any = None
+    ) -> FedplanError | None:
+        """The refusal of a command whose sender is over its ``max_commands_per_minute`` or
+        ``max_device_seconds_per_minute`` (:mod:`consumer.policy.fairness`); a redelivery
+        and the later chunks of a transfer are not refused (and count no command), nor what
+        a device forwards for a producer (``user``: the AMQP ``user_id``)."""
+        sender = verdict.headers.get(SENDER_HEADER)
+        if deliveries > 1 or verdict.headers.get(CHUNK_HEADER, 0) != 0 or not sender:
+            return None
+        if _DEVICE_USER.match(str(user or "")):
+            return None  # a device forwarding a move: the rest of a command already admitted
+        budgets = self._budgets()
+        return self.fairness.refusal(
+            sender,
+            commands_per_minute=budgets.max_commands_per_minute,
+            seconds_per_minute=budgets.max_device_seconds_per_minute,
+            device_id=device or "",
+        )
 
     @property
     def device_id(self) -> str:
@@ -325,6 +397,8 @@ class Gate:
 
     def admit(self, raw: Any) -> bool:
         """Check a raw py-amqp message: True to hand it on to Celery, else it was refused."""
+        now = time.monotonic()
+        self.settle(now)
         properties = getattr(raw, "properties", None)
         verdict = inspect(properties, getattr(raw, "body", None), self.settings)
         device = self.device_id or names.device_from_queue(
@@ -342,17 +416,35 @@ class Gate:
                 limit = self.settings.delivery_limit
                 if n > limit + MAX_REFUSED_HARD:
                     return self._refuse(raw, verdict, device, _crashed(verdict, n))
+                user = properties.get("user_id") if isinstance(properties, dict) else None
+                over = self.over_budget(verdict, n, device, user)
+                if over is not None:
+                    self._audit_refusal(verdict, over)
+                    return self._refuse(raw, verdict, device, over, dead_letter=False)
                 verdict.headers[DELIVERIES_HEADER] = n
                 if isinstance(properties, dict):  # always, once admitted
                     properties["application_headers"] = verdict.headers
+                    self._running = (verdict.headers[SENDER_HEADER], now)
                     return True
         return self._refuse(raw, verdict, device, MessageRefused(verdict.refusal or ""))
 
-    def _refuse(self, raw: Any, verdict: Verdict, device: str | None, exc: FedplanError) -> bool:
-        log.error(
-            "refused message %s (command %s) to the dead-letter queue: %s [%s]",
+    def _refuse(
+        self,
+        raw: Any,
+        verdict: Verdict,
+        device: str | None,
+        exc: FedplanError,
+        *,
+        dead_letter: bool = True,
+    ) -> bool:
+        """Answer the message with ``exc`` and drop it: to the dead-letter queue (a bad
+        message), or acked (a well-formed command refused by a rate budget)."""
+        log.log(
+            logging.ERROR if dead_letter else logging.INFO,
+            "refused message %s (command %s)%s: %s [%s]",
             verdict.message_id,
             verdict.command_id,
+            " to the dead-letter queue" if dead_letter else "",
             exc.message,
             exc.code,
         )
@@ -365,9 +457,12 @@ class Gate:
             command_id=verdict.command_id,
         )
         try:
-            raw.channel.basic_reject(raw.delivery_tag, requeue=False)
+            if dead_letter:
+                raw.channel.basic_reject(raw.delivery_tag, requeue=False)
+            else:
+                raw.channel.basic_ack(raw.delivery_tag)
         except Exception:
-            log.exception("rejecting a refused message failed; it will come back")
+            log.exception("dropping a refused message failed; it will come back")
         return False
 
 

@@ -3,7 +3,9 @@
 Runs in the worker's main process. When Celery's hard time limit kills the pool process,
 the command still gets its typed ``TIME_LIMIT`` error reply (the producer's call ends with
 it, not with its own timeout) and, with ``task_acks_on_failure_or_timeout`` off, the message
-goes to the dead-letter queue instead of being acked without a trace.
+goes to the dead-letter queue instead of being acked without a trace. Every finished
+command (acked or rejected) tells the gate, which charges its run time to its sender
+(:mod:`consumer.policy.fairness`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from kombu.asynchronous import get_event_loop
 
 from broker_config import names
 from broker_config.settings import Settings
+from consumer.worker.gate import GatedConsumer
 from consumer.worker.limits import purge_cancelled_timers
 from consumer.worker.publishing import send_error
 from schemas.errors import TimeLimitError
@@ -26,6 +29,12 @@ log = logging.getLogger(__name__)
 
 
 def _purge() -> None:
+    try:
+        gate = GatedConsumer.gate
+        if gate is not None:
+            gate.finished()  # the command's run time, for the producers' fairness budget
+    except Exception:  # bookkeeping only
+        log.debug("charging the command's device time failed", exc_info=True)
     try:
         hub = get_event_loop()
         if hub is not None:

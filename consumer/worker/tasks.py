@@ -23,6 +23,7 @@ from consumer.store.sqlite import SqliteStore
 from consumer.worker.chunks import assemble, done_with_chunks
 from consumer.worker.gate import DELIVERIES_HEADER, ON_BEHALF_HEADER, SENDER_HEADER
 from consumer.worker.limits import time_budget
+from consumer.worker.memory import command_memory
 from consumer.worker.publishing import (
     confirming_producer,
     forget_connection,
@@ -154,13 +155,14 @@ def handle(self: Task, data: bytes) -> None:
         raise Reject(f"{exc.code}: {exc.message}", requeue=False) from None
     seconds, hint = settings.soft_time_limit, "raise FEDPLAN_SOFT_TIME_LIMIT on the device"
     try:
-        wall = runtime.policy_source.current().budgets.max_wall_seconds
+        budgets = runtime.policy_source.current().budgets
+        wall, alloc = budgets.max_wall_seconds, budgets.max_alloc_bytes
     except Exception:  # an invalid policy file: the runtime refuses the command itself
-        wall = 0
+        wall = alloc = 0
     if wall and wall < seconds:
         seconds, hint = wall, "ask the operator (policy budget max_wall_seconds)"
     try:
-        with time_budget(seconds, hint):
+        with time_budget(seconds, hint), command_memory(alloc):
             reply = runtime.handle(whole, sender)
     except TimeLimitError as exc:  # fired outside the runtime's own error handling
         reply = _error(device_id, request, exc)

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from consumer.policy.fairness import ProducerBudgets
 from consumer.runtime.device import DeviceRuntime
 from consumer.store.memory import MemoryStore
 from producer.transport.base import ReplyHandler
@@ -24,8 +25,9 @@ _STOP = None
 LOCAL_PRODUCER = "local"
 """The identity embedded devices see for a fleet connected without a ``producer_id``."""
 
-_Item = tuple[bytes, str, ReplyHandler]
-"""A command for an embedded device: its bytes, its sender, where its reply goes."""
+_Item = tuple[bytes, str, ReplyHandler, bool]
+"""A command for an embedded device: its bytes, its sender, where its reply goes, whether
+another device forwarded it (a move)."""
 
 
 @functools.cache
@@ -88,17 +90,22 @@ class _EmbeddedDevice:
             item = self.inbox.get()
             if item is _STOP:
                 return
-            data, sender, on_reply = item
+            data, sender, on_reply, forwarded = item
             self._current.item = item  # a MoveObject forwards as the same sender
             if self._run_lock is None:
-                reply = self.runtime.handle(data, sender)
+                reply = self._handle(data, sender, forwarded)
             else:
                 with self._run_lock:
-                    reply = self.runtime.handle(data, sender)
+                    reply = self._handle(data, sender, forwarded)
             try:
                 on_reply(reply)
             except Exception:
                 log.exception("reply handler failed for device %s", self.device_id)
+
+    def _handle(self, data: bytes, sender: str, forwarded: bool) -> bytes:
+        if forwarded:  # another device's move: not refused by the fairness budgets
+            return self.runtime.handle(data, sender, forwarded=True)
+        return self.runtime.handle(data, sender)
 
 
 class LocalTransport:
@@ -185,7 +192,12 @@ class LocalTransport:
                 raise TransportError("the embedded transport is closed; connect() again")
             if device_id in self._devices:
                 return
-            runtime = DeviceRuntime(device_id=device_id, store=MemoryStore(), forward=self._forward)
+            runtime = DeviceRuntime(
+                device_id=device_id,
+                store=MemoryStore(),
+                forward=self._forward,
+                rates=ProducerBudgets(),
+            )
             self._devices[device_id] = _EmbeddedDevice(
                 device_id,
                 runtime,
@@ -197,7 +209,7 @@ class LocalTransport:
 
     def publish(self, device_id: str, command: bytes, *, command_id: str) -> None:
         """Queue the command bytes for the device; ``DeviceNotFound`` if it was never started."""
-        self._inbox(device_id).put((bytes(command), self.producer_id, self._on_reply))
+        self._inbox(device_id).put((bytes(command), self.producer_id, self._on_reply, False))
 
     def _forward(self, device_id: str, command: bytes) -> None:
         """A device publishing to another (``MoveObject``), for the producer whose command
@@ -206,7 +218,7 @@ class LocalTransport:
         sender, on_reply = (
             (item[1], item[2]) if item is not None else (LOCAL_PRODUCER, self._on_reply)
         )
-        self._inbox(device_id).put((bytes(command), sender, on_reply))
+        self._inbox(device_id).put((bytes(command), sender, on_reply, True))
 
     def _inbox(self, device_id: str) -> queue.SimpleQueue[_Item | None]:
         with self._lock:
