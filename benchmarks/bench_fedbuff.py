@@ -127,6 +127,8 @@ def run(mode: str, args: argparse.Namespace, delay_seed: int) -> Trace:
         def evaluate_and_stop(w: dict[str, torch.Tensor]) -> tuple[float, float]:
             loss, acc = evaluate(scratch, w, x_test, y_test)
             trace.points.append((time.monotonic() - trace.start, acc, len(trace.points)))
+            if args.verbose:
+                print(f"  {mode} {trace.points[-1][0]:7.1f}s acc {acc:.4f}", flush=True)
             if acc >= args.target:
                 raise Reached
             return loss, acc
@@ -176,6 +178,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--max-rounds", type=int, default=60)
     p.add_argument("--max-versions", type=int, default=400)
+    p.add_argument("--verbose", action="store_true", help="print every evaluation")
     p.add_argument("--json", default=None, help="also write the raw traces here")
     args = p.parse_args()
     rows: dict[str, list[float]] = {"fedavg": [], "fedbuff": []}

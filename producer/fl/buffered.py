@@ -242,13 +242,19 @@ class BufferState:
         }
 
     @staticmethod
-    def restore(meta: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> BufferState:
+    def restore(
+        meta: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], names: Sequence[str]
+    ) -> BufferState:
         """Inverse of :meth:`to_metadata` and :meth:`tensors` (the current version's weights
-        are added when the run starts, from the checkpoint's weights)."""
-        bases: dict[int, Weights] = {int(v): {} for v in meta["bases"]}
-        for key, t in tensors.items():
-            _, v, name = key.split("/", 2)
-            bases[int(v)][name] = t.clone()
+        are added when the run starts, from the checkpoint's weights). ``names`` is the
+        model's state_dict order, which each version's weights keep (a training plan
+        flattens them in that order; safetensors returns them sorted)."""
+        bases: dict[int, Weights] = {}
+        for v in meta["bases"]:
+            try:
+                bases[int(v)] = {k: tensors[f"base/{int(v)}/{k}"].clone() for k in names}
+            except KeyError as exc:
+                raise FedplanError(f"the FedBuff checkpoint lacks {exc} of version {v}") from exc
         in_flight = {int(a["number"]): Assignment(**a) for a in meta["in_flight"]}
         missing = {a.version for a in in_flight.values()} - set(bases) - {int(meta["version"])}
         if missing:

@@ -166,7 +166,7 @@ class FederatedJob:
         state, history, devices = BufferState(), [], []
         ck = self._load_checkpoint() if resume else None
         if ck is not None:
-            state = BufferState.restore(ck.metadata["fedbuff"], ck.strategy_state)
+            state = BufferState.restore(ck.metadata["fedbuff"], ck.strategy_state, list(ck.weights))
             weights = ck.weights
             history = [RoundMetrics.from_dict(row) for row in ck.metadata["history"]]
             devices = [DeviceMetrics(**row) for row in ck.metadata.get("devices", [])]

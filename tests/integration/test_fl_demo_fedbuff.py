@@ -9,12 +9,15 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
+pytestmark = pytest.mark.timeout(1500)  # three or four demo processes each; slow under load
+
 ARGS = [
-    "--strategy", "fedbuff", "--buffer-size", "2", "--concurrency", "3", "--rounds", "12",
-    "--devices", "4", "--epochs", "2", "--seed", "3", "--tensorboard", "off",
+    "--strategy", "fedbuff", "--buffer-size", "2", "--concurrency", "3", "--rounds", "8",
+    "--devices", "4", "--epochs", "2", "--seed", "3", "--tensorboard", "off", "--no-device-eval",
 ]  # fmt: skip
 
 
@@ -33,7 +36,7 @@ def _kill_after_version(out: Path, version: int, *extra: str) -> int:
         _demo(out, *extra), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     pointer = out / "checkpoints" / "latest.json"
-    deadline = time.monotonic() + 240
+    deadline = time.monotonic() + 600
     while time.monotonic() < deadline and proc.poll() is None:
         if pointer.exists() and json.loads(pointer.read_text())["round"] >= version:
             break
@@ -47,20 +50,20 @@ def test_a_fedbuff_demo_killed_and_resumed_on_the_same_arrivals_ends_with_the_sa
     tmp_path: Path,
 ) -> None:
     whole = tmp_path / "whole"
-    done = subprocess.run(_demo(whole), capture_output=True, text=True, timeout=300)
+    done = subprocess.run(_demo(whole), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     log = whole / "arrivals.json"
     arrivals = json.loads(log.read_text())
-    assert len(arrivals) >= 24 and len({n for n, _ in arrivals}) == len(arrivals)
+    assert len(arrivals) >= 16 and len({n for n, _ in arrivals}) == len(arrivals)
 
     killed = tmp_path / "killed"
     killed_at = _kill_after_version(killed, 3, "--replay-arrivals", str(log))
-    assert 3 <= killed_at < 12, "the run must be killed mid-way"
+    assert 3 <= killed_at < 8, "the run must be killed mid-way"
     resumed = subprocess.run(
         _demo(killed, "--resume", "--replay-arrivals", str(log)),
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=600,
     )
     assert resumed.returncode == 0, resumed.stderr
     assert f"resumed after round {killed_at}" in resumed.stdout
@@ -78,11 +81,11 @@ def test_a_fedbuff_demo_killed_and_resumed_on_the_same_arrivals_ends_with_the_sa
 def test_a_fedbuff_demo_killed_and_resumed_live_folds_no_update_twice(tmp_path: Path) -> None:
     out = tmp_path / "live"
     killed_at = _kill_after_version(out, 2)
-    assert 2 <= killed_at < 12
-    resumed = subprocess.run(_demo(out, "--resume"), capture_output=True, text=True, timeout=300)
+    assert 2 <= killed_at < 8
+    resumed = subprocess.run(_demo(out, "--resume"), capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr
     arrivals = json.loads((out / "arrivals.json").read_text())
     numbers = [n for n, _ in arrivals]
     assert len(numbers) == len(set(numbers))
     folded = [r for r in json.loads((out / "devices.json").read_text()) if r["phase"] == "fit"]
-    assert sum(r["status"] == "ok" for r in folded) == 12 * 2
+    assert sum(r["status"] == "ok" for r in folded) == 8 * 2

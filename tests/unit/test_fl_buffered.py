@@ -275,3 +275,24 @@ def test_deliveries_from_many_threads_at_once_are_each_folded_once() -> None:
     numbers = [e[0] for e in result.arrivals]
     assert len(numbers) == len(set(numbers))
     assert sum(r.status == "ok" for r in result.devices) == 8
+
+
+def test_a_checkpointed_state_restores_each_versions_weights_in_the_models_order(
+    tmp_path: Path,
+) -> None:
+    from producer.fl.buffered import Assignment, BufferState
+    from producer.fl.checkpoint import Checkpoint, load_latest, save_checkpoint
+
+    old = {"z.weight": torch.ones(2), "a.bias": torch.zeros(1)}  # not in sorted order
+    new = {"z.weight": torch.full((2,), 2.0), "a.bias": torch.ones(1)}
+    st = BufferState(version=3, dispatched=9)
+    st.in_flight[7] = Assignment(7, 1, "d1", 2, 8001)
+    st.bases[2] = old
+    st.prune_bases(new)
+    save_checkpoint(tmp_path, Checkpoint(3, new, st.tensors(), {"fedbuff": st.to_metadata()}))
+    ck = load_latest(tmp_path)
+    assert ck is not None
+    back = BufferState.restore(ck.metadata["fedbuff"], ck.strategy_state, list(ck.weights))
+    assert list(back.bases[2]) == ["z.weight", "a.bias"]
+    assert all(torch.equal(back.bases[2][k], old[k]) for k in old)
+    assert back.in_flight == st.in_flight and back.dispatched == 9 and 3 not in back.bases
