@@ -196,6 +196,13 @@ def main() -> None:
                 flush=True,
             )
             rows[mode].append(float("inf") if t is None else t)
+            for level in (0.90, 0.93):
+                lt = trace.reached(level)
+                print(
+                    f"  {mode}: {'not reached' if lt is None else f'{lt:.1f}s'} to "
+                    f"{100 * level:.0f}%",
+                    flush=True,
+                )
             raw.append(
                 {"mode": mode, "repeat": r, "points": trace.points, "updates": trace.updates}
             )

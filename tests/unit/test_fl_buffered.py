@@ -296,3 +296,19 @@ def test_a_checkpointed_state_restores_each_versions_weights_in_the_models_order
     assert list(back.bases[2]) == ["z.weight", "a.bias"]
     assert all(torch.equal(back.bases[2][k], old[k]) for k in old)
     assert back.in_flight == st.in_flight and back.dispatched == 9 and 3 not in back.bases
+
+
+def test_pace_steering_keeps_an_offline_device_out_of_fedbuff_sampling() -> None:
+    from producer.fl.pace import DeviceLoad, PaceSteering, StaticProbe
+
+    members = _eager()
+    loads = {p.device_id: DeviceLoad(p.device_id, 0, 1) for p in members}
+    loads["d2"] = DeviceLoad("d2", 0, 0)  # no consumer: offline
+    job = FederatedJob(
+        participants=members,
+        strategy=FedBuff(buffer_size=2, concurrency=2),
+        pace=PaceSteering(StaticProbe(loads)),
+    )
+    result = job.run(get_weights(_net()), num_rounds=4)
+    asked = {r.device_id for r in result.devices}
+    assert asked == {"d0", "d1", "d3"}
