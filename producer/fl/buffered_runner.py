@@ -80,6 +80,19 @@ class BufferedRunner:
     ``replay`` is an arrival log (``[task number, kind]`` pairs) to follow instead of the
     live order: replies are held until the logged one arrives and logged timeouts are
     applied without waiting. Past its end the runner continues live.
+
+    Examples
+    --------
+    >>> from producer.fl.participants import EagerParticipant
+    >>> from producer.fl.training import TrainingSpec, get_weights
+    >>> torch.manual_seed(0) and None
+    >>> net = torch.nn.Linear(2, 2)
+    >>> devices = [EagerParticipant(f"d{k}", net, TrainingSpec(batch_size=4), torch.randn(8, 2),
+    ...                             torch.tensor([0, 1] * 4)) for k in range(3)]
+    >>> runner = BufferedRunner(devices, FedBuff(buffer_size=2, concurrency=2))
+    >>> _ = runner.run(get_weights(net), 3, lambda outcome, weights, state: None)
+    >>> runner.state.version, len(runner.state.arrivals)
+    (3, 6)
     """
 
     participants: Sequence[Participant]
