@@ -109,18 +109,23 @@ class FederatedJob:
     def __post_init__(self) -> None:
         if self.mode not in ("sync", "fedbuff"):
             raise ValueError(f"mode is 'sync' or 'fedbuff', got {self.mode!r}")
+        if self.strategy == "fedbuff":
+            self.mode = "fedbuff"
         if self.mode == "fedbuff" and not isinstance(self.strategy, FedBuff):
             if self.strategy not in ("fedavg", "fedbuff") and type(self.strategy) is not FedAvg:
                 raise FedplanError(
                     f"mode='fedbuff' folds updates with FedBuff; strategy {self.strategy!r} "
                     "cannot run asynchronously (pass strategy='fedbuff' or 'fedavg')"
                 )
-            self.strategy = FedBuff(
-                buffer_size=self.buffer_size,
-                concurrency=self.concurrency,
-                staleness=self.staleness,
-                server_lr=self.strategy_options.get("buffer_server_lr", 1.0),
-            )
+            options = {  # the job's fields, unless strategy_options name them
+                "buffer_size": self.buffer_size,
+                "concurrency": self.concurrency or 0,
+                "staleness_exponent": self.staleness.exponent,
+                **self.strategy_options,
+            }
+            if "max_staleness" not in options and self.staleness.max_staleness is not None:
+                options["max_staleness"] = self.staleness.max_staleness
+            self.strategy = FedBuff.from_options(options)
         if isinstance(self.strategy, str):
             self.strategy = make_strategy(self.strategy, **self.strategy_options)
         if isinstance(self.strategy, FedBuff):

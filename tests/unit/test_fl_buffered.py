@@ -250,6 +250,16 @@ def test_fedbuff_mode_refuses_a_strategy_that_cannot_run_asynchronously() -> Non
     job = FederatedJob(participants=[], strategy="fedbuff", strategy_options={"buffer_size": 4})
     assert job.mode == "fedbuff" and isinstance(job.strategy, FedBuff)
     assert job.strategy.buffer_size == 4
+    by_fields = FederatedJob(
+        participants=[],
+        strategy="fedbuff",
+        buffer_size=3,
+        concurrency=5,
+        staleness=StalenessPolicy(exponent=1.0, max_staleness=2),
+    ).strategy
+    assert isinstance(by_fields, FedBuff)
+    assert (by_fields.buffer_size, by_fields.concurrency) == (3, 5)
+    assert by_fields.staleness == StalenessPolicy(exponent=1.0, max_staleness=2)
 
 
 def test_deliveries_from_many_threads_at_once_are_each_folded_once() -> None:
