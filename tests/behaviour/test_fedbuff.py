@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
 import torch
 from torch import nn
 
@@ -13,7 +14,7 @@ from producer.fl.job import FederatedJob
 from producer.fl.participants import EagerParticipant, PlanParticipant
 from producer.fl.rounds import RoundPolicy
 from producer.fl.training import TrainingSpec, build_training_plan, evaluate, get_weights
-from tests.behaviour.conftest import DeviceFactory
+from tests.behaviour.conftest import DeviceFactory, TransportCase
 
 SPEC = TrainingSpec(lr=0.2, batch_size=8)
 
@@ -33,9 +34,12 @@ def _shares() -> list[tuple[str, torch.Tensor, torch.Tensor]]:
     return out
 
 
+@pytest.mark.timeout(1500)  # a Celery worker started for this test may take minutes under load
 def test_fedbuff_on_plan_devices_improves_the_model_and_matches_eager_torch_on_its_arrivals(
-    device: DeviceFactory,
+    fleet: fp.Fleet, transport_case: TransportCase, device: DeviceFactory
 ) -> None:
+    for name, _, _ in _shares():  # wait for each device to answer once, however slow to start
+        fleet.device(transport_case.device_id(name)).delete_objects([]).reply(900)
     net = _net()
     executor = ThreadPoolExecutor(8)
     x_all = torch.cat([x for _, x, _ in _shares()])
@@ -45,7 +49,7 @@ def test_fedbuff_on_plan_devices_improves_the_model_and_matches_eager_torch_on_i
             device(name, [fp.tag(x, "train", "x"), fp.tag(y, "train", "y")]),
             lambda n: build_training_plan(net, SPEC, n),
             executor=executor,
-            timeout=120,
+            timeout=600,
         )
         for name, x, y in _shares()
     ]
@@ -54,7 +58,7 @@ def test_fedbuff_on_plan_devices_improves_the_model_and_matches_eager_torch_on_i
             participants=planned,
             strategy=FedBuff(buffer_size=2, concurrency=3),
             evaluate=lambda w: evaluate(_net(), w, x_all, y_all),
-            policy=RoundPolicy(deadline=120.0),
+            policy=RoundPolicy(deadline=600.0),
         ).run(get_weights(net), num_rounds=5)
     finally:
         executor.shutdown(wait=False)
