@@ -22,6 +22,7 @@ Examples
 """
 
 from producer.fl.aggregate import Weights, weighted_average
+from producer.fl.buffered import FedBuff, StalenessPolicy, fold_updates, staleness_weight
 from producer.fl.checkpoint import Checkpoint, load_latest, save_checkpoint
 from producer.fl.data import Dataset, dirichlet_partition, iid_partition, load_digits, load_mnist
 from producer.fl.evaluation import DeviceMetrics, EvaluationOutcome, EvaluationRunner
@@ -80,6 +81,7 @@ __all__ = [
     "EvaluationRunner",
     "FedAdam",
     "FedAvg",
+    "FedBuff",
     "FedProx",
     "FederatedJob",
     "FitFailure",
@@ -96,6 +98,7 @@ __all__ = [
     "RoundMetrics",
     "RoundPolicy",
     "RoundRunner",
+    "StalenessPolicy",
     "Strategy",
     "TensorBoardTracker",
     "Tracker",
@@ -106,6 +109,7 @@ __all__ = [
     "dirichlet_partition",
     "evaluate",
     "flatten",
+    "fold_updates",
     "get_weights",
     "iid_partition",
     "load_digits",
@@ -118,6 +122,7 @@ __all__ = [
     "register_strategy",
     "sample_order",
     "save_checkpoint",
+    "staleness_weight",
     "train_eager",
     "unflatten",
     "weighted_average",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import signal
 import subprocess
 import sys
@@ -84,7 +85,10 @@ def partition(
 
 def strategy_from_args(args: argparse.Namespace) -> Strategy:
     """The registered strategy named by ``--strategy``, with the demo's strategy flags."""
-    return make_strategy(args.strategy, proximal_mu=args.mu, server_lr=args.server_lr)
+    options = {"proximal_mu": args.mu, "server_lr": args.server_lr}
+    if args.strategy == "fedbuff":
+        options.update({k: getattr(args, k) for k in _FEDBUFF if getattr(args, k) is not None})
+    return make_strategy(args.strategy, **options)
 
 
 @dataclass(slots=True)
@@ -173,6 +177,10 @@ _SETTINGS = (
     "strategy", "mu", "server_lr", "model",
 )  # fmt: skip
 """The arguments that define the job: kept in checkpoints, a resume must match them."""
+_FEDBUFF = (
+    "buffer_size", "concurrency", "staleness_exponent", "max_staleness", "buffer_server_lr",
+)  # fmt: skip
+"""FedBuff's arguments (part of the job's settings with ``--strategy fedbuff``)."""
 
 
 @dataclass(slots=True)
@@ -329,9 +337,30 @@ def make_job(
         policy=policy,
         seed=args.seed,
         checkpoint_dir=setup.out / "checkpoints",
-        settings={k: getattr(args, k) for k in _SETTINGS},
+        settings={k: getattr(args, k) for k in _job_settings(args)},
+        arrival_log=_arrival_log(args),
         on_round=lambda m: bar.update(m) if m.round > 0 else None,
     )
+
+
+def _job_settings(args: argparse.Namespace) -> tuple[str, ...]:
+    return _SETTINGS + (_FEDBUFF if args.strategy == "fedbuff" else ())
+
+
+def _arrival_log(args: argparse.Namespace) -> list[list[object]]:
+    """``--replay-arrivals FILE``: another run's ``arrivals.json`` (a list of [task, kind])."""
+    if not getattr(args, "replay_arrivals", None):
+        return []
+    try:
+        log = json.loads(Path(args.replay_arrivals).read_text())
+    except (OSError, ValueError) as exc:
+        raise FedplanError(f"cannot read the arrival log {args.replay_arrivals}: {exc}") from exc
+    if not isinstance(log, list) or not all(
+        isinstance(e, list) and len(e) == 2 and isinstance(e[0], int) and isinstance(e[1], str)
+        for e in log
+    ):
+        raise FedplanError(f"{args.replay_arrivals} is not an arrival log ([[task, kind], ...])")
+    return log
 
 
 def trackers(args: argparse.Namespace, out: Path) -> list[Tracker]:
@@ -349,6 +378,8 @@ def report(result: JobResult, out: Path, launch: float) -> None:
     """Write metrics.csv/json, devices.csv/json and the plot; print the final accuracy."""
     csv_path, json_path = write_metrics(result.history, out)
     devices_csv, _ = write_device_metrics(result.devices, out)
+    if result.arrivals:  # FedBuff: the arrival order, replayable with --replay-arrivals
+        (out / "arrivals.json").write_text(json.dumps(result.arrivals))
     png = plot_metrics(result.history, out / "metrics.png", title="fedplan demo")
     final = result.history[-1]
     resumed = f" (resumed after round {result.resumed_from})" if result.resumed_from else ""
@@ -409,6 +440,28 @@ def register(subparsers: Any) -> None:
         type=int,
         default=None,
         help="local epochs per round (default 5 on digits, 1 on MNIST)",
+    )
+    p.add_argument(
+        "--buffer-size", type=int, default=8, help="fedbuff: updates folded per model version"
+    )
+    p.add_argument(
+        "--concurrency", type=int, default=None, help="fedbuff: devices training at once (all)"
+    )
+    p.add_argument(
+        "--staleness-exponent",
+        type=float,
+        default=0.5,
+        help="fedbuff: an update s versions stale weighs (1+s)^-a (0.5: 1/sqrt(1+s))",
+    )
+    p.add_argument(
+        "--max-staleness", type=int, default=None, help="fedbuff: drop updates staler than this"
+    )
+    p.add_argument("--buffer-server-lr", type=float, default=1.0, help="fedbuff: server rate")
+    p.add_argument(
+        "--replay-arrivals",
+        metavar="FILE",
+        default=None,
+        help="fedbuff: process updates in the order of another run's arrivals.json",
     )
     p.add_argument("--hidden", type=int, default=64, help="width (CNN: channels, at most 16)")
     p.add_argument("--model", choices=sorted(MODELS), default="mlp", help="network to train")

@@ -67,8 +67,8 @@ class DeviceMetrics:
     """One device's part in one round: a row of ``devices.csv``.
 
     ``phase`` is ``"fit"`` or ``"evaluate"``; ``status`` is ``"ok"`` or the failure kind
-    (``"timeout"``, ``"error"``, ``"dropped"``); ``seconds`` runs from sending the command
-    to the reply's arrival (NaN when none arrived).
+    (``"timeout"``, ``"error"``, ``"dropped"``; FedBuff: ``"stale"``); ``seconds`` runs
+    from sending the command to the reply's arrival (NaN when none arrived).
     """
 
     round: int
@@ -81,6 +81,10 @@ class DeviceMetrics:
     seconds: float = float("nan")
     attempt: int = 1
     error: str = ""
+    model_version: int = -1
+    """FedBuff: the model version the device trained on (-1 in synchronous rounds)."""
+    staleness: int = -1
+    """FedBuff: versions the model moved while the device trained (-1 in synchronous rounds)."""
 
 
 @dataclass(slots=True)

@@ -9,12 +9,14 @@ from pathlib import Path
 from typing import Any
 
 from producer.fl.aggregate import Weights
+from producer.fl.buffered import BufferState, FedBuff, StalenessPolicy
+from producer.fl.buffered_runner import BufferedRunner, VersionOutcome
 from producer.fl.checkpoint import Checkpoint, load_latest, save_checkpoint
 from producer.fl.evaluation import DeviceMetrics, EvaluationOutcome, EvaluationRunner
 from producer.fl.pace import PaceSteering
 from producer.fl.progress import RoundMetrics
 from producer.fl.rounds import Participant, RoundOutcome, RoundPolicy, RoundRunner
-from producer.fl.strategy import Strategy, make_strategy
+from producer.fl.strategy import FedAvg, Strategy, make_strategy
 from producer.fl.tracking import Tracker
 from schemas.errors import FedplanError
 
@@ -35,6 +37,8 @@ class JobResult:
     outcomes: list[RoundOutcome] = field(default_factory=list)
     resumed_from: int = 0
     devices: list[DeviceMetrics] = field(default_factory=list)
+    arrivals: list[list[Any]] = field(default_factory=list)
+    """FedBuff: ``[task number, kind]`` per event in the order processed (the arrival log)."""
 
 
 @dataclass(slots=True)
@@ -69,6 +73,12 @@ class FederatedJob:
     metrics and device rows (TensorBoard, MLflow: :mod:`producer.fl.tracking`). ``pace``
     keeps offline and backlogged devices out of sampling (:mod:`producer.fl.pace`).
 
+    ``mode="fedbuff"`` (or ``strategy="fedbuff"``) runs buffered asynchronous aggregation
+    instead of rounds (:mod:`producer.fl.buffered`): ``concurrency`` devices train at once,
+    every ``buffer_size`` updates fold into a new model version, weighted by ``staleness``;
+    ``num_rounds`` then counts versions, each evaluated and checkpointed like a round, and
+    ``arrival_log`` replays another run's arrival order (``JobResult.arrivals``).
+
     Examples
     --------
     >>> import torch
@@ -90,10 +100,36 @@ class FederatedJob:
     checkpoint_dir: Path | None = None
     settings: dict[str, Any] = field(default_factory=dict)
     on_round: Callable[[RoundMetrics], None] | None = None
+    mode: str = "sync"
+    buffer_size: int = 8
+    concurrency: int | None = None
+    staleness: StalenessPolicy = field(default_factory=StalenessPolicy)
+    arrival_log: Sequence[Sequence[object]] = ()
 
     def __post_init__(self) -> None:
+        if self.mode not in ("sync", "fedbuff"):
+            raise ValueError(f"mode is 'sync' or 'fedbuff', got {self.mode!r}")
+        if self.strategy == "fedbuff":
+            self.mode = "fedbuff"
+        if self.mode == "fedbuff" and not isinstance(self.strategy, FedBuff):
+            if self.strategy not in ("fedavg", "fedbuff") and type(self.strategy) is not FedAvg:
+                raise FedplanError(
+                    f"mode='fedbuff' folds updates with FedBuff; strategy {self.strategy!r} "
+                    "cannot run asynchronously (pass strategy='fedbuff' or 'fedavg')"
+                )
+            options = {  # the job's fields, unless strategy_options name them
+                "buffer_size": self.buffer_size,
+                "concurrency": self.concurrency or 0,
+                "staleness_exponent": self.staleness.exponent,
+                **self.strategy_options,
+            }
+            if "max_staleness" not in options and self.staleness.max_staleness is not None:
+                options["max_staleness"] = self.staleness.max_staleness
+            self.strategy = FedBuff.from_options(options)
         if isinstance(self.strategy, str):
             self.strategy = make_strategy(self.strategy, **self.strategy_options)
+        if isinstance(self.strategy, FedBuff):
+            self.mode = "fedbuff"
 
     @property
     def _strategy(self) -> Strategy:
@@ -102,6 +138,8 @@ class FederatedJob:
 
     def run(self, weights: Weights, num_rounds: int, *, resume: bool = False) -> JobResult:
         """Train from ``weights`` (or from the last checkpoint when ``resume``)."""
+        if isinstance(self.strategy, FedBuff):
+            return self._run_buffered(self.strategy, weights, num_rounds, resume)
         runner = RoundRunner(
             self.participants, self._strategy, self.policy, seed=self.seed, pace=self.pace
         )
@@ -125,6 +163,65 @@ class FederatedJob:
         for tracker in self.trackers:
             tracker.close()
         return JobResult(weights, history, outcomes, resumed_from=first - 1, devices=devices)
+
+    def _run_buffered(
+        self, strategy: FedBuff, weights: Weights, versions: int, resume: bool
+    ) -> JobResult:
+        """FedBuff: fold updates until model version ``versions``; one metrics row each."""
+        state, history, devices = BufferState(), [], []
+        ck = self._load_checkpoint() if resume else None
+        if ck is not None:
+            state = BufferState.restore(ck.metadata["fedbuff"], ck.strategy_state, list(ck.weights))
+            weights = ck.weights
+            history = [RoundMetrics.from_dict(row) for row in ck.metadata["history"]]
+            devices = [DeviceMetrics(**row) for row in ck.metadata.get("devices", [])]
+        clock = _Clock()
+        if not history:
+            history.append(self._initial_metrics(weights, devices))
+        clock.offset, clock.last = history[-1].elapsed_seconds, time.monotonic()
+        first = state.version
+
+        def on_version(outcome: VersionOutcome, new: Weights, st: BufferState) -> None:
+            loss, acc = self._server_evaluation(new)
+            metrics = RoundMetrics(
+                round=outcome.version,
+                participants=strategy.buffer_size,
+                failures=outcome.failures,
+                train_loss=outcome.train_loss(),
+                test_loss=loss,
+                test_accuracy=acc,
+                round_seconds=0.0,
+                elapsed_seconds=0.0,
+                mean_staleness=outcome.mean_staleness(),
+                stale_dropped=outcome.stale_dropped,
+            )
+            rows = list(outcome.rows)
+            federated = self._device_evaluation(outcome.version, new)
+            if federated is not None:
+                rows.extend(federated.device_rows())
+                metrics = _with_federated(metrics, federated)
+            since, elapsed = clock.lap()
+            history.append(replace(metrics, round_seconds=since, elapsed_seconds=elapsed))
+            devices.extend(rows)
+            extra = {"fedbuff": st.to_metadata()}
+            self._save_checkpoint(st.version, new, history, devices, extra, st.tensors())
+            self._report(history[-1], rows)
+
+        runner = BufferedRunner(
+            self.participants,
+            strategy,
+            deadline=self.policy.deadline,
+            seed=self.seed,
+            pace=self.pace,
+            replay=self.arrival_log,
+            state=state,
+        )
+        weights = runner.run(weights, versions, on_version)
+        for tracker in self.trackers:
+            tracker.close()
+        return JobResult(
+            weights, history, resumed_from=first, devices=devices, arrivals=state.arrivals
+        )
 
     def _resume(self, weights: Weights) -> tuple[Weights, list[RoundMetrics], list[DeviceMetrics]]:
         """Weights and history from the last checkpoint (strategy state restored), if any."""
@@ -191,10 +288,13 @@ class FederatedJob:
         weights: Weights,
         history: list[RoundMetrics],
         devices: list[DeviceMetrics],
+        extra: dict[str, Any] | None = None,
+        state: dict[str, Any] | None = None,
     ) -> None:
         if self.checkpoint_dir is None:
             return
         metadata = {
+            **(extra or {}),
             "history": [asdict(m) for m in history],
             "devices": [asdict(d) for d in devices],
             "seed": self.seed,
@@ -203,7 +303,12 @@ class FederatedJob:
         }
         save_checkpoint(
             self.checkpoint_dir,
-            Checkpoint(server_round, weights, self._strategy.state_dict(), metadata),
+            Checkpoint(
+                server_round,
+                weights,
+                self._strategy.state_dict() if state is None else state,
+                metadata,
+            ),
         )
 
     def _report(self, m: RoundMetrics, rows: Sequence[DeviceMetrics] = ()) -> None:

@@ -34,6 +34,10 @@ class RoundMetrics:
     """Federated evaluation: example-weighted loss of the devices' own test data (NaN: off)."""
     device_accuracy: float = float("nan")
     device_examples: int = 0
+    mean_staleness: float = float("nan")
+    """FedBuff: mean staleness of the updates folded into this version (NaN: rounds)."""
+    stale_dropped: int = 0
+    """FedBuff: updates dropped since the last version for exceeding ``max_staleness``."""
 
     @staticmethod
     def from_dict(row: dict[str, float | int]) -> RoundMetrics:

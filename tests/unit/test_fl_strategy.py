@@ -94,7 +94,7 @@ def test_fedadam_state_survives_a_state_dict_round_trip() -> None:
 
 
 def test_every_strategy_is_registered_by_its_name_and_built_from_shared_options() -> None:
-    assert sorted(STRATEGIES) == ["fedadam", "fedavg", "fedprox"]
+    assert sorted(STRATEGIES) == ["fedadam", "fedavg", "fedbuff", "fedprox"]
     options = {"proximal_mu": 0.3, "server_lr": 0.05}
     built = {name: make_strategy(name, **options) for name in STRATEGIES}
     assert all(type(s) is STRATEGIES[name] and s.name == name for name, s in built.items())
