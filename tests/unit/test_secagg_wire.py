@@ -30,8 +30,8 @@ def config(k: int | None = None, n: int = 5, **kw: object) -> RoundConfig:
 @pytest.mark.parametrize("k", [None, 2])
 def test_a_round_config_survives_the_wire_unchanged(k: int | None) -> None:
     cfg = config(k=k, noise_sigma=3.5, noise_kind="skellam")
-    command = pb.Command(schema_version=SCHEMA_VERSION, command_id="c", secagg_advertise=pb.SecAggAdvertise(
-        config=wc.config_to_proto(cfg)))
+    command = pb.Command(schema_version=SCHEMA_VERSION, command_id="c")
+    command.secagg_advertise.config.CopyFrom(wc.config_to_proto(cfg))
     back = decode_command(encode_command(command))
     assert wc.config_from_proto(back.secagg_advertise.config) == cfg
 
@@ -56,7 +56,8 @@ def test_every_message_of_a_round_survives_the_wire_unchanged() -> None:
         proto = wc.mask_request_to_proto(request, input_id="upd", weight=3)
         assert wc.mask_request_from_proto(proto) == (request, "upd", 3)
         states[d], message = mask_input(states[d], request, [0.1, 0.2, 0.3], weight=3)
-        reply = pb.Reply(schema_version=SCHEMA_VERSION, command_id="x", ok=pb.Ok(secagg=wc.reply_to_proto(message)))
+        reply = pb.Reply(schema_version=SCHEMA_VERSION, command_id="x",
+                         ok=pb.Ok(secagg=wc.reply_to_proto(message)))
         decoded = decode_reply(encode_reply(reply))
         assert wc.reply_from_proto(decoded.ok.secagg) == message
         masked.append(message)
@@ -79,7 +80,7 @@ def test_a_config_of_another_protocol_version_is_refused() -> None:
 def test_a_one_sided_or_repeating_neighbour_graph_is_refused() -> None:
     proto = wc.config_to_proto(config(k=2))
     del proto.neighbours[0].peers[0]
-    with pytest.raises(SecAggProtocolError, match="symmetric|cover"):
+    with pytest.raises(SecAggProtocolError, match=r"symmetric|cover"):
         wc.config_from_proto(proto)
     proto = wc.config_to_proto(config(k=2))
     proto.neighbours[0].peers.append(proto.neighbours[0].peers[0])
