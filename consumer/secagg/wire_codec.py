@@ -36,6 +36,10 @@ from schemas import command_pb2 as pb
 
 MAX_DEVICES = 10_000
 """Most devices one round may name (bounds every list a device decodes and keeps)."""
+MAX_NEIGHBOURS = 1_000
+"""Most neighbours of one device (a device's share step costs O(k * t) field operations)."""
+MAX_EDGES = 1_000_000
+"""Most neighbour-list entries of a round's graph, all devices together."""
 
 Message = KeyAdvert | ShareKeys | MaskedInput | UnmaskResponse
 
@@ -77,8 +81,15 @@ def config_from_proto(msg: pb.SecAggRoundConfig) -> RoundConfig:
         )
     if len(msg.devices) > MAX_DEVICES or len(msg.neighbours) > MAX_DEVICES:
         raise SecAggProtocolError(f"a round of more than {MAX_DEVICES} devices")
+    if sum(len(entry.peers) for entry in msg.neighbours) > MAX_EDGES:
+        raise SecAggProtocolError(f"a neighbour graph of more than {MAX_EDGES} entries")
     neighbours: dict[str, tuple[str, ...]] = {}
     for entry in msg.neighbours:
+        if len(entry.peers) > MAX_NEIGHBOURS:
+            raise SecAggProtocolError(
+                f"device {entry.device_id!r} has more than {MAX_NEIGHBOURS} neighbours; use a "
+                "k-regular graph (SecAgg+)"
+            )
         if entry.device_id in neighbours:
             raise SecAggProtocolError(f"device {entry.device_id!r} has two neighbour lists")
         peers = tuple(entry.peers)
@@ -251,6 +262,8 @@ def _peer_map(entries: Iterable[pb.SecAggPeerBytes], what: str) -> dict[str, byt
 
 __all__ = [
     "MAX_DEVICES",
+    "MAX_EDGES",
+    "MAX_NEIGHBOURS",
     "advert_from_proto",
     "advert_to_proto",
     "config_from_proto",

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from consumer.secagg.errors import SecAggError, SecAggThresholdError
+from consumer.secagg.errors import SecAggError, SecAggProtocolError, SecAggThresholdError
 from consumer.secagg.messages import RoundConfig
 from consumer.secagg.quantize import QuantizationParams
 from consumer.secagg.wire_codec import (
@@ -333,7 +333,13 @@ class SecureRoundRunner:
         replies = self._gather(pending, self._deadline(), stage)
         for device_id, reply in replies.items():
             try:
-                stage.messages[device_id] = reply_from_proto(reply.ok.secagg)
+                message = reply_from_proto(reply.ok.secagg)
+                if message.device_id != device_id:  # a device speaks for itself only
+                    raise SecAggProtocolError(
+                        f"device {device_id!r} answered as {message.device_id!r}",
+                        device_id=device_id,
+                    )
+                stage.messages[device_id] = message
             except FedplanError as exc:
                 stage.dropped[device_id] = f"{type(exc).__name__}: {exc}"
         if self.on_stage is not None:

@@ -107,3 +107,10 @@ def test_secagg_error_codes_come_back_as_their_classes_from_the_wire() -> None:
     for code in ("SECAGG_BELOW_THRESHOLD", "SECAGG_PROTOCOL", "SECAGG_OVERFLOW",
                  "PRIVACY_BUDGET"):
         assert error_from_code(code, "m").code == code
+
+
+def test_a_graph_too_dense_for_a_device_to_share_over_is_refused_before_it_is_built() -> None:
+    proto = wc.config_to_proto(config())
+    proto.neighbours[0].peers.extend(f"x{i}" for i in range(wc.MAX_NEIGHBOURS))
+    with pytest.raises(SecAggProtocolError, match="more than 1000 neighbours"):
+        wc.config_from_proto(proto)
