@@ -13,10 +13,16 @@ from producer.fl.checkpoint import Checkpoint, load_latest, save_checkpoint
 from producer.fl.dp_fedavg import CentralDP, DifferentialPrivacy
 from producer.fl.evaluation import DeviceMetrics, EvaluationOutcome, EvaluationRunner
 from producer.fl.pace import PaceSteering
+from producer.fl.participants import PlanParticipant
 from producer.fl.privacy import PrivacyAccountant, PrivacyBudgetExhausted
 from producer.fl.progress import RoundMetrics
 from producer.fl.rounds import Participant, RoundOutcome, RoundPolicy, RoundRunner
-from producer.fl.secure_rounds import SecureAggregation, SecureRoundRunner, secure_accountant
+from producer.fl.secure_rounds import (
+    SecureAggregation,
+    SecureRoundOutcome,
+    SecureRoundRunner,
+    secure_accountant,
+)
 from producer.fl.strategy import Strategy, make_strategy
 from producer.fl.tracking import Tracker
 from schemas.errors import FedplanError
@@ -127,6 +133,11 @@ class FederatedJob:
         sampled = max(1, self.policy.selected(n)) if n else 1
         dp = self.privacy
         if self.secure_aggregation is not None:
+            if not all(isinstance(p, PlanParticipant) for p in self.participants):
+                raise FedplanError(
+                    "secure aggregation runs on fleet devices: pass PlanParticipant devices "
+                    "whose plans come from build_update_plan"
+                )
             sampled = max(2, sampled)
             z = 0.0
             if dp is not None:
@@ -135,11 +146,13 @@ class FederatedJob:
                     dp, self.secure_aggregation, devices=max(n, 1), sampled=sampled,
                     dimension=dim, rounds=num_rounds)
             return SecureRoundRunner(
-                self.participants,  # type: ignore[arg-type]
+                [p for p in self.participants if isinstance(p, PlanParticipant)],
                 self._strategy, self.secure_aggregation, self.policy, privacy=dp,
                 noise_multiplier=z, seed=self.seed, pace=self.pace,
             )
         strategy = self._strategy
+        if isinstance(strategy, CentralDP):  # a second run() keeps the first one's wrapper
+            strategy = strategy.inner
         if dp is not None:
             rate = sampled / max(n, 1)
             z = dp.calibrated(sampling_rate=rate, rounds=num_rounds)
@@ -241,7 +254,8 @@ class FederatedJob:
         round_seconds, elapsed = clock.lap()
         metrics = RoundMetrics(
             round=outcome.server_round,
-            participants=len(outcome.results),
+            participants=(len(outcome.survivors) if isinstance(outcome, SecureRoundOutcome)
+                          else len(outcome.results)),
             failures=len(outcome.failures),
             train_loss=outcome.train_loss(),
             test_loss=loss,

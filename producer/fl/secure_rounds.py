@@ -43,6 +43,7 @@ from consumer.secagg.wire_codec import (
 )
 from producer.fl.aggregate import Weights
 from producer.fl.dp_fedavg import DifferentialPrivacy
+from producer.fl.evaluation import DeviceMetrics
 from producer.fl.pace import PaceSteering
 from producer.fl.participants import PlanParticipant
 from producer.fl.privacy import PrivacyAccountant, secure_noise_plan
@@ -141,6 +142,33 @@ class SecureAggregation:
 
 
 @dataclass(slots=True)
+class SecureRoundOutcome(RoundOutcome):
+    """A secure round's outcome: ``results`` holds the one aggregate the server learned;
+    ``survivors`` the devices whose masked input the sum covers (with their example counts,
+    which the server chose as their weights)."""
+
+    survivors: dict[str, int] = field(default_factory=dict)
+
+    def device_rows(self) -> list[DeviceMetrics]:
+        """One ``fit`` row per device asked: ``ok`` (in the sum; its loss stays private) or
+        why it dropped."""
+        rows = [
+            DeviceMetrics(self.server_round, d, "fit", "ok", n, attempt=self.attempt)
+            for d, n in sorted(self.survivors.items())
+        ]
+        rows += [
+            DeviceMetrics(self.server_round, f.device_id, "fit", f.kind, attempt=self.attempt,
+                          error=f.message)
+            for f in self.failures
+        ]
+        rows += [
+            DeviceMetrics(self.server_round, d, "fit", "skipped", attempt=self.attempt, error=why)
+            for d, why in self.skipped.items()
+        ]
+        return rows
+
+
+@dataclass(slots=True)
 class _Stage:
     """The replies of one stage: messages by device, and why the others dropped."""
 
@@ -209,8 +237,8 @@ class SecureRoundRunner:
         )
         chosen = [eligible[i] for i in picked]
         parts = {self.participants[i].device_id: (i, self.participants[i]) for i in chosen}
-        outcome = RoundOutcome(server_round, attempt, list(parts), [], [], None,
-                               skipped=skipped)
+        outcome = SecureRoundOutcome(server_round, attempt, list(parts), [], [], None,
+                                     skipped=skipped)
         round_id = f"{self.run_id}-r{server_round}a{attempt}"
         flat = flatten(weights)
         config = self._config(round_id, sorted(parts), flat.numel())
@@ -259,6 +287,7 @@ class SecureRoundRunner:
             return outcome, error
         self.last_aggregate = aggregate
         survivors = len(aggregate.survivors)
+        outcome.survivors = {d: parts[d][1].num_examples for d in aggregate.survivors}
         if self.privacy is not None:
             mean = torch.as_tensor(aggregate.weighted_sum) / len(parts)
         else:
@@ -464,6 +493,7 @@ def secure_accountant(
 __all__ = [
     "SecAggThresholdError",
     "SecureAggregation",
+    "SecureRoundOutcome",
     "SecureRoundRunner",
     "secure_accountant",
 ]

@@ -61,6 +61,10 @@ def test_the_secure_private_demo_trains_within_its_epsilon_budget_on_private_dat
     finally:
         executor.shutdown(wait=False, cancel_futures=True)
     assert [m.round for m in result.history] == [0, 1, 2]
+    assert [m.participants for m in result.history[1:]] == [3, 3]
+    fits = [r for r in result.devices if r.phase == "fit"]
+    assert sorted({r.device_id for r in fits}) == sorted(m.device_id for m in members)
+    assert {r.status for r in fits} == {"ok"}
     epsilons = [m.epsilon for m in result.history[1:]]
     assert 0 < epsilons[0] < epsilons[1] <= 8.0
     assert job.accountant is not None
