@@ -260,3 +260,27 @@ def test_the_mask_step_clips_the_update_to_the_l2_norm_it_is_given(clip_norm: fl
     result = server.collect_unmask_responses(responses)
     expected = sum(v * min(1.0, clip_norm / float(v.norm())) for v in values.values())
     assert np.abs(result.weighted_sum - expected.double().numpy()).max() <= result.error_bound
+
+
+def test_a_weight_the_modulus_cannot_hold_is_a_typed_overflow_error_and_nothing_leaves() -> None:
+    ids = ["a", "b", "c"]
+    runtimes = memory_devices(ids)
+    for d in ids:
+        private_update(runtimes[d], torch.ones(2) / 2)
+    cfg = round_config(ids, 2)  # max_weight 10
+    server = SecureAggregationRound(cfg)
+    proto = wc.config_to_proto(cfg)
+    adverts = [wc.reply_from_proto(ok(send(runtimes[d], "secagg_advertise",
+                                           cmd.SecAggAdvertise(config=proto))).secagg)
+               for d in ids]
+    shares = [wc.reply_from_proto(ok(send(runtimes[d], "secagg_share",
+                                          wc.share_request_to_proto(r))).secagg)
+              for d, r in server.collect_adverts(adverts).items()]
+    request = server.collect_shares(shares)["a"]
+    refused = send(runtimes["a"], "secagg_mask",
+                   wc.mask_request_to_proto(request, input_id="update", weight=11))
+    assert refused.error.code == "SECAGG_OVERFLOW" and "outside 0..10" in refused.error.message
+    assert not refused.ok.secagg.masked.vector
+    again = send(runtimes["a"], "secagg_mask",  # the state did not move: a valid weight works
+                 wc.mask_request_to_proto(request, input_id="update", weight=10))
+    assert ok(again).secagg.masked.vector
