@@ -430,6 +430,7 @@ class SecAggRoundConfig(_message.Message):
     QUANTIZATION_FIELD_NUMBER: _builtins.int
     NOISE_SIGMA_FIELD_NUMBER: _builtins.int
     NOISE_KIND_FIELD_NUMBER: _builtins.int
+    COMPLETE_GRAPH_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     round_id: _builtins.str
     threshold: _builtins.int
@@ -437,6 +438,8 @@ class SecAggRoundConfig(_message.Message):
     length: _builtins.int
     noise_sigma: _builtins.float
     noise_kind: _builtins.str
+    complete_graph: _builtins.bool
+    """The complete graph (every device neighbours every other): neighbours is then empty."""
     @_builtins.property
     def devices(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -456,10 +459,11 @@ class SecAggRoundConfig(_message.Message):
         quantization: Global___SecAggQuantization | None = ...,
         noise_sigma: _builtins.float = ...,
         noise_kind: _builtins.str = ...,
+        complete_graph: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["quantization", b"quantization"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["devices", b"devices", "length", b"length", "min_survivors", b"min_survivors", "neighbours", b"neighbours", "noise_kind", b"noise_kind", "noise_sigma", b"noise_sigma", "quantization", b"quantization", "round_id", b"round_id", "threshold", b"threshold", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["complete_graph", b"complete_graph", "devices", b"devices", "length", b"length", "min_survivors", b"min_survivors", "neighbours", b"neighbours", "noise_kind", b"noise_kind", "noise_sigma", b"noise_sigma", "quantization", b"quantization", "round_id", b"round_id", "threshold", b"threshold", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

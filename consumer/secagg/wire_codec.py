@@ -47,14 +47,17 @@ Message = KeyAdvert | ShareKeys | MaskedInput | UnmaskResponse
 def config_to_proto(config: RoundConfig) -> pb.SecAggRoundConfig:
     """The round's public parameters as a ``SecAggRoundConfig``."""
     q = config.quantization
+    n = len(config.devices)
+    complete = all(len(config.neighbours[d]) == n - 1 for d in config.devices)
     return pb.SecAggRoundConfig(
         version=config.version,
         round_id=config.round_id,
         devices=list(config.devices),
-        neighbours=[
+        neighbours=[] if complete else [
             pb.SecAggNeighbours(device_id=d, peers=list(config.neighbours[d]))
             for d in config.devices
         ],
+        complete_graph=complete,
         threshold=config.threshold,
         min_survivors=config.min_survivors,
         length=config.length,
@@ -98,8 +101,19 @@ def config_from_proto(msg: pb.SecAggRoundConfig) -> RoundConfig:
         if not set(peers) <= set(msg.devices):
             raise SecAggProtocolError(f"a neighbour of {entry.device_id!r} is not in the round")
         neighbours[entry.device_id] = peers
+    if msg.complete_graph:
+        if msg.neighbours:
+            raise SecAggProtocolError("a complete graph does not list neighbours")
+        if len(msg.devices) > MAX_NEIGHBOURS + 1:
+            raise SecAggProtocolError(
+                f"a complete graph of {len(msg.devices)} devices gives each more than "
+                f"{MAX_NEIGHBOURS} neighbours; use a k-regular graph (SecAgg+)"
+            )
+        ids = tuple(msg.devices)
+        neighbours = {d: tuple(p for p in ids if p != d) for d in ids}
+    peer_sets = {d: set(p) for d, p in neighbours.items()}
     for device, peers in neighbours.items():  # the graph is undirected
-        if any(device not in neighbours.get(p, ()) for p in peers):
+        if any(device not in peer_sets.get(p, ()) for p in peers):
             raise SecAggProtocolError("the neighbour graph is not symmetric")
     q = msg.quantization
     quantization = QuantizationParams(

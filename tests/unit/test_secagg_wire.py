@@ -110,7 +110,12 @@ def test_secagg_error_codes_come_back_as_their_classes_from_the_wire() -> None:
 
 
 def test_a_graph_too_dense_for_a_device_to_share_over_is_refused_before_it_is_built() -> None:
-    proto = wc.config_to_proto(config())
+    proto = wc.config_to_proto(config(k=2))
     proto.neighbours[0].peers.extend(f"x{i}" for i in range(wc.MAX_NEIGHBOURS))
     with pytest.raises(SecAggProtocolError, match="more than 1000 neighbours"):
         wc.config_from_proto(proto)
+    complete = wc.config_to_proto(config())
+    assert complete.complete_graph and not complete.neighbours  # n ids, not n^2 entries
+    complete.devices.extend(f"y{i}" for i in range(wc.MAX_NEIGHBOURS + 1))
+    with pytest.raises(SecAggProtocolError, match="k-regular"):
+        wc.config_from_proto(complete)
