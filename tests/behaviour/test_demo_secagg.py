@@ -29,6 +29,9 @@ from producer.transport.local import LocalTransport
 from schemas.errors import PolicyError
 
 
+pytestmark = pytest.mark.timeout(900)  # RabbitMQ rounds take minutes on a loaded machine
+
+
 def test_the_secure_private_demo_trains_within_its_epsilon_budget_on_private_data(
     fleet: fp.Fleet, tmp_path: Path
 ) -> None:

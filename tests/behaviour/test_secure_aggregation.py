@@ -35,6 +35,8 @@ from schemas import command_pb2 as cmd
 from schemas.wire import decode_command
 from tests.behaviour.conftest import DeviceFactory
 
+pytestmark = pytest.mark.timeout(900)  # RabbitMQ rounds take minutes on a loaded machine
+
 SPEC = TrainingSpec(batch_size=4, lr=0.2)
 
 

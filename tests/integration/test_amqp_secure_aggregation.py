@@ -26,7 +26,7 @@ from tests.behaviour.test_secure_aggregation import (
 )
 from tests.integration.fleet import connect_rabbitmq, worker_pool
 
-pytestmark = pytest.mark.rabbitmq
+pytestmark = [pytest.mark.rabbitmq, pytest.mark.timeout(900)]  # minutes on a loaded machine
 
 
 @pytest.fixture
