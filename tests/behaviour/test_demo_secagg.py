@@ -28,7 +28,6 @@ from producer.fl.training import flatten, get_weights
 from producer.transport.local import LocalTransport
 from schemas.errors import PolicyError
 
-
 pytestmark = pytest.mark.timeout(900)  # RabbitMQ rounds take minutes on a loaded machine
 
 
