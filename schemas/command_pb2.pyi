@@ -355,6 +355,426 @@ class StorePointer(_message.Message):
 Global___StorePointer: _TypeAlias = StorePointer  # noqa: Y015
 
 @_typing.final
+class SecAggQuantization(_message.Message):
+    """-- Secure aggregation (SecAgg+, docs/secure_aggregation.md), protocol version 1 ----------
+    One command per device step; a step's reply carries its message in Ok.secagg. Bytes
+    fields stay bytes (keys, ciphertexts, shares, the packed masked vector).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CLIP_FIELD_NUMBER: _builtins.int
+    SCALE_BITS_FIELD_NUMBER: _builtins.int
+    MAX_WEIGHT_FIELD_NUMBER: _builtins.int
+    NUM_CLIENTS_FIELD_NUMBER: _builtins.int
+    NOISE_BOUND_FIELD_NUMBER: _builtins.int
+    MODULUS_BITS_FIELD_NUMBER: _builtins.int
+    clip: _builtins.float
+    scale_bits: _builtins.int
+    max_weight: _builtins.int
+    num_clients: _builtins.int
+    noise_bound: _builtins.int
+    modulus_bits: _builtins.int
+    def __init__(
+        self,
+        *,
+        clip: _builtins.float = ...,
+        scale_bits: _builtins.int = ...,
+        max_weight: _builtins.int = ...,
+        num_clients: _builtins.int = ...,
+        noise_bound: _builtins.int = ...,
+        modulus_bits: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["clip", b"clip", "max_weight", b"max_weight", "modulus_bits", b"modulus_bits", "noise_bound", b"noise_bound", "num_clients", b"num_clients", "scale_bits", b"scale_bits"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SecAggQuantization: _TypeAlias = SecAggQuantization  # noqa: Y015
+
+@_typing.final
+class SecAggNeighbours(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_ID_FIELD_NUMBER: _builtins.int
+    PEERS_FIELD_NUMBER: _builtins.int
+    device_id: _builtins.str
+    @_builtins.property
+    def peers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        device_id: _builtins.str = ...,
+        peers: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id", "peers", b"peers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SecAggNeighbours: _TypeAlias = SecAggNeighbours  # noqa: Y015
+
+@_typing.final
+class SecAggRoundConfig(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    ROUND_ID_FIELD_NUMBER: _builtins.int
+    DEVICES_FIELD_NUMBER: _builtins.int
+    NEIGHBOURS_FIELD_NUMBER: _builtins.int
+    THRESHOLD_FIELD_NUMBER: _builtins.int
+    MIN_SURVIVORS_FIELD_NUMBER: _builtins.int
+    LENGTH_FIELD_NUMBER: _builtins.int
+    QUANTIZATION_FIELD_NUMBER: _builtins.int
+    NOISE_SIGMA_FIELD_NUMBER: _builtins.int
+    NOISE_KIND_FIELD_NUMBER: _builtins.int
+    COMPLETE_GRAPH_FIELD_NUMBER: _builtins.int
+    version: _builtins.int
+    round_id: _builtins.str
+    threshold: _builtins.int
+    min_survivors: _builtins.int
+    length: _builtins.int
+    noise_sigma: _builtins.float
+    noise_kind: _builtins.str
+    complete_graph: _builtins.bool
+    """The complete graph (every device neighbours every other): neighbours is then empty."""
+    @_builtins.property
+    def devices(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def neighbours(self) -> _containers.RepeatedCompositeFieldContainer[Global___SecAggNeighbours]: ...
+    @_builtins.property
+    def quantization(self) -> Global___SecAggQuantization: ...
+    def __init__(
+        self,
+        *,
+        version: _builtins.int = ...,
+        round_id: _builtins.str = ...,
+        devices: _abc.Iterable[_builtins.str] | None = ...,
+        neighbours: _abc.Iterable[Global___SecAggNeighbours] | None = ...,
+        threshold: _builtins.int = ...,
+        min_survivors: _builtins.int = ...,
+        length: _builtins.int = ...,
+        quantization: Global___SecAggQuantization | None = ...,
+        noise_sigma: _builtins.float = ...,
+        noise_kind: _builtins.str = ...,
+        complete_graph: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["quantization", b"quantization"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["complete_graph", b"complete_graph", "devices", b"devices", "length", b"length", "min_survivors", b"min_survivors", "neighbours", b"neighbours", "noise_kind", b"noise_kind", "noise_sigma", b"noise_sigma", "quantization", b"quantization", "round_id", b"round_id", "threshold", b"threshold", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SecAggRoundConfig: _TypeAlias = SecAggRoundConfig  # noqa: Y015
+
+@_typing.final
+class SecAggKeyAdvert(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROUND_ID_FIELD_NUMBER: _builtins.int
+    DEVICE_ID_FIELD_NUMBER: _builtins.int
+    CIPHER_PUBLIC_FIELD_NUMBER: _builtins.int
+    MASK_PUBLIC_FIELD_NUMBER: _builtins.int
+    SEED_COMMITMENT_FIELD_NUMBER: _builtins.int
+    round_id: _builtins.str
+    device_id: _builtins.str
+    cipher_public: _builtins.bytes
+    mask_public: _builtins.bytes
+    seed_commitment: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        round_id: _builtins.str = ...,
+        device_id: _builtins.str = ...,
+        cipher_public: _builtins.bytes = ...,
+        mask_public: _builtins.bytes = ...,
+        seed_commitment: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cipher_public", b"cipher_public", "device_id", b"device_id", "mask_public", b"mask_public", "round_id", b"round_id", "seed_commitment", b"seed_commitment"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SecAggKeyAdvert: _TypeAlias = SecAggKeyAdvert  # noqa: Y015
+
+@_typing.final
+class SecAggPeerBytes(_message.Message):
+    """A device id and the bytes addressed to it or coming from it (ciphertexts, shares)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PEER_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    peer: _builtins.str
+    data: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        peer: _builtins.str = ...,
+        data: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "peer", b"peer"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SecAggPeerBytes: _TypeAlias = SecAggPeerBytes  # noqa: Y015
+
+@_typing.final
+class SecAggAdvertise(_message.Message):
+    """Step 1: start a round on the device (fresh keys); the reply carries its KeyAdvert."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONFIG_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def config(self) -> Global___SecAggRoundConfig: ...
+    def __init__(
+        self,
+        *,
+        config: Global___SecAggRoundConfig | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SecAggAdvertise: _TypeAlias = SecAggAdvertise  # noqa: Y015
+
+@_typing.final
+class SecAggShare(_message.Message):
+    """Step 2: the neighbours' adverts; the reply carries the encrypted shares (SecAggShareKeys)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROUND_ID_FIELD_NUMBER: _builtins.int
+    ADVERTS_FIELD_NUMBER: _builtins.int
+    round_id: _builtins.str
+    @_builtins.property
+    def adverts(self) -> _containers.RepeatedCompositeFieldContainer[Global___SecAggKeyAdvert]: ...
+    def __init__(
+        self,
+        *,
+        round_id: _builtins.str = ...,
+        adverts: _abc.Iterable[Global___SecAggKeyAdvert] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adverts", b"adverts", "round_id", b"round_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SecAggShare: _TypeAlias = SecAggShare  # noqa: Y015
+
+@_typing.final
+class SecAggShareKeys(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROUND_ID_FIELD_NUMBER: _builtins.int
+    DEVICE_ID_FIELD_NUMBER: _builtins.int
+    CIPHERTEXTS_FIELD_NUMBER: _builtins.int
+    round_id: _builtins.str
+    device_id: _builtins.str
+    @_builtins.property
+    def ciphertexts(self) -> _containers.RepeatedCompositeFieldContainer[Global___SecAggPeerBytes]: ...
+    def __init__(
+        self,
+        *,
+        round_id: _builtins.str = ...,
+        device_id: _builtins.str = ...,
+        ciphertexts: _abc.Iterable[Global___SecAggPeerBytes] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ciphertexts", b"ciphertexts", "device_id", b"device_id", "round_id", b"round_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SecAggShareKeys: _TypeAlias = SecAggShareKeys  # noqa: Y015
+
+@_typing.final
+class SecAggMask(_message.Message):
+    """Step 3: the ciphertexts addressed to the device, the id of the stored (private) value to
+    aggregate and the device's integer weight; the reply carries the masked vector.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROUND_ID_FIELD_NUMBER: _builtins.int
+    CIPHERTEXTS_FIELD_NUMBER: _builtins.int
+    INPUT_ID_FIELD_NUMBER: _builtins.int
+    WEIGHT_FIELD_NUMBER: _builtins.int
+    CLIP_NORM_FIELD_NUMBER: _builtins.int
+    round_id: _builtins.str
+    input_id: _builtins.str
+    weight: _builtins.int
+    clip_norm: _builtins.float
+    """L2-clip the value to this norm before quantizing (0: no clipping; DP-FedAvg's C)."""
+    @_builtins.property
+    def ciphertexts(self) -> _containers.RepeatedCompositeFieldContainer[Global___SecAggPeerBytes]: ...
+    def __init__(
+        self,
+        *,
+        round_id: _builtins.str = ...,
+        ciphertexts: _abc.Iterable[Global___SecAggPeerBytes] | None = ...,
+        input_id: _builtins.str = ...,
+        weight: _builtins.int = ...,
+        clip_norm: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ciphertexts", b"ciphertexts", "clip_norm", b"clip_norm", "input_id", b"input_id", "round_id", b"round_id", "weight", b"weight"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SecAggMask: _TypeAlias = SecAggMask  # noqa: Y015
+
+@_typing.final
+class SecAggMaskedInput(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROUND_ID_FIELD_NUMBER: _builtins.int
+    DEVICE_ID_FIELD_NUMBER: _builtins.int
+    VECTOR_FIELD_NUMBER: _builtins.int
+    round_id: _builtins.str
+    device_id: _builtins.str
+    vector: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        round_id: _builtins.str = ...,
+        device_id: _builtins.str = ...,
+        vector: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id", "round_id", b"round_id", "vector", b"vector"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SecAggMaskedInput: _TypeAlias = SecAggMaskedInput  # noqa: Y015
+
+@_typing.final
+class SecAggUnmask(_message.Message):
+    """Step 4: the survivors; the reply carries self-mask seed shares and dropped devices' key
+    shares (SecAggUnmaskResponse).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROUND_ID_FIELD_NUMBER: _builtins.int
+    SURVIVORS_FIELD_NUMBER: _builtins.int
+    round_id: _builtins.str
+    @_builtins.property
+    def survivors(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        round_id: _builtins.str = ...,
+        survivors: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["round_id", b"round_id", "survivors", b"survivors"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SecAggUnmask: _TypeAlias = SecAggUnmask  # noqa: Y015
+
+@_typing.final
+class SecAggUnmaskResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROUND_ID_FIELD_NUMBER: _builtins.int
+    DEVICE_ID_FIELD_NUMBER: _builtins.int
+    SEED_SHARES_FIELD_NUMBER: _builtins.int
+    KEY_SHARES_FIELD_NUMBER: _builtins.int
+    round_id: _builtins.str
+    device_id: _builtins.str
+    @_builtins.property
+    def seed_shares(self) -> _containers.RepeatedCompositeFieldContainer[Global___SecAggPeerBytes]: ...
+    @_builtins.property
+    def key_shares(self) -> _containers.RepeatedCompositeFieldContainer[Global___SecAggPeerBytes]: ...
+    def __init__(
+        self,
+        *,
+        round_id: _builtins.str = ...,
+        device_id: _builtins.str = ...,
+        seed_shares: _abc.Iterable[Global___SecAggPeerBytes] | None = ...,
+        key_shares: _abc.Iterable[Global___SecAggPeerBytes] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id", "key_shares", b"key_shares", "round_id", b"round_id", "seed_shares", b"seed_shares"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SecAggUnmaskResponse: _TypeAlias = SecAggUnmaskResponse  # noqa: Y015
+
+@_typing.final
+class SecAggEnd(_message.Message):
+    """The round is over (committed or failed): delete its state and the value it aggregated."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROUND_ID_FIELD_NUMBER: _builtins.int
+    INPUT_ID_FIELD_NUMBER: _builtins.int
+    round_id: _builtins.str
+    input_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        round_id: _builtins.str = ...,
+        input_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["input_id", b"input_id", "round_id", b"round_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SecAggEnd: _TypeAlias = SecAggEnd  # noqa: Y015
+
+@_typing.final
+class SecAggReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ADVERT_FIELD_NUMBER: _builtins.int
+    SHARES_FIELD_NUMBER: _builtins.int
+    MASKED_FIELD_NUMBER: _builtins.int
+    UNMASK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def advert(self) -> Global___SecAggKeyAdvert: ...
+    @_builtins.property
+    def shares(self) -> Global___SecAggShareKeys: ...
+    @_builtins.property
+    def masked(self) -> Global___SecAggMaskedInput: ...
+    @_builtins.property
+    def unmask(self) -> Global___SecAggUnmaskResponse: ...
+    def __init__(
+        self,
+        *,
+        advert: Global___SecAggKeyAdvert | None = ...,
+        shares: Global___SecAggShareKeys | None = ...,
+        masked: Global___SecAggMaskedInput | None = ...,
+        unmask: Global___SecAggUnmaskResponse | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["advert", b"advert", "masked", b"masked", "shares", b"shares", "step", b"step", "unmask", b"unmask"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["advert", b"advert", "masked", b"masked", "shares", b"shares", "step", b"step", "unmask", b"unmask"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_step: _TypeAlias = _typing.Literal["advert", "shares", "masked", "unmask"]  # noqa: Y015
+    _WhichOneofArgType_step: _TypeAlias = _typing.Literal["step", b"step"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_step) -> _WhichOneofReturnType_step | None: ...
+
+Global___SecAggReply: _TypeAlias = SecAggReply  # noqa: Y015
+
+@_typing.final
 class Command(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -374,6 +794,11 @@ class Command(_message.Message):
     GET_PLAN_FIELD_NUMBER: _builtins.int
     MOVE_OBJECT_FIELD_NUMBER: _builtins.int
     STORE_POINTER_FIELD_NUMBER: _builtins.int
+    SECAGG_ADVERTISE_FIELD_NUMBER: _builtins.int
+    SECAGG_SHARE_FIELD_NUMBER: _builtins.int
+    SECAGG_MASK_FIELD_NUMBER: _builtins.int
+    SECAGG_UNMASK_FIELD_NUMBER: _builtins.int
+    SECAGG_END_FIELD_NUMBER: _builtins.int
     schema_version: _builtins.int
     command_id: _builtins.str
     """Unique per command; the reply's command_id and the AMQP correlation_id."""
@@ -408,6 +833,18 @@ class Command(_message.Message):
     def move_object(self) -> Global___MoveObject: ...
     @_builtins.property
     def store_pointer(self) -> Global___StorePointer: ...
+    @_builtins.property
+    def secagg_advertise(self) -> Global___SecAggAdvertise:
+        """Secure aggregation (fields 30-39)."""
+
+    @_builtins.property
+    def secagg_share(self) -> Global___SecAggShare: ...
+    @_builtins.property
+    def secagg_mask(self) -> Global___SecAggMask: ...
+    @_builtins.property
+    def secagg_unmask(self) -> Global___SecAggUnmask: ...
+    @_builtins.property
+    def secagg_end(self) -> Global___SecAggEnd: ...
     def __init__(
         self,
         *,
@@ -427,12 +864,17 @@ class Command(_message.Message):
         get_plan: Global___GetPlan | None = ...,
         move_object: Global___MoveObject | None = ...,
         store_pointer: Global___StorePointer | None = ...,
+        secagg_advertise: Global___SecAggAdvertise | None = ...,
+        secagg_share: Global___SecAggShare | None = ...,
+        secagg_mask: Global___SecAggMask | None = ...,
+        secagg_unmask: Global___SecAggUnmask | None = ...,
+        secagg_end: Global___SecAggEnd | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "clear_objects", b"clear_objects", "delete_objects", b"delete_objects", "get_object", b"get_object", "get_plan", b"get_plan", "list_objects", b"list_objects", "move_object", b"move_object", "run_op", b"run_op", "run_plan", b"run_plan", "search", b"search", "store_object", b"store_object", "store_plan", b"store_plan", "store_pointer", b"store_pointer"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "clear_objects", b"clear_objects", "delete_objects", b"delete_objects", "get_object", b"get_object", "get_plan", b"get_plan", "list_objects", b"list_objects", "move_object", b"move_object", "run_op", b"run_op", "run_plan", b"run_plan", "search", b"search", "secagg_advertise", b"secagg_advertise", "secagg_end", b"secagg_end", "secagg_mask", b"secagg_mask", "secagg_share", b"secagg_share", "secagg_unmask", b"secagg_unmask", "store_object", b"store_object", "store_plan", b"store_plan", "store_pointer", b"store_pointer"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "clear_objects", b"clear_objects", "command_id", b"command_id", "delete_first", b"delete_first", "delete_objects", b"delete_objects", "device_id", b"device_id", "get_object", b"get_object", "get_plan", b"get_plan", "list_objects", b"list_objects", "move_object", b"move_object", "run_op", b"run_op", "run_plan", b"run_plan", "schema_version", b"schema_version", "search", b"search", "store_object", b"store_object", "store_plan", b"store_plan", "store_pointer", b"store_pointer"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "clear_objects", b"clear_objects", "command_id", b"command_id", "delete_first", b"delete_first", "delete_objects", b"delete_objects", "device_id", b"device_id", "get_object", b"get_object", "get_plan", b"get_plan", "list_objects", b"list_objects", "move_object", b"move_object", "run_op", b"run_op", "run_plan", b"run_plan", "schema_version", b"schema_version", "search", b"search", "secagg_advertise", b"secagg_advertise", "secagg_end", b"secagg_end", "secagg_mask", b"secagg_mask", "secagg_share", b"secagg_share", "secagg_unmask", b"secagg_unmask", "store_object", b"store_object", "store_plan", b"store_plan", "store_pointer", b"store_pointer"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["store_object", "store_plan", "run_plan", "run_op", "get_object", "delete_objects", "search", "list_objects", "clear_objects", "get_plan", "move_object", "store_pointer"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["store_object", "store_plan", "run_plan", "run_op", "get_object", "delete_objects", "search", "list_objects", "clear_objects", "get_plan", "move_object", "store_pointer", "secagg_advertise", "secagg_share", "secagg_mask", "secagg_unmask", "secagg_end"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
@@ -579,21 +1021,27 @@ class Ok(_message.Message):
 
     OBJECTS_FIELD_NUMBER: _builtins.int
     PLAN_FIELD_NUMBER: _builtins.int
+    SECAGG_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def objects(self) -> _containers.RepeatedCompositeFieldContainer[Global___ObjectInfo]: ...
     @_builtins.property
     def plan(self) -> _plan_pb2.PlanProto:
         """For GetPlan."""
 
+    @_builtins.property
+    def secagg(self) -> Global___SecAggReply:
+        """For the secure-aggregation steps (secagg_*)."""
+
     def __init__(
         self,
         *,
         objects: _abc.Iterable[Global___ObjectInfo] | None = ...,
         plan: _plan_pb2.PlanProto | None = ...,
+        secagg: Global___SecAggReply | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["plan", b"plan"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["plan", b"plan", "secagg", b"secagg"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["objects", b"objects", "plan", b"plan"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["objects", b"objects", "plan", b"plan", "secagg", b"secagg"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

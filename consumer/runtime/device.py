@@ -23,6 +23,7 @@ from consumer.policy.tenancy import (
     scoped,
     visible_tags,
 )
+from consumer.runtime import secagg_steps
 from consumer.runtime.budgets import deadline_of, is_out_of_memory
 from consumer.runtime.command_values import CommandValues
 from consumer.runtime.lowering import Lowering
@@ -550,6 +551,7 @@ _HANDLERS: dict[str, Callable[[DeviceRuntime, Command], Ok]] = {
     "get_plan": lambda runtime, command: runtime._get_plan(command.get_plan),
     "move_object": lambda runtime, command: runtime._move_object(command.move_object),
     "store_pointer": lambda runtime, command: runtime._store_pointer(command.store_pointer),
+    **secagg_steps.HANDLERS,
 }
 """Each command body to its handler, which takes that body's message type."""
 

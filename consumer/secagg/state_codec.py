@@ -99,8 +99,7 @@ def state_from_bytes(data: bytes) -> ClientState:
         config = RoundConfig(
             round_id=_str(c["round_id"]),
             devices=tuple(_str(d) for d in c["devices"]),
-            neighbours={_str(d): tuple(_str(p) for p in ps)
-                        for d, ps in _dict(c["neighbours"]).items()},
+            neighbours={_str(d): _strings(ps) for d, ps in _dict(c["neighbours"]).items()},
             threshold=_int(c["threshold"]),
             min_survivors=_int(c["min_survivors"]),
             length=_int(c["length"]),
@@ -158,6 +157,12 @@ def _str(value: Any) -> str:
     if not isinstance(value, str):
         raise TypeError(f"expected a string, found {type(value).__name__}")
     return value
+
+
+def _strings(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(type(v) is str for v in value):
+        raise TypeError("expected a list of strings")
+    return tuple(value)
 
 
 def _int(value: Any) -> int:

@@ -25,6 +25,7 @@ from producer.fl.aggregate import Weights, weighted_average
 from producer.fl.buffered import FedBuff, StalenessPolicy, fold_updates, staleness_weight
 from producer.fl.checkpoint import Checkpoint, load_latest, save_checkpoint
 from producer.fl.data import Dataset, dirichlet_partition, iid_partition, load_digits, load_mnist
+from producer.fl.dp_fedavg import CentralDP, DifferentialPrivacy
 from producer.fl.evaluation import DeviceMetrics, EvaluationOutcome, EvaluationRunner
 from producer.fl.job import FederatedJob, JobResult
 from producer.fl.models import MODELS, DigitsCNN, DigitsGRU, make_model
@@ -38,6 +39,8 @@ from producer.fl.progress import (
     write_metrics,
 )
 from producer.fl.rounds import FitReply, FitTask, Participant, RoundPolicy, RoundRunner
+from producer.fl.secure_rounds import SecureAggregation, SecureRoundRunner
+from producer.fl.secure_training import build_update_plan
 from producer.fl.strategy import (
     STRATEGIES,
     EvaluateResult,
@@ -68,10 +71,12 @@ from producer.fl.training import (
 __all__ = [
     "MODELS",
     "STRATEGIES",
+    "CentralDP",
     "Checkpoint",
     "Dataset",
     "DeviceLoad",
     "DeviceMetrics",
+    "DifferentialPrivacy",
     "DigitsCNN",
     "DigitsGRU",
     "EagerParticipant",
@@ -98,6 +103,8 @@ __all__ = [
     "RoundMetrics",
     "RoundPolicy",
     "RoundRunner",
+    "SecureAggregation",
+    "SecureRoundRunner",
     "StalenessPolicy",
     "Strategy",
     "TensorBoardTracker",
@@ -106,6 +113,7 @@ __all__ = [
     "Weights",
     "build_evaluation_plan",
     "build_training_plan",
+    "build_update_plan",
     "dirichlet_partition",
     "evaluate",
     "flatten",

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from producer.fl import demo_privacy
 from producer.fl.data import Dataset, dirichlet_partition, iid_partition, load_digits, load_mnist
 from producer.fl.job import FederatedJob, JobResult
 from producer.fl.models import MLP, MODELS, make_model
@@ -24,6 +25,7 @@ from producer.fl.pace import PaceSteering, probe_for
 from producer.fl.participants import PlanParticipant
 from producer.fl.progress import ProgressBar, plot_metrics, write_device_metrics, write_metrics
 from producer.fl.rounds import RoundPolicy
+from producer.fl.secure_training import build_update_plan
 from producer.fl.strategy import STRATEGIES, Strategy, make_strategy
 from producer.fl.tracking import MLflowTracker, TensorBoardTracker, Tracker
 from producer.fl.training import (
@@ -114,20 +116,28 @@ def training_plans(
     setup: DemoSetup, *, device_eval: bool = False
 ) -> dict[tuple[str, int], Any]:
     """The demo's plans: ``("fit", 0)``, the one training loop plan every device runs over
-    its own rows, and, when devices evaluate, ``("evaluate", n)`` per test set size n."""
-    plans: dict[tuple[str, int], Any] = {("fit", 0): build_training_plan(setup.model, setup.spec)}
+    its own rows (with secure aggregation ``("fit", n)``, an update plan per local dataset
+    size n), and, when devices evaluate, ``("evaluate", n)`` per test set size n."""
+    plans: dict[tuple[str, int], Any] = {}
+    if setup.secure:
+        for n in sorted({len(share.x_train) for share in setup.shares}):
+            plans["fit", n] = build_update_plan(setup.model, setup.spec, n)
+    else:
+        plans["fit", 0] = build_training_plan(setup.model, setup.spec)
     if device_eval:
         for n in sorted({len(share.x_test) for share in setup.shares} - {0}):
             plans["evaluate", n] = build_evaluation_plan(setup.model, n)
     return plans
 
 
-def plan_hashes(plans: dict[tuple[str, int], Any]) -> list[str]:
+def plan_hashes(plans: dict[tuple[str, int], Any], *, secure: bool = False) -> list[str]:
     """The content hashes the device operators approve: only these plans' outputs (the
-    model updates) may leave the devices; the training data itself stays private."""
+    model updates) may leave the devices; the training data itself stays private. With
+    secure aggregation the update plans are not approved: their outputs leave only
+    masked, inside a secure sum."""
     from schemas.plan_codec import plan_content_hash
 
-    return [plan_content_hash(plan.ir) for plan in plans.values()]
+    return [plan_content_hash(p.ir) for (k, _), p in plans.items() if not (secure and k == "fit")]
 
 
 def install_share(store: Any, share: DeviceData) -> None:
@@ -174,7 +184,7 @@ def spawn_workers(
 
 _SETTINGS = (
     "mnist", "devices", "partition", "alpha", "hidden", "lr", "batch_size", "epochs",
-    "strategy", "mu", "server_lr", "model",
+    "strategy", "mu", "server_lr", "model", *demo_privacy.SETTINGS,
 )  # fmt: skip
 """The arguments that define the job: kept in checkpoints, a resume must match them."""
 _FEDBUFF = (
@@ -193,6 +203,7 @@ class DemoSetup:
     spec: TrainingSpec
     strategy: Strategy
     out: Path
+    secure: bool = False
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -223,7 +234,7 @@ def prepare(args: argparse.Namespace) -> DemoSetup:
         epochs=args.epochs,
         proximal_mu=strategy.proximal_mu,
     )
-    return DemoSetup(ds, shares, model, spec, strategy, out)
+    return DemoSetup(ds, shares, model, spec, strategy, out, secure=bool(args.secagg))
 
 
 def announce(args: argparse.Namespace, setup: DemoSetup) -> None:
@@ -245,7 +256,8 @@ def train(args: argparse.Namespace, setup: DemoSetup) -> JobResult:
     workers = Workers()
     if spawned:
         workers = spawn_workers(
-            setup.shares, setup.out / "devices", args.broker, plan_hashes(plans)
+            setup.shares, setup.out / "devices", args.broker,
+            plan_hashes(plans, secure=setup.secure),
         )
     fleet = connect(args.broker, timeout=args.timeout) if args.broker else connect()
     executor = ThreadPoolExecutor(max(4, 2 * args.devices), thread_name_prefix="fl-fit")
@@ -280,10 +292,15 @@ def participants(
 
     plans = {} if plans is None else plans
 
-    def plan_for(n: int) -> Any:  # one training loop plan, whatever the dataset size
-        if ("fit", 0) not in plans:
-            plans["fit", 0] = build_training_plan(setup.model, setup.spec)
-        return plans["fit", 0]
+    def plan_for(n: int) -> Any:  # one loop plan; secure: one update plan per dataset size
+        key = ("fit", n) if setup.secure else ("fit", 0)
+        if key not in plans:
+            plans[key] = (
+                build_update_plan(setup.model, setup.spec, n)
+                if setup.secure
+                else build_training_plan(setup.model, setup.spec)
+            )
+        return plans[key]
 
     def evaluation_plan_for(n: int) -> Any:  # devices evaluate on their own test rows
         if ("evaluate", n) not in plans:
@@ -299,7 +316,7 @@ def participants(
             mine = {("fit", 0): plan_for(len(share.x_train))}
             if args.device_eval and len(share.x_test):
                 mine["evaluate", 0] = evaluation_plan_for(len(share.x_test))
-            for content_hash in plan_hashes(mine):
+            for content_hash in plan_hashes(mine, secure=setup.secure):
                 runtime.policy_source.approve(content_hash)
         out.append(
             PlanParticipant(
@@ -328,7 +345,10 @@ def make_job(
         min_available=1,
     )
     scratch = make_model(args.model, ds.num_features, ds.num_classes, hidden=args.hidden)
+    secure, privacy = demo_privacy.from_args(args)
     return FederatedJob(
+        secure_aggregation=secure,
+        privacy=privacy,
         participants=members,
         strategy=setup.strategy,
         evaluate=lambda w: evaluate(scratch, w, ds.x_test, ds.y_test),
@@ -389,6 +409,10 @@ def report(result: JobResult, out: Path, launch: float) -> None:
         if final.device_examples
         else ""
     )
+    if final.epsilon == final.epsilon:  # NaN: no differential privacy
+        federated += f"; (ε = {final.epsilon:.3g}, δ = {result.delta:g})-DP"
+    if result.stopped:
+        federated += f"; stopped: {result.stopped}"
     print(
         f"final test accuracy {100 * final.test_accuracy:.2f}% (loss {final.test_loss:.4f})"
         f"{federated} after {final.round} rounds{resumed} in {time.monotonic() - launch:.1f}s\n"
@@ -504,6 +528,7 @@ def register(subparsers: Any) -> None:
         help="with --broker: use running workers instead of starting them",
     )
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for a device")
+    demo_privacy.add_arguments(p)
     p.set_defaults(func=_main)
 
 

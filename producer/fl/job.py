@@ -12,10 +12,19 @@ from producer.fl.aggregate import Weights
 from producer.fl.buffered import BufferState, FedBuff, StalenessPolicy
 from producer.fl.buffered_runner import BufferedRunner, VersionOutcome
 from producer.fl.checkpoint import Checkpoint, load_latest, save_checkpoint
+from producer.fl.dp_fedavg import CentralDP, DifferentialPrivacy
 from producer.fl.evaluation import DeviceMetrics, EvaluationOutcome, EvaluationRunner
 from producer.fl.pace import PaceSteering
+from producer.fl.participants import PlanParticipant
+from producer.fl.privacy import PrivacyAccountant, PrivacyBudgetExhausted
 from producer.fl.progress import RoundMetrics
 from producer.fl.rounds import Participant, RoundOutcome, RoundPolicy, RoundRunner
+from producer.fl.secure_rounds import (
+    SecureAggregation,
+    SecureRoundOutcome,
+    SecureRoundRunner,
+    secure_accountant,
+)
 from producer.fl.strategy import FedAvg, Strategy, make_strategy
 from producer.fl.tracking import Tracker
 from schemas.errors import FedplanError
@@ -39,6 +48,10 @@ class JobResult:
     devices: list[DeviceMetrics] = field(default_factory=list)
     arrivals: list[list[Any]] = field(default_factory=list)
     """FedBuff: ``[task number, kind]`` per event in the order processed (the arrival log)."""
+    stopped: str = ""
+    """Why the run stopped before ``num_rounds`` (the ε budget), else empty."""
+    delta: float = float("nan")
+    """The δ of the run's (ε, δ) guarantee (NaN: no differential privacy)."""
 
 
 @dataclass(slots=True)
@@ -78,6 +91,14 @@ class FederatedJob:
     every ``buffer_size`` updates fold into a new model version, weighted by ``staleness``;
     ``num_rounds`` then counts versions, each evaluated and checkpointed like a round, and
     ``arrival_log`` replays another run's arrival order (``JobResult.arrivals``).
+    ``secure_aggregation`` (:class:`~producer.fl.secure_rounds.SecureAggregation`) runs every
+    round as SecAgg+ over the participants, which must be
+    :class:`~producer.fl.participants.PlanParticipant` devices holding update plans
+    (:func:`~producer.fl.secure_training.build_update_plan`): the server only learns the sum.
+    ``privacy`` (:class:`~producer.fl.dp_fedavg.DifferentialPrivacy`) makes it DP-FedAvg:
+    noise on the server (:class:`~producer.fl.dp_fedavg.CentralDP`), or on the devices with
+    secure aggregation; every round's ε at δ is in the metrics, and the run stops before a
+    round that would pass ``target_epsilon`` (``JobResult.stopped`` says so).
 
     Examples
     --------
@@ -105,6 +126,9 @@ class FederatedJob:
     concurrency: int | None = None
     staleness: StalenessPolicy = field(default_factory=StalenessPolicy)
     arrival_log: Sequence[Sequence[object]] = ()
+    secure_aggregation: SecureAggregation | None = None
+    privacy: DifferentialPrivacy | None = None
+    accountant: PrivacyAccountant | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         if self.mode not in ("sync", "fedbuff"):
@@ -130,6 +154,58 @@ class FederatedJob:
             self.strategy = make_strategy(self.strategy, **self.strategy_options)
         if isinstance(self.strategy, FedBuff):
             self.mode = "fedbuff"
+        if self.mode == "fedbuff" and (
+            self.secure_aggregation is not None or self.privacy is not None
+        ):
+            raise FedplanError(
+                "FedBuff folds single updates as they arrive; secure aggregation and DP-FedAvg "
+                "need a round's sum — run them with mode='sync'"
+            )
+        if self.secure_aggregation is not None and self.privacy is not None and (
+            self.privacy.target_quantile is not None
+        ):
+            raise FedplanError(
+                "adaptive clipping (target_quantile) is server-side DP only here; with "
+                "secure_aggregation use a fixed clip_norm"
+            )
+
+    def _runner(self, weights: Weights, num_rounds: int) -> RoundRunner | SecureRoundRunner:
+        """The round runner: plain, central DP, or secure (with distributed DP)."""
+        n = len(self.participants)
+        sampled = max(1, self.policy.selected(n)) if n else 1
+        dp = self.privacy
+        if self.secure_aggregation is not None:
+            if not all(isinstance(p, PlanParticipant) for p in self.participants):
+                raise FedplanError(
+                    "secure aggregation runs on fleet devices: pass PlanParticipant devices "
+                    "whose plans come from build_update_plan"
+                )
+            sampled = max(2, sampled)
+            z = 0.0
+            if dp is not None:
+                dim = sum(t.numel() for t in weights.values())
+                z, self.accountant = secure_accountant(
+                    dp, self.secure_aggregation, devices=max(n, 1), sampled=sampled,
+                    dimension=dim, rounds=num_rounds)
+            return SecureRoundRunner(
+                [p for p in self.participants if isinstance(p, PlanParticipant)],
+                self._strategy, self.secure_aggregation, self.policy, privacy=dp,
+                noise_multiplier=z, seed=self.seed, pace=self.pace,
+            )
+        strategy = self._strategy
+        if isinstance(strategy, CentralDP):  # a second run() keeps the first one's wrapper
+            strategy = strategy.inner
+        if dp is not None:
+            rate = sampled / max(n, 1)
+            z = dp.calibrated(sampling_rate=rate, rounds=num_rounds)
+            self.accountant = dp.accountant(sampling_rate=rate, rounds=num_rounds,
+                                            noise_multiplier=z)
+            strategy = CentralDP(strategy, noise_multiplier=z, clip_norm=dp.clip_norm,
+                                 expected_devices=sampled, target_quantile=dp.target_quantile,
+                                 clip_learning_rate=dp.clip_learning_rate)
+            self.strategy = strategy
+        return RoundRunner(self.participants, strategy, self.policy, seed=self.seed,
+                           pace=self.pace)
 
     @property
     def _strategy(self) -> Strategy:
@@ -140,9 +216,7 @@ class FederatedJob:
         """Train from ``weights`` (or from the last checkpoint when ``resume``)."""
         if isinstance(self.strategy, FedBuff):
             return self._run_buffered(self.strategy, weights, num_rounds, resume)
-        runner = RoundRunner(
-            self.participants, self._strategy, self.policy, seed=self.seed, pace=self.pace
-        )
+        runner = self._runner(weights, num_rounds)
         weights, history, devices = self._resume(weights) if resume else (weights, [], [])
         first = history[-1].round + 1 if history else 1
         clock = _Clock()
@@ -150,8 +224,21 @@ class FederatedJob:
             history.append(self._initial_metrics(weights, devices))
         clock.offset, clock.last = history[-1].elapsed_seconds, time.monotonic()
         outcomes: list[RoundOutcome] = []
+        stopped = ""
+        if self.accountant is not None:
+            self.accountant.rounds = first - 1
         for server_round in range(first, num_rounds + 1):
+            if self.accountant is not None and self.privacy is not None and (
+                self.privacy.target_epsilon is not None
+            ):
+                try:
+                    self.accountant.check_budget(epsilon=self.privacy.target_epsilon)
+                except PrivacyBudgetExhausted as exc:
+                    stopped = str(exc)
+                    break
             outcome = runner.run_round(server_round, weights)
+            if self.accountant is not None:
+                self.accountant.step()
             assert outcome.weights is not None
             weights = outcome.weights
             outcomes.append(outcome)
@@ -162,7 +249,9 @@ class FederatedJob:
             self._report(history[-1], rows)
         for tracker in self.trackers:
             tracker.close()
-        return JobResult(weights, history, outcomes, resumed_from=first - 1, devices=devices)
+        delta = self.privacy.delta if self.privacy is not None else float("nan")
+        return JobResult(weights, history, outcomes, resumed_from=first - 1, devices=devices,
+                         stopped=stopped, delta=delta)
 
     def _run_buffered(
         self, strategy: FedBuff, weights: Weights, versions: int, resume: bool
@@ -268,7 +357,8 @@ class FederatedJob:
         round_seconds, elapsed = clock.lap()
         metrics = RoundMetrics(
             round=outcome.server_round,
-            participants=len(outcome.results),
+            participants=(len(outcome.survivors) if isinstance(outcome, SecureRoundOutcome)
+                          else len(outcome.results)),
             failures=len(outcome.failures),
             train_loss=outcome.train_loss(),
             test_loss=loss,
@@ -276,6 +366,7 @@ class FederatedJob:
             round_seconds=round_seconds,
             elapsed_seconds=elapsed,
             attempts=outcome.attempt,
+            epsilon=self.accountant.epsilon() if self.accountant is not None else float("nan"),
         )
         if federated is None:
             return metrics

@@ -38,6 +38,8 @@ class RoundMetrics:
     """FedBuff: mean staleness of the updates folded into this version (NaN: rounds)."""
     stale_dropped: int = 0
     """FedBuff: updates dropped since the last version for exceeding ``max_staleness``."""
+    epsilon: float = float("nan")
+    """DP-FedAvg: ε spent after this round at the job's δ (NaN: no differential privacy)."""
 
     @staticmethod
     def from_dict(row: dict[str, float | int]) -> RoundMetrics:
@@ -102,9 +104,11 @@ class ProgressBar:
             if m.device_examples
             else ""
         )
+        private = f" | ε {m.epsilon:.3g}" if m.epsilon == m.epsilon else ""  # NaN: no DP
         return (
             f"devices {m.participants}{f' (failed {m.failures})' if m.failures else ''}"
-            f"{retry} | loss {m.train_loss:.4f}{server}{federated} | {m.round_seconds:.2f}s "
+            f"{retry} | loss {m.train_loss:.4f}{server}{federated}{private} | "
+            f"{m.round_seconds:.2f}s "
             f"(total {m.elapsed_seconds:.1f}s)"
         )
 
@@ -182,6 +186,13 @@ def plot_metrics(rows: Sequence[RoundMetrics], path: str | Path, *, title: str =
         rounds, [100 * r.test_accuracy for r in rows], "o-", color="tab:green", label="server"
     )
     ax_acc.legend()
+    spent = [r for r in rows if r.epsilon == r.epsilon]  # DP runs: ε per round
+    if spent:
+        ax_eps = ax_acc.twinx()
+        ax_eps.plot([r.round for r in spent], [r.epsilon for r in spent], "d--",
+                    color="tab:purple", label="ε")
+        ax_eps.set_ylabel("ε spent (at the run's δ)")
+        ax_eps.legend(loc="center right")
     ax_acc.set_xlabel("round")
     ax_acc.set_ylabel("test accuracy (%)")
     ax_acc.grid(alpha=0.3)

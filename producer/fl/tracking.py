@@ -52,6 +52,7 @@ def scalars(metrics: RoundMetrics, devices: Sequence[DeviceMetrics]) -> dict[str
         "round/failures": metrics.failures,
         "round/attempts": metrics.attempts,
         "round/seconds": metrics.round_seconds,
+        "privacy/epsilon": metrics.epsilon,
     }
     if metrics.device_examples:
         out["federated/test_loss"] = metrics.device_loss

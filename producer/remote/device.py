@@ -268,8 +268,13 @@ class Device:
         kwargs: Mapping[str, Any] | None = None,
         *,
         return_values: bool = False,
+        inline_limit: int | None = None,
     ) -> Any:
-        """Run a plan held by the device; pointers come back at once in its output structure."""
+        """Run a plan held by the device; pointers come back at once in its output structure.
+
+        ``inline_limit`` overrides the device handle's (``0``: no output in the reply unless
+        ``return_values``; secure aggregation keeps updates on the device this way).
+        """
         ir: PlanIR = plan.ir
         result_ids = tuple(new_id() for _ in output_slots(ir.outputs))
         msg = cmd.RunPlan(
@@ -278,7 +283,7 @@ class Device:
             kwargs=self._kwargs(kwargs or {}),
             result_ids=list(result_ids),
             return_values=return_values,
-            inline_limit=max(0, int(self.inline_limit)),
+            inline_limit=max(0, int(self.inline_limit if inline_limit is None else inline_limit)),
         )
         pending = self._submit("run_plan", msg, result_ids)
         pointers = [PointerTensor(rid, self, pending=pending, owned=True) for rid in result_ids]

@@ -23,6 +23,11 @@ MODULES = [
     "consumer.secagg.state_codec",
     "producer.fl.secure_aggregation",
     "producer.fl.privacy",
+    "consumer.secagg.wire_codec",
+    "producer.fl.secure_rounds",
+    "producer.fl.secure_training",
+    "producer.fl.dp_fedavg",
+    "producer.fl.demo_privacy",
 ]
 
 

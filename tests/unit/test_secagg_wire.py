@@ -1,0 +1,121 @@
+"""The secure-aggregation wire codecs round-trip every message, and refuse malformed ones."""
+
+from __future__ import annotations
+
+import pytest
+
+from consumer.secagg import (
+    QuantizationParams,
+    RoundConfig,
+    SecAggProtocolError,
+    advertise_keys,
+    mask_input,
+    share_keys,
+    unmask,
+)
+from consumer.secagg import wire_codec as wc
+from producer.fl.secure_aggregation import SecureAggregationRound
+from schemas import command_pb2 as pb
+from schemas.errors import error_from_code
+from schemas.ir import SCHEMA_VERSION
+from schemas.wire import decode_command, decode_reply, encode_command, encode_reply
+
+
+def config(k: int | None = None, n: int = 5, **kw: object) -> RoundConfig:
+    q = QuantizationParams(clip=1.0, num_clients=n, max_weight=7, noise_bound=40)
+    ids = [f"d{i}" for i in range(n)]
+    return RoundConfig.create("r-1", ids, length=3, quantization=q, k=k, **kw)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("k", [None, 2])
+def test_a_round_config_survives_the_wire_unchanged(k: int | None) -> None:
+    cfg = config(k=k, noise_sigma=3.5, noise_kind="skellam")
+    command = pb.Command(schema_version=SCHEMA_VERSION, command_id="c")
+    command.secagg_advertise.config.CopyFrom(wc.config_to_proto(cfg))
+    back = decode_command(encode_command(command))
+    assert wc.config_from_proto(back.secagg_advertise.config) == cfg
+
+
+def test_every_message_of_a_round_survives_the_wire_unchanged() -> None:
+    cfg = config()
+    server = SecureAggregationRound(cfg)
+    states, adverts = {}, []
+    for d in cfg.devices:
+        states[d], advert = advertise_keys(cfg, d)
+        assert wc.advert_from_proto(wc.advert_to_proto(advert)) == advert
+        assert wc.reply_from_proto(wc.reply_to_proto(advert)) == advert
+        adverts.append(advert)
+    shares = []
+    for d, request in server.collect_adverts(adverts).items():
+        assert wc.share_request_from_proto(wc.share_request_to_proto(request)) == request
+        states[d], message = share_keys(states[d], request)
+        assert wc.reply_from_proto(wc.reply_to_proto(message)) == message
+        shares.append(message)
+    masked = []
+    for d, request in server.collect_shares(shares).items():
+        proto = wc.mask_request_to_proto(request, input_id="upd", weight=3)
+        assert wc.mask_request_from_proto(proto) == (request, "upd", 3)
+        states[d], message = mask_input(states[d], request, [0.1, 0.2, 0.3], weight=3)
+        reply = pb.Reply(schema_version=SCHEMA_VERSION, command_id="x",
+                         ok=pb.Ok(secagg=wc.reply_to_proto(message)))
+        decoded = decode_reply(encode_reply(reply))
+        assert wc.reply_from_proto(decoded.ok.secagg) == message
+        masked.append(message)
+    responses = []
+    for d, request in server.collect_masked_inputs(masked).items():
+        assert wc.unmask_request_from_proto(wc.unmask_request_to_proto(request)) == request
+        states[d], message = unmask(states[d], request)
+        assert wc.reply_from_proto(wc.reply_to_proto(message)) == message
+        responses.append(message)
+    assert server.collect_unmask_responses(responses).total_weight == 15
+
+
+def test_a_config_of_another_protocol_version_is_refused() -> None:
+    proto = wc.config_to_proto(config())
+    proto.version = 2
+    with pytest.raises(SecAggProtocolError, match="version 2"):
+        wc.config_from_proto(proto)
+
+
+def test_a_one_sided_or_repeating_neighbour_graph_is_refused() -> None:
+    proto = wc.config_to_proto(config(k=2))
+    del proto.neighbours[0].peers[0]
+    with pytest.raises(SecAggProtocolError, match=r"symmetric|cover"):
+        wc.config_from_proto(proto)
+    proto = wc.config_to_proto(config(k=2))
+    proto.neighbours[0].peers.append(proto.neighbours[0].peers[0])
+    with pytest.raises(SecAggProtocolError, match="repeat"):
+        wc.config_from_proto(proto)
+    proto = wc.config_to_proto(config(k=2))
+    proto.neighbours.append(proto.neighbours[0])
+    with pytest.raises(SecAggProtocolError, match="two neighbour lists"):
+        wc.config_from_proto(proto)
+
+
+def test_a_peer_named_twice_in_a_message_is_refused() -> None:
+    msg = pb.SecAggShareKeys(round_id="r", device_id="a", ciphertexts=[
+        pb.SecAggPeerBytes(peer="b", data=b"1"), pb.SecAggPeerBytes(peer="b", data=b"2")])
+    with pytest.raises(SecAggProtocolError, match="two ciphertexts"):
+        wc.share_keys_from_proto(msg)
+    with pytest.raises(SecAggProtocolError, match="repeats"):
+        wc.unmask_request_from_proto(pb.SecAggUnmask(round_id="r", survivors=["a", "a"]))
+    with pytest.raises(SecAggProtocolError, match="without a message"):
+        wc.reply_from_proto(pb.SecAggReply())
+
+
+def test_secagg_error_codes_come_back_as_their_classes_from_the_wire() -> None:
+    for code in ("SECAGG_BELOW_THRESHOLD", "SECAGG_PROTOCOL", "SECAGG_OVERFLOW",
+                 "PRIVACY_BUDGET"):
+        assert error_from_code(code, "m").code == code
+
+
+def test_a_graph_too_dense_for_a_device_to_share_over_is_refused_before_it_is_built() -> None:
+    proto = wc.config_to_proto(config(k=2))
+    proto.neighbours[0].peers.extend(f"x{i}" for i in range(wc.MAX_NEIGHBOURS))
+    with pytest.raises(SecAggProtocolError, match="more than 1000 neighbours"):
+        wc.config_from_proto(proto)
+    complete = wc.config_to_proto(config())
+    assert complete.complete_graph and not complete.neighbours  # n ids, not n^2 entries
+    complete.devices.extend(f"y{i}" for i in range(wc.MAX_NEIGHBOURS + 1))
+    with pytest.raises(SecAggProtocolError, match="k-regular"):
+        wc.config_from_proto(complete)
