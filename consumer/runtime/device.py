@@ -20,6 +20,7 @@ from consumer.policy.tenancy import (
     scoped,
     visible_tags,
 )
+from consumer.runtime.aliasing import storage_of, storages_of, unshared
 from consumer.runtime.lowering import Lowering, get
 from consumer.runtime.pointer_records import PointerRecords
 from consumer.runtime.replies import (
@@ -147,6 +148,7 @@ class DeviceRuntime(TenantRules):
         self._entry = AuditEntry(sender=LOCAL_SENDER, kind="")
         self._private_inputs = False
         self._inputs: list[str] = []  # store keys of the command's own-object arguments
+        self._arg_storages: set[int] = set()  # memory of the command's tensor arguments
         self._loaded: dict[str, tuple[str, LoadedPlan]] = {}
         self._records: dict[str, PointerRecords] = {}  # per sender: pointers to other devices
         self._frames: list[torch.Tensor] = []  # tensors sent raw after the current reply
@@ -259,6 +261,7 @@ class DeviceRuntime(TenantRules):
         self._policy.check_admits(self._sender, self.device_id)
         self._private_inputs = False
         self._inputs = []
+        self._arg_storages = set()
         if command.delete_first:  # deletes batched by the server ride with the next command
             self._delete_objects(DeleteObjects(ids=command.delete_first))
         return handler(self, command)
@@ -334,6 +337,8 @@ class DeviceRuntime(TenantRules):
             own_result(v, state) if isinstance(v, torch.Tensor) else v
             for v in flatten_like(stored.ir.outputs, out)
         ]
+        plan_memory = storages_of([*stored.ir.state_values.values(), *stored.ir.constants.values()])
+        results = unshared(results, plan_memory)  # a view of the plan's state is copied
         inline = inline_flags(
             results,
             msg.inline_limit,
@@ -513,7 +518,10 @@ class DeviceRuntime(TenantRules):
             if self._is_private(obj):
                 self._private_inputs = True
             self._inputs.append(obj.id)
-            return obj.tensor
+            # the device's own data is used, never changed: ops and plans get a copy
+            tensor = obj.tensor.clone() if is_device_data(obj.id) else obj.tensor
+            self._arg_storages.add(storage_of(tensor))
+            return tensor
         if isinstance(value, Ref | SymExpr):
             raise WireError("a command argument names a plan slot; send objects by id instead")
         if isinstance(value, Slice):

@@ -23,6 +23,7 @@ from consumer.policy.tenancy import (
     scoped,
     visible_tags,
 )
+from consumer.runtime.aliasing import storage_of
 from consumer.runtime.pointer_records import PointerRecords
 from consumer.runtime.replies import tensor_info
 from consumer.store.base import DeviceStore, StoredObject, StoredPlan
@@ -48,6 +49,7 @@ class TenantRules:
     _entry: AuditEntry
     _records: dict[str, PointerRecords]
     _inputs: list[str]
+    _arg_storages: set[int]
     _frames: list[torch.Tensor]
     audit: AuditSink
 
@@ -191,13 +193,23 @@ class TenantRules:
 
     def _taint_arguments(self) -> None:
         """Mark the sender's objects passed to this command private (they may be changed
-        in place by an op or plan that read private data)."""
+        in place by an op or plan that read private data), and the sender's objects that
+        share memory with them (views: :mod:`consumer.runtime.aliasing`)."""
         for key in dict.fromkeys(self._inputs):
             if not is_device_data(key) and self.store.has_object(key):
-                obj = self.store.get_object(key)
-                if PRIVATE_TAG not in obj.tags:
-                    tainted = (*obj.tags, PRIVATE_TAG)
-                    self.store.put_object(StoredObject(key, obj.tensor, tainted, obj.description))
+                self._taint(self.store.get_object(key))
+        storages = self._arg_storages - {0}
+        if not storages:
+            return
+        prefix = self._key("")
+        for obj in self.store.resident_objects():  # only tensors in memory share memory
+            if obj.id.startswith(prefix) and storage_of(obj.tensor) in storages:
+                self._taint(obj)
+
+    def _taint(self, obj: StoredObject) -> None:
+        if PRIVATE_TAG not in obj.tags:
+            tainted = (*obj.tags, PRIVATE_TAG)
+            self.store.put_object(StoredObject(obj.id, obj.tensor, tainted, obj.description))
 
     def _check_plan_budget(self, plan: Any) -> None:
         """Refuse a plan over the policy's op count or size budget (before decoding it)."""
