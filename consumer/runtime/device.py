@@ -55,6 +55,7 @@ from schemas.command_pb2 import (
     StorePointer,
 )
 from schemas.errors import (
+    AuditUnavailable,
     DeviceError,
     FedplanError,
     ObjectNotFound,
@@ -72,7 +73,13 @@ from schemas.plan_pb2 import ValueDict
 from schemas.tensor_codec import tensor_from_proto, tensor_to_proto
 from schemas.tree import tree_map
 from schemas.value_codec import value_from_proto, value_to_proto
-from schemas.wire import decode_command, encode_command, encode_reply, new_id
+from schemas.wire import (
+    decode_command,
+    decode_reply_framed,
+    encode_command,
+    encode_reply,
+    new_id,
+)
 
 if TYPE_CHECKING:
     from consumer.runtime.interpreter import LoadedPlan
@@ -149,6 +156,7 @@ class DeviceRuntime(TenantRules):
         self._private_inputs = False
         self._inputs: list[str] = []  # store keys of the command's own-object arguments
         self._arg_storages: set[int] = set()  # memory of the command's tensor arguments
+        self._reply_ids: list[str] = []  # result ids of the command being run
         self._loaded: dict[str, tuple[str, LoadedPlan]] = {}
         self._records: dict[str, PointerRecords] = {}  # per sender: pointers to other devices
         self._frames: list[torch.Tensor] = []  # tensors sent raw after the current reply
@@ -169,11 +177,25 @@ class DeviceRuntime(TenantRules):
         with self._lock:
             self._sender = sender or LOCAL_SENDER
             self._entry = AuditEntry(sender=self._sender, kind="")
+            self._reply_ids = []
             try:
                 reply = self._handle(data)
-            finally:
+            except BaseException:
                 self._record_audit()
-            return reply
+                raise
+            if self._record_audit():
+                return reply
+            # nothing leaves without its audit row: the reply is withheld (it stays cached)
+            refusal = AuditUnavailable(
+                f"device {self.device_id!r} could not write its audit log, so the reply of "
+                f"command {self._entry.command_id!r} was withheld; the command ran and its "
+                "reply is kept: send it again with the same command id once the operator "
+                "has fixed the audit log (full disk, locked or unwritable file)",
+                device_id=self.device_id,
+            )
+            return encode_safely(
+                error_reply(self.device_id, self._entry.command_id, self._reply_ids, refusal)
+            )
 
     def cached_reply(self, command_id: str, sender: str = LOCAL_SENDER) -> bytes | None:
         """The stored reply of ``sender``'s command ``command_id``, if it ran to the end."""
@@ -193,10 +215,10 @@ class DeviceRuntime(TenantRules):
         except Exception:  # a broken reply cache must not stop the command
             log.exception("reading the reply cache of %s failed", command_id)
             cached = None
-        if cached is not None:
-            return cached
         body = command.WhichOneof("body") or ""
-        result_ids = result_ids_of(command)
+        result_ids = self._reply_ids = result_ids_of(command)
+        if cached is not None:
+            return self._replayed(cached)
         remember = bool(command_id) and body not in _READ_ONLY and not is_plain_read(command)
         try:
             self.store.begin()
@@ -204,7 +226,7 @@ class DeviceRuntime(TenantRules):
                 cached = self.cached_reply(command_id, self._sender)  # run it meanwhile
                 if cached is not None:
                     self.store.rollback()
-                    return cached
+                    return self._replayed(cached)
             data_out = self._run_once(command, body, result_ids, remember)
             self.store.commit()
         except Exception as exc:  # the store failed: nothing of the command is kept
@@ -218,6 +240,16 @@ class DeviceRuntime(TenantRules):
             self.store.rollback()
             raise
         return data_out
+
+    def _replayed(self, cached: bytes) -> bytes:
+        """A cached reply sent again: audited with the tensor bytes it carries."""
+        self._entry.rule = "cached-reply"
+        try:
+            _reply, frames = decode_reply_framed(cached)
+            self._entry.bytes_out += sum(len(f) for f in frames)
+        except Exception:
+            self._entry.bytes_out += len(cached)  # an upper bound
+        return cached
 
     def _run_once(
         self, command: Command, body: str, result_ids: list[str], remember: bool

@@ -261,14 +261,18 @@ class TenantRules:
         info.tags.extend(visible_tags(obj.tags))
         return info
 
-    def _record_audit(self) -> None:
+    def _record_audit(self) -> bool:
+        """Append the command's audit row; False when the log could not be written (the
+        caller then withholds the reply)."""
         entry = self._entry
         entry.bytes_out += sum(t.numel() * t.element_size() for t in self._frames)
         self._frames = []
         try:
             self.audit.record(entry)
         except Exception:
-            log.exception("writing the audit log failed")
+            log.exception("writing the audit log failed; the reply is withheld")
+            return False
+        return True
 
     def _note_refusal(self, exc: Exception) -> None:
         code = exc.code if isinstance(exc, FedplanError) else "INTERNAL"
