@@ -55,7 +55,6 @@ from schemas.command_pb2 import (
     StorePointer,
 )
 from schemas.errors import (
-    AuditUnavailable,
     DeviceError,
     FedplanError,
     ObjectNotFound,
@@ -73,13 +72,7 @@ from schemas.plan_pb2 import ValueDict
 from schemas.tensor_codec import tensor_from_proto, tensor_to_proto
 from schemas.tree import tree_map
 from schemas.value_codec import value_from_proto, value_to_proto
-from schemas.wire import (
-    decode_command,
-    decode_reply_framed,
-    encode_command,
-    encode_reply,
-    new_id,
-)
+from schemas.wire import decode_command, encode_command, encode_reply, new_id
 
 if TYPE_CHECKING:
     from consumer.runtime.interpreter import LoadedPlan
@@ -183,19 +176,7 @@ class DeviceRuntime(TenantRules):
             except BaseException:
                 self._record_audit()
                 raise
-            if self._record_audit():
-                return reply
-            # nothing leaves without its audit row: the reply is withheld (it stays cached)
-            refusal = AuditUnavailable(
-                f"device {self.device_id!r} could not write its audit log, so the reply of "
-                f"command {self._entry.command_id!r} was withheld; the command ran and its "
-                "reply is kept: send it again with the same command id once the operator "
-                "has fixed the audit log (full disk, locked or unwritable file)",
-                device_id=self.device_id,
-            )
-            return encode_safely(
-                error_reply(self.device_id, self._entry.command_id, self._reply_ids, refusal)
-            )
+            return self._audited(reply)
 
     def cached_reply(self, command_id: str, sender: str = LOCAL_SENDER) -> bytes | None:
         """The stored reply of ``sender``'s command ``command_id``, if it ran to the end."""
@@ -240,16 +221,6 @@ class DeviceRuntime(TenantRules):
             self.store.rollback()
             raise
         return data_out
-
-    def _replayed(self, cached: bytes) -> bytes:
-        """A cached reply sent again: audited with the tensor bytes it carries."""
-        self._entry.rule = "cached-reply"
-        try:
-            _reply, frames = decode_reply_framed(cached)
-            self._entry.bytes_out += sum(len(f) for f in frames)
-        except Exception:
-            self._entry.bytes_out += len(cached)  # an upper bound
-        return cached
 
     def _run_once(
         self, command: Command, body: str, result_ids: list[str], remember: bool

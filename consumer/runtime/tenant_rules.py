@@ -25,11 +25,12 @@ from consumer.policy.tenancy import (
 )
 from consumer.runtime.aliasing import storage_of
 from consumer.runtime.pointer_records import PointerRecords
-from consumer.runtime.replies import tensor_info
+from consumer.runtime.replies import encode_safely, error_reply, tensor_info
 from consumer.store.base import DeviceStore, StoredObject, StoredPlan
 from schemas.command_pb2 import ObjectInfo
-from schemas.errors import FedplanError, ObjectNotFound, PolicyError
+from schemas.errors import AuditUnavailable, FedplanError, ObjectNotFound, PolicyError
 from schemas.signing import verify_plan_hash
+from schemas.wire import decode_reply_framed
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ class TenantRules:
     _records: dict[str, PointerRecords]
     _inputs: list[str]
     _arg_storages: set[int]
+    _reply_ids: list[str]
     _frames: list[torch.Tensor]
     audit: AuditSink
 
@@ -260,6 +262,31 @@ class TenantRules:
         del info.tags[:]
         info.tags.extend(visible_tags(obj.tags))
         return info
+
+    def _audited(self, reply: bytes) -> bytes:
+        """The reply once its audit row is written; nothing leaves without it: when the
+        log cannot be written the reply is withheld (it stays cached for a resend)."""
+        if self._record_audit():
+            return reply
+        refusal = AuditUnavailable(
+            f"device {self.device_id!r} could not write its audit log, so the reply of "
+            f"command {self._entry.command_id!r} was withheld; the command ran and its "
+            "reply is kept: send it again with the same command id once the operator "
+            "has fixed the audit log (full disk, locked or unwritable file)",
+            device_id=self.device_id,
+        )
+        cid, reply_ids = self._entry.command_id, self._reply_ids
+        return encode_safely(error_reply(self.device_id, cid, reply_ids, refusal))
+
+    def _replayed(self, cached: bytes) -> bytes:
+        """A cached reply sent again: audited with the tensor bytes it carries."""
+        self._entry.rule = "cached-reply"
+        try:
+            _reply, frames = decode_reply_framed(cached)
+            self._entry.bytes_out += sum(len(f) for f in frames)
+        except Exception:
+            self._entry.bytes_out += len(cached)  # an upper bound
+        return cached
 
     def _record_audit(self) -> bool:
         """Append the command's audit row; False when the log could not be written (the

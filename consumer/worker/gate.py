@@ -36,6 +36,7 @@ from broker_config.envelope import (
     TRANSFER_HEADER,
 )
 from broker_config.settings import Settings
+from consumer.policy.audit import AuditEntry, AuditLog
 from consumer.worker.delivery_attempts import DeliveryAttempts
 from consumer.worker.frames import UNDECODABLE
 from consumer.worker.publishing import send_error
@@ -309,6 +310,7 @@ class Gate:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._attempts: DeliveryAttempts | None = None
+        self._audit: AuditLog | None = None
 
     @property
     def device_id(self) -> str:
@@ -348,6 +350,23 @@ class Gate:
                     return True
         return self._refuse(raw, verdict, device, MessageRefused(verdict.refusal or ""))
 
+    def _record(self, raw: Any, verdict: Verdict, exc: FedplanError) -> None:
+        """Every refusal is in the device's audit log, the gate's too (best effort: the
+        message is refused either way, and nothing of the device leaves with it)."""
+        try:
+            if self._audit is None:
+                self._audit = AuditLog(self.settings.data_dir)
+            entry = AuditEntry(
+                sender=_audited_sender(raw),
+                kind="gate",
+                outcome=exc.code,
+                rule="gate",
+                command_id=verdict.command_id or "",
+            )
+            self._audit.record(entry)
+        except Exception:
+            log.exception("recording a refused message in the audit log failed")
+
     def _refuse(self, raw: Any, verdict: Verdict, device: str | None, exc: FedplanError) -> bool:
         log.error(
             "refused message %s (command %s) to the dead-letter queue: %s [%s]",
@@ -357,6 +376,7 @@ class Gate:
             exc.code,
         )
         exc.device_id = device or None
+        self._record(raw, verdict, exc)
         send_error(
             self.settings,
             device or "",
@@ -369,6 +389,14 @@ class Gate:
         except Exception:
             log.exception("rejecting a refused message failed; it will come back")
         return False
+
+
+def _audited_sender(raw: Any) -> str:
+    """The sender of a refused message for the audit log: its ``user_id`` (the broker
+    checked it when set), or ``-`` without one."""
+    properties = getattr(raw, "properties", None)
+    user = properties.get("user_id") if isinstance(properties, dict) else None
+    return user[:200] if isinstance(user, str) and user else "-"
 
 
 def _crashed(verdict: Verdict, n: int) -> FedplanError:

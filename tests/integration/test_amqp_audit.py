@@ -13,11 +13,12 @@ from collections.abc import Callable
 import pytest
 import torch
 
+from broker_config.envelope import task_headers
 from consumer.policy.audit import AUDIT_FILE, AuditLog
 from producer.transport.amqp import AmqpTransport
 from schemas.wire import new_id
 from tests.integration import commands as cmd
-from tests.integration.broker import Replies, WorkerProcess
+from tests.integration.broker import Replies, RunVhost, WorkerProcess
 
 pytestmark = pytest.mark.rabbitmq
 
@@ -50,3 +51,21 @@ def test_a_device_whose_audit_log_is_locked_withholds_values_until_it_can_record
     rows = {e.command_id: e for e in AuditLog(worker.data_dir).entries()}
     assert rows[cid].bytes_out == 16 and rows[cid].kind == "get_object"
     assert withheld not in rows  # its row could not be written: and nothing left with it
+
+
+def test_a_message_the_gate_refuses_is_in_the_devices_audit_log(
+    vhost: RunVhost,
+    workers: Callable[..., WorkerProcess],
+    transport: AmqpTransport,
+    replies: Replies,
+) -> None:
+    from tests.integration.test_amqp_identity import _publish
+
+    worker = workers("gated")
+    transport.ensure_device("gated")
+    anonymous = new_id()  # no user_id: the gate refuses it before any fedplan code runs
+    body = cmd.get_object(anonymous, "gated", "x")
+    _publish(vhost, transport, "gated", body, anonymous, headers=task_headers(anonymous))
+    assert replies.wait(anonymous, 120).error.code == "MESSAGE_REFUSED"
+    [row] = [e for e in AuditLog(worker.data_dir).entries() if e.command_id == anonymous]
+    assert (row.sender, row.kind, row.outcome) == ("-", "gate", "MESSAGE_REFUSED")
