@@ -10,8 +10,15 @@ import torch
 
 import producer as fp
 from consumer.store.sqlite import SqliteStore
-from schemas.errors import PolicyError
-from tests.behaviour.test_device_policy import Operator, device_name  # noqa: F401 (fixture)
+from schemas import command_pb2 as cmd
+from schemas.errors import ObjectNotFound, PolicyError
+from schemas.ir import ObjectId
+from schemas.value_codec import value_to_proto
+from tests.behaviour.test_device_policy import (  # noqa: F401 (fixtures)
+    Operator,
+    device_name,
+    second,
+)
 
 
 def _device_value(operator: Operator, object_id: str) -> torch.Tensor:
@@ -75,3 +82,57 @@ def test_private_values_written_through_an_alias_make_the_aliased_object_private
         mine.get()
     fresh = alice.send_tensor(torch.ones(2)).wait()
     assert torch.equal((fresh + 1).get(), torch.full((2,), 2.0))  # valid work goes on
+
+
+@fp.func2plan(args_shape=[(2,)])
+def _double(x: torch.Tensor) -> torch.Tensor:
+    return x * 2
+
+
+def test_every_way_of_naming_another_producers_id_fails_exactly_like_a_missing_id(
+    fleet: fp.Fleet,
+    second: fp.Fleet,  # noqa: F811
+    device_name: str,  # noqa: F811
+) -> None:
+    alice = fleet.device(device_name)
+    mine = alice.send_tensor(torch.ones(2)).wait()
+    plan = _double.send(alice)
+    plan(mine).wait()
+    theirs = second.device(device_name)
+
+    def _neg(object_id: str) -> cmd.RunOp:
+        msg = cmd.RunOp(target="torch.neg")
+        msg.args.items.append(value_to_proto(ObjectId(object_id)))
+        return msg
+
+    def run_plan(plan_id: str) -> cmd.RunPlan:
+        msg = cmd.RunPlan(plan_id=plan_id, result_ids=["r"])
+        msg.args.items.append(value_to_proto(ObjectId("anything")))
+        return msg
+
+    attempts = {
+        "get": lambda i: ("get_object", cmd.GetObject(id=i)),
+        "get and delete": lambda i: ("get_object", cmd.GetObject(id=i, delete=True)),
+        "move": lambda i: ("move_object", cmd.MoveObject(id=i, destination_device=theirs.id)),
+        "op input": lambda i: (
+            "run_op",
+            _neg(i),
+        ),
+    }
+    plan_attempts = {
+        "get plan": lambda i: ("get_plan", cmd.GetPlan(plan_id=i)),
+        "run plan": lambda i: ("run_plan", run_plan(i)),
+    }
+
+    def error(body: str, msg: object) -> str:
+        with pytest.raises(ObjectNotFound) as refused:
+            second.submit(theirs.id, body, msg, ("r",) if body == "run_plan" else ()).reply(60)
+        return str(refused.value)
+
+    for name, build in [*attempts.items(), *plan_attempts.items()]:
+        existing = mine.id if name in attempts else plan.id
+        taken = error(*build(existing)).replace(existing, "ID")
+        missing = error(*build("never-stored")).replace("never-stored", "ID")
+        assert taken == missing, name  # byte for byte: "not yours" reads as "not there"
+    assert torch.equal(plan(mine).get(), torch.full((2,), 2.0))  # the owner's plan works
+    assert torch.equal(mine.get(), torch.ones(2))  # and its object is intact
