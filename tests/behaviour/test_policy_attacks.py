@@ -136,3 +136,20 @@ def test_every_way_of_naming_another_producers_id_fails_exactly_like_a_missing_i
         assert taken == missing, name  # byte for byte: "not yours" reads as "not there"
     assert torch.equal(plan(mine).get(), torch.full((2,), 2.0))  # the owner's plan works
     assert torch.equal(mine.get(), torch.ones(2))  # and its object is intact
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known gap (docs/security.md, Attacks tried): the shape of a value derived from "
+    "private data is in the reply's metadata, and a shape can depend on the values",
+)
+def test_the_shape_of_a_value_derived_from_private_data_does_not_reveal_the_data(
+    fleet: fp.Fleet,
+    device_name: str,  # noqa: F811
+) -> None:
+    alice = fleet.device(device_name)
+    operator = Operator(fleet, device_name)
+    operator.add_data("count", torch.tensor(7), "#count")
+    [count] = alice.search("#count")
+    derived = alice.run_op("torch.arange", [count]).wait()
+    assert tuple(derived.shape) != (7,)
