@@ -32,8 +32,15 @@ def commands_exchange() -> str:
 
 
 def results_exchange() -> str:
-    """The direct exchange devices publish replies to."""
-    return f"{PREFIX}.results"
+    """The topic exchange devices publish replies to.
+
+    A topic exchange so that RabbitMQ's topic permissions can limit the routing key a
+    producer user may bind its results queue with to its own (``fedplan broker setup``):
+    on a direct exchange a producer could bind its queue with another producer's key and
+    receive copies of that producer's replies. (Named ``replies``: the ``results`` exchange
+    of older fedplan was a direct exchange, and RabbitMQ refuses to redeclare a type.)
+    """
+    return f"{PREFIX}.replies"
 
 
 def dead_letter_exchange() -> str:

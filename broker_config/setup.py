@@ -104,12 +104,35 @@ def producer_permissions(producer_id: str) -> dict[str, str]:
     }
 
 
+def producer_topic_permissions(producer_id: str) -> dict[str, str]:
+    """The routing keys a producer may use on the (topic) results exchange: it binds its
+    results queue with its own key only (never another producer's, nor ``#``), so it
+    cannot receive copies of another producer's replies; it publishes there with none.
+
+    Examples
+    --------
+    >>> print(producer_topic_permissions("p1")["read"])
+    ^fedplan\\.results\\.p1$
+    """
+    return {
+        "exchange": names.results_exchange(),
+        "write": "^$",
+        "read": f"^{re.escape(names.results_routing_key(producer_id))}$",
+    }
+
+
 def create_producer_user(client: ManagementClient, producer_id: str, password: str) -> str:
-    """Create (or update) the producer's user with :func:`producer_permissions`."""
+    """Create (or update) the producer's user with :func:`producer_permissions` and
+    :func:`producer_topic_permissions`."""
     user = producer_user(producer_id)
     client.request("PUT", f"users/{client.q(user)}", {"password": password, "tags": ""})
     client.request(
         "PUT", f"permissions/{client.vq()}/{client.q(user)}", producer_permissions(producer_id)
+    )
+    client.request(
+        "PUT",
+        f"topic-permissions/{client.vq()}/{client.q(user)}",
+        producer_topic_permissions(producer_id),
     )
     return user
 

@@ -31,7 +31,7 @@ def exchanges() -> list[ExchangeSpec]:
     """The exchanges every fedplan broker has."""
     return [
         ExchangeSpec(names.commands_exchange(), "direct"),
-        ExchangeSpec(names.results_exchange(), "direct"),
+        ExchangeSpec(names.results_exchange(), "topic"),
         ExchangeSpec(names.dead_letter_exchange(), "fanout"),
     ]
 

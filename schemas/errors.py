@@ -238,6 +238,14 @@ class PlanTooLargeError(DeviceError):
     code = "PLAN_TOO_LARGE"
 
 
+class AuditUnavailable(DeviceError):
+    """The device could not record the command in its audit log, so it sent nothing of its
+    results (the command's effects are kept: sent again with the same command id once the
+    log works, it gets its reply)."""
+
+    code = "AUDIT_UNAVAILABLE"
+
+
 class PolicyError(FedplanError, PermissionError):
     """The device's policy (its owner's rules) refused the command: the message names the
     object, the producer and the rule (``fedplan device policy`` on the device shows them)."""

@@ -28,10 +28,13 @@ True
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -39,6 +42,7 @@ from typing import Any
 from schemas.errors import PolicyError
 
 POLICY_FILE = "policy.json"
+LOCK_FILE = ".policy.lock"
 PENDING_FILE = "policy-pending.json"
 MAX_PENDING = 256
 """Plans kept waiting for approval (the oldest are forgotten first)."""
@@ -221,10 +225,14 @@ class MemoryPolicy:
 
 
 class PolicyFile:
-    """The policy in ``<data dir>/policy.json``, re-read when the file's mtime changes.
+    """The policy in ``<data dir>/policy.json``, parsed again whenever the file's bytes
+    change (read on every command: a rewrite within one mtime tick, of the same size, is
+    seen too).
 
     A missing file is the default policy; an unreadable one refuses every command (the
-    operator's rules are never silently dropped).
+    operator's rules are never silently dropped). Changes (:meth:`update`) hold an
+    exclusive lock on ``<data dir>/.policy.lock``, so two operators' edits at once both
+    apply.
 
     Example
     -------
@@ -239,7 +247,7 @@ class PolicyFile:
         self.path = self.dir / POLICY_FILE
         self.pending_path = self.dir / PENDING_FILE
         self._lock = threading.Lock()
-        self._stamp: tuple[int, int] | None = None
+        self._stamp: bytes | None = None
         self._policy = Policy()
         self._error: str | None = None
 
@@ -247,25 +255,27 @@ class PolicyFile:
         """The policy as the file says now (reloaded on change)."""
         with self._lock:
             try:
-                st = self.path.stat()
-                stamp: tuple[int, int] | None = (st.st_mtime_ns, st.st_size)
+                stamp: bytes | None = self.path.read_bytes()
             except FileNotFoundError:
                 stamp = None
+            except OSError as exc:
+                self._stamp, self._error = None, f"{self.path}: {exc}"
+                raise PolicyError(f"the device's policy file is invalid: {self._error}") from None
             if stamp != self._stamp or self._error is not None:
                 self._load(stamp)
             if self._error is not None:
                 raise PolicyError(f"the device's policy file is invalid: {self._error}")
             return self._policy
 
-    def _load(self, stamp: tuple[int, int] | None) -> None:
+    def _load(self, stamp: bytes | None) -> None:
         self._stamp = stamp
         self._error = None
         if stamp is None:
             self._policy = Policy()
             return
         try:
-            self._policy = Policy.from_json(json.loads(self.path.read_text()))
-        except (OSError, ValueError) as exc:
+            self._policy = Policy.from_json(json.loads(stamp))
+        except ValueError as exc:  # also undecodable bytes (UnicodeDecodeError)
             self._error = f"{self.path}: {exc}"
 
     def save(self, policy: Policy) -> None:
@@ -287,6 +297,34 @@ class PolicyFile:
         distrust: list[str] = (),  # type: ignore[assignment]
     ) -> Policy:
         """Change the policy file; returns the new policy."""
+        with self._edit_lock():
+            return self._update(
+                allow, deny, public_tags, private_tags, approve, revoke, budgets, trust, distrust
+            )
+
+    @contextlib.contextmanager
+    def _edit_lock(self) -> Iterator[None]:
+        """Hold the exclusive edit lock of the policy (across processes)."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with open(self.dir / LOCK_FILE, "a+b") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def _update(
+        self,
+        allow: list[str],
+        deny: list[str],
+        public_tags: list[str],
+        private_tags: list[str],
+        approve: list[str],
+        revoke: list[str],
+        budgets: dict[str, int] | None,
+        trust: dict[str, str] | None,
+        distrust: list[str],
+    ) -> Policy:
         policy = self.current()
         producers = [p for p in policy.producers if p not in deny]
         for p in allow:
@@ -318,7 +356,7 @@ class PolicyFile:
 
     def note_pending(self, plan: PendingPlan) -> None:
         """Remember a plan waiting for approval (best effort, bounded)."""
-        with self._lock:
+        with self._edit_lock(), self._lock:
             waiting = self._read_pending()
             waiting[plan.content_hash] = plan.to_json()
             while len(waiting) > MAX_PENDING:

@@ -13,7 +13,8 @@ from typing import Any
 
 import torch
 
-from consumer.policy.tenancy import PRIVATE_TAG
+from consumer.policy.tenancy import PRIVATE_TAG, is_device_data
+from consumer.runtime.aliasing import storage_of
 from consumer.runtime.lowering import Lowering, get
 from consumer.runtime.pointer_records import PointerRecords
 from consumer.runtime.tenant_rules import TenantRules
@@ -34,6 +35,7 @@ class CommandValues(TenantRules):
     _lowering: Lowering
     _frames: list[torch.Tensor]
     _private_inputs: bool
+    _arg_storages: set[int]
 
     def _resolve(self, value: Value) -> Any:
         """A command argument as a Python value, every ``ObjectId`` replaced by its tensor."""
@@ -57,7 +59,10 @@ class CommandValues(TenantRules):
             if self._is_private(obj):
                 self._private_inputs = True
             self._inputs.append(obj.id)
-            return obj.tensor
+            # the device's own data is used, never changed: ops and plans get a copy
+            tensor = obj.tensor.clone() if is_device_data(obj.id) else obj.tensor
+            self._arg_storages.add(storage_of(tensor))
+            return tensor
         if isinstance(value, Ref | SymExpr):
             raise WireError("a command argument names a plan slot; send objects by id instead")
         if isinstance(value, Slice):

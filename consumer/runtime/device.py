@@ -24,6 +24,7 @@ from consumer.policy.tenancy import (
     visible_tags,
 )
 from consumer.runtime import secagg_steps
+from consumer.runtime.aliasing import storages_of, unshared
 from consumer.runtime.budgets import deadline_of, is_out_of_memory
 from consumer.runtime.command_values import CommandValues
 from consumer.runtime.lowering import Lowering
@@ -157,6 +158,8 @@ class DeviceRuntime(CommandValues, RunLimits):
         self._private_inputs = False
         self._object_frame: memoryview | None = None
         self._inputs: list[str] = []  # store keys of the command's own-object arguments
+        self._arg_storages: set[int] = set()  # memory of the command's tensor arguments
+        self._reply_ids: list[str] = []  # result ids of the command being run
         self._loaded: dict[str, tuple[str, LoadedPlan]] = {}
         self._records: dict[str, PointerRecords] = {}  # per sender: pointers to other devices
         self._frames: list[torch.Tensor] = []  # tensors sent raw after the current reply
@@ -182,16 +185,21 @@ class DeviceRuntime(CommandValues, RunLimits):
         with self._lock:
             self._sender = sender or LOCAL_SENDER
             self._entry = AuditEntry(sender=self._sender, kind="")
+            self._reply_ids = []
             started = time.monotonic()
             try:
                 reply = None if forwarded else self._refuse_over_rate(data)
                 if reply is None:
                     reply = self._handle(data)
                     self._charge_device_time(time.monotonic() - started)
+            except BaseException:
+                self._record_audit()
+                raise
             finally:
                 self._object_frame = None  # a cached reply never read it: free the buffer
                 self._record_audit()
-            return reply
+                raise
+            return self._audited(reply)
 
     def cached_reply(self, command_id: str, sender: str = LOCAL_SENDER) -> bytes | None:
         """The stored reply of ``sender``'s command ``command_id``, if it ran to the end."""
@@ -234,10 +242,10 @@ class DeviceRuntime(CommandValues, RunLimits):
         except Exception:  # a broken reply cache must not stop the command
             log.exception("reading the reply cache of %s failed", command_id)
             cached = None
-        if cached is not None:
-            return cached
         body = command.WhichOneof("body") or ""
-        result_ids = result_ids_of(command)
+        result_ids = self._reply_ids = result_ids_of(command)
+        if cached is not None:
+            return self._replayed(cached)
         remember = bool(command_id) and body not in _READ_ONLY and not is_plain_read(command)
         try:
             self.store.begin()
@@ -245,7 +253,7 @@ class DeviceRuntime(CommandValues, RunLimits):
                 cached = self.cached_reply(command_id, self._sender)  # run it meanwhile
                 if cached is not None:
                     self.store.rollback()
-                    return cached
+                    return self._replayed(cached)
             data_out = self._run_once(command, body, result_ids, remember)
             self.store.commit()
         except Exception as exc:  # the store failed: nothing of the command is kept
@@ -303,6 +311,7 @@ class DeviceRuntime(CommandValues, RunLimits):
         self._deadline = deadline_of(self._policy.budgets.max_wall_seconds)
         self._private_inputs = False
         self._inputs = []
+        self._arg_storages = set()
         if command.delete_first:  # deletes batched by the server ride with the next command
             self._delete_objects(DeleteObjects(ids=command.delete_first))
         return handler(self, command)
@@ -381,6 +390,8 @@ class DeviceRuntime(CommandValues, RunLimits):
             own_result(v, state) if isinstance(v, torch.Tensor) else v
             for v in flatten_like(stored.ir.outputs, out)
         ]
+        plan_memory = storages_of([*stored.ir.state_values.values(), *stored.ir.constants.values()])
+        results = unshared(results, plan_memory)  # a view of the plan's state is copied
         inline = inline_flags(
             results,
             msg.inline_limit,

@@ -23,13 +23,15 @@ from consumer.policy.tenancy import (
     scoped,
     visible_tags,
 )
+from consumer.runtime.aliasing import storage_of
 from consumer.runtime.pointer_records import PointerRecords
-from consumer.runtime.replies import tensor_info
+from consumer.runtime.replies import encode_safely, error_reply, tensor_info
 from consumer.store.base import DeviceStore, StoredObject, StoredPlan
 from schemas.command_pb2 import ListObjects, ObjectInfo, Ok, Search
-from schemas.errors import FedplanError, ObjectNotFound, PolicyError
+from schemas.errors import AuditUnavailable, FedplanError, ObjectNotFound, PolicyError
 from schemas.plan_codec import plan_op_count
 from schemas.signing import verify_plan_hash
+from schemas.wire import decode_reply_framed
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +51,8 @@ class TenantRules:
     _entry: AuditEntry
     _records: dict[str, PointerRecords]
     _inputs: list[str]
+    _arg_storages: set[int]
+    _reply_ids: list[str]
     _frames: list[torch.Tensor]
     audit: AuditSink
 
@@ -192,13 +196,23 @@ class TenantRules:
 
     def _taint_arguments(self) -> None:
         """Mark the sender's objects passed to this command private (they may be changed
-        in place by an op or plan that read private data)."""
+        in place by an op or plan that read private data), and the sender's objects that
+        share memory with them (views: :mod:`consumer.runtime.aliasing`)."""
         for key in dict.fromkeys(self._inputs):
             if not is_device_data(key) and self.store.has_object(key):
-                obj = self.store.get_object(key)
-                if PRIVATE_TAG not in obj.tags:
-                    tainted = (*obj.tags, PRIVATE_TAG)
-                    self.store.put_object(StoredObject(key, obj.tensor, tainted, obj.description))
+                self._taint(self.store.get_object(key))
+        storages = self._arg_storages - {0}
+        if not storages:
+            return
+        prefix = self._key("")
+        for obj in self.store.resident_objects():  # only tensors in memory share memory
+            if obj.id.startswith(prefix) and storage_of(obj.tensor) in storages:
+                self._taint(obj)
+
+    def _taint(self, obj: StoredObject) -> None:
+        if PRIVATE_TAG not in obj.tags:
+            tainted = (*obj.tags, PRIVATE_TAG)
+            self.store.put_object(StoredObject(obj.id, obj.tensor, tainted, obj.description))
 
     def _check_plan_budget(self, plan: Any) -> None:
         """Refuse a plan over the policy's op count or size budget (before decoding it)."""
@@ -280,14 +294,43 @@ class TenantRules:
         info.tags.extend(visible_tags(obj.tags))
         return info
 
-    def _record_audit(self) -> None:
+    def _audited(self, reply: bytes) -> bytes:
+        """The reply once its audit row is written; nothing leaves without it: when the
+        log cannot be written the reply is withheld (it stays cached for a resend)."""
+        if self._record_audit():
+            return reply
+        refusal = AuditUnavailable(
+            f"device {self.device_id!r} could not write its audit log, so the reply of "
+            f"command {self._entry.command_id!r} was withheld; the command ran and its "
+            "reply is kept: send it again with the same command id once the operator "
+            "has fixed the audit log (full disk, locked or unwritable file)",
+            device_id=self.device_id,
+        )
+        cid, reply_ids = self._entry.command_id, self._reply_ids
+        return encode_safely(error_reply(self.device_id, cid, reply_ids, refusal))
+
+    def _replayed(self, cached: bytes) -> bytes:
+        """A cached reply sent again: audited with the tensor bytes it carries."""
+        self._entry.rule = "cached-reply"
+        try:
+            _reply, frames = decode_reply_framed(cached)
+            self._entry.bytes_out += sum(len(f) for f in frames)
+        except Exception:
+            self._entry.bytes_out += len(cached)  # an upper bound
+        return cached
+
+    def _record_audit(self) -> bool:
+        """Append the command's audit row; False when the log could not be written (the
+        caller then withholds the reply)."""
         entry = self._entry
         entry.bytes_out += sum(t.numel() * t.element_size() for t in self._frames)
         self._frames = []
         try:
             self.audit.record(entry)
         except Exception:
-            log.exception("writing the audit log failed")
+            log.exception("writing the audit log failed; the reply is withheld")
+            return False
+        return True
 
     def _note_refusal(self, exc: Exception) -> None:
         code = exc.code if isinstance(exc, FedplanError) else "INTERNAL"

@@ -107,6 +107,11 @@ class MemoryStore:
         with self._lock:
             return [o for o in self._objects.values() if wanted.issubset(o.tags)]
 
+    def resident_objects(self) -> list[StoredObject]:
+        """Every object (all live in memory)."""
+        with self._lock:
+            return list(self._objects.values())
+
     def list_objects(self) -> list[StoredObject]:
         with self._lock:
             return list(self._objects.values())

@@ -278,6 +278,11 @@ class SqliteStore(BlobUnits):
             self._touched().objects.update(i for i, _ in rows)
             self._live.clear()
 
+    def resident_objects(self) -> list[StoredObject]:
+        """The objects of the in-memory cache (nothing is loaded from disk)."""
+        with self._lock:
+            return [live.obj for live in self._live.values()]
+
     def flush(self) -> int:
         """Write back the tensors changed in place since loaded or stored; returns how many."""
         written = 0

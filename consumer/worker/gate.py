@@ -345,23 +345,6 @@ class Gate:
         :class:`~consumer.worker.requests.DeviceRequest`): charge its run time now."""
         self.settle(time.monotonic())
 
-    def _audit_refusal(self, verdict: Verdict, exc: FedplanError) -> None:
-        """Record a fairness refusal in the device's audit log (best effort)."""
-        try:
-            if self._audit is None:
-                self._audit = AuditLog(self.settings.data_dir)
-            self._audit.record(
-                AuditEntry(
-                    sender=str(verdict.headers.get(SENDER_HEADER, "")),
-                    kind="refused-unread",
-                    outcome=exc.code,
-                    rule=exc.message.split("(rule: ", 1)[-1].split(")", 1)[0],
-                    command_id=verdict.command_id or "",
-                )
-            )
-        except Exception:
-            log.exception("writing the audit log failed")
-
     def over_budget(
         self, verdict: Verdict, deliveries: int, device: str | None, user: Any = None
     ) -> FedplanError | None:
@@ -419,7 +402,6 @@ class Gate:
                 user = properties.get("user_id") if isinstance(properties, dict) else None
                 over = self.over_budget(verdict, n, device, user)
                 if over is not None:
-                    self._audit_refusal(verdict, over)
                     return self._refuse(raw, verdict, device, over, dead_letter=False)
                 verdict.headers[DELIVERIES_HEADER] = n
                 if isinstance(properties, dict):  # always, once admitted
@@ -427,6 +409,23 @@ class Gate:
                     self._running = (verdict.headers[SENDER_HEADER], now)
                     return True
         return self._refuse(raw, verdict, device, MessageRefused(verdict.refusal or ""))
+
+    def _record(self, raw: Any, verdict: Verdict, exc: FedplanError) -> None:
+        """Every refusal is in the device's audit log, the gate's too (best effort: the
+        message is refused either way, and nothing of the device leaves with it)."""
+        try:
+            if self._audit is None:
+                self._audit = AuditLog(self.settings.data_dir)
+            entry = AuditEntry(
+                sender=_audited_sender(raw),
+                kind="gate",
+                outcome=exc.code,
+                rule=_refusal_rule(exc),
+                command_id=verdict.command_id or "",
+            )
+            self._audit.record(entry)
+        except Exception:
+            log.exception("recording a refused message in the audit log failed")
 
     def _refuse(
         self,
@@ -449,6 +448,7 @@ class Gate:
             exc.code,
         )
         exc.device_id = device or None
+        self._record(raw, verdict, exc)
         send_error(
             self.settings,
             device or "",
@@ -464,6 +464,21 @@ class Gate:
         except Exception:
             log.exception("dropping a refused message failed; it will come back")
         return False
+
+
+def _refusal_rule(exc: FedplanError) -> str:
+    """The rule a refusal names (``budgets.max_commands_per_minute``), else ``gate``."""
+    if "(rule: " in exc.message:
+        return exc.message.split("(rule: ", 1)[1].split(")", 1)[0]
+    return "gate"
+
+
+def _audited_sender(raw: Any) -> str:
+    """The sender of a refused message for the audit log: its ``user_id`` (the broker
+    checked it when set), or ``-`` without one."""
+    properties = getattr(raw, "properties", None)
+    user = properties.get("user_id") if isinstance(properties, dict) else None
+    return user[:200] if isinstance(user, str) and user else "-"
 
 
 def _crashed(verdict: Verdict, n: int) -> FedplanError:

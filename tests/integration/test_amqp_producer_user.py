@@ -89,3 +89,36 @@ def test_a_producer_user_runs_commands_and_can_do_nothing_else(
     finally:
         if conn.is_open:
             conn.close()
+
+
+def test_a_producer_user_cannot_bind_its_results_queue_to_another_producers_replies(
+    vhost: RunVhost, producer: tuple[str, str, str], transport: AmqpTransport
+) -> None:
+    pid, _user, url = producer
+    other_key = names.results_routing_key(transport.producer_id)  # another producer's replies
+    mine = names.results_queue(pid)
+    conn = pika.BlockingConnection(pika.URLParameters(url))
+    try:
+        ch = conn.channel()
+        ch.queue_declare(mine, durable=True)
+        ch.queue_bind(mine, names.results_exchange(), routing_key=names.results_routing_key(pid))
+        for key in (other_key, "#", "fedplan.results.*"):
+            ch = conn.channel()
+            with pytest.raises(pex.ChannelClosedByBroker) as e:
+                ch.queue_bind(mine, names.results_exchange(), routing_key=key)
+            assert e.value.reply_code == 403, key
+    finally:
+        if conn.is_open:
+            conn.close()
+    # a reply to the other producer reaches its queue and never mine
+    admin = pika.BlockingConnection(pika.URLParameters(vhost.url))
+    try:
+        ch = admin.channel()
+        ch.queue_purge(mine)
+        ch.basic_publish(names.results_exchange(), other_key, b"not for mallory")
+        ch.basic_publish(names.results_exchange(), names.results_routing_key(pid), b"mine")
+        vhost.wait_queue(mine, messages=1)
+        _, _, body = ch.basic_get(mine, auto_ack=True)
+        assert body == b"mine"
+    finally:
+        admin.close()

@@ -72,10 +72,11 @@ def test_a_device_user_reads_only_its_queue_and_writes_only_the_results_exchange
     perms = device_permissions("alice")
     assert re.fullmatch(perms["read"], "fedplan.device.alice")
     assert not re.fullmatch(perms["read"], "fedplan.device.bob")
-    assert re.fullmatch(perms["write"], "fedplan.results")
+    assert re.fullmatch(perms["write"], names.results_exchange())
     assert not re.fullmatch(perms["write"], "")  # no default exchange
     assert not re.fullmatch(perms["write"], "fedplan.commands")
-    for name in ("fedplan.device.alice", "fedplan.results", "fedplan.commands", "fedplan.dead"):
+    exchanges = ("fedplan.device.alice", names.results_exchange(), "fedplan.commands")
+    for name in (*exchanges, "fedplan.dead"):
         assert not re.fullmatch(perms["configure"], name)
 
 
