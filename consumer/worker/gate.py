@@ -37,6 +37,7 @@ from broker_config.envelope import (
 )
 from broker_config.settings import Settings
 from consumer.worker.delivery_attempts import DeliveryAttempts
+from consumer.worker.devices import DEVICE_HEADER, device_of, device_settings, queue_of
 from consumer.worker.frames import UNDECODABLE
 from consumer.worker.publishing import send_error
 from schemas.errors import FedplanError, MessageRefused, PlanExecutionError
@@ -308,33 +309,42 @@ class Gate:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self._attempts: DeliveryAttempts | None = None
+        self._attempts: dict[str, DeliveryAttempts] = {}
 
     @property
     def device_id(self) -> str:
         return os.environ.get("FEDPLAN_DEVICE_ID", "")
 
-    def deliveries(self, verdict: Verdict, redelivered: bool, headers: Any) -> int:
-        """Count this delivery durably (redeliveries only) before anything else is done."""
+    def deliveries(
+        self, verdict: Verdict, redelivered: bool, headers: Any, device: str | None = None
+    ) -> int:
+        """Count this delivery durably (redeliveries only) before anything else is done,
+        in the data dir of the device whose queue it came from."""
         n = 1
         if redelivered and verdict.message_id:
-            if self._attempts is None:
-                self._attempts = DeliveryAttempts(self.settings.data_dir)
-            n = self._attempts.record_redelivery(verdict.message_id)
+            s = device_settings(self.settings, device) if device else self.settings
+            attempts = self._attempts.get(str(s.data_dir))
+            if attempts is None:
+                attempts = self._attempts[str(s.data_dir)] = DeliveryAttempts(s.data_dir)
+            n = attempts.record_redelivery(verdict.message_id)
         return max(n, quorum_deliveries(headers))
 
-    def admit(self, raw: Any) -> bool:
-        """Check a raw py-amqp message: True to hand it on to Celery, else it was refused."""
+    def admit(self, raw: Any, queue: str | None = None) -> bool:
+        """Check a raw py-amqp message from ``queue`` (the queue the broker delivered it
+        from): True to hand it on to Celery, else it was refused."""
         properties = getattr(raw, "properties", None)
         verdict = inspect(properties, getattr(raw, "body", None), self.settings)
-        device = self.device_id or names.device_from_queue(
-            str((getattr(raw, "delivery_info", None) or {}).get("routing_key", ""))
-        )
+        device: str | None = None
+        try:
+            device = device_of(queue)
+        except FedplanError as exc:
+            if verdict.refusal is None:
+                verdict.refusal = exc.message
         if verdict.refusal is None:
             try:
                 info = getattr(raw, "delivery_info", None) or {}
                 original = properties.get("application_headers") if properties else None
-                n = self.deliveries(verdict, bool(info.get("redelivered")), original)
+                n = self.deliveries(verdict, bool(info.get("redelivered")), original, device)
             except Exception as exc:
                 log.exception("counting a delivery failed")
                 verdict.refusal = f"the delivery could not be counted ({type(exc).__name__})"
@@ -343,6 +353,7 @@ class Gate:
                 if n > limit + MAX_REFUSED_HARD:
                     return self._refuse(raw, verdict, device, _crashed(verdict, n))
                 verdict.headers[DELIVERIES_HEADER] = n
+                verdict.headers[DEVICE_HEADER] = device
                 if isinstance(properties, dict):  # always, once admitted
                     properties["application_headers"] = verdict.headers
                     return True
@@ -390,7 +401,8 @@ class GatedConsumer(Consumer):
         gate = type(self).gate
         if gate is not None and hasattr(message, "properties"):
             try:
-                admitted = gate.admit(message)
+                queue = queue_of(self, getattr(message, "delivery_info", None))
+                admitted = gate.admit(message, queue)
             except Exception:  # never into Celery
                 log.exception("the gate failed; rejecting the message")
                 admitted = False

@@ -9,15 +9,14 @@ goes to the dead-letter queue instead of being acked without a trace.
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 from celery.exceptions import TimeLimitExceeded
 from celery.worker.request import Request
 from kombu.asynchronous import get_event_loop
 
-from broker_config import names
 from broker_config.settings import Settings
+from consumer.worker.devices import DEVICE_HEADER
 from consumer.worker.limits import purge_cancelled_timers
 from consumer.worker.publishing import send_error
 from schemas.errors import TimeLimitError
@@ -32,6 +31,13 @@ def _purge() -> None:
             purge_cancelled_timers(hub.timer)
     except Exception:  # bookkeeping only
         log.debug("purging cancelled timers failed", exc_info=True)
+
+
+def _device_of(request: Request) -> str | None:
+    """The device the gate named for this delivery (from the queue it came from)."""
+    headers = getattr(request, "_request_dict", None) or {}
+    device = headers.get(DEVICE_HEADER) if isinstance(headers, dict) else None
+    return device if isinstance(device, str) and device else None
 
 
 class DeviceRequest(Request):
@@ -53,9 +59,7 @@ class DeviceRequest(Request):
             return
         self._fedplan_answered = True
         try:
-            device = os.environ.get("FEDPLAN_DEVICE_ID") or names.device_from_queue(
-                str((self.delivery_info or {}).get("routing_key") or "")
-            )
+            device = _device_of(self)
             exc = TimeLimitError(
                 f"the command hit the device's hard time limit of {timeout} s; its process "
                 "was killed and the command went to the dead-letter queue",
