@@ -210,3 +210,56 @@ def test_a_sigkilled_multi_device_worker_runs_each_devices_commands_exactly_once
         cid = new_id()
         got = _value(_send(transport, replies, d, cmd.run_plan(cid, d, "acc", ["x"], ["z"]), cid))
         assert torch.allclose(got, (w[d] + (runs + 1) * x) * 2, atol=1e-5)
+
+
+def test_a_gateway_user_serves_its_devices_on_one_connection_and_reads_no_other_queue(
+    vhost: RunVhost, tmp_path: Path, replies: Replies
+) -> None:
+    from urllib.parse import quote
+
+    import pika
+    import pika.exceptions
+
+    from broker_config.setup import create_gateway_user, declare_topology
+
+    mine, other = _ids("g")[:2], f"other-{secrets.token_hex(3)}"
+    password = secrets.token_hex(8)
+    declare_topology(vhost.client, vhost.settings, [*mine, other])
+    user = create_gateway_user(vhost.client, f"gw{secrets.token_hex(3)}", mine, password)
+    url = f"amqp://{user}:{password}@127.0.0.1:5672/{quote(vhost.name, safe='')}"
+    worker = MultiWorkerProcess(
+        mine,
+        tmp_path / "devices",
+        vhost,
+        {"FEDPLAN_BROKER_URL": url, "FEDPLAN_WORKER_DECLARES": "false"},
+    )
+    settings = vhost.settings.replace(
+        producer_id=f"t{secrets.token_hex(4)}", trusted_reply_users=user
+    )
+    transport = AmqpTransport(on_reply=replies.on_reply, settings=settings)
+    try:
+        worker.start().wait_ready()
+        queues = {names.device_queue(d) for d in mine}
+        consumers = vhost.client.request("GET", f"consumers/{vhost.client.vq()}")
+        connections = {
+            c["channel_details"]["connection_name"]
+            for c in consumers
+            if c["queue"]["name"] in queues
+        }
+        assert len(connections) == 1, connections  # every device's queue on one connection
+        for d in mine:
+            transport.ensure_device(d)
+            y = torch.randn(3)
+            _ok(_store(transport, replies, d, "y", y))
+            assert torch.equal(_value(_get(transport, replies, d, "y")), y)
+        conn = pika.BlockingConnection(pika.URLParameters(url))
+        try:
+            with pytest.raises(pika.exceptions.ChannelClosedByBroker) as err:
+                conn.channel().basic_get(names.device_queue(other))
+            assert err.value.reply_code == 403
+        finally:
+            conn.close()
+    finally:
+        transport.close()
+        worker.stop()
+        vhost.admin.request("DELETE", f"users/{vhost.admin.q(user)}")
