@@ -287,6 +287,38 @@ def run_broker(args: argparse.Namespace, scheme: str) -> dict[str, Any]:
     return out
 
 
+def run_queues_only(args: argparse.Namespace) -> dict[str, Any]:
+    """Broker memory of ``--devices`` durable device queues alone (no workers, no rounds)."""
+    from producer.transport.amqp import AmqpTransport
+
+    vhost = Vhost()
+    admin = vhost.admin
+    before = node_memory(admin)
+    vhost.__enter__()
+    client = ManagementClient(api_url=admin.api_url, user=admin.user, password=admin.password,
+                              vhost=vhost.name)  # fmt: skip
+    try:
+        t = time.monotonic()
+        transport = AmqpTransport(on_reply=lambda *a, **k: None, url=vhost.url)
+        try:
+            for k in range(args.devices):
+                transport.ensure_device(f"client-{k}")
+        finally:
+            transport.close()
+        declared = time.monotonic() - t
+        time.sleep(10)  # let the management stats catch up
+        n, qmem = queue_memory(client)
+        after = node_memory(admin)
+    finally:
+        vhost.__exit__()
+    return {
+        "device_queues": n,
+        "declare_s": round(declared, 1),
+        "queue_memory_bytes_per_queue": qmem // max(n, 1),
+        "node_mem_used_delta_bytes_per_queue": (after - before) // max(n, 1),
+    }
+
+
 def run_embedded(args: argparse.Namespace) -> dict[str, Any]:
     import producer as fp
 
@@ -327,8 +359,12 @@ def main() -> None:
     p.add_argument("--scaling", action="store_true", help="rounds at 10, 100, 500 sampled")
     p.add_argument("--scale-rounds", type=int, default=3)
     p.add_argument("--embedded", action="store_true", help="also 1,000 embedded devices")
+    p.add_argument("--queues-only", action="store_true", help="only the queues' broker memory")
     args = p.parse_args()
     torch.set_num_threads(1)
+    if args.queues_only:
+        print(json.dumps({"command": " ".join(sys.argv), "queues": run_queues_only(args)}))
+        return
     report: dict[str, Any] = {"command": " ".join(sys.argv), "broker": []}
     if args.embedded:
         report["embedded"] = run_embedded(args)
