@@ -21,6 +21,7 @@ ENV_VARS: dict[str, str] = {
     "FEDPLAN_BROKER_URL": "broker_url",
     "FEDPLAN_MANAGEMENT_URL": "management_url",
     "FEDPLAN_DATA_DIR": "data_dir",
+    "FEDPLAN_DEVICES_DIR": "devices_dir",
     "FEDPLAN_PRODUCER_ID": "producer_id",
     "FEDPLAN_SOFT_TIME_LIMIT": "soft_time_limit",
     "FEDPLAN_TIME_LIMIT": "time_limit",
@@ -77,6 +78,9 @@ class Settings:
     producers and workers connect to the first that answers and fail over in turn."""
     management_url: str = DEFAULT_MANAGEMENT_URL
     data_dir: Path = Path("fedplan-data")
+    devices_dir: Path | None = None
+    """A multi-device worker (``fedplan worker --devices-dir``): device ``<id>`` keeps its
+    store, policy, audit and delivery counts in ``<devices_dir>/<id>`` (``data_dir`` unused)."""
     producer_id: str | None = None
     soft_time_limit: float = 600.0
     time_limit: float = 660.0
@@ -239,7 +243,7 @@ class Settings:
                 raise FedplanError(f"unknown setting {name!r}; known: {', '.join(types)}")
             if value is not None:
                 values[name] = value
-        for name in ("data_dir", "journal_dir", "log_file"):
+        for name in ("data_dir", "devices_dir", "journal_dir", "log_file"):
             if values.get(name) is not None:
                 values[name] = Path(values[name])
         return cls(**values)

@@ -81,6 +81,55 @@ def create_device_user(client: ManagementClient, device_id: str, password: str) 
     return user
 
 
+def gateway_user(gateway_id: str) -> str:
+    """The RabbitMQ user of a multi-device worker (``fedplan broker setup --gateway``).
+
+    Examples
+    --------
+    >>> gateway_user("lab")
+    'fedplan-gateway-lab'
+    """
+    return f"{names.PREFIX}-gateway-{names.check_id('gateway', gateway_id)}"
+
+
+def gateway_permissions(devices: Sequence[str]) -> dict[str, str]:
+    """Least privilege for a worker serving ``devices`` on one connection: read exactly
+    those devices' queues, write the results exchange (and Celery's event exchange).
+
+    One AMQP connection authenticates one user, and the broker stamps that user on every
+    reply it publishes, so a multi-device worker cannot speak as each device's own user:
+    it is one gateway user holding several devices' queues (docs/fleet.md). Producers
+    accept its replies when it is in ``FEDPLAN_TRUSTED_REPLY_USERS``.
+
+    Examples
+    --------
+    >>> read = gateway_permissions(["a", "b"])["read"]
+    >>> [bool(re.match(read, names.device_queue(d))) for d in ("a", "b", "c")]
+    [True, True, False]
+    """
+    if not devices:
+        raise ValueError("a gateway needs at least one device")
+    events = re.escape(CELERY_EVENT_EXCHANGE)
+    queues = "|".join(re.escape(names.device_queue(d)) for d in devices)
+    return {
+        "configure": f"^{events}$",
+        "write": f"^({re.escape(names.results_exchange())}|{events})$",
+        "read": f"^({queues})$",
+    }
+
+
+def create_gateway_user(
+    client: ManagementClient, gateway_id: str, devices: Sequence[str], password: str
+) -> str:
+    """Create (or update) a gateway's user with :func:`gateway_permissions`."""
+    user = gateway_user(gateway_id)
+    client.request("PUT", f"users/{client.q(user)}", {"password": password, "tags": ""})
+    client.request(
+        "PUT", f"permissions/{client.vq()}/{client.q(user)}", gateway_permissions(devices)
+    )
+    return user
+
+
 def producer_user(producer_id: str) -> str:
     """The RabbitMQ user name created for a producer by ``fedplan broker setup --producer``."""
     return f"{names.PREFIX}-producer-{names.check_id('producer', producer_id)}"
@@ -145,6 +194,17 @@ def run(args: argparse.Namespace) -> int:
     for line in declare_topology(client, settings, devices):
         print(f"declared {line}")
     producers: list[str] = list(args.producer or [])
+    if args.gateway is not None:
+        if args.password is None or not devices:
+            print("--gateway needs --password and the gateway's --device IDs")
+            return 2
+        user = create_gateway_user(client, args.gateway, devices, args.password)
+        print(
+            f"user {user} ready (reads the queues of {len(devices)} devices); run "
+            f"`fedplan worker --devices-dir DIR` with it and FEDPLAN_WORKER_DECLARES=false, "
+            f"and add it to the producers' FEDPLAN_TRUSTED_REPLY_USERS"
+        )
+        return 0
     if args.password is not None:
         if not devices and not producers:
             print("--password needs --device ID or --producer ID")
@@ -174,5 +234,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("--producer", action="append", help="a producer id to create a user for")
     p.add_argument(
         "--password", default=None, help="create each device's and producer's user with this"
+    )
+    p.add_argument(
+        "--gateway",
+        default=None,
+        metavar="ID",
+        help="with --password: one user for a multi-device worker reading the --device queues",
     )
     p.set_defaults(func=run)

@@ -16,6 +16,7 @@ from broker_config.envelope import CONTENT_TYPE
 from broker_config.settings import Settings
 from consumer.worker import frames
 from consumer.worker.chunks import collect_expired
+from consumer.worker.devices import data_dirs
 from consumer.worker.gate import Gate, GatedConsumer
 from consumer.worker.memory import limit_pool_process
 from consumer.worker.serialization import register_content_type
@@ -68,10 +69,11 @@ def _on_worker_init(sender: Any = None, **_: Any) -> None:
         root.addHandler(handler)
         if root.level > logging.INFO or root.level == logging.NOTSET:
             root.setLevel(logging.INFO)
-    try:
-        collect_expired(s)
-    except Exception:
-        log.exception("collecting expired chunked transfers failed")
+    for data_dir in data_dirs(s):  # every device this worker serves
+        try:
+            collect_expired(s.replace(data_dir=data_dir))
+        except Exception:
+            log.exception("collecting expired chunked transfers in %s failed", data_dir)
 
 
 def _on_process_init(**_: Any) -> None:

@@ -28,6 +28,7 @@ import os
 import re
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 from kombu import Consumer
@@ -45,6 +46,7 @@ from consumer.policy.audit import AuditEntry, AuditLog
 from consumer.policy.fairness import ProducerBudgets
 from consumer.policy.rules import Budgets, PolicyFile
 from consumer.worker.delivery_attempts import DeliveryAttempts
+from consumer.worker.devices import DEVICE_HEADER, device_of, device_settings, queue_of
 from consumer.worker.frames import UNDECODABLE
 from consumer.worker.publishing import send_error
 from schemas.errors import FedplanError, MessageRefused, PlanExecutionError
@@ -316,29 +318,47 @@ class Gate:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self._attempts: DeliveryAttempts | None = None
-        self._policy: PolicyFile | None = None
-        self.fairness = ProducerBudgets()
-        self._running: tuple[str, float] | None = None  # the last admitted: sender, when
-        self._audit: AuditLog | None = None
+        self._attempts: dict[str, DeliveryAttempts] = {}  # per device data dir
+        self._policies: dict[str, PolicyFile] = {}
+        self._audits: dict[str, AuditLog] = {}
+        self.fairness = ProducerBudgets()  # a one-device worker's; see _rates
+        self._device_rates: dict[str, ProducerBudgets] = {}
+        # the last admitted command: its device, sender and when
+        self._running: tuple[str | None, str, float] | None = None
 
-    def _budgets(self) -> Budgets:
-        if self._policy is None:
-            self._policy = PolicyFile(self.settings.data_dir)
+    def _data_dir(self, device: str | None) -> str:
+        s = device_settings(self.settings, device) if device else self.settings
+        return str(s.data_dir)
+
+    def _budgets(self, device: str | None) -> Budgets:
+        key = self._data_dir(device)
+        policy = self._policies.get(key)
+        if policy is None:
+            policy = self._policies[key] = PolicyFile(Path(key))
         try:
-            return self._policy.current().budgets
+            return policy.current().budgets
         except Exception:  # an unreadable policy refuses nothing here (the runtime does)
             return Budgets()
+
+    def _rates(self, device: str | None) -> ProducerBudgets:
+        """The fairness buckets of ``device``: each device of a multi-device worker has its
+        own, as it has its own policy."""
+        if self.settings.devices_dir is None or not device:
+            return self.fairness
+        rates = self._device_rates.get(device)
+        if rates is None:
+            rates = self._device_rates[device] = ProducerBudgets()
+        return rates
 
     def settle(self, now: float) -> None:
         """The command admitted last has finished (its message was settled, or the next
         delivery arrived: a device takes one message at a time): its run time is charged to
         its sender's ``max_device_seconds_per_minute`` bucket."""
         if self._running is not None:
-            sender, started = self._running
+            device, sender, started = self._running
             self._running = None
-            per_minute = self._budgets().max_device_seconds_per_minute
-            self.fairness.charge_device_time(sender, now - started, per_minute)
+            per_minute = self._budgets(device).max_device_seconds_per_minute
+            self._rates(device).charge_device_time(sender, now - started, per_minute)
 
     def finished(self) -> None:
         """The pool finished the command admitted last (its message was acked or rejected:
@@ -357,8 +377,8 @@ class Gate:
             return None
         if _DEVICE_USER.match(str(user or "")):
             return None  # a device forwarding a move: the rest of a command already admitted
-        budgets = self._budgets()
-        return self.fairness.refusal(
+        budgets = self._budgets(device)
+        return self._rates(device).refusal(
             sender,
             commands_per_minute=budgets.max_commands_per_minute,
             seconds_per_minute=budgets.max_device_seconds_per_minute,
@@ -369,29 +389,38 @@ class Gate:
     def device_id(self) -> str:
         return os.environ.get("FEDPLAN_DEVICE_ID", "")
 
-    def deliveries(self, verdict: Verdict, redelivered: bool, headers: Any) -> int:
-        """Count this delivery durably (redeliveries only) before anything else is done."""
+    def deliveries(
+        self, verdict: Verdict, redelivered: bool, headers: Any, device: str | None = None
+    ) -> int:
+        """Count this delivery durably (redeliveries only) before anything else is done,
+        in the data dir of the device whose queue it came from."""
         n = 1
         if redelivered and verdict.message_id:
-            if self._attempts is None:
-                self._attempts = DeliveryAttempts(self.settings.data_dir)
-            n = self._attempts.record_redelivery(verdict.message_id)
+            s = device_settings(self.settings, device) if device else self.settings
+            attempts = self._attempts.get(str(s.data_dir))
+            if attempts is None:
+                attempts = self._attempts[str(s.data_dir)] = DeliveryAttempts(s.data_dir)
+            n = attempts.record_redelivery(verdict.message_id)
         return max(n, quorum_deliveries(headers))
 
-    def admit(self, raw: Any) -> bool:
-        """Check a raw py-amqp message: True to hand it on to Celery, else it was refused."""
+    def admit(self, raw: Any, queue: str | None = None) -> bool:
+        """Check a raw py-amqp message from ``queue`` (the queue the broker delivered it
+        from): True to hand it on to Celery, else it was refused."""
         now = time.monotonic()
         self.settle(now)
         properties = getattr(raw, "properties", None)
         verdict = inspect(properties, getattr(raw, "body", None), self.settings)
-        device = self.device_id or names.device_from_queue(
-            str((getattr(raw, "delivery_info", None) or {}).get("routing_key", ""))
-        )
+        device: str | None = None
+        try:
+            device = device_of(queue)
+        except FedplanError as exc:
+            if verdict.refusal is None:
+                verdict.refusal = exc.message
         if verdict.refusal is None:
             try:
                 info = getattr(raw, "delivery_info", None) or {}
                 original = properties.get("application_headers") if properties else None
-                n = self.deliveries(verdict, bool(info.get("redelivered")), original)
+                n = self.deliveries(verdict, bool(info.get("redelivered")), original, device)
             except Exception as exc:
                 log.exception("counting a delivery failed")
                 verdict.refusal = f"the delivery could not be counted ({type(exc).__name__})"
@@ -404,18 +433,23 @@ class Gate:
                 if over is not None:
                     return self._refuse(raw, verdict, device, over, dead_letter=False)
                 verdict.headers[DELIVERIES_HEADER] = n
+                verdict.headers[DEVICE_HEADER] = device
                 if isinstance(properties, dict):  # always, once admitted
                     properties["application_headers"] = verdict.headers
-                    self._running = (verdict.headers[SENDER_HEADER], now)
+                    self._running = (device, verdict.headers[SENDER_HEADER], now)
                     return True
         return self._refuse(raw, verdict, device, MessageRefused(verdict.refusal or ""))
 
-    def _record(self, raw: Any, verdict: Verdict, exc: FedplanError) -> None:
+    def _record(
+        self, raw: Any, verdict: Verdict, device: str | None, exc: FedplanError
+    ) -> None:
         """Every refusal is in the device's audit log, the gate's too (best effort: the
         message is refused either way, and nothing of the device leaves with it)."""
         try:
-            if self._audit is None:
-                self._audit = AuditLog(self.settings.data_dir)
+            key = self._data_dir(device)
+            audit = self._audits.get(key)
+            if audit is None:
+                audit = self._audits[key] = AuditLog(Path(key))
             entry = AuditEntry(
                 sender=_audited_sender(raw),
                 kind="gate",
@@ -423,7 +457,7 @@ class Gate:
                 rule=_refusal_rule(exc),
                 command_id=verdict.command_id or "",
             )
-            self._audit.record(entry)
+            audit.record(entry)
         except Exception:
             log.exception("recording a refused message in the audit log failed")
 
@@ -448,7 +482,7 @@ class Gate:
             exc.code,
         )
         exc.device_id = device or None
-        self._record(raw, verdict, exc)
+        self._record(raw, verdict, device, exc)
         send_error(
             self.settings,
             device or "",
@@ -500,7 +534,8 @@ class GatedConsumer(Consumer):
         gate = type(self).gate
         if gate is not None and hasattr(message, "properties"):
             try:
-                admitted = gate.admit(message)
+                queue = queue_of(self, getattr(message, "delivery_info", None))
+                admitted = gate.admit(message, queue)
             except Exception:  # never into Celery
                 log.exception("the gate failed; rejecting the message")
                 admitted = False

@@ -11,15 +11,14 @@ command (acked or rejected) tells the gate, which charges its run time to its se
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 from celery.exceptions import TimeLimitExceeded
 from celery.worker.request import Request
 from kombu.asynchronous import get_event_loop
 
-from broker_config import names
 from broker_config.settings import Settings
+from consumer.worker.devices import DEVICE_HEADER
 from consumer.worker.gate import GatedConsumer
 from consumer.worker.limits import purge_cancelled_timers
 from consumer.worker.publishing import send_error
@@ -43,6 +42,13 @@ def _purge() -> None:
         log.debug("purging cancelled timers failed", exc_info=True)
 
 
+def _device_of(request: Request) -> str | None:
+    """The device the gate named for this delivery (from the queue it came from)."""
+    headers = getattr(request, "_request_dict", None) or {}
+    device = headers.get(DEVICE_HEADER) if isinstance(headers, dict) else None
+    return device if isinstance(device, str) and device else None
+
+
 class DeviceRequest(Request):
     """Celery's request, plus a typed error reply when the hard time limit strikes."""
 
@@ -62,9 +68,7 @@ class DeviceRequest(Request):
             return
         self._fedplan_answered = True
         try:
-            device = os.environ.get("FEDPLAN_DEVICE_ID") or names.device_from_queue(
-                str((self.delivery_info or {}).get("routing_key") or "")
-            )
+            device = _device_of(self)
             exc = TimeLimitError(
                 f"the command hit the device's hard time limit of {timeout} s; its process "
                 "was killed and the command went to the dead-letter queue",

@@ -21,6 +21,7 @@ from consumer.runtime.replies import crashed_reply, encode_safely, error_reply
 from consumer.store.limits import StoreLimits
 from consumer.store.sqlite import SqliteStore
 from consumer.worker.chunks import assemble, done_with_chunks
+from consumer.worker.devices import DEVICE_HEADER, device_settings
 from consumer.worker.gate import DELIVERIES_HEADER, ON_BEHALF_HEADER, SENDER_HEADER
 from consumer.worker.limits import time_budget
 from consumer.worker.memory import command_memory
@@ -66,13 +67,13 @@ def _settings(task: Task) -> Settings:
 
 
 def _device_id(task: Task) -> str:
-    device = os.environ.get("FEDPLAN_DEVICE_ID") or names.device_from_queue(
-        (task.request.delivery_info or {}).get("routing_key") or ""
-    )
-    if not device:
+    """The device of the queue the command came from (set by the gate from the broker's
+    consumer tag, never from what the sender wrote)."""
+    device = getattr(task.request, DEVICE_HEADER, None)
+    if not isinstance(device, str) or not device:
         raise DeviceError(
-            "cannot tell which device this worker is: consume a fedplan.device.<id> queue "
-            "or set FEDPLAN_DEVICE_ID"
+            "cannot tell which device this command is for: consume fedplan.device.<id> queues "
+            "through the gate"
         )
     return device
 
@@ -132,9 +133,9 @@ def handle(self: Task, data: bytes) -> None:
     time limit is enforced here (a ``TIME_LIMIT`` error reply); Celery's hard limit is the
     backstop (:class:`~consumer.worker.requests.DeviceRequest`).
     """
-    settings = _settings(self)
     request = self.request
     device_id = _device_id(self)
+    settings = device_settings(_settings(self), device_id)
     deliveries = _deliveries(request)
     if deliveries > settings.delivery_limit:
         _refuse_unless_done(self, _runtime(self, device_id, settings), data, deliveries)
@@ -238,5 +239,5 @@ def _refuse_unless_done(task: Task, runtime: DeviceRuntime, data: bytes, deliver
         return  # it ran to the end once, only the ack got lost: republish its reply
     log.error("command %s delivered %d times: refused, dead-lettered", command_id, deliveries)
     _answer(task, reply, command_id)
-    done_with_chunks(_settings(task), request)
+    done_with_chunks(device_settings(_settings(task), runtime.device_id), request)
     raise Reject(f"command {command_id} crashed its worker {deliveries - 1} times", requeue=False)

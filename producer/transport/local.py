@@ -1,12 +1,13 @@
-"""Embedded transport: each device is a thread with its own runtime, fed command bytes."""
+"""Embedded transport: each device has its own runtime and FIFO, run on a shared executor."""
 
 from __future__ import annotations
 
 import ctypes
 import functools
 import logging
-import queue
 import threading
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,8 @@ from schemas.errors import DeviceNotFound, TransportError
 
 log = logging.getLogger(__name__)
 
-_STOP = None
+DEFAULT_THREADS = 4
+"""Executor threads shared by all embedded devices of one transport."""
 
 LOCAL_PRODUCER = "local"
 """The identity embedded devices see for a fleet connected without a ``producer_id``."""
@@ -28,6 +30,11 @@ LOCAL_PRODUCER = "local"
 _Item = tuple[bytes, str, ReplyHandler, bool]
 """A command for an embedded device: its bytes, its sender, where its reply goes, whether
 another device forwarded it (a move)."""
+
+
+def _device_thread_init(intra_op_threads: int | None) -> None:
+    if intra_op_threads is not None:
+        limit_intra_op_threads(intra_op_threads)
 
 
 @functools.cache
@@ -60,47 +67,67 @@ def limit_intra_op_threads(threads: int) -> None:
 
 
 class _EmbeddedDevice:
-    """One device: a FIFO of command bytes drained by one worker thread."""
+    """One device: a FIFO of command bytes, drained in order on the transport's shared
+    executor (no thread of its own, so a thousand devices cost a thousand queues, not
+    a thousand threads). At most one drain of a device runs at a time."""
 
     def __init__(
         self,
         device_id: str,
         runtime: DeviceRuntime,
-        on_reply: ReplyHandler,
-        intra_op_threads: int | None,
+        executor: ThreadPoolExecutor,
         run_lock: threading.Lock | None,
         current: threading.local,
     ) -> None:
         self.device_id = device_id
-        self._intra_op_threads = intra_op_threads
+        self._executor = executor
         self._run_lock = run_lock
         self._current = current
         self.runtime = runtime
-        self.inbox: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
-        self._on_reply = on_reply
-        self.thread = threading.Thread(
-            target=self._serve, name=f"fedplan-device-{device_id}", daemon=True
-        )
-        self.thread.start()
+        self.inbox: deque[_Item] = deque()
+        self._lock = threading.Lock()
+        self._scheduled = False
 
-    def _serve(self) -> None:
-        if self._intra_op_threads is not None:
-            limit_intra_op_threads(self._intra_op_threads)
-        while True:
-            item = self.inbox.get()
-            if item is _STOP:
+    def put(self, item: _Item) -> None:
+        """Queue a command; schedule a drain unless one is queued or running."""
+        with self._lock:
+            self.inbox.append(item)
+            if self._scheduled:
                 return
-            data, sender, on_reply, forwarded = item
-            self._current.item = item  # a MoveObject forwards as the same sender
+            self._scheduled = True
+        try:
+            self._executor.submit(self._drain)
+        except RuntimeError:  # the transport closed in between
+            raise TransportError("the embedded transport is closed; connect() again") from None
+
+    def waiting(self) -> int:
+        with self._lock:
+            return len(self.inbox)
+
+    def _drain(self) -> None:
+        while True:
+            with self._lock:
+                if not self.inbox:
+                    self._scheduled = False
+                    return
+                item = self.inbox.popleft()
+            self._run(item)
+
+    def _run(self, item: _Item) -> None:
+        data, sender, on_reply, forwarded = item
+        self._current.item = item  # a MoveObject forwards as the same sender
+        try:
             if self._run_lock is None:
                 reply = self._handle(data, sender, forwarded)
             else:
                 with self._run_lock:
                     reply = self._handle(data, sender, forwarded)
-            try:
-                on_reply(reply)
-            except Exception:
-                log.exception("reply handler failed for device %s", self.device_id)
+        finally:
+            self._current.item = None
+        try:
+            on_reply(reply)
+        except Exception:
+            log.exception("reply handler failed for device %s", self.device_id)
 
     def _handle(self, data: bytes, sender: str, forwarded: bool) -> bytes:
         if forwarded:  # another device's move: not refused by the fairness budgets
@@ -128,6 +155,10 @@ class LocalTransport:
     producer_id
         The identity the devices see as the sender of this transport's commands (the
         embedded counterpart of the broker-validated AMQP ``user_id``).
+    threads
+        Threads of the executor all devices share (default 4): devices queue their
+        commands and run them on it in order, one at a time per device, so a fleet of
+        thousands of devices needs no thread per device.
 
     :meth:`as_producer` gives another producer's transport to the same devices (its own
     identity, its own replies): what two producers sharing a RabbitMQ device are.
@@ -149,7 +180,10 @@ class LocalTransport:
         intra_op_threads: int | None = 1,
         one_at_a_time: bool = True,
         producer_id: str = LOCAL_PRODUCER,
+        threads: int = DEFAULT_THREADS,
     ) -> None:
+        if threads < 1:
+            raise TransportError(f"threads={threads}: the embedded devices need 1 or more")
         self._on_reply = on_reply
         self.producer_id = producer_id or LOCAL_PRODUCER
         self._intra_op_threads = intra_op_threads
@@ -159,6 +193,12 @@ class LocalTransport:
         self._closed = False
         self._current = threading.local()
         self._owner = True  # this transport started the devices and closes them
+        self._executor = ThreadPoolExecutor(
+            max_workers=threads,
+            thread_name_prefix="fedplan-devices",
+            initializer=_device_thread_init,
+            initargs=(intra_op_threads,),
+        )
 
     def as_producer(self, producer_id: str, on_reply: ReplyHandler) -> LocalTransport:
         """A transport to the same devices for another producer (closing it stops nothing).
@@ -199,17 +239,12 @@ class LocalTransport:
                 rates=ProducerBudgets(),
             )
             self._devices[device_id] = _EmbeddedDevice(
-                device_id,
-                runtime,
-                self._on_reply,
-                self._intra_op_threads,
-                self._run_lock,
-                self._current,
+                device_id, runtime, self._executor, self._run_lock, self._current
             )
 
     def publish(self, device_id: str, command: bytes, *, command_id: str) -> None:
         """Queue the command bytes for the device; ``DeviceNotFound`` if it was never started."""
-        self._inbox(device_id).put((bytes(command), self.producer_id, self._on_reply, False))
+        self._device(device_id).put((bytes(command), self.producer_id, self._on_reply, False))
 
     def _forward(self, device_id: str, command: bytes) -> None:
         """A device publishing to another (``MoveObject``), for the producer whose command
@@ -218,9 +253,9 @@ class LocalTransport:
         sender, on_reply = (
             (item[1], item[2]) if item is not None else (LOCAL_PRODUCER, self._on_reply)
         )
-        self._inbox(device_id).put((bytes(command), sender, on_reply, True))
+        self._device(device_id).put((bytes(command), sender, on_reply, True))
 
-    def _inbox(self, device_id: str) -> queue.SimpleQueue[_Item | None]:
+    def _device(self, device_id: str) -> _EmbeddedDevice:
         with self._lock:
             device = self._devices.get(device_id)
             closed = self._closed
@@ -231,16 +266,18 @@ class LocalTransport:
                 f"no embedded device {device_id!r}; create it with fleet.device({device_id!r})",
                 device_id=device_id,
             )
-        return device.inbox
+        return device
 
     def pending(self, device_id: str) -> tuple[int, bool] | None:
-        """``(commands waiting in the device's inbox, whether its thread runs)``; ``None`` if
+        """``(commands waiting in the device's inbox, whether it is served)``; ``None`` if
         the device was never started (what pace steering reads, like a queue's depth)."""
         with self._lock:
             device = self._devices.get(device_id)
         if device is None:
             return None
-        return device.inbox.qsize(), device.thread.is_alive()
+        with self._lock:
+            served = not self._closed
+        return device.waiting(), served
 
     def runtime(self, device_id: str) -> DeviceRuntime:
         """The runtime of an embedded device (for tests and inspection)."""
@@ -251,16 +288,12 @@ class LocalTransport:
         return device.runtime
 
     def close(self) -> None:
-        """Stop every device thread after it has drained the commands already queued (a
-        transport from :meth:`as_producer` leaves the devices running)."""
+        """Stop the devices after they have run the commands already queued (a transport
+        from :meth:`as_producer` leaves the devices running)."""
         if not self._owner:
             return
         with self._lock:
             if self._closed:
                 return
             self._closed = True
-            devices = list(self._devices.values())
-        for device in devices:
-            device.inbox.put(_STOP)
-        for device in devices:
-            device.thread.join(timeout=10)
+        self._executor.shutdown(wait=True)

@@ -211,12 +211,12 @@ def test_the_gate_counts_redeliveries_and_refuses_past_the_hard_bound(tmp_path: 
     sent: list[Any] = []
     gate._refuse = lambda raw, verdict, device, exc: sent.append(exc) or False  # type: ignore[method-assign]
     first = _raw(_props(), b"x")
-    assert gate.admit(first)
+    assert gate.admit(first, "fedplan.device.d1")
     assert first.properties["application_headers"][DELIVERIES_HEADER] == 1
     counts = []
     for _ in range(4):
         raw = _raw(_props(), b"x", redelivered=True)
-        if gate.admit(raw):
+        if gate.admit(raw, "fedplan.device.d1"):
             counts.append(raw.properties["application_headers"][DELIVERIES_HEADER])
     assert counts == [2, 3, 4]  # over the limit: the pool process refuses unless done
     assert len(sent) == 1 and "delivered 5 times" in sent[0].message
