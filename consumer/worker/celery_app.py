@@ -16,6 +16,7 @@ from broker_config.envelope import CONTENT_TYPE
 from broker_config.settings import Settings
 from consumer.worker import frames
 from consumer.worker.chunks import collect_expired
+from consumer.worker.entropy import reseed_from_os
 from consumer.worker.gate import Gate, GatedConsumer
 from consumer.worker.serialization import register_content_type
 
@@ -136,6 +137,8 @@ def make_app(settings: Settings | None = None) -> Celery:
     )
     app.conf.fedplan_settings = s
     signals.worker_init.connect(_on_worker_init, weak=False, dispatch_uid="fedplan-worker-init")
+    # fresh randomness per command: a forked child must not replay its parent's draws
+    signals.task_prerun.connect(reseed_from_os, weak=False, dispatch_uid="fedplan-reseed")
     app.autodiscover_tasks(["consumer.worker"], related_name="tasks", force=True)
     return app
 
