@@ -1,7 +1,7 @@
 """Flower's SecAgg+ against Flower's plain FedAvg on the digits task, 8 and 100 clients.
 
     .flwr-venv/bin/python benchmarks/bench_flower_secagg.py \\
-        [--clients 8 100] [--rounds 20] [--json out.json] [--out benchmarks/RESULTS.md]
+        [--clients 8 100] [--rounds 20 5] [--json out.json] [--out benchmarks/RESULTS.md]
 
 (``scripts/flower_venv`` makes ``.flwr-venv``.) Every (clients, mode) pair runs in a fresh
 process on Flower's simulation engine (Ray, ``num_cpus=1`` per client actor): the task of
@@ -84,12 +84,12 @@ def run_one(n: int, mode: str, rounds: int) -> dict[str, Any]:
     return report
 
 
-def drive(clients: list[int], rounds: int, modes: list[str]) -> list[dict[str, Any]]:
+def drive(clients: list[int], rounds: list[int], modes: list[str]) -> list[dict[str, Any]]:
     """Each run in a fresh process, one after the other; the report is its last line."""
     out = []
-    for n in clients:
+    for n, r in zip(clients, rounds * len(clients) if len(rounds) == 1 else rounds, strict=True):
         for mode in modes:
-            argv = [sys.executable, __file__, "--one", str(n), mode, "--rounds", str(rounds)]
+            argv = [sys.executable, __file__, "--one", str(n), mode, "--rounds", str(r)]
             t0 = time.time()
             proc = subprocess.run(argv, capture_output=True, text=True, check=False)
             lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH-RESULT ")]
@@ -124,22 +124,22 @@ def markdown(rows: list[dict[str, Any]], argv: str) -> str:
         "Bytes are the protobuf size of every message a client receives and sends "
         "(`message_to_proto(msg).ByteSize()`, no framing), per client per round.",
         "",
-        "| clients | mode | shares / threshold | round (warm median) | round 1 | rounds total "
+        "| clients | mode | shares / threshold | rounds | round (warm median) | round 1 "
+        "| rounds total "
         "| msgs / client / round | bytes received / sent per client per round "
         "| final accuracy / loss |",
-        "|---:|---|---|---:|---:|---:|---:|---|---|",
+        "|---:|---|---|---:|---:|---:|---:|---:|---|---|",
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['clients']} | {r['mode']} | failed (rc {r['rc']}) | | | | | | |")
+            lines.append(f"| {r['clients']} | {r['mode']} | failed (rc {r['rc']}) | | | | | | | |")
             continue
         sh = (
-            f"{r['num_shares']} / {r['reconstruction_threshold']}"
-            if r["mode"] == "secagg"
-            else "-"
+            f"{r['num_shares']} / {r['reconstruction_threshold']}" if r["mode"] == "secagg" else "-"
         )
         lines.append(
-            f"| {r['clients']} | {r['mode']} | {sh} | {r['round_warm_median_s'] * 1000:.0f} ms "
+            f"| {r['clients']} | {r['mode']} | {sh} | {r['rounds']} "
+            f"| {r['round_warm_median_s'] * 1000:.0f} ms "
             f"| {r['round_first_s'] * 1000:.0f} ms | {r['rounds_total_s']:.1f} s "
             f"| {r['messages_per_client_per_round']:.0f} "
             f"| {r['bytes_received_per_client_per_round']:,.0f} / "
@@ -151,13 +151,12 @@ def markdown(rows: list[dict[str, Any]], argv: str) -> str:
     for n in sorted({r["clients"] for r in rows}):
         s, p = by.get((n, "secagg")), by.get((n, "plain"))
         if s and p:
+            sent, got = "bytes_sent_per_client_per_round", "bytes_received_per_client_per_round"
             ratios.append(
                 f"- {n} clients: SecAgg+ / plain = "
                 f"{s['round_warm_median_s'] / p['round_warm_median_s']:.2f}x round time, "
-                f"{s['bytes_sent_per_client_per_round'] / p['bytes_sent_per_client_per_round']:.2f}x "
-                "bytes sent, "
-                f"{s['bytes_received_per_client_per_round'] / p['bytes_received_per_client_per_round']:.2f}x "
-                "bytes received per client per round."
+                f"{s[sent] / p[sent]:.2f}x bytes sent, {s[got] / p[got]:.2f}x bytes received "
+                "per client per round."
             )
     lines += ["", *ratios, END]
     return "\n".join(lines) + "\n"
@@ -177,13 +176,15 @@ def cli() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--clients", type=int, nargs="+", default=[8, 100])
     parser.add_argument("--modes", nargs="+", default=["plain", "secagg"])
-    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument(
+        "--rounds", type=int, nargs="+", default=[20], help="one for all, or one per --clients"
+    )
     parser.add_argument("--json", type=Path, help="write the rows as JSON here")
     parser.add_argument("--out", type=Path, help="write a markdown section into this file")
     parser.add_argument("--one", nargs=2, metavar=("N", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        report = run_one(int(args.one[0]), args.one[1], args.rounds)
+        report = run_one(int(args.one[0]), args.one[1], args.rounds[0])
         sys.stdout.flush()
         print("BENCH-RESULT " + json.dumps(report), flush=True)
         return

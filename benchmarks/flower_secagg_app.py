@@ -72,7 +72,8 @@ def max_part() -> int:
 
 
 def to_state(arrays: list[np.ndarray]) -> dict[str, torch.Tensor]:
-    return {k: torch.from_numpy(np.asarray(a, dtype=np.float32)) for k, a in zip(KEYS, arrays)}
+    pairs = zip(KEYS, arrays, strict=True)
+    return {k: torch.from_numpy(np.asarray(a, dtype=np.float32)) for k, a in pairs}
 
 
 @functools.cache

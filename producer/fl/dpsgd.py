@@ -242,14 +242,13 @@ def build_dpsgd_plan(model: nn.Module, spec: DPSGDSpec, n_examples: int) -> Any:
             with torch.no_grad():
                 for name, t in state.items():
                     t.copy_(given[name])
-            params = [p for m in self.model.modules() if isinstance(m, nn.Linear)
-                      for p in m.parameters()]
+            params = [
+                p for m in self.model.modules() if isinstance(m, nn.Linear) for p in m.parameters()
+            ]
             for _ in range(spec.steps):
                 sampled = (torch.rand(n_examples) < q).to(x.dtype)
                 per_row = loss_fn(self.model(x), y, reduction="none")
-                grads = _per_example_grads(
-                    self._take(), (per_row * sampled).sum(), self._with_bias
-                )
+                grads = _per_example_grads(self._take(), (per_row * sampled).sum(), self._with_bias)
                 summed = _clip_and_sum(grads, clip)
                 with torch.no_grad():
                     for p, s in zip(params, summed, strict=True):
@@ -294,9 +293,10 @@ def train_dpsgd_eager(
             factor = min(1.0, clip / (float(norm) + _EPS))
             for acc, g in zip(total, grads, strict=True):
                 acc.add_(g * factor)
+        step = spec.lr / (spec.sampling_rate * n)
         with torch.no_grad():
             for p, s in zip(params, total, strict=True):
-                p.sub_((s + torch.randn_like(s) * (sigma * clip)) * (spec.lr / (spec.sampling_rate * n)))
+                p.sub_((s + torch.randn_like(s) * (sigma * clip)) * step)
     return get_weights(model)
 
 

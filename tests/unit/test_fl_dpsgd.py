@@ -161,7 +161,7 @@ def test_the_digits_mlp_of_the_benchmark_trains_with_dp_sgd() -> None:
 @pytest.mark.parametrize("name", ["cnn", "gru"])
 def test_models_with_parameters_outside_linear_layers_are_refused_at_build(name: str) -> None:
     spec = DPSGDSpec(clip_norm=1.0, noise_multiplier=1.0, sampling_rate=0.5, steps=1)
-    with pytest.raises(PlanBuildError, match="nn.Linear layers only"):
+    with pytest.raises(PlanBuildError, match=r"nn\.Linear layers only"):
         build_dpsgd_plan(make_model(name, 64, 10, hidden=4), spec, 4)
 
 
@@ -218,9 +218,7 @@ def test_epsilon_is_the_accountant_librarys_poisson_sampled_gaussian() -> None:
     spec = DPSGDSpec(clip_norm=1.0, noise_multiplier=1.1, sampling_rate=0.01, steps=10)
     ref = rdp.RdpAccountant()
     for _ in range(500):  # composed one step at a time, the other way round
-        ref.compose(
-            dp_accounting.PoissonSampledDpEvent(0.01, dp_accounting.GaussianDpEvent(1.1))
-        )
+        ref.compose(dp_accounting.PoissonSampledDpEvent(0.01, dp_accounting.GaussianDpEvent(1.1)))
     assert dpsgd_epsilon(spec, delta=1e-5, total_steps=500) == pytest.approx(
         ref.get_epsilon(1e-5), rel=1e-9
     )
