@@ -62,6 +62,7 @@ __all__ = [
     "dpsgd_epsilon",
     "flatten",
     "get_weights",
+    "noise_multiplier_for",
     "scratch_copy",
     "train_dpsgd_eager",
 ]
@@ -328,3 +329,36 @@ def dpsgd_epsilon(spec: DPSGDSpec, *, delta: float, total_steps: int | None = No
     accountant = rdp.RdpAccountant()
     accountant.compose(event)
     return float(accountant.get_epsilon(delta))
+
+
+def noise_multiplier_for(
+    epsilon: float, *, delta: float, sampling_rate: float, total_steps: int
+) -> float:
+    """The smallest ``sigma`` (to 0.1 %) whose :func:`dpsgd_epsilon` after ``total_steps``
+    Poisson-sampled steps at rate ``sampling_rate`` is at most ``epsilon`` at ``delta``.
+
+    Examples
+    --------
+    >>> sigma = noise_multiplier_for(8.0, delta=1e-5, sampling_rate=0.2, total_steps=120)
+    >>> spec = DPSGDSpec(clip_norm=1.0, noise_multiplier=sigma, sampling_rate=0.2, steps=120)
+    >>> 7.9 < dpsgd_epsilon(spec, delta=1e-5) <= 8.0
+    True
+    """
+    if not (epsilon > 0 and math.isfinite(epsilon)):
+        raise ValueError(f"epsilon must be a positive number, not {epsilon}")
+
+    def eps(sigma: float) -> float:
+        spec = DPSGDSpec(
+            clip_norm=1.0, noise_multiplier=sigma, sampling_rate=sampling_rate, steps=1
+        )
+        return dpsgd_epsilon(spec, delta=delta, total_steps=total_steps)
+
+    low, high = 0.0, 1.0
+    while eps(high) > epsilon:
+        low, high = high, high * 2
+        if high > 1e4:
+            raise ValueError(f"no noise multiplier up to 1e4 reaches epsilon {epsilon}")
+    while high - low > 1e-3 * high:
+        mid = (low + high) / 2
+        low, high = (mid, high) if eps(mid) > epsilon else (low, mid)
+    return high

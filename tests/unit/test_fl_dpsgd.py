@@ -15,6 +15,7 @@ from producer.fl.dpsgd import (
     DPSGDSpec,
     build_dpsgd_plan,
     dpsgd_epsilon,
+    noise_multiplier_for,
     train_dpsgd_eager,
 )
 from producer.fl.models import MLP, make_model
@@ -216,9 +217,8 @@ def test_a_spec_out_of_range_is_refused(bad: dict[str, object]) -> None:
 
 def test_epsilon_is_the_accountant_librarys_poisson_sampled_gaussian() -> None:
     spec = DPSGDSpec(clip_norm=1.0, noise_multiplier=1.1, sampling_rate=0.01, steps=10)
-    ref = rdp.RdpAccountant()
-    for _ in range(500):  # composed one step at a time, the other way round
-        ref.compose(dp_accounting.PoissonSampledDpEvent(0.01, dp_accounting.GaussianDpEvent(1.1)))
+    ref = rdp.RdpAccountant()  # composed with count=, not as a SelfComposedDpEvent
+    ref.compose(dp_accounting.PoissonSampledDpEvent(0.01, dp_accounting.GaussianDpEvent(1.1)), 500)
     assert dpsgd_epsilon(spec, delta=1e-5, total_steps=500) == pytest.approx(
         ref.get_epsilon(1e-5), rel=1e-9
     )
@@ -251,3 +251,11 @@ def test_opacus_per_sample_clipped_sum_matches_the_plan() -> None:
     factor = (clip / (norms + 1e-6)).clamp(max=1.0)
     summed = torch.cat([torch.einsum("n,n...->...", factor, g).reshape(-1) for g in grad_samples])
     assert torch.allclose(out, flatten(w) - summed / 10, atol=1e-6)
+
+
+@pytest.mark.parametrize("target", [1.0, 8.0])
+def test_the_calibrated_noise_multiplier_spends_at_most_the_target_epsilon(target: float) -> None:
+    sigma = noise_multiplier_for(target, delta=1e-5, sampling_rate=0.18, total_steps=120)
+    at = DPSGDSpec(clip_norm=1.0, noise_multiplier=sigma, sampling_rate=0.18, steps=120)
+    below = DPSGDSpec(clip_norm=1.0, noise_multiplier=sigma * 0.99, sampling_rate=0.18, steps=120)
+    assert dpsgd_epsilon(at, delta=1e-5) <= target < dpsgd_epsilon(below, delta=1e-5)
