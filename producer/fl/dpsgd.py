@@ -196,8 +196,9 @@ def build_dpsgd_plan(model: nn.Module, spec: DPSGDSpec, n_examples: int) -> Any:
     weights flattened with :func:`producer.fl.training.flatten`) and returns the new weights,
     flattened. Every step draws its Poisson sample (``torch.rand(n) < q``) and its noise
     (``torch.randn_like``) from the device's own generator: no plan input feeds them, so
-    the server cannot choose or cancel them (``docs/dp_sgd.md`` §3: the worker seeds that
-    generator from the OS at start). Rows outside the sample contribute a zero gradient.
+    the server cannot choose or cancel them (``docs/dp_sgd.md`` §3: a worker reseeds that
+    generator from the OS before every command). Rows outside the sample contribute a zero
+    gradient.
 
     Parameters
     ----------
