@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
@@ -66,7 +67,10 @@ def run_one(n: int, mode: str, rounds: int) -> dict[str, Any]:
         server_app=server_app,
         client_app=client_app,
         num_supernodes=n,
-        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
+        backend_config={
+            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+            "init_args": {"include_dashboard": False},
+        },
     )
     report = tl.report()
     rows = [json.loads(line) for line in counts.read_text().splitlines()]
@@ -84,23 +88,58 @@ def run_one(n: int, mode: str, rounds: int) -> dict[str, Any]:
     return report
 
 
-def drive(clients: list[int], rounds: list[int], modes: list[str]) -> list[dict[str, Any]]:
-    """Each run in a fresh process, one after the other; the report is its last line."""
+def _attempt(argv: list[str], timeout: float) -> tuple[int, str]:
+    """One run in a session of its own; on timeout the whole process group is killed."""
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+        return proc.returncode, out
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        return -9, out + f"\n(timed out after {timeout:.0f} s)"
+
+
+def drive(
+    clients: list[int],
+    rounds: list[int],
+    modes: list[str],
+    *,
+    keep: list[dict[str, Any]],
+    timeout: float,
+    attempts: int,
+) -> list[dict[str, Any]]:
+    """Each run in a fresh process, one after the other; the report is its last line.
+
+    Ray's raylet can die at start on a loaded machine (it times out waiting for its metrics
+    agent), which leaves Flower's simulation waiting forever: a run that fails or exceeds
+    ``timeout`` is killed and retried, up to ``attempts`` times. Rows in ``keep`` (from an
+    earlier ``--json``) are reused instead of run again.
+    """
+    kept = {(r["clients"], r["mode"], r["rounds"]): r for r in keep if "error" not in r}
     out = []
     for n, r in zip(clients, rounds * len(clients) if len(rounds) == 1 else rounds, strict=True):
         for mode in modes:
-            argv = [sys.executable, __file__, "--one", str(n), mode, "--rounds", str(r)]
-            t0 = time.time()
-            proc = subprocess.run(argv, capture_output=True, text=True, check=False)
-            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH-RESULT ")]
-            if proc.returncode != 0 or not lines:
-                tail = (proc.stdout + proc.stderr)[-3000:]
-                out.append({"clients": n, "mode": mode, "error": tail, "rc": proc.returncode})
-                print(f"{n} clients, {mode}: FAILED rc={proc.returncode}\n{tail}", flush=True)
+            if (n, mode, r) in kept:
+                out.append(kept[(n, mode, r)])
                 continue
-            row = json.loads(lines[-1].split(" ", 1)[1])
-            print(f"{n} clients, {mode}: {json.dumps(row)} ({time.time() - t0:.0f} s)", flush=True)
-            out.append(row)
+            argv = [sys.executable, __file__, "--one", str(n), mode, "--rounds", str(r)]
+            for attempt in range(1, attempts + 1):
+                t0 = time.time()
+                rc, text = _attempt(argv, timeout)
+                lines = [ln for ln in text.splitlines() if ln.startswith("BENCH-RESULT ")]
+                if rc == 0 and lines:
+                    row = json.loads(lines[-1].split(" ", 1)[1])
+                    row["attempt"] = attempt
+                    print(f"{n} clients, {mode}: {json.dumps(row)} ({time.time() - t0:.0f} s)")
+                    out.append(row)
+                    break
+                print(f"{n} clients, {mode}, attempt {attempt}: FAILED rc={rc}\n{text[-2000:]}")
+            else:
+                out.append({"clients": n, "mode": mode, "error": text[-3000:], "rc": rc})
+            sys.stdout.flush()
     return out
 
 
@@ -181,6 +220,9 @@ def cli() -> None:
     )
     parser.add_argument("--json", type=Path, help="write the rows as JSON here")
     parser.add_argument("--out", type=Path, help="write a markdown section into this file")
+    parser.add_argument("--keep", type=Path, help="reuse the rows of an earlier --json")
+    parser.add_argument("--timeout", type=float, default=1500.0, help="seconds per attempt")
+    parser.add_argument("--attempts", type=int, default=3)
     parser.add_argument("--one", nargs=2, metavar=("N", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -188,7 +230,15 @@ def cli() -> None:
         sys.stdout.flush()
         print("BENCH-RESULT " + json.dumps(report), flush=True)
         return
-    rows = drive(args.clients, args.rounds, args.modes)
+    keep = json.loads(args.keep.read_text()) if args.keep else []
+    rows = drive(
+        args.clients,
+        args.rounds,
+        args.modes,
+        keep=keep,
+        timeout=args.timeout,
+        attempts=args.attempts,
+    )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
     argv = "python " + " ".join([os.path.relpath(__file__), *sys.argv[1:]])
