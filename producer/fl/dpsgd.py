@@ -249,7 +249,9 @@ def build_dpsgd_plan(model: nn.Module, spec: DPSGDSpec, n_examples: int) -> Any:
             ]
             for _ in range(spec.steps):
                 sampled = (torch.rand(n_examples) < q).to(x.dtype)
-                per_row = loss_fn(self.model(x), y, reduction="none")
+                # each row's own loss (mean over its outputs, as the eager batch of one)
+                per_row = loss_fn(self.model(x), y, reduction="none").reshape(n_examples, -1)
+                per_row = per_row.mean(1)
                 grads = _per_example_grads(self._take(), (per_row * sampled).sum(), self._with_bias)
                 summed = _clip_and_sum(grads, clip)
                 with torch.no_grad():
@@ -260,7 +262,11 @@ def build_dpsgd_plan(model: nn.Module, spec: DPSGDSpec, n_examples: int) -> Any:
 
     plan = DPSGDTraining()
     x_ex = torch.zeros(n_examples, _in_features(model))
-    plan.build(x_ex, torch.zeros(n_examples, dtype=torch.int64), flatten(get_weights(model)))
+    if spec.loss == "mse_loss":  # float targets shaped like the last layer's output
+        y_ex = torch.zeros(n_examples, _linear_layers(model)[-1].out_features)
+    else:  # class indices
+        y_ex = torch.zeros(n_examples, dtype=torch.int64)
+    plan.build(x_ex, y_ex, flatten(get_weights(model)))
     return plan
 
 

@@ -259,3 +259,20 @@ def test_the_calibrated_noise_multiplier_spends_at_most_the_target_epsilon(targe
     at = DPSGDSpec(clip_norm=1.0, noise_multiplier=sigma, sampling_rate=0.18, steps=120)
     below = DPSGDSpec(clip_norm=1.0, noise_multiplier=sigma * 0.99, sampling_rate=0.18, steps=120)
     assert dpsgd_epsilon(at, delta=1e-5) <= target < dpsgd_epsilon(below, delta=1e-5)
+
+
+def test_a_regression_loss_is_taken_per_row_as_in_a_batch_of_one() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 2))
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(9, 5, generator=g), torch.randn(9, 2, generator=g)
+    spec = DPSGDSpec(
+        clip_norm=0.3, noise_multiplier=0.5, sampling_rate=0.6, steps=2, loss="mse_loss"
+    )
+    plan = build_dpsgd_plan(net, spec, 9)
+    w = get_weights(net)
+    torch.manual_seed(11)
+    got = plan(x, y, flatten(w))
+    torch.manual_seed(11)
+    want = flatten(train_dpsgd_eager(scratch_copy(net), spec, w, x, y))
+    assert torch.allclose(got, want, atol=1e-6)
