@@ -17,6 +17,7 @@ from broker_config.settings import Settings
 from consumer.worker import frames
 from consumer.worker.chunks import collect_expired
 from consumer.worker.devices import data_dirs
+from consumer.worker.entropy import reseed_from_os
 from consumer.worker.gate import Gate, GatedConsumer
 from consumer.worker.memory import limit_pool_process
 from consumer.worker.serialization import register_content_type
@@ -153,6 +154,8 @@ def make_app(settings: Settings | None = None) -> Celery:
     signals.worker_process_init.connect(
         _on_process_init, weak=False, dispatch_uid="fedplan-process-init"
     )
+    # fresh randomness per command: a forked child must not replay its parent's draws
+    signals.task_prerun.connect(reseed_from_os, weak=False, dispatch_uid="fedplan-reseed")
     app.autodiscover_tasks(["consumer.worker"], related_name="tasks", force=True)
     return app
 
