@@ -895,6 +895,7 @@ class ObjectInfo(_message.Message):
     PYTHON_VALUE_FIELD_NUMBER: _builtins.int
     POINTS_TO_DEVICE_FIELD_NUMBER: _builtins.int
     POINTS_TO_ID_FIELD_NUMBER: _builtins.int
+    SHAPE_WITHHELD_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     description: _builtins.str
     dtype: _builtins.str
@@ -905,6 +906,10 @@ class ObjectInfo(_message.Message):
     points_to_device: _builtins.str
     """For kind "pointer": the device and id of the object it points at."""
     points_to_id: _builtins.str
+    shape_withheld: _builtins.bool
+    """A value derived from private data: its shape may depend on the data, so the device
+    does not say it (``shape`` is empty and means nothing).
+    """
     @_builtins.property
     def tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -927,10 +932,11 @@ class ObjectInfo(_message.Message):
         python_value: _plan_pb2.Value | None = ...,
         points_to_device: _builtins.str = ...,
         points_to_id: _builtins.str = ...,
+        shape_withheld: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["python_value", b"python_value", "value", b"value"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "dtype", b"dtype", "has_value", b"has_value", "id", b"id", "kind", b"kind", "points_to_device", b"points_to_device", "points_to_id", b"points_to_id", "python_value", b"python_value", "shape", b"shape", "tags", b"tags", "value", b"value"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "dtype", b"dtype", "has_value", b"has_value", "id", b"id", "kind", b"kind", "points_to_device", b"points_to_device", "points_to_id", b"points_to_id", "python_value", b"python_value", "shape", b"shape", "shape_withheld", b"shape_withheld", "tags", b"tags", "value", b"value"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -197,8 +197,6 @@ class DeviceRuntime(CommandValues, RunLimits):
                 raise
             finally:
                 self._object_frame = None  # a cached reply never read it: free the buffer
-                self._record_audit()
-                raise
             return self._audited(reply)
 
     def cached_reply(self, command_id: str, sender: str = LOCAL_SENDER) -> bytes | None:

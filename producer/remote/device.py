@@ -133,7 +133,7 @@ class Device:
             tags=list(info.tags),
             description=info.description,
             dtype=DType.of(info.dtype).name if info.dtype is not None else "",
-            shape=list(info.shape) if info.dtype is not None else [],
+            shape=list(info.known_shape or []) if info.dtype is not None else [],
         )
         pending = self._submit("store_pointer", msg, (object_id,))
         result = PointerTensor(object_id, self, pending=pending, tags=info.tags)
@@ -188,7 +188,7 @@ class Device:
                 info.points_to_id,
                 self.peer(info.points_to_device),
                 tags=tuple(info.tags),
-                shape=torch.Size(info.shape),
+                shape=None if info.shape_withheld else torch.Size(info.shape),
                 dtype=dtype_from_name(info.dtype) if info.dtype else None,
                 description=info.description,
             )

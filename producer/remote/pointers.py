@@ -17,7 +17,7 @@ from producer.remote.ops import (
     torch_function_calling,
 )
 from schemas.command_pb2 import ObjectInfo
-from schemas.errors import ObjectNotFound, PlanInputError
+from schemas.errors import ObjectNotFound, PlanInputError, PolicyError
 from schemas.tensor_codec import dtype_from_name, tensor_from_proto
 from schemas.value_codec import value_from_proto
 from schemas.wire import new_id
@@ -77,6 +77,7 @@ class PointerTensor(RemoteTensor):
         self.tags = tags
         self.description = description
         self._shape = shape
+        self._shape_withheld = False
         self._dtype = dtype
         self._kind = "tensor"
         self._pending = pending
@@ -102,7 +103,8 @@ class PointerTensor(RemoteTensor):
             return
         if self._kind == "pointer":
             self._points_to = (info.points_to_device, info.points_to_id)
-        self._shape = torch.Size(info.shape)
+        self._shape_withheld = info.shape_withheld
+        self._shape = None if info.shape_withheld else torch.Size(info.shape)
         self._dtype = dtype_from_name(info.dtype)
         if info.has_value and not self._stale:
             self._value = tensor_from_proto(info.value)
@@ -151,7 +153,21 @@ class PointerTensor(RemoteTensor):
         """The remote tensor's shape (waits for the device's reply if needed)."""
         self.wait()
         if self._shape is None:
+            if self._shape_withheld:
+                raise PolicyError(
+                    f"device {self.location.id!r} withholds the shape of {self.id!r}: it was "
+                    "derived from private data, and a shape can depend on the values "
+                    "(docs/security.md); an approved plan's outputs carry their shapes",
+                    device_id=self.location.id,
+                )
             raise TypeError(f"object {self.id!r} is a Python value, not a tensor")
+        return self._shape
+
+    @property
+    def known_shape(self) -> torch.Size | None:
+        """The shape if the device said it (``None``: a Python value, or withheld because
+        the value was derived from private data), without raising."""
+        self.wait()
         return self._shape
 
     @property

@@ -138,11 +138,6 @@ def test_every_way_of_naming_another_producers_id_fails_exactly_like_a_missing_i
     assert torch.equal(mine.get(), torch.ones(2))  # and its object is intact
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known gap (docs/security.md, Attacks tried): the shape of a value derived from "
-    "private data is in the reply's metadata, and a shape can depend on the values",
-)
 def test_the_shape_of_a_value_derived_from_private_data_does_not_reveal_the_data(
     fleet: fp.Fleet,
     device_name: str,  # noqa: F811
@@ -152,4 +147,13 @@ def test_the_shape_of_a_value_derived_from_private_data_does_not_reveal_the_data
     operator.add_data("count", torch.tensor(7), "#count")
     [count] = alice.search("#count")
     derived = alice.run_op("torch.arange", [count]).wait()
-    assert tuple(derived.shape) != (7,)
+    with pytest.raises(PolicyError, match="withholds the shape"):
+        derived.shape  # noqa: B018
+    assert derived.known_shape is None
+    with pytest.raises(PolicyError):
+        derived.get()
+    # the operator's public data keeps its shape, and so does what is derived from it
+    operator.add_data("open", torch.ones(3), "#open")
+    operator.policy(public_tags=["#open"])
+    [open_data] = alice.search("#open")
+    assert alice.run_op("torch.mul", [open_data, 2.0]).wait().shape == (3,)

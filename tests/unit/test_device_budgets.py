@@ -35,6 +35,8 @@ from schemas.ir import SCHEMA_VERSION, Op, PlanIR, Ref
 from schemas.tensor_codec import tensor_to_proto
 from schemas.wire import decode_reply, encode_command
 
+QUEUE = "fedplan.device.d1"
+"""The queue the test deliveries come from (the gate names the device from it)."""
 
 def _outer() -> PlanIR:
     return PlanIR(
@@ -162,17 +164,17 @@ def test_the_gate_refuses_a_producer_over_its_command_rate_acked_not_dead_letter
     sent: list[Any] = []
     PolicyFile(tmp_path).update(budgets={"max_commands_per_minute": 2})
     gate = Gate(Settings(data_dir=tmp_path))
-    assert gate.admit(_raw("p1")) and gate.admit(_raw("p1"))
+    assert gate.admit(_raw("p1"), QUEUE) and gate.admit(_raw("p1"), QUEUE)
     refused = _raw("p1")
-    assert not gate.admit(refused)
+    assert not gate.admit(refused, QUEUE)
     assert refused.channel.acked == [7] and refused.channel.rejected == []
     assert sent[0].code == "POLICY_REFUSED" and "max_commands_per_minute" in sent[0].message
     [row] = AuditLog(tmp_path).entries()  # the refusal is audited
     assert (row.sender, row.rule) == ("p1", "budgets.max_commands_per_minute")
-    assert gate.admit(_raw("p2"))  # another producer is served
-    assert gate.admit(_raw("p1", redelivered=True))  # a redelivery does not count again
+    assert gate.admit(_raw("p2"), QUEUE)  # another producer is served
+    assert gate.admit(_raw("p1", redelivered=True), QUEUE)  # a redelivery does not count again
     chunk = {TRANSFER_HEADER: "t1", CHUNK_HEADER: 1, CHUNKS_HEADER: 2}
-    assert gate.admit(_raw("p1", chunk))  # nor a transfer's later chunks
+    assert gate.admit(_raw("p1", chunk), QUEUE)  # nor a transfer's later chunks
 
 
 def test_the_gate_charges_a_commands_run_time_until_the_next_delivery_to_its_sender(
@@ -185,14 +187,14 @@ def test_the_gate_charges_a_commands_run_time_until_the_next_delivery_to_its_sen
     PolicyFile(tmp_path).update(budgets={"max_device_seconds_per_minute": 6})
     gate = Gate(Settings(data_dir=tmp_path))
     gate.fairness = ProducerBudgets(clock=lambda: now[0])
-    assert gate.admit(_raw("p1"))
+    assert gate.admit(_raw("p1"), QUEUE)
     now[0] += 10.0  # p1's command ran 10 s: the next delivery comes after it
-    assert gate.admit(_raw("p2"))  # p2 has its own share
+    assert gate.admit(_raw("p2"), QUEUE)  # p2 has its own share
     now[0] += 0.1
-    assert not gate.admit(_raw("p1"))  # p1 is 4 s in debt
+    assert not gate.admit(_raw("p1"), QUEUE)  # p1 is 4 s in debt
     assert "max_device_seconds_per_minute" in sent[0].message
     now[0] += 41.0  # repaid at 0.1 s a second
-    assert gate.admit(_raw("p1"))
+    assert gate.admit(_raw("p1"), QUEUE)
 
 
 def _store(cid: str) -> bytes:
@@ -242,9 +244,9 @@ def test_what_a_device_forwards_for_a_producer_over_its_budget_is_not_refused(
     monkeypatch.setattr("consumer.worker.gate.send_error", lambda *a, **k: None)
     PolicyFile(tmp_path).update(budgets={"max_commands_per_minute": 1})
     gate = Gate(Settings(data_dir=tmp_path))
-    assert gate.admit(_raw("p1")) and not gate.admit(_raw("p1"))
+    assert gate.admit(_raw("p1"), QUEUE) and not gate.admit(_raw("p1"), QUEUE)
     moved = _raw("fedplan-device-bob", {"fedplan_on_behalf": "p1"})  # a move's object
-    assert gate.admit(moved)  # the source already sent it off: refusing would lose it
+    assert gate.admit(moved, QUEUE)  # the source already sent it off: refusing would lose it
     policy = MemoryPolicy(Policy.from_json({"budgets": {"max_commands_per_minute": 1}}))
     runtime = DeviceRuntime(
         device_id="d1", store=MemoryStore(), policy=policy, rates=ProducerBudgets()
