@@ -111,12 +111,12 @@ def test_a_slow_plan_on_one_device_does_not_hold_up_the_others(
     )
     transport.ensure_device(slow)
     transport.ensure_device(quick)
-    n = 1200  # 1,500 steps of this take minutes on any machine: the budget ends it
+    n = 1200  # 6,000 steps of this take minutes on any machine: the budget ends it
     w, x = torch.randn(n, n) / math.sqrt(n), torch.randn(n, n)
     _ok(_store(transport, replies, slow, "big", x))
     cid = new_id()
     _ok(
-        _send(transport, replies, slow, cmd.store_plan(cid, slow, cmd.slow_plan(1500, w), "p"), cid)
+        _send(transport, replies, slow, cmd.store_plan(cid, slow, cmd.slow_plan(6000, w), "p"), cid)
     )
     budget = 60
     PolicyFile(worker.data_dir_of(slow)).update(budgets={"max_wall_seconds": budget})
