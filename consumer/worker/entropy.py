@@ -10,6 +10,12 @@ state and predict the noise of the next command. Reseeding before each command f
 ``os.urandom`` (64 bits) makes every command's draws unpredictable to the server and
 independent of everything it saw before (``docs/dp_sgd.md`` §3).
 
+Only the CPU generator is seeded (plans run on the CPU). ``torch.manual_seed`` would also
+queue a lazy seed for every accelerator backend torch was built with (CUDA, XPU, MTIA),
+each recording a ``traceback.format_stack()``: 0.3-0.7 ms a command, more than the rest of
+a small plan's run (docs/performance.md). An accelerator that is already initialised in
+the process is seeded too.
+
 Examples
 --------
 >>> import torch
@@ -30,4 +36,7 @@ import torch
 def reseed_from_os(*_: Any, **__: Any) -> None:
     """Seed torch's global CPU generator with 64 bits from ``os.urandom`` (a Celery
     ``task_prerun`` handler: every argument is ignored)."""
-    torch.manual_seed(int.from_bytes(os.urandom(8), "little"))
+    seed = int.from_bytes(os.urandom(8), "little")
+    torch.default_generator.manual_seed(seed)
+    if torch.cuda.is_initialized():  # never initialises CUDA itself
+        torch.cuda.manual_seed_all(seed)

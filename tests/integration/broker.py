@@ -91,9 +91,11 @@ class WorkerProcess:
         env: dict[str, str] | None = None,
         *,
         app: str = "consumer",
+        repo: Path = REPO,
     ) -> None:
         self.device_id = device_id
         self.app = app
+        self.repo = repo  # the checkout whose code the worker runs (benchmarks: another one)
         self.env = dict(env or {})
         self.data_dir = data_dir
         self.vhost = vhost
@@ -104,14 +106,14 @@ class WorkerProcess:
         env = worker_env(self.device_id, self.data_dir, self.vhost.url)
         env.update(self.env)
         env.update(extra_env or {})
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(self.repo), env.get("PYTHONPATH")]))
         self.data_dir.mkdir(parents=True, exist_ok=True)
         argv = worker_argv(self.device_id, loglevel="info")
         argv[argv.index("-A") + 1] = self.app
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, *argv],
-                cwd=REPO,
+                cwd=self.repo,
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,

@@ -12,6 +12,7 @@ import torch
 
 from consumer.store.base import StoredObject, StoredPlan
 from consumer.store.sqlite import SqliteStore
+from consumer.store.tensor_files import write_bytes_file
 from consumer.store.units import BlobUnits
 from schemas.ir import Op, PlanIR, Ref
 
@@ -155,6 +156,29 @@ def test_temp_files_of_a_write_cut_short_are_collected_when_the_store_opens(
     (tmp_path / "blobs" / ".tmp-abandoned").write_bytes(b"x" * 10)
     assert SqliteStore(tmp_path).collect_garbage() == 0  # the open collected it already
     assert _files(tmp_path) == _referenced(tmp_path)
+
+
+def test_a_blob_file_cut_short_under_its_final_name_is_collected_and_never_read(
+    tmp_path: Path,
+) -> None:
+    store = _setup(tmp_path)
+    store.begin()
+    with store._tx():  # a command killed half-way through writing its result's file
+        name = store._new_file("y", "", torch.ones(4))
+    (tmp_path / "blobs" / name).write_bytes(b"\x00\x00")  # cut short
+    store._conn().close()  # the process dies before COMMIT: no row names the file
+    reopened = SqliteStore(tmp_path)
+    assert not reopened.has_object("y")
+    assert name not in _files(tmp_path)
+    assert torch.equal(reopened.get_object("x").tensor, torch.ones(4))
+
+
+def test_a_blob_file_is_never_written_over(tmp_path: Path) -> None:
+    path = tmp_path / "blob.bin"
+    write_bytes_file(path, b"committed")
+    with pytest.raises(FileExistsError):
+        write_bytes_file(path, b"other")
+    assert path.read_bytes() == b"committed"
 
 
 def test_blob_units_refuse_a_second_unit_on_the_same_thread(tmp_path: Path) -> None:
