@@ -16,6 +16,7 @@ from broker_config import names
 from broker_config.management import ManagementClient
 from broker_config.settings import Settings
 from consumer.worker.cli import worker_argv, worker_env
+from producer.transport.amqp import AmqpTransport
 from schemas.command_pb2 import Reply
 from schemas.wire import decode_reply
 
@@ -190,3 +191,17 @@ class Replies:
     def count(self, command_id: str) -> int:
         with self._cond:
             return len(self.by_id.get(command_id, []))
+
+
+def producer_transport(
+    vhost: RunVhost, producer: tuple[str, str, str], replies: Replies
+) -> AmqpTransport:
+    """A transport of the ``producer`` fixture's user (it trusts the session's worker replies)."""
+    pid, _user, url = producer
+    settings = vhost.settings.replace(
+        broker_url=url,
+        producer_id=pid,
+        producer_declares=False,
+        trusted_reply_users=vhost.admin.user,  # the worker answers as the session's user
+    )
+    return AmqpTransport(on_reply=replies.on_reply, settings=settings)
