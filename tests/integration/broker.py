@@ -10,6 +10,7 @@ import threading
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import Self
 from urllib.parse import quote, urlsplit, urlunsplit
 
 from broker_config import names
@@ -101,13 +102,20 @@ class WorkerProcess:
         self.log_path = data_dir.parent / f"worker-{device_id}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, *, extra_env: dict[str, str] | None = None) -> WorkerProcess:
-        env = worker_env(self.device_id, self.data_dir, self.vhost.url)
+    def _worker_env(self) -> dict[str, str]:
+        """The environment of the worker before this test's own variables."""
+        return worker_env(self.device_id, self.data_dir, self.vhost.url)
+
+    def _worker_argv(self) -> list[str]:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        return worker_argv(self.device_id, loglevel="info")
+
+    def start(self, *, extra_env: dict[str, str] | None = None) -> Self:
+        env = self._worker_env()
         env.update(self.env)
         env.update(extra_env or {})
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        argv = worker_argv(self.device_id, loglevel="info")
+        argv = self._worker_argv()
         argv[argv.index("-A") + 1] = self.app
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
