@@ -134,7 +134,8 @@ def fleet_setup(devices: int, scheme: str, alpha: float, seed: int, **over: Any)
 
 def reap(parent: int, vhost: str, pids_file: str) -> None:
     """The reaper: once ``parent`` is gone, kill the worker process groups listed in
-    ``pids_file`` and delete ``vhost`` (the bench normally does both itself, then ends it)."""
+    ``pids_file``, delete ``vhost`` and the devices' directory (``pids_file``'s); the bench
+    normally does all of it itself, then ends the reaper."""
     while True:
         try:
             os.kill(parent, 0)
@@ -148,6 +149,7 @@ def reap(parent: int, vhost: str, pids_file: str) -> None:
     leftover = Vhost()
     leftover.name = vhost
     leftover.__exit__()
+    shutil.rmtree(path.parent, ignore_errors=True)
 
 
 def start_reaper(vhost: str, pids_file: Path) -> Any:
