@@ -21,6 +21,7 @@ from fedavg_task import (
     emit,
     initial_model,
     load_task,
+    task_threads,
     warm_up_sgd,
 )
 
@@ -65,6 +66,7 @@ def run(transport: str) -> dict[str, object]:
     x_train, y_train, x_test, y_test, parts = load_task()
     net = initial_model()
     weights = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    threads = task_threads()
     warm_up_sgd()
     spec = TrainingSpec(lr=LR, batch_size=BATCH, epochs=1)
     shares = []
@@ -121,6 +123,7 @@ def run(transport: str) -> dict[str, object]:
         if vhost is not None:
             vhost.__exit__()
     tl.notes = "8 Celery worker processes (prefork -c 1)" if transport == "rabbitmq" else ""
+    tl.notes += f"; torch intra-op threads {threads}".lstrip("; ")
     return tl.report()
 
 

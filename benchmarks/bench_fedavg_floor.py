@@ -14,6 +14,7 @@ from fedavg_task import (
     fedavg,
     initial_model,
     load_task,
+    task_threads,
     warm_up_sgd,
 )
 
@@ -24,6 +25,7 @@ def main() -> None:
     net = initial_model()
     weights = {k: v.detach().clone() for k, v in net.state_dict().items()}
     scratch, evaluator = Net(), Net()
+    threads = task_threads()
     warm_up_sgd()
     tl.mark(*central_eval(evaluator, weights, x_test, y_test))
     for r in range(1, ROUNDS + 1):
@@ -34,6 +36,7 @@ def main() -> None:
             results.append((w_k, len(idx)))
         weights = fedavg(results)
         tl.mark(*central_eval(evaluator, weights, x_test, y_test))
+    tl.notes = f"torch intra-op threads {threads}"
     emit(tl.report())
 
 

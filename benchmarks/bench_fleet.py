@@ -11,8 +11,14 @@ processes each) serving them. Then
 - ``--rounds`` FedAvg rounds with ``--sampled`` devices sampled per round,
 
 recording the broker's memory (management API: the queues' own ``memory`` and the node's
-``mem_used`` before the vhost and with every queue and worker up). ``--embedded`` also runs
-the same rounds on 1,000 embedded devices in this process. Prints one JSON document.
+``mem_used`` before the vhost and with every queue and worker up), the test accuracy after
+every round (printed as it comes, to stderr) and the machine's peak used memory (``free``'s
+used: MemTotal - MemAvailable, sampled every second). ``--embedded`` also runs the same
+rounds on 1,000 embedded devices in this process. Prints one JSON document.
+
+Cleanup on any exit: SIGTERM/SIGINT/SIGHUP unwind through the ``finally`` blocks (workers
+stopped, vhost deleted), and a reaper process started with the vhost does the same if this
+process dies without unwinding (SIGKILL, the OOM killer).
 
 Usage::
 
@@ -22,9 +28,12 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
+import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -123,6 +132,71 @@ def fleet_setup(devices: int, scheme: str, alpha: float, seed: int, **over: Any)
     return dargs, setup
 
 
+def reap(parent: int, vhost: str, pids_file: str) -> None:
+    """The reaper: once ``parent`` is gone, kill the worker process groups listed in
+    ``pids_file``, delete ``vhost`` and the devices' directory (``pids_file``'s); the bench
+    normally does all of it itself, then ends the reaper."""
+    while True:
+        try:
+            os.kill(parent, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(2.0)
+    path = Path(pids_file)
+    for line in path.read_text().split() if path.exists() else []:
+        with contextlib.suppress(ProcessLookupError, PermissionError, ValueError):
+            os.killpg(int(line), signal.SIGKILL)
+    leftover = Vhost()
+    leftover.name = vhost
+    leftover.__exit__()
+    shutil.rmtree(path.parent, ignore_errors=True)
+
+
+def start_reaper(vhost: str, pids_file: Path) -> Any:
+    """A process that cleans up after this one if it dies without running its ``finally``."""
+    return subprocess.Popen(
+        [sys.executable, __file__, "--reap", f"{os.getpid()},{vhost},{pids_file}"],
+        start_new_session=True, stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
+def unwind_on_signals() -> None:
+    """SIGTERM/SIGHUP raise ``SystemExit`` (SIGINT already raises) so ``finally`` runs."""
+
+    def _exit(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, _exit)
+    signal.signal(signal.SIGHUP, _exit)
+
+
+class PeakMemory:
+    """The machine's peak used memory (``free``: MemTotal - MemAvailable) while it runs."""
+
+    def __init__(self, period: float = 1.0) -> None:
+        self.peak_mib = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, args=(period,), daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def used_mib() -> int:
+        info = dict(
+            (line.split(":")[0], int(line.split()[1]))
+            for line in Path("/proc/meminfo").read_text().splitlines()
+        )
+        return (info["MemTotal"] - info["MemAvailable"]) // 1024
+
+    def _loop(self, period: float) -> None:
+        while not self._stop.wait(period):
+            self.peak_mib = max(self.peak_mib, self.used_mib())
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return self.peak_mib
+
+
 def node_memory(admin: ManagementClient) -> int:
     nodes = admin.request("GET", "nodes") or []
     return int(sum(int(n.get("mem_used", 0) or 0) for n in nodes))
@@ -135,7 +209,11 @@ def queue_memory(client: ManagementClient) -> tuple[int, int]:
     return len(mine), int(sum(int(q.get("memory", 0) or 0) for q in mine))
 
 
-def spawn(root: Path, devices: list[str], url: str, workers: int, concurrency: int) -> list[Any]:
+def spawn(
+    root: Path, devices: list[str], url: str, workers: int, concurrency: int, pids_file: Path
+) -> list[Any]:
+    """``workers`` multi-device workers, each in a session of its own (its pid, the process
+    group the reaper kills, appended to ``pids_file`` as it starts)."""
     from consumer.worker.cli import devices_env, worker_argv
 
     procs = []
@@ -150,6 +228,8 @@ def spawn(root: Path, devices: list[str], url: str, workers: int, concurrency: i
                 start_new_session=True,
             )
         )  # fmt: skip
+        with pids_file.open("a") as f:
+            f.write(f"{procs[-1].pid}\n")
     return procs
 
 
@@ -170,6 +250,7 @@ def wait_consumed(client: ManagementClient, n: int, procs: list[Any], timeout: f
 
 
 def stop(procs: list[Any]) -> None:
+    """Stop the workers (warm shutdown), then kill whatever is left of their process groups."""
     for p in procs:
         if p.poll() is None:
             p.terminate()
@@ -179,6 +260,8 @@ def stop(procs: list[Any]) -> None:
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait()
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(p.pid, signal.SIGKILL)  # pool processes a killed main left behind
 
 
 def rounds(
@@ -188,20 +271,31 @@ def rounds(
     sampled: int,
     n: int,
     seed: int,
-) -> tuple[list[float], dict[str, torch.Tensor], float]:
-    """``n`` FedAvg rounds with ``sampled`` devices each: round seconds, weights, accuracy."""
+    label: str = "",
+) -> tuple[list[float], dict[str, torch.Tensor], list[float]]:
+    """``n`` FedAvg rounds with ``sampled`` devices each: round seconds, weights, and the
+    server's test accuracy after each round (each round printed to stderr as it ends)."""
     ds = setup.data
     scratch = copy.deepcopy(setup.model)
+
+    def report(m: Any) -> None:
+        print(
+            f"[{label}] round {m.round}: {m.round_seconds:.2f} s, {m.participants} devices, "
+            f"{m.failures} failed, test accuracy {100 * m.test_accuracy:.2f}%",
+            file=sys.stderr, flush=True,
+        )  # fmt: skip
+
     job = FederatedJob(
         participants=members,
         strategy="fedavg",
         evaluate=lambda w: evaluate(scratch, w, ds.x_test, ds.y_test),
         policy=RoundPolicy(fraction=sampled / len(members), quorum=1.0, deadline=900.0),
         seed=seed,
+        on_round=report if label else None,
     )
     result = job.run(weights, n)
-    last = result.history[-1]
-    return [m.round_seconds for m in result.history[1:]], result.weights, last.test_accuracy
+    rows = result.history[1:]
+    return [m.round_seconds for m in rows], result.weights, [m.test_accuracy for m in rows]
 
 
 def summary(seconds: list[float]) -> dict[str, float]:
@@ -235,16 +329,19 @@ def run_broker(args: argparse.Namespace, scheme: str) -> dict[str, Any]:
     vhost = Vhost()
     admin = vhost.admin
     before = node_memory(admin)
-    vhost.__enter__()
-    client = ManagementClient(api_url=admin.api_url, user=admin.user, password=admin.password,
-                              vhost=vhost.name)  # fmt: skip
+    pids_file = root.parent / "worker-pids"
     procs: list[Any] = []
+    memory = PeakMemory()
+    vhost.__enter__()
+    reaper = start_reaper(vhost.name, pids_file)
     import producer as fp
 
     try:
+        client = ManagementClient(api_url=admin.api_url, user=admin.user,
+                                  password=admin.password, vhost=vhost.name)  # fmt: skip
         t = time.monotonic()
         devices = [s.device_id for s in setup.shares]
-        procs = spawn(root, devices, vhost.url, args.workers, args.concurrency)
+        procs = spawn(root, devices, vhost.url, args.workers, args.concurrency, pids_file)
         wait_consumed(client, len(devices), procs, timeout=900)
         out["workers_ready_s"] = round(time.monotonic() - t, 1)
         time.sleep(5)  # let the management stats catch up
@@ -264,19 +361,26 @@ def run_broker(args: argparse.Namespace, scheme: str) -> dict[str, Any]:
         try:
             members = make_participants(dargs, setup, fleet, executor, spawned=True, plans=plans)
             weights = get_weights(setup.model)
-            secs, weights, _ = rounds(setup, members, weights, args.devices, 1, args.seed)
+            secs, weights, _ = rounds(setup, members, weights, args.devices, 1, args.seed,
+                                      f"{scheme} warm-up")  # fmt: skip
             out["warm_up_round_all_devices_s"] = round(secs[0], 2)
-            print(f"[{scheme}] warm-up: {secs[0]:.1f} s", file=sys.stderr, flush=True)
             if args.scaling:
                 out["scaling"] = {}
                 for k in [k for k in (10, 100, 500) if k <= args.devices]:
                     secs, weights, _ = rounds(setup, members, weights, k, args.scale_rounds,
-                                              args.seed + k)  # fmt: skip
+                                              args.seed + k, f"{scheme} {k} sampled")  # fmt: skip
                     out["scaling"][str(k)] = summary(secs)
                     print(f"[{scheme}] {k} sampled: {summary(secs)}", file=sys.stderr, flush=True)
             start = get_weights(setup.model)
-            secs, _, acc = rounds(setup, members, start, args.sampled, args.rounds, args.seed)
-            out["main"] = {"sampled": args.sampled, **summary(secs), "final_accuracy": acc}
+            secs, _, acc = rounds(setup, members, start, args.sampled, args.rounds, args.seed,
+                                  f"{scheme} main")  # fmt: skip
+            out["main"] = {
+                "sampled": args.sampled,
+                **summary(secs),
+                "final_accuracy": acc[-1],
+                "accuracy_per_round": [round(a, 4) for a in acc],
+                "seconds_per_round": [round(x, 2) for x in secs],
+            }
             print(f"[{scheme}] main: {out['main']}", file=sys.stderr, flush=True)
         finally:
             executor.shutdown(wait=False, cancel_futures=True)
@@ -284,6 +388,11 @@ def run_broker(args: argparse.Namespace, scheme: str) -> dict[str, Any]:
     finally:
         stop(procs)
         vhost.__exit__()
+        reaper.kill()
+        reaper.wait()
+        out["machine_peak_used_mib"] = memory.stop()
+        shutil.rmtree(root.parent, ignore_errors=True)
+        shutil.rmtree(dargs.out, ignore_errors=True)
     return out
 
 
@@ -338,8 +447,9 @@ def run_embedded(args: argparse.Namespace) -> dict[str, Any]:
         device_threads = [t for t in threading.enumerate() if t.name.startswith("fedplan-devices")]
         out["device_executor_threads"] = len(device_threads)
         secs, _, acc = rounds(setup, members, get_weights(setup.model), args.sampled,
-                              args.rounds, args.seed)  # fmt: skip
-        out["main"] = {"sampled": args.sampled, **summary(secs), "final_accuracy": acc}
+                              args.rounds, args.seed, "embedded main")  # fmt: skip
+        out["main"] = {"sampled": args.sampled, **summary(secs), "final_accuracy": acc[-1],
+                       "accuracy_per_round": [round(a, 4) for a in acc]}  # fmt: skip
     finally:
         executor.shutdown(wait=False, cancel_futures=True)
         fleet.close()
@@ -360,7 +470,13 @@ def main() -> None:
     p.add_argument("--scale-rounds", type=int, default=3)
     p.add_argument("--embedded", action="store_true", help="also 1,000 embedded devices")
     p.add_argument("--queues-only", action="store_true", help="only the queues' broker memory")
+    p.add_argument("--reap", help=argparse.SUPPRESS)  # internal: PARENT_PID,VHOST,PIDS_FILE
     args = p.parse_args()
+    if args.reap:
+        parent, vhost, pids_file = args.reap.split(",", 2)
+        reap(int(parent), vhost, pids_file)
+        return
+    unwind_on_signals()
     torch.set_num_threads(1)
     if args.queues_only:
         print(json.dumps({"command": " ".join(sys.argv), "queues": run_queues_only(args)}))

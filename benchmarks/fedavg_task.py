@@ -118,6 +118,20 @@ def central_eval(
     return float((out.argmax(1) == y).float().mean()), float(F.cross_entropy(out, y))
 
 
+def task_threads() -> int:
+    """Set torch's intra-op threads for this process as every compared run does; return them.
+
+    ``FEDAVG_TORCH_THREADS`` (default 1). One thread is what fedplan's devices use (each
+    embedded device thread and each Celery pool process caps itself at one), so the floor
+    and the server side run with the same count; with torch's default (one per core) the
+    floor's tiny ops spin two OpenMP threads, which on a shared machine costs it several
+    times its quiet time. Call it first, before any torch op.
+    """
+    threads = int(os.environ.get("FEDAVG_TORCH_THREADS", "1"))
+    torch.set_num_threads(threads)
+    return threads
+
+
 def warm_up_sgd() -> None:
     """Pay the first-SGD cost (``torch._dynamo`` import) now, as a long-lived device would."""
     p = torch.zeros(1, requires_grad=True)
@@ -187,6 +201,8 @@ class Timeline:
     name: str
     start: float = field(default_factory=process_start_time)
     marks: list[float] = field(default_factory=list)
+    cpu_marks: list[float] = field(default_factory=list)
+    """This process's CPU time (all its threads) at each mark: a load-independent cost."""
     accuracy: list[float] = field(default_factory=list)
     loss: list[float] = field(default_factory=list)
     memory: TreeMemory = field(default_factory=TreeMemory)
@@ -194,6 +210,7 @@ class Timeline:
 
     def mark(self, accuracy: float, loss: float) -> None:
         self.marks.append(time.time())
+        self.cpu_marks.append(time.process_time())
         self.accuracy.append(accuracy)
         self.loss.append(loss)
 
@@ -207,6 +224,9 @@ class Timeline:
             "round_first_s": rounds[0] if rounds else None,
             "round_median_s": float(np.median(rounds)) if rounds else None,
             "round_warm_median_s": float(np.median(rounds[1:])) if len(rounds) > 1 else None,
+            "round_warm_median_cpu_s": (
+                float(np.median(np.diff(self.cpu_marks)[1:])) if len(rounds) > 1 else None
+            ),
             "rounds_total_s": self.marks[-1] - self.marks[0],
             "launch_to_final_s": self.marks[-1] - self.start,
             "peak_rss_tree_mib": peak / 2**20,

@@ -17,8 +17,10 @@ behind a flood waits for about one bucket of the flooder's commands (or device s
 plus one refusal per remaining flood command.
 
 Where it is checked: on a Celery device in the gate, in the worker's main process, before
-the command reaches the pool (:mod:`consumer.worker.gate`: a command's run time is the time
-until the next delivery, since a device takes one message at a time); on an embedded device
+the command reaches the pool (:mod:`consumer.worker.gate`: a command's run time is its own,
+from when a pool process accepted it to when its message was settled, kept per delivery
+tag, so commands running side by side on a ``--concurrency`` > 1 worker are each charged
+exactly their own time); on an embedded device
 before the runtime runs the command (:class:`~consumer.runtime.device.DeviceRuntime`). One
 chunked command counts once (its first chunk); redeliveries do not count again.
 

@@ -27,6 +27,7 @@ import math
 import os
 import re
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -74,6 +75,10 @@ without the pool process ever seeing the message again."""
 MIN_CHUNK_BYTES = 64 * 1024
 """Chunks of a transfer are this big at least (but the last): bounds the chunk count."""
 
+MAX_UNSETTLED = 65536
+"""Admitted commands whose run time is not charged yet (the queues' prefetch windows bound
+them); past this many the oldest is forgotten uncharged."""
+
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,199}$")
 _USER = re.compile(r"^[A-Za-z0-9_.@:-][A-Za-z0-9_.@:+=-]{0,199}$")
 _DEVICE_USER = re.compile(rf"^{re.escape(names.PREFIX)}-device-[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -95,6 +100,16 @@ class Verdict:
     reply_to: str | None = None
     command_id: str | None = None
     chunked: bool = False
+
+
+@dataclass(slots=True)
+class _Admitted:
+    """An admitted command until it is settled: whose it is and when it began."""
+
+    device: str | None
+    sender: str
+    admitted: float
+    charged: float | None = None  # its run time is charged up to here (None: not started)
 
 
 class _TooBig(Exception):
@@ -323,8 +338,7 @@ class Gate:
         self._audits: dict[str, AuditLog] = {}
         self.fairness = ProducerBudgets()  # a one-device worker's; see _rates
         self._device_rates: dict[str, ProducerBudgets] = {}
-        # the last admitted command: its device, sender and when
-        self._running: tuple[str | None, str, float] | None = None
+        self._unsettled: OrderedDict[Any, _Admitted] = OrderedDict()  # by delivery tag
 
     def _data_dir(self, device: str | None) -> str:
         s = device_settings(self.settings, device) if device else self.settings
@@ -350,20 +364,53 @@ class Gate:
             rates = self._device_rates[device] = ProducerBudgets()
         return rates
 
-    def settle(self, now: float) -> None:
-        """The command admitted last has finished (its message was settled, or the next
-        delivery arrived: a device takes one message at a time): its run time is charged to
-        its sender's ``max_device_seconds_per_minute`` bucket."""
-        if self._running is not None:
-            device, sender, started = self._running
-            self._running = None
-            per_minute = self._budgets(device).max_device_seconds_per_minute
-            self._rates(device).charge_device_time(sender, now - started, per_minute)
+    def started(self, tag: Any, when: float | None = None) -> None:
+        """A pool process accepted the command of delivery ``tag`` (``when``: its monotonic
+        clock, the same on every process of the machine): its run time counts from here."""
+        entry = self._unsettled.get(tag)
+        if entry is not None and entry.charged is None:
+            entry.charged = max(entry.admitted, time.monotonic() if when is None else when)
 
-    def finished(self) -> None:
-        """The pool finished the command admitted last (its message was acked or rejected:
-        :class:`~consumer.worker.requests.DeviceRequest`): charge its run time now."""
-        self.settle(time.monotonic())
+    def finished(self, tag: Any, now: float | None = None) -> None:
+        """The command of delivery ``tag`` was settled (acked or rejected): charge the rest
+        of its own run time, from when a pool process accepted it (else from its admission)
+        to now, to its sender's ``max_device_seconds_per_minute`` bucket on its device.
+
+        Commands run side by side (``--concurrency`` > 1) are each charged their own time,
+        and a command's time so far is charged whenever another delivery is admitted (its
+        reply may be out before its message is settled); a second settle charges nothing.
+
+        Examples
+        --------
+        >>> gate = Gate(Settings())
+        >>> gate.finished(12345)  # not admitted by this gate: nothing to charge
+        """
+        entry = self._unsettled.pop(tag, None)
+        if entry is None:
+            return
+        if entry.charged is None:  # never seen starting: from its admission
+            entry.charged = entry.admitted
+        self._charge(entry, time.monotonic() if now is None else now)
+
+    def _charge(self, entry: _Admitted, now: float) -> None:
+        if entry.charged is None or now <= entry.charged:
+            return
+        seconds, entry.charged = now - entry.charged, now
+        per_minute = self._budgets(entry.device).max_device_seconds_per_minute
+        self._rates(entry.device).charge_device_time(entry.sender, seconds, per_minute)
+
+    def _charge_running(self, now: float) -> None:
+        """Charge every running command its time so far (before a new delivery is judged)."""
+        for entry in self._unsettled.values():
+            self._charge(entry, now)
+
+    def _admitted(self, raw: Any, device: str | None, sender: str, now: float) -> None:
+        tag = getattr(raw, "delivery_tag", None)
+        if tag is None:
+            return
+        self._unsettled[tag] = _Admitted(device, sender, now)
+        while len(self._unsettled) > MAX_UNSETTLED:
+            self._unsettled.popitem(last=False)
 
     def over_budget(
         self, verdict: Verdict, deliveries: int, device: str | None, user: Any = None
@@ -407,7 +454,7 @@ class Gate:
         """Check a raw py-amqp message from ``queue`` (the queue the broker delivered it
         from): True to hand it on to Celery, else it was refused."""
         now = time.monotonic()
-        self.settle(now)
+        self._charge_running(now)
         properties = getattr(raw, "properties", None)
         verdict = inspect(properties, getattr(raw, "body", None), self.settings)
         device: str | None = None
@@ -436,13 +483,11 @@ class Gate:
                 verdict.headers[DEVICE_HEADER] = device
                 if isinstance(properties, dict):  # always, once admitted
                     properties["application_headers"] = verdict.headers
-                    self._running = (device, verdict.headers[SENDER_HEADER], now)
+                    self._admitted(raw, device, verdict.headers[SENDER_HEADER], now)
                     return True
         return self._refuse(raw, verdict, device, MessageRefused(verdict.refusal or ""))
 
-    def _record(
-        self, raw: Any, verdict: Verdict, device: str | None, exc: FedplanError
-    ) -> None:
+    def _record(self, raw: Any, verdict: Verdict, device: str | None, exc: FedplanError) -> None:
         """Every refusal is in the device's audit log, the gate's too (best effort: the
         message is refused either way, and nothing of the device leaves with it)."""
         try:

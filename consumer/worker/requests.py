@@ -27,11 +27,17 @@ from schemas.errors import TimeLimitError
 log = logging.getLogger(__name__)
 
 
-def _purge() -> None:
+def _delivery_tag(request: Request) -> Any:
+    message = getattr(request, "_message", None)
+    return getattr(message, "delivery_tag", None)
+
+
+def _purge(request: Request | None = None) -> None:
     try:
         gate = GatedConsumer.gate
-        if gate is not None:
-            gate.finished()  # the command's run time, for the producers' fairness budget
+        if gate is not None and request is not None:
+            # this command's own run time, for its sender's fairness budget
+            gate.finished(_delivery_tag(request))
     except Exception:  # bookkeeping only
         log.debug("charging the command's device time failed", exc_info=True)
     try:
@@ -86,12 +92,23 @@ class DeviceRequest(Request):
         if self.task.acks_late:
             self.reject(requeue=False)
 
+    def on_accepted(self, pid: Any, time_accepted: float) -> None:
+        """A pool process started the command: its run time counts from here (the gate
+        charges each command its own start to end, however many run at once)."""
+        try:
+            gate = GatedConsumer.gate
+            if gate is not None:
+                gate.started(_delivery_tag(self), time_accepted)
+        except Exception:  # bookkeeping only
+            log.debug("recording the command's start failed", exc_info=True)
+        super().on_accepted(pid, time_accepted)
+
     def on_timeout(self, soft: bool, timeout: float) -> None:
         """Answer the command with ``TIME_LIMIT`` (hard limit), then let Celery go on."""
         if not soft:
             self._answer_hard_limit(f"{timeout:g}")
         super().on_timeout(soft, timeout)
-        _purge()
+        _purge(None if soft else self)  # a soft limit: the command still runs to its end
 
     # Celery's optimised request class overrides on_success without calling up, but every
     # finished task is acked or rejected: the cancelled time-limit timer goes there.
@@ -99,13 +116,13 @@ class DeviceRequest(Request):
         try:
             super().acknowledge()
         finally:
-            _purge()
+            _purge(self)
 
     def reject(self, requeue: bool = False) -> None:
         try:
             super().reject(requeue=requeue)
         finally:
-            _purge()
+            _purge(self)
 
     def on_failure(
         self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False
@@ -118,4 +135,4 @@ class DeviceRequest(Request):
         try:
             return super().on_failure(exc_info, send_failed_event, return_ok)
         finally:
-            _purge()
+            _purge(self)

@@ -484,6 +484,19 @@ class Plan(nn.Module):
         return dataclasses.replace(self._ir, state_values=self.named_state())
 
     @property
+    def structure(self) -> PlanIR:
+        """The traced IR without reading the live state (ops, inputs, outputs): cheap, for
+        callers that never send the state (``ir`` collects every state tensor each time).
+
+        >>> p = Plan("double", function=lambda x: x * 2); _ = p(torch.ones(1))
+        >>> p.structure.ops is p.ir.ops, p.structure.state_values
+        (True, {})
+        """
+        if self._ir is None:
+            raise PlanNotBuiltError(NOT_BUILT_MESSAGE, plan_id=self.id, plan_name=self.name)
+        return self._ir
+
+    @property
     def code(self) -> str:
         """A readable listing of the plan's ops (``def name(x): ...``)."""
         if self._ir is None:

@@ -32,6 +32,9 @@ class BuiltPlan(Protocol):
     @property
     def ir(self) -> PlanIR: ...
 
+    @property
+    def structure(self) -> PlanIR: ...
+
     def load_state(self, values: Mapping[str, torch.Tensor]) -> None: ...
 
     def bind_arguments(

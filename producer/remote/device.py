@@ -237,16 +237,16 @@ class Device:
         if not plan.is_built:
             raise PlanNotBuiltError(NOT_BUILT_MESSAGE, plan_id=plan.id, plan_name=plan.name)
         pending: PendingCommand | None = None
-        ir: PlanIR = plan.ir
-        if force or self._plans.get(plan.id) is not ir.ops:
-            msg = cmd.StorePlan(plan=plan_to_proto(ir, plan_id=plan.id))
+        ops = plan.structure.ops  # the live state is read only when the plan is sent
+        if force or self._plans.get(plan.id) is not ops:
+            msg = cmd.StorePlan(plan=plan_to_proto(plan.ir, plan_id=plan.id))
             if signed_by is not None:
                 from schemas.signing import sign_plan_hash
 
                 msg.signer = signed_by[0]
                 msg.signature = sign_plan_hash(signed_by[1], msg.plan.content_hash)
             pending = self._submit("store_plan", msg)
-            self._plans[plan.id] = ir.ops
+            self._plans[plan.id] = ops
             pending.add_done_callback(lambda f: self._forget_refused(plan.id, f))
         pointer = PointerPlan(plan, self, pending=pending)
         if wait:
@@ -275,7 +275,7 @@ class Device:
         ``inline_limit`` overrides the device handle's (``0``: no output in the reply unless
         ``return_values``; secure aggregation keeps updates on the device this way).
         """
-        ir: PlanIR = plan.ir
+        ir: PlanIR = plan.structure  # only its outputs: no need to collect the live state
         result_ids = tuple(new_id() for _ in output_slots(ir.outputs))
         msg = cmd.RunPlan(
             plan_id=plan.id,

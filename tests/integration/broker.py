@@ -10,12 +10,14 @@ import threading
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import Self
 from urllib.parse import quote, urlsplit, urlunsplit
 
 from broker_config import names
 from broker_config.management import ManagementClient
 from broker_config.settings import Settings
 from consumer.worker.cli import worker_argv, worker_env
+from producer.transport.amqp import AmqpTransport
 from schemas.command_pb2 import Reply
 from schemas.wire import decode_reply
 
@@ -102,13 +104,20 @@ class WorkerProcess:
         self.log_path = data_dir.parent / f"worker-{device_id}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, *, extra_env: dict[str, str] | None = None) -> WorkerProcess:
-        env = worker_env(self.device_id, self.data_dir, self.vhost.url)
+    def _worker_env(self) -> dict[str, str]:
+        """The environment of the worker before this test's own variables."""
+        return worker_env(self.device_id, self.data_dir, self.vhost.url)
+
+    def _worker_argv(self) -> list[str]:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        return worker_argv(self.device_id, loglevel="info")
+
+    def start(self, *, extra_env: dict[str, str] | None = None) -> Self:
+        env = self._worker_env()
         env.update(self.env)
         env.update(extra_env or {})
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(self.repo), env.get("PYTHONPATH")]))
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        argv = worker_argv(self.device_id, loglevel="info")
+        argv = self._worker_argv()
         argv[argv.index("-A") + 1] = self.app
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
@@ -192,3 +201,17 @@ class Replies:
     def count(self, command_id: str) -> int:
         with self._cond:
             return len(self.by_id.get(command_id, []))
+
+
+def producer_transport(
+    vhost: RunVhost, producer: tuple[str, str, str], replies: Replies
+) -> AmqpTransport:
+    """A transport of the ``producer`` fixture's user (it trusts the session's worker replies)."""
+    pid, _user, url = producer
+    settings = vhost.settings.replace(
+        broker_url=url,
+        producer_id=pid,
+        producer_declares=False,
+        trusted_reply_users=vhost.admin.user,  # the worker answers as the session's user
+    )
+    return AmqpTransport(on_reply=replies.on_reply, settings=settings)

@@ -5,9 +5,11 @@ from __future__ import annotations
 import secrets
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 
+from broker_config.setup import create_producer_user, declare_topology
 from producer.transport.amqp import AmqpTransport
 from tests.integration.broker import Replies, RunVhost, WorkerProcess
 
@@ -50,3 +52,16 @@ def transport(vhost: RunVhost, replies: Replies) -> Iterator[AmqpTransport]:
     )
     yield t
     t.close()
+
+
+@pytest.fixture
+def producer(vhost: RunVhost) -> Iterator[tuple[str, str, str]]:
+    """A second producer: its id, its least-privilege broker user and that user's AMQP URL
+    (the user is deleted afterwards)."""
+    pid = f"lp{secrets.token_hex(3)}"
+    password = secrets.token_hex(8)
+    declare_topology(vhost.client, vhost.settings, ["pu"])
+    user = create_producer_user(vhost.client, pid, password)
+    url = f"amqp://{user}:{password}@127.0.0.1:5672/{quote(vhost.name, safe='')}"
+    yield pid, user, url
+    vhost.admin.request("DELETE", f"users/{vhost.admin.q(user)}")

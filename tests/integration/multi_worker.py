@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 from broker_config import names
 from consumer.worker.cli import devices_env, worker_argv
-from tests.integration.broker import REPO, RunVhost, WorkerProcess
+from tests.integration.broker import RunVhost, WorkerProcess
 
 
 class MultiWorkerProcess(WorkerProcess):
@@ -35,25 +32,13 @@ class MultiWorkerProcess(WorkerProcess):
     def data_dir_of(self, device: str) -> Path:
         return self.data_dir / device
 
-    def start(self, *, extra_env: dict[str, str] | None = None) -> MultiWorkerProcess:
-        env = devices_env(self.data_dir, self.vhost.url)
-        env.update(self.env)
-        env.update(extra_env or {})
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    def _worker_env(self) -> dict[str, str]:
+        return devices_env(self.data_dir, self.vhost.url)
+
+    def _worker_argv(self) -> list[str]:
         for d in self.devices:
             self.data_dir_of(d).mkdir(parents=True, exist_ok=True)
-        argv = worker_argv(self.devices, loglevel="info", concurrency=self.concurrency)
-        argv[argv.index("-A") + 1] = self.app
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, *argv],
-                cwd=REPO,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        return self
+        return worker_argv(self.devices, loglevel="info", concurrency=self.concurrency)
 
     def wait_ready(self, timeout: float = 90.0) -> MultiWorkerProcess:
         """Wait until every device queue has this worker as a consumer."""

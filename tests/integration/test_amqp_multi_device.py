@@ -25,7 +25,7 @@ from schemas.command_pb2 import Reply
 from schemas.tensor_codec import tensor_from_proto
 from schemas.wire import new_id
 from tests.integration import commands as cmd
-from tests.integration.broker import Replies, RunVhost
+from tests.integration.broker import Replies, RunVhost, producer_transport
 from tests.integration.multi_worker import MultiWorkerProcess
 from tests.integration.test_amqp_durability import _accumulate
 
@@ -263,3 +263,49 @@ def test_a_gateway_user_serves_its_devices_on_one_connection_and_reads_no_other_
         transport.close()
         worker.stop()
         vhost.admin.request("DELETE", f"users/{vhost.admin.q(user)}")
+
+
+def test_one_senders_slow_plans_are_charged_to_that_sender_only_on_a_concurrent_worker(
+    vhost: RunVhost,
+    multi: Callable[..., MultiWorkerProcess],
+    transport: AmqpTransport,
+    replies: Replies,
+    producer: tuple[str, str, str],
+) -> None:
+    """A's slow plan holds one pool process while B's quick commands, admitted meanwhile, run
+    on the other. Each command is charged its own run time: A goes into debt on its device
+    (its plan ran 10 s against a share of 6 s a minute), B keeps its share of the other."""
+    slow, quick, _ = _ids("f")
+    limits = {"FEDPLAN_SOFT_TIME_LIMIT": "300", "FEDPLAN_TIME_LIMIT": "400"}
+    worker = multi([slow, quick], env=limits)  # two pool processes
+    transport.ensure_device(slow)
+    transport.ensure_device(quick)
+    n = 600  # the plan runs until its wall budget (10 s) ends it, on any machine
+    w, x = torch.randn(n, n) / math.sqrt(n), torch.randn(n, n)
+    _ok(_store(transport, replies, slow, "big", x))
+    cid = new_id()
+    _ok(
+        _send(transport, replies, slow, cmd.store_plan(cid, slow, cmd.slow_plan(4000, w), "p"), cid)
+    )
+    share = {"max_device_seconds_per_minute": 6}  # refilled at 0.1 s a second
+    PolicyFile(worker.data_dir_of(slow)).update(budgets={**share, "max_wall_seconds": 10})
+    PolicyFile(worker.data_dir_of(quick)).update(budgets=share)
+    plan_cid = new_id()
+    run = cmd.run_plan(plan_cid, slow, "p", ["big"], ["y"])
+    transport.publish(slow, run, command_id=plan_cid)
+    worker.wait_log(plan_cid, timeout=60)  # A's plan holds one pool process now
+    b_replies = Replies()
+    b = producer_transport(vhost, producer, b_replies)
+    try:
+        y = torch.randn(3)
+        _ok(_store(b, b_replies, quick, "q", y))  # admitted while A's plan runs
+        for _ in range(2):
+            assert torch.equal(_value(_get(b, b_replies, quick, "q")), y)
+        assert replies.count(plan_cid) == 0, "B's commands did not run beside A's plan"
+        assert replies.wait(plan_cid, 180).error.code == "TIME_LIMIT"
+        refused = _get(transport, replies, slow, "big")  # A: 10 s charged, 4 s in debt
+        assert refused.error.code == "POLICY_REFUSED", refused
+        assert "max_device_seconds_per_minute" in refused.error.message
+        assert torch.equal(_value(_get(b, b_replies, quick, "q")), y), "B was charged A's time"
+    finally:
+        b.close()

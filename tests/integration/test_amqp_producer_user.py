@@ -8,9 +8,7 @@ serve it.
 
 from __future__ import annotations
 
-import secrets
-from collections.abc import Callable, Iterator
-from urllib.parse import quote
+from collections.abc import Callable
 
 import pika
 import pika.exceptions as pex
@@ -18,26 +16,13 @@ import pytest
 import torch
 
 from broker_config import names
-from broker_config.setup import create_producer_user, declare_topology
 from consumer.policy.rules import PolicyFile
 from producer.transport.amqp import AmqpTransport
 from schemas.wire import new_id
 from tests.integration import commands as cmd
-from tests.integration.broker import Replies, RunVhost, WorkerProcess
+from tests.integration.broker import Replies, RunVhost, WorkerProcess, producer_transport
 
 pytestmark = pytest.mark.rabbitmq
-
-
-@pytest.fixture
-def producer(vhost: RunVhost) -> Iterator[tuple[str, str, str]]:
-    """A producer id, its user and the AMQP URL of that user (deleted afterwards)."""
-    pid = f"lp{secrets.token_hex(3)}"
-    password = secrets.token_hex(8)
-    declare_topology(vhost.client, vhost.settings, ["pu"])
-    user = create_producer_user(vhost.client, pid, password)
-    url = f"amqp://{user}:{password}@127.0.0.1:5672/{quote(vhost.name, safe='')}"
-    yield pid, user, url
-    vhost.admin.request("DELETE", f"users/{vhost.admin.q(user)}")
 
 
 def test_a_producer_user_runs_commands_and_can_do_nothing_else(
@@ -47,16 +32,10 @@ def test_a_producer_user_runs_commands_and_can_do_nothing_else(
     transport: AmqpTransport,
 ) -> None:
     other_results = transport.results_queue  # another producer's (existing) results queue
-    pid, user, url = producer
+    _pid, user, url = producer
     worker = workers("pu")
     replies = Replies()
-    settings = vhost.settings.replace(
-        broker_url=url,
-        producer_id=pid,
-        producer_declares=False,
-        trusted_reply_users=vhost.admin.user,  # the worker answers as the session's user
-    )
-    mine = AmqpTransport(on_reply=replies.on_reply, settings=settings)
+    mine = producer_transport(vhost, producer, replies)
     try:
         mine.ensure_device("pu")
         cid = new_id()

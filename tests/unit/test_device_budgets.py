@@ -38,6 +38,7 @@ from schemas.wire import decode_reply, encode_command
 QUEUE = "fedplan.device.d1"
 """The queue the test deliveries come from (the gate names the device from it)."""
 
+
 def _outer() -> PlanIR:
     return PlanIR(
         name="outer",
@@ -142,7 +143,9 @@ class _Channel:
         self.acked.append(tag)
 
 
-def _raw(user: str, headers: dict[str, Any] | None = None, redelivered: bool = False) -> Any:
+def _raw(
+    user: str, headers: dict[str, Any] | None = None, redelivered: bool = False, tag: int = 7
+) -> Any:
     props = {
         "content_type": CONTENT_TYPE,
         "content_encoding": CONTENT_ENCODING,
@@ -153,7 +156,7 @@ def _raw(user: str, headers: dict[str, Any] | None = None, redelivered: bool = F
     }
     info = {"redelivered": redelivered, "routing_key": "fedplan.device.d1"}
     return SimpleNamespace(
-        properties=props, body=b"x", delivery_info=info, delivery_tag=7, channel=_Channel()
+        properties=props, body=b"x", delivery_info=info, delivery_tag=tag, channel=_Channel()
     )
 
 
@@ -177,7 +180,7 @@ def test_the_gate_refuses_a_producer_over_its_command_rate_acked_not_dead_letter
     assert gate.admit(_raw("p1", chunk), QUEUE)  # nor a transfer's later chunks
 
 
-def test_the_gate_charges_a_commands_run_time_until_the_next_delivery_to_its_sender(
+def test_the_gate_charges_each_command_its_own_run_time_when_commands_overlap(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     now = [100.0]
@@ -187,14 +190,43 @@ def test_the_gate_charges_a_commands_run_time_until_the_next_delivery_to_its_sen
     PolicyFile(tmp_path).update(budgets={"max_device_seconds_per_minute": 6})
     gate = Gate(Settings(data_dir=tmp_path))
     gate.fairness = ProducerBudgets(clock=lambda: now[0])
-    assert gate.admit(_raw("p1"), QUEUE)
-    now[0] += 10.0  # p1's command ran 10 s: the next delivery comes after it
-    assert gate.admit(_raw("p2"), QUEUE)  # p2 has its own share
-    now[0] += 0.1
-    assert not gate.admit(_raw("p1"), QUEUE)  # p1 is 4 s in debt
+    assert gate.admit(_raw("p1", tag=1), QUEUE)  # p1's slow command
+    gate.started(1, now[0] + 0.5)  # a pool process takes it half a second later
+    now[0] += 1.0
+    assert gate.admit(_raw("p2", tag=2), QUEUE)  # p2's quick one, on the other pool process
+    gate.started(2)
+    now[0] += 0.2
+    gate.finished(2)  # p2 ran 0.2 s
+    now[0] += 9.3
+    gate.finished(1)  # p1 ran 10 s, from its start to its end, beside p2's
+    gate.finished(1)  # a second settle of the same delivery charges nothing more
+    assert gate.admit(_raw("p2", tag=3), QUEUE)  # p2 was charged its own 0.2 s only
+    gate.finished(3)
+    assert not gate.admit(_raw("p1", tag=4), QUEUE)  # p1 is 4 s in debt
     assert "max_device_seconds_per_minute" in sent[0].message
     now[0] += 41.0  # repaid at 0.1 s a second
-    assert gate.admit(_raw("p1"), QUEUE)
+    assert gate.admit(_raw("p1", tag=5), QUEUE)
+    gate.started(5)
+    now[0] += 20.0  # its reply is out, its message not settled yet: the next command comes
+    assert not gate.admit(_raw("p1", tag=6), QUEUE)  # the 20 s so far count already
+    gate.finished(5)
+
+
+def test_a_command_waiting_for_a_pool_process_is_charged_from_its_start_not_its_admission(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    now = [100.0]
+    monkeypatch.setattr("consumer.worker.gate.send_error", lambda *a, **k: None)
+    monkeypatch.setattr("consumer.worker.gate.time.monotonic", lambda: now[0])
+    PolicyFile(tmp_path).update(budgets={"max_device_seconds_per_minute": 6})
+    gate = Gate(Settings(data_dir=tmp_path))
+    gate.fairness = ProducerBudgets(clock=lambda: now[0])
+    assert gate.admit(_raw("p1", tag=1), QUEUE)
+    now[0] += 30.0  # prefetched behind other commands for 30 s
+    gate.started(1)
+    now[0] += 1.0
+    gate.finished(1)
+    assert gate.admit(_raw("p1", tag=2), QUEUE)  # charged 1 s, not 31 s
 
 
 def _store(cid: str) -> bytes:

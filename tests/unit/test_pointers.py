@@ -31,6 +31,10 @@ class HandPlan:
     def name(self) -> str:
         return self.ir.name
 
+    @property
+    def structure(self) -> PlanIR:
+        return self.ir
+
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
         self.ir.state_values = {k: v.detach().clone() for k, v in state.items()}
 
