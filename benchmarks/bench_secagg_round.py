@@ -9,7 +9,7 @@ unless ``--broker`` (Celery workers on RabbitMQ, spawned by the demo code).
 Usage::
 
     .venv/bin/python benchmarks/bench_secagg_round.py --devices 8 100 --rounds 5 \\
-        --accuracy-rounds 20 --out benchmarks/RESULTS.md
+        --secagg-k auto 0 20 --accuracy-rounds 20 --out benchmarks/RESULTS.md
 """
 
 from __future__ import annotations
@@ -126,8 +126,9 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5, help="rounds timed per configuration")
     p.add_argument("--accuracy-rounds", type=int, default=20)
     p.add_argument("--accuracy-devices", type=int, nargs="*", default=[8])
-    p.add_argument("--secagg-k", type=int, default=None,
-                   help="k of the k-regular graph for the secure rows (default: complete)")
+    p.add_argument("--secagg-k", type=_degree, nargs="*", default=[None],
+                   help="k of the k-regular graph for the secure rows, one row per value "
+                   "('auto', the default: SecureAggregation's safe k; 0: the complete graph)")
     p.add_argument("--broker", default=None)
     p.add_argument("--out", default=None, help="append the results to this markdown file")
     a = p.parse_args()
@@ -140,10 +141,12 @@ def main() -> None:
     lines.append(f"Command: `.venv/bin/python {command}`\n")
     lines.append(
         f"`fedplan demo`'s task ({where}): digits, MLP 64-64-10 (4810 weights), 5 local "
-        "epochs, IID split; SecAgg+ on the complete graph (t = majority, up to a third may "
-        "drop), 16 fractional bits. Bytes are the encoded commands the producer publishes to "
-        "a device plus the replies it receives, per device per round (data setup and the plan, "
-        "sent once per device, excluded; the plan is listed apart). "
+        "epochs, IID split; SecAgg+ with t = a majority of the k neighbours, up to a third "
+        "may drop, 16 fractional bits; 'P(fail)' is the bound on a round failing when a "
+        "random third drops (0: impossible whichever third drops). Bytes are the encoded "
+        "commands the producer publishes to a device plus the replies it receives, per device "
+        "per round (data setup and the plan, sent once per device, excluded; the plan is "
+        "listed apart). "
         f"Round time is the median over {a.rounds} rounds. Machine: {platform.platform()}, "
         f"{os.cpu_count()} CPUs shared with other jobs (times are noisy, bytes exact).\n")
     lines.append("| devices | mode | round s | ratio | bytes/device/round (down + up) | ratio "
@@ -151,16 +154,17 @@ def main() -> None:
     lines.append("|---:|---|---:|---:|---:|---:|---:|")
     for n in a.devices:
         plain = run(n, a.rounds, [], a.broker)
-        k = ["--secagg-k", str(a.secagg_k)] if a.secagg_k else []
-        secure = run(n, a.rounds, ["--secagg", *k], a.broker)
-        label = f"SecAgg+ (k = {a.secagg_k})" if a.secagg_k else "SecAgg+ (complete graph)"
-        for name, r in (("FedAvg", plain), (label, secure)):
+        rows = [("FedAvg", plain)]
+        for k in a.secagg_k:
+            flag = [] if k is None else ["--secagg-k", str(k or n - 1)]
+            rows.append((secure_label(n, k), run(n, a.rounds, ["--secagg", *flag], a.broker)))
+        for name, r in rows:
             lines.append(
                 f"| {n} | {name} | {r['round_s']:.2f} | {r['round_s'] / plain['round_s']:.2f}x |"
                 f" {r['bytes_per_device_round']:,.0f} ({r['down']:,.0f} + {r['up']:,.0f}) | "
                 f"{r['bytes_per_device_round'] / plain['bytes_per_device_round']:.2f}x | "
                 f"{r['plan_bytes']:,.0f} |")
-        print("\n".join(lines[-2:]), flush=True)
+        print("\n".join(lines[-len(rows):]), flush=True)
     if not a.accuracy_devices:
         return finish(lines, a.out)
     lines.append("")
@@ -180,6 +184,22 @@ def main() -> None:
             lines.append(f"| {n} | {name} | {100 * r['accuracy']:.2f}% | {eps} |")
             print(lines[-1], flush=True)
     finish(lines, a.out)
+
+
+def _degree(value: str) -> int | None:
+    return None if value == "auto" else int(value)
+
+
+def secure_label(n: int, k: int | None) -> str:
+    """The secure row's name: k (and whether it is the default), t and P(fail)."""
+    from producer.fl.secure_rounds import SecureAggregation
+
+    secure = SecureAggregation(neighbours=k or n - 1 if k is not None else None)
+    degree = secure.degree(n)
+    graph = "complete" if degree == n - 1 else f"k = {degree}"
+    default = ", default" if k is None else ""
+    return (f"SecAgg+ ({graph}{default}, t = {secure.threshold(degree)}, "
+            f"P(fail) ≤ {secure.dropout_failure_probability(n):.2g})")
 
 
 def finish(lines: list[str], out: str | None) -> None:
