@@ -63,6 +63,41 @@ class Tap:
         ReplyCollector._deliver = counting_deliver  # type: ignore[method-assign]
 
 
+class RoundCpu:
+    """CPU seconds of this process (the producer and, embedded, every device thread) spent
+    in each ``run_round``: steadier than wall time on a shared machine, since another job's
+    load delays a round's wall clock but does not add to this process's CPU time."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+        self._saved: list[tuple[Any, Any]] = []
+
+    def __enter__(self) -> RoundCpu:
+        from producer.fl.rounds import RoundRunner
+        from producer.fl.secure_rounds import SecureRoundRunner
+
+        for cls in (RoundRunner, SecureRoundRunner):
+            original = cls.run_round
+            self._saved.append((cls, original))
+            setattr(cls, "run_round", self._timed(original))  # noqa: B010 - a class patch
+        return self
+
+    def _timed(self, original: Any) -> Any:
+        def run_round(runner: Any, *args: Any, **kwargs: Any) -> Any:
+            start = time.process_time()
+            try:
+                return original(runner, *args, **kwargs)
+            finally:
+                self.seconds.append(time.process_time() - start)
+
+        return run_round
+
+    def __exit__(self, *exc: object) -> None:
+        for cls, original in self._saved:
+            setattr(cls, "run_round", original)  # noqa: B010
+        self.seconds = self.seconds[1:]  # the first round also loads the plans
+
+
 def run(devices: int, rounds: int, extra: list[str], broker: str | None) -> dict[str, Any]:
     """One demo job; returns per-round seconds, bytes per device per round, accuracy, ε."""
     from producer.cli.main import build_parser
@@ -93,12 +128,13 @@ def run(devices: int, rounds: int, extra: list[str], broker: str | None) -> dict
         workers = spawn_workers(setup.shares, out / "devices", broker,
                                 plan_hashes(plans, secure=setup.secure))
     fleet = connect(broker, timeout=600) if broker else connect()
+    cpu = RoundCpu()
     executor = ThreadPoolExecutor(max(4, 2 * devices))
     tap = Tap()
     try:
         members = participants(args, setup, fleet, executor, spawned=bool(broker), plans=plans)
         tap.install(fleet)
-        with open(os.devnull, "w") as sink, ProgressBar(rounds, stream=sink) as bar:
+        with open(os.devnull, "w") as sink, ProgressBar(rounds, stream=sink) as bar, cpu:
             job = make_job(args, setup, members, bar)
             job.checkpoint_dir = None
             result = job.run(get_weights(setup.model), rounds)
@@ -110,6 +146,7 @@ def run(devices: int, rounds: int, extra: list[str], broker: str | None) -> dict
     total = sum(tap.sent.values()) + sum(tap.received.values())
     return {
         "round_s": statistics.median(m.round_seconds for m in trained),
+        "cpu_s": statistics.median(cpu.seconds) if cpu.seconds else float("nan"),
         "bytes_per_device_round": total / devices / max(1, len(trained)),
         "up": sum(tap.received.values()) / devices / max(1, len(trained)),
         "down": sum(tap.sent.values()) / devices / max(1, len(trained)),
@@ -147,11 +184,13 @@ def main() -> None:
         "commands the producer publishes to a device plus the replies it receives, per device "
         "per round (data setup and the plan, sent once per device, excluded; the plan is "
         "listed apart). "
-        f"Round time is the median over {a.rounds} rounds. Machine: {platform.platform()}, "
+        f"Round time is the median over {a.rounds} rounds; round CPU is this process's CPU time "
+        "per round (producer and embedded devices; not the Celery workers'), median over the "
+        f"rounds after the first. Machine: {platform.platform()}, "
         f"{os.cpu_count()} CPUs shared with other jobs (times are noisy, bytes exact).\n")
-    lines.append("| devices | mode | round s | ratio | bytes/device/round (down + up) | ratio "
-                 "| plan bytes/device (once) |")
-    lines.append("|---:|---|---:|---:|---:|---:|---:|")
+    lines.append("| devices | mode | round s | ratio | round CPU s | ratio | bytes/device/round "
+                 "(down + up) | ratio | plan bytes/device (once) |")
+    lines.append("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     for n in a.devices:
         plain = run(n, a.rounds, [], a.broker)
         rows = [("FedAvg", plain)]
@@ -161,6 +200,7 @@ def main() -> None:
         for name, r in rows:
             lines.append(
                 f"| {n} | {name} | {r['round_s']:.2f} | {r['round_s'] / plain['round_s']:.2f}x |"
+                f" {r['cpu_s']:.2f} | {r['cpu_s'] / plain['cpu_s']:.2f}x |"
                 f" {r['bytes_per_device_round']:,.0f} ({r['down']:,.0f} + {r['up']:,.0f}) | "
                 f"{r['bytes_per_device_round'] / plain['bytes_per_device_round']:.2f}x | "
                 f"{r['plan_bytes']:,.0f} |")
