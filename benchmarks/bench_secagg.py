@@ -114,7 +114,8 @@ def format_results(rows: list[dict[str, Any]], dim: int) -> str:
         "",
         f"In process, no transport; {dim} values per device (+1 weight), 16 fractional bits, "
         f"weights <= 50. Machine: {platform.platform()}, {os.cpu_count()} CPUs, Python "
-        f"{platform.python_version()}; load average {os.getloadavg()[0]:.1f} at the end "
+        f"{platform.python_version()}; load average {os.getloadavg()[0]:.1f} at the end, "
+        f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC "
         "(other jobs share the CPUs: times are noisy, bytes are exact). Times are medians "
         "per device (ms) and the server's total per stage (ms).",
         "",
@@ -135,9 +136,9 @@ def format_results(rows: list[dict[str, Any]], dim: int) -> str:
     lines += [
         "",
         "The masked vector, packed in b bits per value, is most of what a device sends; the "
-        "rest is its encrypted shares (170 bytes per neighbour). With dropouts the server "
-        "rebuilds each "
-        "dropped device's mask key and regenerates its pairwise masks with every surviving "
+        "rest is its encrypted shares (104 bytes per neighbour: nonce, two 38-byte shares, "
+        "tag). With dropouts the server rebuilds each dropped device's mask key and "
+        "regenerates its pairwise masks with every surviving "
         "neighbour, which is where its unmask time goes.",
     ]
     return "\n".join(lines)

@@ -9,7 +9,7 @@ unless ``--broker`` (Celery workers on RabbitMQ, spawned by the demo code).
 Usage::
 
     .venv/bin/python benchmarks/bench_secagg_round.py --devices 8 100 --rounds 5 \\
-        --accuracy-rounds 20 --out benchmarks/RESULTS.md
+        --secagg-k auto 0 20 --accuracy-rounds 20 --out benchmarks/RESULTS.md
 """
 
 from __future__ import annotations
@@ -63,6 +63,41 @@ class Tap:
         ReplyCollector._deliver = counting_deliver  # type: ignore[method-assign]
 
 
+class RoundCpu:
+    """CPU seconds of this process (the producer and, embedded, every device thread) spent
+    in each ``run_round``: steadier than wall time on a shared machine, since another job's
+    load delays a round's wall clock but does not add to this process's CPU time."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+        self._saved: list[tuple[Any, Any]] = []
+
+    def __enter__(self) -> RoundCpu:
+        from producer.fl.rounds import RoundRunner
+        from producer.fl.secure_rounds import SecureRoundRunner
+
+        for cls in (RoundRunner, SecureRoundRunner):
+            original = cls.run_round
+            self._saved.append((cls, original))
+            setattr(cls, "run_round", self._timed(original))  # noqa: B010 - a class patch
+        return self
+
+    def _timed(self, original: Any) -> Any:
+        def run_round(runner: Any, *args: Any, **kwargs: Any) -> Any:
+            start = time.process_time()
+            try:
+                return original(runner, *args, **kwargs)
+            finally:
+                self.seconds.append(time.process_time() - start)
+
+        return run_round
+
+    def __exit__(self, *exc: object) -> None:
+        for cls, original in self._saved:
+            setattr(cls, "run_round", original)  # noqa: B010
+        self.seconds = self.seconds[1:]  # the first round also loads the plans
+
+
 def run(devices: int, rounds: int, extra: list[str], broker: str | None) -> dict[str, Any]:
     """One demo job; returns per-round seconds, bytes per device per round, accuracy, ε."""
     from producer.cli.main import build_parser
@@ -93,12 +128,13 @@ def run(devices: int, rounds: int, extra: list[str], broker: str | None) -> dict
         workers = spawn_workers(setup.shares, out / "devices", broker,
                                 plan_hashes(plans, secure=setup.secure))
     fleet = connect(broker, timeout=600) if broker else connect()
+    cpu = RoundCpu()
     executor = ThreadPoolExecutor(max(4, 2 * devices))
     tap = Tap()
     try:
         members = participants(args, setup, fleet, executor, spawned=bool(broker), plans=plans)
         tap.install(fleet)
-        with open(os.devnull, "w") as sink, ProgressBar(rounds, stream=sink) as bar:
+        with open(os.devnull, "w") as sink, ProgressBar(rounds, stream=sink) as bar, cpu:
             job = make_job(args, setup, members, bar)
             job.checkpoint_dir = None
             result = job.run(get_weights(setup.model), rounds)
@@ -110,6 +146,7 @@ def run(devices: int, rounds: int, extra: list[str], broker: str | None) -> dict
     total = sum(tap.sent.values()) + sum(tap.received.values())
     return {
         "round_s": statistics.median(m.round_seconds for m in trained),
+        "cpu_s": statistics.median(cpu.seconds) if cpu.seconds else float("nan"),
         "bytes_per_device_round": total / devices / max(1, len(trained)),
         "up": sum(tap.received.values()) / devices / max(1, len(trained)),
         "down": sum(tap.sent.values()) / devices / max(1, len(trained)),
@@ -126,8 +163,9 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5, help="rounds timed per configuration")
     p.add_argument("--accuracy-rounds", type=int, default=20)
     p.add_argument("--accuracy-devices", type=int, nargs="*", default=[8])
-    p.add_argument("--secagg-k", type=int, default=None,
-                   help="k of the k-regular graph for the secure rows (default: complete)")
+    p.add_argument("--secagg-k", type=_degree, nargs="*", default=[None],
+                   help="k of the k-regular graph for the secure rows, one row per value "
+                   "('auto', the default: SecureAggregation's safe k; 0: the complete graph)")
     p.add_argument("--broker", default=None)
     p.add_argument("--out", default=None, help="append the results to this markdown file")
     a = p.parse_args()
@@ -140,27 +178,33 @@ def main() -> None:
     lines.append(f"Command: `.venv/bin/python {command}`\n")
     lines.append(
         f"`fedplan demo`'s task ({where}): digits, MLP 64-64-10 (4810 weights), 5 local "
-        "epochs, IID split; SecAgg+ on the complete graph (t = majority, up to a third may "
-        "drop), 16 fractional bits. Bytes are the encoded commands the producer publishes to "
-        "a device plus the replies it receives, per device per round (data setup and the plan, "
-        "sent once per device, excluded; the plan is listed apart). "
-        f"Round time is the median over {a.rounds} rounds. Machine: {platform.platform()}, "
+        "epochs, IID split; SecAgg+ with t = a majority of the k neighbours, up to a third "
+        "may drop, 16 fractional bits; 'P(fail)' is the bound on a round failing when a "
+        "random third drops (0: impossible whichever third drops). Bytes are the encoded "
+        "commands the producer publishes to a device plus the replies it receives, per device "
+        "per round (data setup and the plan, sent once per device, excluded; the plan is "
+        "listed apart). "
+        f"Round time is the median over {a.rounds} rounds; round CPU is this process's CPU time "
+        "per round (producer and embedded devices; not the Celery workers'), median over the "
+        f"rounds after the first. Machine: {platform.platform()}, "
         f"{os.cpu_count()} CPUs shared with other jobs (times are noisy, bytes exact).\n")
-    lines.append("| devices | mode | round s | ratio | bytes/device/round (down + up) | ratio "
-                 "| plan bytes/device (once) |")
-    lines.append("|---:|---|---:|---:|---:|---:|---:|")
+    lines.append("| devices | mode | round s | ratio | round CPU s | ratio | bytes/device/round "
+                 "(down + up) | ratio | plan bytes/device (once) |")
+    lines.append("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     for n in a.devices:
         plain = run(n, a.rounds, [], a.broker)
-        k = ["--secagg-k", str(a.secagg_k)] if a.secagg_k else []
-        secure = run(n, a.rounds, ["--secagg", *k], a.broker)
-        label = f"SecAgg+ (k = {a.secagg_k})" if a.secagg_k else "SecAgg+ (complete graph)"
-        for name, r in (("FedAvg", plain), (label, secure)):
+        rows = [("FedAvg", plain)]
+        for k in a.secagg_k:
+            flag = [] if k is None else ["--secagg-k", str(k or n - 1)]
+            rows.append((secure_label(n, k), run(n, a.rounds, ["--secagg", *flag], a.broker)))
+        for name, r in rows:
             lines.append(
                 f"| {n} | {name} | {r['round_s']:.2f} | {r['round_s'] / plain['round_s']:.2f}x |"
+                f" {r['cpu_s']:.2f} | {r['cpu_s'] / plain['cpu_s']:.2f}x |"
                 f" {r['bytes_per_device_round']:,.0f} ({r['down']:,.0f} + {r['up']:,.0f}) | "
                 f"{r['bytes_per_device_round'] / plain['bytes_per_device_round']:.2f}x | "
                 f"{r['plan_bytes']:,.0f} |")
-        print("\n".join(lines[-2:]), flush=True)
+        print("\n".join(lines[-len(rows):]), flush=True)
     if not a.accuracy_devices:
         return finish(lines, a.out)
     lines.append("")
@@ -180,6 +224,22 @@ def main() -> None:
             lines.append(f"| {n} | {name} | {100 * r['accuracy']:.2f}% | {eps} |")
             print(lines[-1], flush=True)
     finish(lines, a.out)
+
+
+def _degree(value: str) -> int | None:
+    return None if value == "auto" else int(value)
+
+
+def secure_label(n: int, k: int | None) -> str:
+    """The secure row's name: k (and whether it is the default), t and P(fail)."""
+    from producer.fl.secure_rounds import SecureAggregation
+
+    secure = SecureAggregation(neighbours=k or n - 1 if k is not None else None)
+    degree = secure.degree(n)
+    graph = "complete" if degree == n - 1 else f"k = {degree}"
+    default = ", default" if k is None else ""
+    return (f"SecAgg+ ({graph}{default}, t = {secure.threshold(degree)}, "
+            f"P(fail) ≤ {secure.dropout_failure_probability(n):.2g})")
 
 
 def finish(lines: list[str], out: str | None) -> None:

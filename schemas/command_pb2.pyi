@@ -417,6 +417,36 @@ class SecAggNeighbours(_message.Message):
 Global___SecAggNeighbours: _TypeAlias = SecAggNeighbours  # noqa: Y015
 
 @_typing.final
+class SecAggGraph(_message.Message):
+    """A k-regular neighbour graph every party derives from k and a seed the server picks at
+    random per round (consumer/secagg/graph.py). version 1: the Harary graph over the devices
+    ordered by SHA-256(seed || 0 || id), k/2 on either side (and the opposite one for odd k).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    K_FIELD_NUMBER: _builtins.int
+    SEED_FIELD_NUMBER: _builtins.int
+    version: _builtins.int
+    k: _builtins.int
+    seed: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        version: _builtins.int = ...,
+        k: _builtins.int = ...,
+        seed: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["k", b"k", "seed", b"seed", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SecAggGraph: _TypeAlias = SecAggGraph  # noqa: Y015
+
+@_typing.final
 class SecAggRoundConfig(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -431,6 +461,7 @@ class SecAggRoundConfig(_message.Message):
     NOISE_SIGMA_FIELD_NUMBER: _builtins.int
     NOISE_KIND_FIELD_NUMBER: _builtins.int
     COMPLETE_GRAPH_FIELD_NUMBER: _builtins.int
+    GRAPH_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     round_id: _builtins.str
     threshold: _builtins.int
@@ -446,6 +477,12 @@ class SecAggRoundConfig(_message.Message):
     def neighbours(self) -> _containers.RepeatedCompositeFieldContainer[Global___SecAggNeighbours]: ...
     @_builtins.property
     def quantization(self) -> Global___SecAggQuantization: ...
+    @_builtins.property
+    def graph(self) -> Global___SecAggGraph:
+        """Protocol version 2: exactly one of complete_graph and graph; neighbours (explicit lists,
+        version 1) is refused.
+        """
+
     def __init__(
         self,
         *,
@@ -460,10 +497,11 @@ class SecAggRoundConfig(_message.Message):
         noise_sigma: _builtins.float = ...,
         noise_kind: _builtins.str = ...,
         complete_graph: _builtins.bool = ...,
+        graph: Global___SecAggGraph | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["quantization", b"quantization"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["graph", b"graph", "quantization", b"quantization"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["complete_graph", b"complete_graph", "devices", b"devices", "length", b"length", "min_survivors", b"min_survivors", "neighbours", b"neighbours", "noise_kind", b"noise_kind", "noise_sigma", b"noise_sigma", "quantization", b"quantization", "round_id", b"round_id", "threshold", b"threshold", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["complete_graph", b"complete_graph", "devices", b"devices", "graph", b"graph", "length", b"length", "min_survivors", b"min_survivors", "neighbours", b"neighbours", "noise_kind", b"noise_kind", "noise_sigma", b"noise_sigma", "quantization", b"quantization", "round_id", b"round_id", "threshold", b"threshold", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -65,6 +65,9 @@ class ClientState:
     self_seed: bytes
     adverts: Mapping[str, KeyAdvert] = field(default_factory=dict, hash=False)
     held_shares: Mapping[str, tuple[bytes, bytes]] = field(default_factory=dict, hash=False)
+    pair_keys: Mapping[str, tuple[bytes, bytes]] = field(default_factory=dict, hash=False)
+    """Per advertising neighbour: (share encryption key, pairwise mask seed), agreed once in
+    the share step so the mask step needs no key agreement."""
     masked: MaskedInput | None = None
     revealed_seed_of: frozenset[str] = frozenset()
     revealed_key_of: frozenset[str] = frozenset()
@@ -115,12 +118,18 @@ def share_keys(state: ClientState, request: ShareKeysRequest) -> tuple[ClientSta
     t = cfg.threshold
     key_shares = shamir.split(state.mask_keys.private, threshold=t, xs=points.values())
     seed_shares = shamir.split(state.self_seed, threshold=t, xs=points.values())
+    cipher_keys = crypto.agree_all(
+        state.cipher_keys.private, {p: a.cipher_public for p, a in adverts.items()},
+        purpose=CIPHER_PURPOSE, round_id=cfg.round_id, me=me)
+    mask_seeds = mask_seeds_with(cfg, state.mask_keys.private, me,
+                                 {p: a.mask_public for p, a in adverts.items()})
     ciphertexts = {}
-    for peer, advert in sorted(adverts.items()):
-        key = _cipher_key(state, peer, advert.cipher_public)
+    for peer in sorted(adverts):
         plain = key_shares[points[peer]] + seed_shares[points[peer]]
-        ciphertexts[peer] = crypto.encrypt(key, plain, associated=_aad(cfg, me, peer))
-    new = dataclasses.replace(state, stage="shared", adverts=adverts)
+        ciphertexts[peer] = crypto.encrypt(cipher_keys[peer], plain,
+                                           associated=_aad(cfg, me, peer))
+    pair_keys = {p: (cipher_keys[p], mask_seeds[p]) for p in adverts}
+    new = dataclasses.replace(state, stage="shared", adverts=adverts, pair_keys=pair_keys)
     return new, ShareKeys(cfg.round_id, me, ciphertexts)
 
 
@@ -155,7 +164,7 @@ def mask_input(
         )
     held = {}
     for peer, ciphertext in request.ciphertexts.items():
-        key = _cipher_key(state, peer, state.adverts[peer].cipher_public)
+        key = state.pair_keys[peer][0]
         plain = crypto.decrypt(key, ciphertext, associated=_aad(cfg, peer, me))
         if len(plain) != 2 * shamir.SHARE_BYTES:
             raise SecAggIntegrityError(f"the shares from {peer} are malformed", device_id=me)
@@ -178,10 +187,12 @@ def mask_input(
     vector = vector + crypto.expand_mask(
         state.self_seed, length=vector.size, modulus_bits=bits, label=SELF_LABEL
     )
-    for peer in sorted(held):
-        mask = pairwise_mask(state.config, state.mask_keys.private, me,
-                             state.adverts[peer].mask_public, peer)
-        vector = vector + mask if me < peer else vector - mask
+    for peer in sorted(held):  # uint64 wraps: the sum is right mod 2^b
+        mask = pair_mask(cfg, state.pair_keys[peer][1])
+        if me < peer:
+            vector += mask
+        else:
+            vector -= mask
     vector &= np.uint64(crypto.modulus_mask(bits))
     message = MaskedInput(cfg.round_id, me, pack_vector(vector, bits))
     new = dataclasses.replace(state, stage="masked", held_shares=held, masked=message)
@@ -227,20 +238,20 @@ def unmask(state: ClientState, request: UnmaskRequest) -> tuple[ClientState, Unm
     return new, response
 
 
-def pairwise_mask(
-    config: RoundConfig, private: bytes, me: str, peer_public: bytes, peer: str
-) -> np.ndarray:
-    """The mask two devices share (uint64 mod 2^b); the smaller id adds it, the other
-    subtracts it. The server recomputes it from a dropped device's rebuilt key."""
-    seed = crypto.agree(private, peer_public, purpose=MASK_PURPOSE,
-                        round_id=config.round_id, pair=(me, peer))
+def mask_seeds_with(
+    config: RoundConfig, private: bytes, me: str, peers: Mapping[str, bytes]
+) -> dict[str, bytes]:
+    """The pairwise mask seeds of ``me`` (mask private key ``private``) with each peer (id ->
+    mask public key). The server recomputes them from a dropped device's rebuilt key."""
+    return crypto.agree_all(private, peers, purpose=MASK_PURPOSE, round_id=config.round_id,
+                            me=me)
+
+
+def pair_mask(config: RoundConfig, seed: bytes) -> np.ndarray:
+    """The mask two devices share (uint64 mod 2^b) from their seed; the smaller id adds
+    it, the other subtracts it."""
     return crypto.expand_mask(seed, length=config.length + 1,
                               modulus_bits=config.quantization.modulus_bits, label=PAIR_LABEL)
-
-
-def _cipher_key(state: ClientState, peer: str, peer_public: bytes) -> bytes:
-    return crypto.agree(state.cipher_keys.private, peer_public, purpose=CIPHER_PURPOSE,
-                        round_id=state.config.round_id, pair=(state.device_id, peer))
 
 
 def _aad(config: RoundConfig, sender: str, recipient: str) -> bytes:

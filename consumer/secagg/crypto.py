@@ -18,8 +18,10 @@ Examples
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -71,12 +73,34 @@ def agree(
     the encryption key. A low-order peer key (an all-zero secret) is a
     :class:`SecAggIntegrityError`.
     """
-    try:
-        shared = _private(private).exchange(X25519PublicKey.from_public_bytes(peer_public))
-    except ValueError as exc:
-        raise SecAggIntegrityError(f"key agreement failed: {exc}") from None
-    info = encode_parts(_DOMAIN, purpose, round_id.encode(), *(p.encode() for p in sorted(pair)))
-    return HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None, info=info).derive(shared)
+    me, peer = pair
+    return agree_all(private, {peer: peer_public}, purpose=purpose, round_id=round_id,
+                     me=me)[peer]
+
+
+def agree_all(
+    private: bytes, peers: Mapping[str, bytes], *, purpose: bytes, round_id: str, me: str
+) -> dict[str, bytes]:
+    """:func:`agree` with every peer in ``peers`` (id -> public key), the private key loaded
+    once (loading one costs as much as an agreement).
+
+    >>> a, b = KeyPair.generate(), KeyPair.generate()
+    >>> agree_all(a.private, {"b": b.public}, purpose=b"m", round_id="r", me="a")["b"] == agree(
+    ...     b.private, a.public, purpose=b"m", round_id="r", pair=("b", "a"))
+    True
+    """
+    key = _private(private)
+    prefix = encode_parts(_DOMAIN, purpose, round_id.encode())
+    out = {}
+    for peer, public in peers.items():
+        try:
+            shared = key.exchange(X25519PublicKey.from_public_bytes(public))
+        except ValueError as exc:
+            raise SecAggIntegrityError(f"key agreement failed: {exc}") from None
+        info = prefix + encode_parts(*(p.encode() for p in sorted((me, peer))))
+        out[peer] = HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None,
+                         info=info).derive(shared)
+    return out
 
 
 def encrypt(key: bytes, plaintext: bytes, *, associated: bytes) -> bytes:
@@ -107,10 +131,14 @@ def expand_mask(seed: bytes, *, length: int, modulus_bits: int, label: bytes = b
         raise SecAggIntegrityError(f"a mask seed has {KEY_BYTES} bytes, not {len(seed)}")
     if not 1 <= modulus_bits <= 64:
         raise SecAggIntegrityError(f"modulus_bits {modulus_bits} is not in 1..64")
-    nonce = bytes(4) + hashlib.sha256(encode_parts(_DOMAIN, b"stream", label)).digest()[:12]
-    stream = Cipher(algorithms.ChaCha20(seed, nonce), mode=None).encryptor()
+    stream = Cipher(algorithms.ChaCha20(seed, _stream_nonce(label)), mode=None).encryptor()
     values = np.frombuffer(stream.update(bytes(8 * length)), dtype="<u8").astype(np.uint64)
     return values & np.uint64(modulus_mask(modulus_bits))
+
+
+@functools.lru_cache(maxsize=64)
+def _stream_nonce(label: bytes) -> bytes:
+    return bytes(4) + hashlib.sha256(encode_parts(_DOMAIN, b"stream", label)).digest()[:12]
 
 
 def uniform_floats(seed: bytes, length: int) -> np.ndarray:

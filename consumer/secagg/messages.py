@@ -21,15 +21,17 @@ Examples
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from consumer.secagg.errors import SecAggProtocolError
-from consumer.secagg.graph import neighbour_graph
+from consumer.secagg.graph import NeighbourGraph
 from consumer.secagg.quantize import QuantizationParams
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
+"""2: the graph travels as ``k`` and a seed (``SecAggGraph``), never as edge lists."""
 NOISE_KINDS = ("discrete_gaussian", "skellam")
 
 
@@ -57,9 +59,14 @@ class RoundConfig:
     def __post_init__(self) -> None:
         if list(self.devices) != sorted(set(self.devices)) or len(self.devices) < 2:
             raise SecAggProtocolError("a round needs at least 2 distinct devices, sorted")
-        if set(self.neighbours) != set(self.devices):
-            raise SecAggProtocolError("the neighbour graph must cover exactly the devices")
-        smallest = min(len(p) for p in self.neighbours.values())
+        if isinstance(self.neighbours, NeighbourGraph):  # derived: regular by construction
+            if self.neighbours.devices != self.devices:
+                raise SecAggProtocolError("the neighbour graph must cover exactly the devices")
+            smallest = self.neighbours.degree
+        else:
+            if set(self.neighbours) != set(self.devices):
+                raise SecAggProtocolError("the neighbour graph must cover exactly the devices")
+            smallest = min(len(p) for p in self.neighbours.values())
         if not 1 <= self.threshold <= smallest:
             raise SecAggProtocolError(
                 f"threshold {self.threshold} must be in 1..{smallest} (smallest neighbourhood)"
@@ -89,11 +96,14 @@ class RoundConfig:
         noise_kind: str = "discrete_gaussian",
     ) -> RoundConfig:
         """A config with defaults: complete graph unless ``k``, threshold = a majority of
-        the smallest neighbourhood, ``min_survivors = n - floor(n * max_dropout)``."""
+        the smallest neighbourhood, ``min_survivors = n - floor(n * max_dropout)``. The
+        graph seed defaults to a hash of the round id; a server draws a random one
+        (:class:`~producer.fl.secure_rounds.SecureAggregation` does)."""
         ids = tuple(sorted(devices))
-        seed = graph_seed if graph_seed is not None else round_id.encode()
-        graph = neighbour_graph(ids, k=k, seed=seed)
-        degree = min(len(p) for p in graph.values())
+        seed = graph_seed if graph_seed is not None else hashlib.sha256(
+            b"fedplan/secagg/graph\x00" + round_id.encode()).digest()
+        graph = NeighbourGraph(ids, k=k, seed=seed)
+        degree = graph.degree
         return cls(
             round_id=round_id,
             devices=ids,

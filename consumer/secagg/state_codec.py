@@ -21,17 +21,23 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+from consumer.secagg import shamir
 from consumer.secagg.client import ClientState
 from consumer.secagg.crypto import KeyPair
 from consumer.secagg.errors import SecAggError, SecAggIntegrityError
+from consumer.secagg.graph import NeighbourGraph
 from consumer.secagg.messages import KeyAdvert, MaskedInput, RoundConfig
 from consumer.secagg.quantize import QuantizationParams
 
-FORMAT = "fedplan.secagg.state/1"
+FORMAT = "fedplan.secagg.state/2"
 MAX_STATE_BYTES = 64 * 1024 * 1024
 STAGES = ("advertised", "shared", "masked", "unmasked")
+_ADVERT = (32, 32, 32)  # cipher public key, mask public key, seed commitment
+_SHARES = (shamir.SHARE_BYTES, shamir.SHARE_BYTES)  # mask-key share, self-mask seed share
+_PAIR_KEYS = (32, 32)  # share encryption key, pairwise mask seed
 
 
 def state_to_bytes(state: ClientState) -> bytes:
@@ -42,7 +48,7 @@ def state_to_bytes(state: ClientState) -> bytes:
         "config": {
             "round_id": cfg.round_id,
             "devices": list(cfg.devices),
-            "neighbours": {d: list(p) for d, p in cfg.neighbours.items()},
+            **_graph_to_doc(cfg.neighbours),
             "threshold": cfg.threshold,
             "min_survivors": cfg.min_survivors,
             "length": cfg.length,
@@ -63,12 +69,10 @@ def state_to_bytes(state: ClientState) -> bytes:
         "cipher_keys": [_b64(state.cipher_keys.private), _b64(state.cipher_keys.public)],
         "mask_keys": [_b64(state.mask_keys.private), _b64(state.mask_keys.public)],
         "self_seed": _b64(state.self_seed),
-        "adverts": {
-            d: [a.round_id, a.device_id, _b64(a.cipher_public), _b64(a.mask_public),
-                _b64(a.seed_commitment)]
-            for d, a in state.adverts.items()
-        },
-        "held_shares": {p: [_b64(k), _b64(s)] for p, (k, s) in state.held_shares.items()},
+        "adverts": _table({d: (a.cipher_public, a.mask_public, a.seed_commitment)
+                           for d, a in state.adverts.items()}, _ADVERT),
+        "held_shares": _table(state.held_shares, _SHARES),
+        "pair_keys": _table(state.pair_keys, _PAIR_KEYS),
         "masked": None if state.masked is None else [
             state.masked.round_id, state.masked.device_id, _b64(state.masked.vector)
         ],
@@ -99,7 +103,7 @@ def state_from_bytes(data: bytes) -> ClientState:
         config = RoundConfig(
             round_id=_str(c["round_id"]),
             devices=tuple(_str(d) for d in c["devices"]),
-            neighbours={_str(d): _strings(ps) for d, ps in _dict(c["neighbours"]).items()},
+            neighbours=_graph_from_doc(c),
             threshold=_int(c["threshold"]),
             min_survivors=_int(c["min_survivors"]),
             length=_int(c["length"]),
@@ -119,12 +123,11 @@ def state_from_bytes(data: bytes) -> ClientState:
             mask_keys=KeyPair(*(_key(v) for v in doc["mask_keys"])),
             self_seed=_key(doc["self_seed"]),
             adverts={
-                _str(d): KeyAdvert(_str(a[0]), _str(a[1]), _key(a[2]), _key(a[3]), _key(a[4]))
-                for d, a in _dict(doc["adverts"]).items()
+                d: KeyAdvert(config.round_id, d, *row)
+                for d, row in _untable(doc["adverts"], _ADVERT).items()
             },
-            held_shares={
-                _str(p): (_bytes(v[0]), _bytes(v[1])) for p, v in _dict(doc["held_shares"]).items()
-            },
+            held_shares=_untable(doc["held_shares"], _SHARES),  # type: ignore[arg-type]
+            pair_keys=_untable(doc["pair_keys"], _PAIR_KEYS),  # type: ignore[arg-type]
             masked=None if masked is None else MaskedInput(
                 _str(masked[0]), _str(masked[1]), _bytes(masked[2])
             ),
@@ -136,6 +139,51 @@ def state_from_bytes(data: bytes) -> ClientState:
     except (SecAggError, KeyError, IndexError, TypeError, ValueError, binascii.Error) as exc:
         raise SecAggIntegrityError(f"a stored secure-aggregation state is corrupt: {exc!r}") \
             from None
+
+
+def _table(rows: Mapping[str, Sequence[bytes]], widths: tuple[int, ...]) -> dict[str, Any]:
+    """Per-peer rows of fixed-width byte fields as the peer ids and one base64 string (a
+    state holds k of them: one decode, not 3k)."""
+    peers = sorted(rows)
+    data = b"".join(field for p in peers for field in rows[p])
+    if len(data) != len(peers) * sum(widths):
+        raise SecAggIntegrityError("a state field of the wrong size")
+    return {"peers": peers, "data": _b64(data)}
+
+
+def _untable(value: Any, widths: tuple[int, ...]) -> dict[str, tuple[bytes, ...]]:
+    doc = _dict(value)
+    peers, data = _strings(doc["peers"]), _bytes(doc["data"])
+    width = sum(widths)
+    if len(data) != len(peers) * width or len(set(peers)) != len(peers):
+        raise ValueError("a stored table of the wrong size or with a repeated peer")
+    out = {}
+    for i, peer in enumerate(peers):
+        row, start = [], i * width
+        for w in widths:
+            row.append(data[start:start + w])
+            start += w
+        out[peer] = tuple(row)
+    return out
+
+
+def _graph_to_doc(graph: Mapping[str, tuple[str, ...]]) -> dict[str, Any]:
+    """A derived graph as its ``k`` and seed (O(1), not O(n·k)); any other as its lists."""
+    if isinstance(graph, NeighbourGraph):
+        return {"graph": {"k": graph.k, "seed": _b64(graph.seed)}}
+    return {"neighbours": {d: list(p) for d, p in graph.items()}}
+
+
+def _graph_from_doc(c: dict[str, Any]) -> Mapping[str, tuple[str, ...]]:
+    devices = tuple(_str(d) for d in c["devices"])
+    if "graph" not in c:
+        return {_str(d): _strings(ps) for d, ps in _dict(c["neighbours"]).items()}
+    g = _dict(c["graph"])
+    k = None if g["k"] is None else _int(g["k"])
+    graph = NeighbourGraph(devices, k=k, seed=_bytes(g["seed"]))
+    if graph.k != k:
+        raise ValueError("a stored graph degree that no graph has")
+    return graph
 
 
 def _b64(raw: bytes) -> str:

@@ -2,7 +2,8 @@
 
 Symmetric pairs ``x_to_proto`` / ``x_from_proto`` for the round config and every message of
 the four steps. Decoding checks what the protobuf types cannot: a peer named twice, a
-device list over :data:`MAX_DEVICES`, a protocol version this code does not speak. Bytes
+device list over :data:`MAX_DEVICES`, a graph ``k`` out of bounds, a protocol or graph
+version this code does not speak. Bytes
 fields stay bytes; their sizes are checked where they are used (client steps, server round).
 
 Examples
@@ -20,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 
 from consumer.secagg.errors import SecAggProtocolError
+from consumer.secagg.graph import GRAPH_VERSION, NeighbourGraph
 from consumer.secagg.messages import (
     PROTOCOL_VERSION,
     KeyAdvert,
@@ -38,26 +40,28 @@ MAX_DEVICES = 10_000
 """Most devices one round may name (bounds every list a device decodes and keeps)."""
 MAX_NEIGHBOURS = 1_000
 """Most neighbours of one device (a device's share step costs O(k * t) field operations)."""
-MAX_EDGES = 1_000_000
-"""Most neighbour-list entries of a round's graph, all devices together."""
+MIN_SEED_BYTES = 16
+MAX_SEED_BYTES = 64
+"""Bounds on a graph seed's length (the server draws 32 random bytes)."""
 
 Message = KeyAdvert | ShareKeys | MaskedInput | UnmaskResponse
 
 
 def config_to_proto(config: RoundConfig) -> pb.SecAggRoundConfig:
-    """The round's public parameters as a ``SecAggRoundConfig``."""
+    """The round's public parameters as a ``SecAggRoundConfig``: the graph as the flag
+    ``complete_graph`` or as ``k`` and its seed (``SecAggGraph``), never as edge lists."""
     q = config.quantization
-    n = len(config.devices)
-    complete = all(len(config.neighbours[d]) == n - 1 for d in config.devices)
+    graph = config.neighbours
+    if not isinstance(graph, NeighbourGraph):
+        raise SecAggProtocolError("only a complete or a seeded k-regular graph (graph."
+                                  "NeighbourGraph) travels; every device derives it")
     return pb.SecAggRoundConfig(
         version=config.version,
         round_id=config.round_id,
         devices=list(config.devices),
-        neighbours=[] if complete else [
-            pb.SecAggNeighbours(device_id=d, peers=list(config.neighbours[d]))
-            for d in config.devices
-        ],
-        complete_graph=complete,
+        complete_graph=graph.k is None,
+        graph=None if graph.k is None else pb.SecAggGraph(
+            version=GRAPH_VERSION, k=graph.k, seed=graph.seed),
         threshold=config.threshold,
         min_survivors=config.min_survivors,
         length=config.length,
@@ -76,45 +80,45 @@ def config_to_proto(config: RoundConfig) -> pb.SecAggRoundConfig:
 
 def config_from_proto(msg: pb.SecAggRoundConfig) -> RoundConfig:
     """A ``RoundConfig`` from the wire, validated (``SecAggProtocolError`` /
-    ``SecAggOverflowError`` name what is wrong)."""
+    ``SecAggOverflowError`` name what is wrong). The device derives the graph itself."""
     if msg.version != PROTOCOL_VERSION:
         raise SecAggProtocolError(
             f"secure-aggregation protocol version {msg.version}; this device speaks "
             f"{PROTOCOL_VERSION}"
         )
-    if len(msg.devices) > MAX_DEVICES or len(msg.neighbours) > MAX_DEVICES:
+    n = len(msg.devices)
+    if n > MAX_DEVICES:
         raise SecAggProtocolError(f"a round of more than {MAX_DEVICES} devices")
-    if sum(len(entry.peers) for entry in msg.neighbours) > MAX_EDGES:
-        raise SecAggProtocolError(f"a neighbour graph of more than {MAX_EDGES} entries")
-    neighbours: dict[str, tuple[str, ...]] = {}
-    for entry in msg.neighbours:
-        if len(entry.peers) > MAX_NEIGHBOURS:
-            raise SecAggProtocolError(
-                f"device {entry.device_id!r} has more than {MAX_NEIGHBOURS} neighbours; use a "
-                "k-regular graph (SecAgg+)"
-            )
-        if entry.device_id in neighbours:
-            raise SecAggProtocolError(f"device {entry.device_id!r} has two neighbour lists")
-        peers = tuple(entry.peers)
-        if len(set(peers)) != len(peers) or entry.device_id in peers:
-            raise SecAggProtocolError(f"the neighbours of {entry.device_id!r} repeat a device")
-        if not set(peers) <= set(msg.devices):
-            raise SecAggProtocolError(f"a neighbour of {entry.device_id!r} is not in the round")
-        neighbours[entry.device_id] = peers
+    if msg.neighbours:
+        raise SecAggProtocolError("explicit neighbour lists are not accepted: the graph is "
+                                  "complete_graph or a seeded k-regular graph")
+    if msg.complete_graph == msg.HasField("graph"):
+        raise SecAggProtocolError("a round config names exactly one graph: complete_graph "
+                                  "or a seeded k-regular graph")
+    k: int | None = None
     if msg.complete_graph:
-        if msg.neighbours:
-            raise SecAggProtocolError("a complete graph does not list neighbours")
-        if len(msg.devices) > MAX_NEIGHBOURS + 1:
+        if n > MAX_NEIGHBOURS + 1:
             raise SecAggProtocolError(
-                f"a complete graph of {len(msg.devices)} devices gives each more than "
-                f"{MAX_NEIGHBOURS} neighbours; use a k-regular graph (SecAgg+)"
+                f"a complete graph of {n} devices gives each more than {MAX_NEIGHBOURS} "
+                "neighbours; use a k-regular graph (SecAgg+)"
             )
-        ids = tuple(msg.devices)
-        neighbours = {d: tuple(p for p in ids if p != d) for d in ids}
-    peer_sets = {d: set(p) for d, p in neighbours.items()}
-    for device, peers in neighbours.items():  # the graph is undirected
-        if any(device not in peer_sets.get(p, ()) for p in peers):
-            raise SecAggProtocolError("the neighbour graph is not symmetric")
+    else:
+        g = msg.graph
+        if g.version != GRAPH_VERSION:
+            raise SecAggProtocolError(f"graph derivation version {g.version}; this device "
+                                      f"speaks {GRAPH_VERSION}")
+        if not 2 <= g.k <= min(MAX_NEIGHBOURS, n - 2):
+            raise SecAggProtocolError(
+                f"k = {g.k} for {n} devices: a k-regular graph needs 2 <= k <= "
+                f"min({MAX_NEIGHBOURS}, n - 2) (k >= n - 1 is the complete graph)"
+            )
+        if g.k % 2 and n % 2:
+            raise SecAggProtocolError(f"no {g.k}-regular graph of an odd number of devices")
+        if not MIN_SEED_BYTES <= len(g.seed) <= MAX_SEED_BYTES:
+            raise SecAggProtocolError(
+                f"a graph seed has {MIN_SEED_BYTES}..{MAX_SEED_BYTES} bytes, not {len(g.seed)}")
+        k = g.k
+    neighbours = NeighbourGraph(msg.devices, k=k, seed=msg.graph.seed)  # RoundConfig: sorted
     q = msg.quantization
     quantization = QuantizationParams(
         clip=q.clip,
@@ -276,7 +280,6 @@ def _peer_map(entries: Iterable[pb.SecAggPeerBytes], what: str) -> dict[str, byt
 
 __all__ = [
     "MAX_DEVICES",
-    "MAX_EDGES",
     "MAX_NEIGHBOURS",
     "advert_from_proto",
     "advert_to_proto",

@@ -31,7 +31,8 @@ def add_arguments(p: Any) -> None:
         "up to a third of a round's devices may drop out",
     )
     p.add_argument("--secagg-k", type=int, default=None,
-                   help="with --secagg: k of the k-regular neighbour graph (default: complete)")
+                   help="with --secagg: k of the k-regular neighbour graph (default: the "
+                   "smallest k that survives a third dropping out; complete for small rounds)")
     p.add_argument("--dp-epsilon", type=float, default=None,
                    help="DP-FedAvg with this ε budget for the whole run (noise calibrated to "
                    "it; the run stops before passing it)")

@@ -43,7 +43,7 @@ from typing import TypeVar
 import numpy as np
 
 from consumer.secagg import crypto, shamir
-from consumer.secagg.client import SELF_LABEL, pairwise_mask
+from consumer.secagg.client import SELF_LABEL, mask_seeds_with, pair_mask
 from consumer.secagg.errors import (
     SecAggError,
     SecAggIntegrityError,
@@ -213,8 +213,10 @@ class SecureAggregationRound:
         total = np.zeros(cfg.length + 1, dtype=np.uint64)
         for vector in self.masked.values():
             total += vector
+        # t shares rebuild each secret; the rebuilt secret is checked against its commitment
+        # or public key, so an inconsistent unused share cannot change the sum
         for owner in sorted(survivors):
-            seed = shamir.combine(seeds[owner])
+            seed = shamir.combine(seeds[owner], check_extra=False)
             if crypto.seed_commitment(cfg.round_id, owner, seed) != (
                 self.adverts[owner].seed_commitment
             ):
@@ -224,14 +226,20 @@ class SecureAggregationRound:
             total -= crypto.expand_mask(seed, length=cfg.length + 1, modulus_bits=bits,
                                         label=SELF_LABEL)
         for owner in sorted(dropped):
-            private = shamir.combine(keys[owner])
+            private = shamir.combine(keys[owner], check_extra=False)
             if crypto.public_key_of(private) != self.adverts[owner].mask_public:
                 raise SecAggIntegrityError("a rebuilt key does not match its advert",
                                            device_id=owner)
-            for peer in sorted(survivors & set(self._peers(owner, set(self.shared)))):
-                mask = pairwise_mask(cfg, private, owner, self.adverts[peer].mask_public, peer)
+            peers = survivors & set(self._peers(owner, set(self.shared)))
+            seeds_of = mask_seeds_with(cfg, private, owner,
+                                       {p: self.adverts[p].mask_public for p in peers})
+            for peer in sorted(peers):
+                mask = pair_mask(cfg, seeds_of[peer])
                 # the survivor added the mask if its id is smaller, else subtracted it
-                total = total - mask if peer < owner else total + mask
+                if peer < owner:
+                    total -= mask
+                else:
+                    total += mask
         return total & np.uint64(crypto.modulus_mask(bits))
 
     def _peers(self, device: str, among: set[str]) -> list[str]:
@@ -269,9 +277,9 @@ class SecureAggregationRound:
             response.key_shares
         ) != held - set(self.masked):
             raise SecAggProtocolError("the response does not match the survivor list")
-        point = self.config.share_point(me)
+        point = self.config.share_point(me).to_bytes(2, "big")
         for share in (*response.seed_shares.values(), *response.key_shares.values()):
-            if shamir.decode(share)[1:2] != (point,):
+            if len(share) != shamir.SHARE_BYTES or share[3:5] != point:  # combine decodes
                 raise SecAggIntegrityError("a share for another device's point")
 
     def _valid(

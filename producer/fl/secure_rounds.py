@@ -22,16 +22,22 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import wait
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from consumer.secagg.errors import SecAggError, SecAggProtocolError, SecAggThresholdError
+from consumer.secagg.graph import (
+    DEFAULT_FAILURE_PROBABILITY,
+    dropout_failure_probability,
+    safe_degree,
+)
 from consumer.secagg.messages import RoundConfig
 from consumer.secagg.quantize import QuantizationParams
 from consumer.secagg.wire_codec import (
@@ -64,7 +70,10 @@ class SecureAggregation:
     Parameters
     ----------
     neighbours
-        ``k`` of the k-regular neighbour graph (SecAgg+); ``None``: the complete graph.
+        ``k`` of the k-regular neighbour graph (SecAgg+); ``None`` (default): the smallest
+        ``k`` for which ``max_dropout`` of the sampled devices dropping fails the round with
+        probability at most ``failure_probability`` (:func:`~consumer.secagg.graph.
+        safe_degree`; the complete graph for small rounds); ``"complete"``: always complete.
     threshold_fraction
         Shamir threshold ``t = floor(fraction * k) + 1`` shares of a device's secrets out of
         its ``k`` neighbours; ``None``: a majority, ``floor(k/2) + 1``.
@@ -83,6 +92,12 @@ class SecureAggregation:
     stage_deadline
         Seconds each of the four stages waits for replies (``None``: the round policy's
         deadline).
+    failure_probability
+        With ``neighbours=None``: the bound on the chance that ``max_dropout`` dropping
+        (uniformly at random) leaves a device's secret short of ``t`` shares.
+
+    The server draws each round's graph seed at random (32 bytes); every device derives the
+    graph from it, ``k`` and the device list.
 
     Examples
     --------
@@ -90,18 +105,25 @@ class SecureAggregation:
     >>> cfg = s.round_config("r", [f"d{i}" for i in range(9)], length=3, max_weight=10)
     >>> cfg.threshold, cfg.min_survivors, len(cfg.neighbours["d0"])
     (3, 6, 4)
+    >>> SecureAggregation().degree(100), SecureAggregation().degree(8)  # safe at a third
+    (67, 5)
     """
 
-    neighbours: int | None = None
+    neighbours: int | Literal["complete"] | None = None
     threshold_fraction: float | None = None
     max_dropout: float = 1 / 3
     clip: float = 1.0
     quantization_bits: int = 16
     max_weight: int | None = None
     stage_deadline: float | None = None
+    failure_probability: float = DEFAULT_FAILURE_PROBABILITY
 
     def __post_init__(self) -> None:
-        if self.neighbours is not None and self.neighbours < 2:
+        if self.neighbours == "complete":
+            pass
+        elif self.neighbours is not None and (
+            not isinstance(self.neighbours, int) or self.neighbours < 2
+        ):
             raise ValueError(f"neighbours (k) must be >= 2, got {self.neighbours}")
         if self.threshold_fraction is not None and not 0 < self.threshold_fraction < 1:
             raise ValueError(f"threshold_fraction must be in (0, 1), got {self.threshold_fraction}")
@@ -109,10 +131,34 @@ class SecureAggregation:
             raise ValueError(f"max_dropout must be in [0, 1), got {self.max_dropout}")
         if self.stage_deadline is not None and self.stage_deadline <= 0:
             raise ValueError("stage_deadline must be > 0")
+        if not 0 < self.failure_probability < 1:
+            raise ValueError("failure_probability must be in (0, 1)")
 
     def min_survivors(self, n: int) -> int:
         """The fewest masked inputs a sum of ``n`` sampled devices may cover."""
         return n - math.floor(n * self.max_dropout)
+
+    def degree(self, n: int) -> int:
+        """The number of neighbours of each device in a round of ``n`` (``n - 1``: complete)."""
+        if self.neighbours == "complete":
+            return n - 1
+        if self.neighbours is None:
+            return safe_degree(n, max_dropout=self.max_dropout,
+                               failure_probability=self.failure_probability,
+                               threshold_of=self.threshold)
+        return min(self.neighbours + (self.neighbours % 2) * (n % 2), n - 1)
+
+    def threshold(self, degree: int) -> int:
+        """Shamir's ``t`` for a neighbourhood of ``degree`` devices."""
+        if self.threshold_fraction is None:
+            return degree // 2 + 1
+        return min(degree, math.floor(self.threshold_fraction * degree) + 1)
+
+    def dropout_failure_probability(self, n: int) -> float:
+        """The chance (union bound) that ``max_dropout`` of ``n`` dropping fails the round."""
+        k = self.degree(n)
+        return dropout_failure_probability(n, k, max_dropout=self.max_dropout,
+                                           threshold=self.threshold(k))
 
     def round_config(
         self,
@@ -126,18 +172,16 @@ class SecureAggregation:
     ) -> RoundConfig:
         """The public config of one round among ``devices``."""
         n = len(devices)
-        k = self.neighbours if self.neighbours is not None and self.neighbours < n - 1 else None
-        degree = k if k is not None else n - 1
-        threshold = None
-        if self.threshold_fraction is not None:
-            threshold = min(degree, math.floor(self.threshold_fraction * degree) + 1)
+        degree = self.degree(n)
         q = quantization or QuantizationParams(
             clip=self.clip, scale_bits=self.quantization_bits, max_weight=max_weight,
             num_clients=n,
         )
         return RoundConfig.create(
-            round_id, devices, length=length, quantization=q, k=k, threshold=threshold,
-            max_dropout=self.max_dropout, noise_sigma=noise_sigma,
+            round_id, devices, length=length, quantization=q,
+            k=degree if degree < n - 1 else None, graph_seed=os.urandom(32),
+            threshold=self.threshold(degree), max_dropout=self.max_dropout,
+            noise_sigma=noise_sigma,
         )
 
 

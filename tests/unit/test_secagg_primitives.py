@@ -71,7 +71,7 @@ def test_a_tampered_extra_share_is_detected() -> None:
 
 @pytest.mark.parametrize(
     "share",
-    [b"", b"\x02" + bytes(shamir.SHARE_BYTES - 1), b"\x01" + bytes(shamir.SHARE_BYTES - 1)],
+    [b"", b"\x01" + bytes(shamir.SHARE_BYTES - 1), b"\x02" + bytes(shamir.SHARE_BYTES - 1)],
     ids=["empty", "bad-version", "zero-point"],
 )
 def test_a_malformed_share_is_a_typed_integrity_error(share: bytes) -> None:

@@ -72,23 +72,67 @@ def test_every_message_of_a_round_survives_the_wire_unchanged() -> None:
 
 def test_a_config_of_another_protocol_version_is_refused() -> None:
     proto = wc.config_to_proto(config())
-    proto.version = 2
-    with pytest.raises(SecAggProtocolError, match="version 2"):
+    proto.version = 1  # version 1 sent explicit neighbour lists
+    with pytest.raises(SecAggProtocolError, match="version 1"):
+        wc.config_from_proto(proto)
+    proto = wc.config_to_proto(config(k=2))
+    proto.graph.version = 2
+    with pytest.raises(SecAggProtocolError, match="graph derivation version 2"):
         wc.config_from_proto(proto)
 
 
-def test_a_one_sided_or_repeating_neighbour_graph_is_refused() -> None:
+def test_a_k_regular_graph_travels_as_k_and_a_seed_not_as_edge_lists() -> None:
+    cfg = config(k=4, n=100)
+    proto = wc.config_to_proto(cfg)
+    assert (proto.graph.k, proto.graph.seed, proto.complete_graph) == (
+        4, cfg.neighbours.seed, False)  # type: ignore[attr-defined]
+    assert not proto.neighbours and proto.ByteSize() < 1400  # was ~5 kB of lists at k = 4
+
+
+def test_explicit_neighbour_lists_or_two_graphs_are_refused() -> None:
     proto = wc.config_to_proto(config(k=2))
-    del proto.neighbours[0].peers[0]
-    with pytest.raises(SecAggProtocolError, match=r"symmetric|cover"):
+    proto.neighbours.add(device_id="d0", peers=["d1", "d2"])
+    with pytest.raises(SecAggProtocolError, match="explicit neighbour lists"):
         wc.config_from_proto(proto)
     proto = wc.config_to_proto(config(k=2))
-    proto.neighbours[0].peers.append(proto.neighbours[0].peers[0])
-    with pytest.raises(SecAggProtocolError, match="repeat"):
+    proto.complete_graph = True
+    with pytest.raises(SecAggProtocolError, match="exactly one graph"):
+        wc.config_from_proto(proto)
+    proto.complete_graph = False
+    proto.ClearField("graph")
+    with pytest.raises(SecAggProtocolError, match="exactly one graph"):
+        wc.config_from_proto(proto)
+
+
+@pytest.mark.parametrize(
+    ("n", "k", "seed", "match"),
+    [
+        (5, 0, b"s" * 32, "k = 0"),
+        (5, 1, b"s" * 32, "k = 1"),
+        (5, 4, b"s" * 32, "k = 4"),  # k >= n - 1 is the complete graph's flag
+        (2000, 1001, b"s" * 32, "k = 1001"),  # beyond MAX_NEIGHBOURS
+        (7, 3, b"s" * 32, "odd number"),
+        (5, 2, b"", "seed"),
+        (5, 2, b"s" * 65, "seed"),
+    ],
+)
+def test_a_hostile_graph_degree_or_seed_is_refused_with_a_typed_error(
+    n: int, k: int, seed: bytes, match: str
+) -> None:
+    proto = wc.config_to_proto(config(k=2, n=n))
+    proto.graph.k, proto.graph.seed = k, seed
+    with pytest.raises(SecAggProtocolError, match=match):
+        wc.config_from_proto(proto)
+
+
+def test_an_unsorted_or_repeating_device_list_is_refused() -> None:
+    proto = wc.config_to_proto(config(k=2))
+    proto.devices[0], proto.devices[1] = proto.devices[1], proto.devices[0]
+    with pytest.raises(SecAggProtocolError, match="sorted"):
         wc.config_from_proto(proto)
     proto = wc.config_to_proto(config(k=2))
-    proto.neighbours.append(proto.neighbours[0])
-    with pytest.raises(SecAggProtocolError, match="two neighbour lists"):
+    proto.devices[1] = proto.devices[0]
+    with pytest.raises(SecAggProtocolError, match="distinct"):
         wc.config_from_proto(proto)
 
 
@@ -110,12 +154,12 @@ def test_secagg_error_codes_come_back_as_their_classes_from_the_wire() -> None:
 
 
 def test_a_graph_too_dense_for_a_device_to_share_over_is_refused_before_it_is_built() -> None:
-    proto = wc.config_to_proto(config(k=2))
-    proto.neighbours[0].peers.extend(f"x{i}" for i in range(wc.MAX_NEIGHBOURS))
-    with pytest.raises(SecAggProtocolError, match="more than 1000 neighbours"):
-        wc.config_from_proto(proto)
     complete = wc.config_to_proto(config())
     assert complete.complete_graph and not complete.neighbours  # n ids, not n^2 entries
     complete.devices.extend(f"y{i}" for i in range(wc.MAX_NEIGHBOURS + 1))
     with pytest.raises(SecAggProtocolError, match="k-regular"):
         wc.config_from_proto(complete)
+    too_many = wc.config_to_proto(config(k=2))
+    too_many.devices.extend(f"z{i:05d}" for i in range(wc.MAX_DEVICES))
+    with pytest.raises(SecAggProtocolError, match="more than 10000 devices"):
+        wc.config_from_proto(too_many)
