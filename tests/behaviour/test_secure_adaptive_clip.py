@@ -14,6 +14,7 @@ import pytest
 import torch
 from dp_accounting import rdp
 
+from consumer.secagg.messages import RoundConfig
 from consumer.secagg.quantize import unpack_vector
 from consumer.secagg.wire_codec import config_from_proto
 from producer.fl.dp_fedavg import DifferentialPrivacy
@@ -44,6 +45,25 @@ EMBEDDED = pytest.mark.parametrize("transport_case", ["embedded"], indirect=True
 def tap(wiretap: Wiretap) -> Wiretap:  # noqa: F811 - the imported fixture
     """Every command and reply of the test (``test_secure_aggregation``'s wiretap)."""
     return wiretap
+
+
+def assert_nowhere(vectors: list[torch.Tensor], messages: list[bytes], who: str) -> None:
+    """Three changed coordinates of each vector, as float32 or float64 bytes, are in no
+    message."""
+    changed = int(torch.nonzero(vectors[0].abs() > 1e-6)[0])
+    for vector in vectors:
+        window = vector[changed : changed + 3]
+        for raw in (window.float().numpy().tobytes(), window.double().numpy().tobytes()):
+            assert not any(raw in m for m in messages), who
+
+
+def assert_indicator_masked(value: int, scale: float, config: RoundConfig) -> None:
+    """The indicator's coordinate of a masked vector is neither bit's quantized value."""
+    q = config.quantization
+    mod = 1 << q.modulus_bits
+    for b in (-0.5 * scale, 0.5 * scale):
+        near = math.floor(b * 2**q.scale_bits) % mod
+        assert value not in (near, (near + 1) % mod)
 
 
 def adaptive_runner(s: Setup, clip_norm: float, *, z: float = 0.0,
@@ -128,12 +148,9 @@ def test_no_message_of_an_adaptive_secure_round_holds_an_update_or_an_indicator(
     messages = [m for _, _, m in tap.commands] + tap.replies
     for member in s.members:
         update = updates[member.device_id]
-        clipped = eager_clipped(update, clip_norm).float()
-        changed = int(torch.nonzero(update.abs() > 1e-6)[0])
-        for vector in (update, clipped, flatten(s.weights) + update):
-            window = vector[changed : changed + 3]
-            for raw in (window.numpy().tobytes(), window.double().numpy().tobytes()):
-                assert not any(raw in m for m in messages), member.device_id
+        clipped = eager_clipped(update, clip_norm)
+        assert_nowhere([update, clipped, flatten(s.weights) + update], messages,
+                       member.device_id)
     masked = [cmd.Reply.FromString(r).ok.secagg.masked for r in tap.replies]
     masked = [m for m in masked if m.vector]
     assert len(masked) == len(s.members)
@@ -148,10 +165,7 @@ def test_no_message_of_an_adaptive_secure_round_holds_an_update_or_an_indicator(
         hits = (values == floor.astype(np.uint64)) | (
             values == ((floor + 1) % mod).astype(np.uint64))
         assert hits.mean() < 0.05
-        # the indicator's coordinate is masked: it is not b's value, whichever b is
-        for b in (-0.5 * scale, 0.5 * scale):
-            near = math.floor(b * 2**q.scale_bits) % mod
-            assert int(values[-1]) not in (near, (near + 1) % mod)
+        assert_indicator_masked(int(values[-1]), scale, config)
 
 
 def andrew_multiplier(noise_sum: float, clip_norm: float, scale: float) -> float:
