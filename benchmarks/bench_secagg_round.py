@@ -125,6 +125,9 @@ def run(devices: int, rounds: int, extra: list[str], broker: str | None) -> dict
         "plan_bytes": tap.plans / devices,
         "clip_norm": result.outcomes[-1].results[0].metrics.get("clip_norm", float("nan"))
         if result.outcomes and result.outcomes[-1].results else float("nan"),
+        "clip_norms": [round(o.results[0].metrics.get("clip_norm", 0.0), 3)
+                       for o in result.outcomes if o.results],
+        "accuracies": [round(m.test_accuracy, 3) for m in trained],
     }
 
 
@@ -223,7 +226,8 @@ def accuracy_rows(a: argparse.Namespace, lines: list[str]) -> None:
             final = f"{r['clip_norm']:.3f}" if r["clip_norm"] == r["clip_norm"] else (
                 f"{a.accuracy_clip:g}" if "--dp-epsilon" in flags else "-")
             lines.append(f"| {n} | {name} | {100 * r['accuracy']:.2f}% | {eps} | {final} |")
-            print(lines[-1], f"(load {_loadavg()})", flush=True)
+            print(lines[-1], f"(load {_loadavg()}) accuracy by round {r['accuracies']}, "
+                  f"C by round {r['clip_norms']}", flush=True)
 
 
 def _loadavg() -> str:
