@@ -216,7 +216,9 @@ class FederatedJob:
         if isinstance(self.strategy, FedBuff):
             return self._run_buffered(self.strategy, weights, num_rounds, resume)
         runner = self._runner(weights, num_rounds)
-        weights, history, devices = self._resume(weights) if resume else (weights, [], [])
+        weights, history, devices = (
+            self._resume(weights, runner) if resume else (weights, [], []))
+        adaptive = runner.adaptive if isinstance(runner, SecureRoundRunner) else None
         first = history[-1].round + 1 if history else 1
         clock = _Clock()
         if not history:
@@ -244,7 +246,8 @@ class FederatedJob:
             rows = outcome.device_rows()
             history.append(self._round_metrics(outcome, weights, clock, rows))
             devices.extend(rows)
-            self._save_checkpoint(server_round, weights, history, devices)
+            extra = {"clip_norm": adaptive.clip_norm} if adaptive is not None else None
+            self._save_checkpoint(server_round, weights, history, devices, extra)
             self._report(history[-1], rows)
         for tracker in self.trackers:
             tracker.close()
@@ -311,12 +314,19 @@ class FederatedJob:
             weights, history, resumed_from=first, devices=devices, arrivals=state.arrivals
         )
 
-    def _resume(self, weights: Weights) -> tuple[Weights, list[RoundMetrics], list[DeviceMetrics]]:
-        """Weights and history from the last checkpoint (strategy state restored), if any."""
+    def _resume(
+        self, weights: Weights, runner: RoundRunner | SecureRoundRunner | None = None
+    ) -> tuple[Weights, list[RoundMetrics], list[DeviceMetrics]]:
+        """Weights and history from the last checkpoint (strategy state and a secure run's
+        adaptive clip norm restored), if any."""
         ck = self._load_checkpoint()
         if ck is None:
             return weights, [], []
         self._strategy.load_state_dict(ck.strategy_state)
+        if isinstance(runner, SecureRoundRunner) and runner.adaptive is not None and (
+            "clip_norm" in ck.metadata
+        ):
+            runner.adaptive.restore(float(ck.metadata["clip_norm"]))
         history = [RoundMetrics.from_dict(row) for row in ck.metadata["history"]]
         devices = [DeviceMetrics(**row) for row in ck.metadata.get("devices", [])]
         return ck.weights, history, devices

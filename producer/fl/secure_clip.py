@@ -34,7 +34,7 @@ Examples
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -88,6 +88,12 @@ class SecureAdaptiveClip:
     def argument(self) -> torch.Tensor:
         """The update plan's ``clip`` argument ``[C, s]`` (float32, as the device uses it)."""
         return torch.tensor([self.clip_norm, self.scale], dtype=torch.float32)
+
+    def restore(self, clip_norm: float) -> None:
+        """Continue from a checkpoint's clip norm (a resumed run)."""
+        if not (math.isfinite(clip_norm) and clip_norm > 0):
+            raise ValueError(f"a clip norm is a positive number, not {clip_norm}")
+        self.clip = replace(self.clip, clip_norm=clip_norm)
 
     def commit(self, summed: np.ndarray, *, survivors: int) -> tuple[np.ndarray, float]:
         """Split a round's decoded sum into the updates' sum and the noised unclipped

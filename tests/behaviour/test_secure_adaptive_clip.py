@@ -6,6 +6,7 @@ dp-accounting's for the paper's effective noise multiplier."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import dp_accounting
@@ -17,6 +18,7 @@ from dp_accounting import rdp
 from consumer.secagg.messages import RoundConfig
 from consumer.secagg.quantize import unpack_vector
 from consumer.secagg.wire_codec import config_from_proto
+from producer.fl.checkpoint import load_latest
 from producer.fl.dp_fedavg import DifferentialPrivacy
 from producer.fl.job import FederatedJob
 from producer.fl.privacy import AdaptiveClip
@@ -218,3 +220,27 @@ def test_epsilon_after_each_round_is_dp_accountings_for_andrews_effective_multip
         charged = z * bound / (bound + math.sqrt(config.length))
         assert m.epsilon == pytest.approx(reference_epsilon(charged, m.round, 1e-5), rel=1e-6)
         assert m.epsilon >= reference_epsilon(z, m.round, 1e-5)
+
+
+@EMBEDDED
+def test_a_resumed_run_continues_from_the_checkpointed_clip_norm(
+    device: DeviceFactory, tmp_path: Path
+) -> None:
+    s = make_setup(device, 4, adaptive_clip=True)
+
+    def job() -> FederatedJob:
+        dp = DifferentialPrivacy(noise_multiplier=1.0, clip_norm=0.5, target_quantile=0.5)
+        return FederatedJob(participants=s.members, strategy="fedavg",
+                            secure_aggregation=SecureAggregation(stage_deadline=300.0),
+                            privacy=dp, policy=RoundPolicy(deadline=300.0),
+                            checkpoint_dir=tmp_path)
+
+    first = job().run(s.weights, num_rounds=2)
+    last = first.outcomes[-1].results[0].metrics
+    saved = load_latest(tmp_path)
+    assert saved is not None and saved.round == 2
+    stepped = last["clip_norm"] * math.exp(-0.2 * (last["unclipped_fraction"] - 0.5))
+    assert saved.metadata["clip_norm"] == pytest.approx(stepped, rel=1e-12)
+    resumed = job().run(s.weights, num_rounds=3, resume=True)
+    assert [o.server_round for o in resumed.outcomes] == [3]
+    assert resumed.outcomes[0].results[0].metrics["clip_norm"] == saved.metadata["clip_norm"]
