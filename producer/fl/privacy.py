@@ -124,7 +124,8 @@ def indicator_scale(*, noise_multiplier: float, clip_norm: float, count_stddev: 
     standard deviation ``z * C'`` covers both. In units of the count that noise is
     ``sigma_b = z C' / s``; in units of ``C`` on the update it is ``z_delta = z C' / C``, and
     ``(z_delta^-2 + (2 sigma_b)^-2)^-1/2 = z``: the single Gaussian mechanism of multiplier
-    ``z`` that Andrew et al. 2021 (section 3.1, "the two queries ... can be treated as one")
+    ``z`` that Andrew et al. 2021 (arXiv:1905.03871: the effective noise multiplier of the
+    update and count queries together, as TF Privacy's adaptive clip query and Flower use it)
     compose both queries into. Solving ``sigma_b = z C' / s`` for ``s`` gives
     ``s = z C / sqrt(sigma_b^2 - z^2 / 4)`` (needs ``sigma_b > z / 2``). Without noise
     (``z = 0``) the count is exact and ``s = 2 C``. Rounded to float32, as devices use it.

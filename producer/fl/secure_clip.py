@@ -14,7 +14,7 @@ norm geometrically: ``C <- C * exp(-eta * (b - gamma))``.
 Privacy: both queries share one noise of standard deviation ``z C'`` on a vector of L2
 sensitivity ``C'``: one Gaussian mechanism of multiplier ``z``, which is Andrew et al.'s
 ``z = (z_delta^-2 + (2 sigma_b)^-2)^-1/2`` with ``z_delta = z C'/C`` the updates' multiplier and
-``sigma_b = z C'/s`` the count's noise (their section 3.1). The accountant composes ``z``
+``sigma_b = z C'/s`` the count's noise (arXiv:1905.03871). The accountant composes ``z``
 (its discrete, distributed form: :func:`~producer.fl.privacy.secure_noise_plan`).
 
 Examples

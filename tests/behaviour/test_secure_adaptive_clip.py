@@ -171,7 +171,7 @@ def test_no_message_of_an_adaptive_secure_round_holds_an_update_or_an_indicator(
 
 
 def andrew_multiplier(noise_sum: float, clip_norm: float, scale: float) -> float:
-    """Andrew et al. 2021, section 3.1: ``(z_delta^-2 + (2 sigma_b)^-2)^-1/2`` for a noise of
+    """Andrew et al. 2021 (arXiv:1905.03871): ``(z_delta^-2 + (2 sigma_b)^-2)^-1/2`` for a noise of
     standard deviation ``noise_sum`` on the sum of updates clipped to ``clip_norm``
     (``z_delta = noise / C``) and on the count carried at scale ``scale``
     (``sigma_b = noise / s``)."""
