@@ -10,6 +10,12 @@ Usage::
 
     .venv/bin/python benchmarks/bench_secagg_round.py --devices 8 100 --rounds 5 \\
         --secagg-k auto 0 20 --accuracy-rounds 20 --out benchmarks/RESULTS.md
+
+Accuracy only, 100 devices, fixed and adaptive clipping (Andrew et al. 2021, the count
+summed securely with the updates), a 20-regular graph for speed::
+
+    .venv/bin/python benchmarks/bench_secagg_round.py --devices --accuracy-devices 100 \\
+        --accuracy-rounds 15 --accuracy-quantile 0.5 --accuracy-secagg-k 20
 """
 
 from __future__ import annotations
@@ -154,18 +160,33 @@ def run(devices: int, rounds: int, extra: list[str], broker: str | None) -> dict
         "epsilon": result.history[-1].epsilon,
         "rounds": len(trained),
         "plan_bytes": tap.plans / devices,
+        "clip_norm": result.outcomes[-1].results[0].metrics.get("clip_norm", float("nan"))
+        if result.outcomes and result.outcomes[-1].results else float("nan"),
+        "clip_norms": [round(o.results[0].metrics.get("clip_norm", 0.0), 3)
+                       for o in result.outcomes if o.results],
+        "accuracies": [round(m.test_accuracy, 3) for m in trained],
     }
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--devices", type=int, nargs="+", default=[8, 100])
+    p.add_argument("--devices", type=int, nargs="*", default=[8, 100],
+                   help="device counts of the timing rows (none: accuracy only)")
     p.add_argument("--rounds", type=int, default=5, help="rounds timed per configuration")
     p.add_argument("--accuracy-rounds", type=int, default=20)
     p.add_argument("--accuracy-devices", type=int, nargs="*", default=[8])
     p.add_argument("--secagg-k", type=_degree, nargs="*", default=[None],
                    help="k of the k-regular graph for the secure rows, one row per value "
                    "('auto', the default: SecureAggregation's safe k; 0: the complete graph)")
+    p.add_argument("--accuracy-epsilons", type=float, nargs="+", default=[8.0, 1.0])
+    p.add_argument("--accuracy-clip", type=float, default=0.5,
+                   help="the DP clip norm C (adaptive rows: the initial C)")
+    p.add_argument("--accuracy-quantile", type=float, default=None,
+                   help="also run adaptive clipping towards this quantile of the update norms")
+    p.add_argument("--accuracy-secagg-k", type=int, default=None,
+                   help="k of the k-regular graph of the accuracy rows (default: the safe k)")
+    p.add_argument("--accuracy-secure-baseline", action="store_true",
+                   help="also run SecAgg+ without DP (the same model as FedAvg up to rounding)")
     p.add_argument("--broker", default=None)
     p.add_argument("--out", default=None, help="append the results to this markdown file")
     a = p.parse_args()
@@ -207,23 +228,57 @@ def main() -> None:
         print("\n".join(lines[-len(rows):]), flush=True)
     if not a.accuracy_devices:
         return finish(lines, a.out)
+    accuracy_rows(a, lines)
+    finish(lines, a.out)
+
+
+def accuracy_rows(a: argparse.Namespace, lines: list[str]) -> None:
+    """Test accuracy of secure DP-FedAvg at each ε (fixed and adaptive clip) vs non-private."""
+    k = ["--secagg-k", str(a.accuracy_secagg_k)] if a.accuracy_secagg_k else []
+    graph = f"{a.accuracy_secagg_k}-regular" if a.accuracy_secagg_k else "default (safe k)"
     lines.append("")
-    lines.append(f"Test accuracy after {a.accuracy_rounds} rounds, every device sampled each "
-                 "round (q = 1), δ = 1e-5, clip norm 0.5; the noise multiplier is calibrated so "
-                 "that the planned rounds spend the budget (the devices' noise shares sum to "
-                 "z·C over the survivors; the mean's noise shrinks with the number of devices):\n")
-    lines.append("| devices | mode | test accuracy | ε spent |")
-    lines.append("|---:|---|---:|---:|")
-    cases = [("FedAvg, non-private", []), ("SecAgg+, non-private", ["--secagg"]),
-             ("SecAgg+ + DP, ε = 8", ["--secagg", "--dp-epsilon", "8"]),
-             ("SecAgg+ + DP, ε = 1", ["--secagg", "--dp-epsilon", "1"])]
+    lines.append(
+        f"Test accuracy after {a.accuracy_rounds} rounds, every device sampled each round "
+        f"(q = 1), δ = 1e-5, SecAgg+ on the {graph} graph with distributed discrete Gaussian "
+        f"noise; the noise multiplier z is calibrated so that the planned rounds spend the "
+        f"budget, and each device's share is calibrated so that min_survivors = n - floor(n/3) "
+        f"devices carry z·C (with every device surviving the sum carries sqrt(n / "
+        f"min_survivors) = 1.22x that). Fixed clip C = {a.accuracy_clip}; adaptive rows start "
+        f"from it and follow quantile {a.accuracy_quantile} with learning rate 0.2 (Andrew et "
+        f"al. 2021), the count summed securely with the updates, count noise sigma_b = n/20, "
+        f"or z if larger. "
+        f"Started {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC, load average "
+        f"{_loadavg()}.\n")
+    command = " ".join(["benchmarks/bench_secagg_round.py", *sys.argv[1:]])
+    lines.append(f"Command: `.venv/bin/python {command}`\n")
+    lines.append("| devices | mode | test accuracy | ε spent | final C |")
+    lines.append("|---:|---|---:|---:|---:|")
+    clip = ["--dp-clip", str(a.accuracy_clip)]
+    cases = [("FedAvg, non-private", [])]
+    if a.accuracy_secure_baseline:
+        cases.append(("SecAgg+, non-private", ["--secagg", *k]))
+    for eps in a.accuracy_epsilons:
+        dp = ["--secagg", *k, "--dp-epsilon", str(eps), *clip]
+        cases.append((f"SecAgg+ + DP, ε = {eps:g}, fixed C", dp))
+        if a.accuracy_quantile is not None:
+            cases.append((f"SecAgg+ + DP, ε = {eps:g}, adaptive C",
+                          [*dp, "--adaptive-clip", str(a.accuracy_quantile)]))
     for n in a.accuracy_devices:
         for name, flags in cases:
             r = run(n, a.accuracy_rounds, flags, a.broker)
             eps = f"{r['epsilon']:.3g}" if r["epsilon"] == r["epsilon"] else "∞"
-            lines.append(f"| {n} | {name} | {100 * r['accuracy']:.2f}% | {eps} |")
-            print(lines[-1], flush=True)
-    finish(lines, a.out)
+            final = f"{r['clip_norm']:.3f}" if r["clip_norm"] == r["clip_norm"] else (
+                f"{a.accuracy_clip:g}" if "--dp-epsilon" in flags else "-")
+            lines.append(f"| {n} | {name} | {100 * r['accuracy']:.2f}% | {eps} | {final} |")
+            print(lines[-1], f"(load {_loadavg()}) accuracy by round {r['accuracies']}, "
+                  f"C by round {r['clip_norms']}", flush=True)
+
+
+def _loadavg() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "unknown"
 
 
 def _degree(value: str) -> int | None:

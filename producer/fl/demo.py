@@ -121,7 +121,8 @@ def training_plans(
     plans: dict[tuple[str, int], Any] = {}
     if setup.secure:
         for n in sorted({len(share.x_train) for share in setup.shares}):
-            plans["fit", n] = build_update_plan(setup.model, setup.spec, n)
+            plans["fit", n] = build_update_plan(setup.model, setup.spec, n,
+                                                adaptive_clip=setup.adaptive_clip)
     else:
         plans["fit", 0] = build_training_plan(setup.model, setup.spec)
     if device_eval:
@@ -204,6 +205,8 @@ class DemoSetup:
     strategy: Strategy
     out: Path
     secure: bool = False
+    adaptive_clip: bool = False
+    """Secure DP with adaptive clipping: the update plans clip and append the indicator."""
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -234,7 +237,8 @@ def prepare(args: argparse.Namespace) -> DemoSetup:
         epochs=args.epochs,
         proximal_mu=strategy.proximal_mu,
     )
-    return DemoSetup(ds, shares, model, spec, strategy, out, secure=bool(args.secagg))
+    return DemoSetup(ds, shares, model, spec, strategy, out, secure=bool(args.secagg),
+                     adaptive_clip=demo_privacy.adaptive_secure(args))
 
 
 def announce(args: argparse.Namespace, setup: DemoSetup) -> None:
@@ -296,7 +300,7 @@ def participants(
         key = ("fit", n) if setup.secure else ("fit", 0)
         if key not in plans:
             plans[key] = (
-                build_update_plan(setup.model, setup.spec, n)
+                build_update_plan(setup.model, setup.spec, n, adaptive_clip=setup.adaptive_clip)
                 if setup.secure
                 else build_training_plan(setup.model, setup.spec)
             )

@@ -27,7 +27,12 @@ import torch
 from dp_accounting import rdp
 
 from producer.fl.aggregate import Weights
-from producer.fl.privacy import AdaptiveClip, PrivacyAccountant, clip_update
+from producer.fl.privacy import (
+    AdaptiveClip,
+    PrivacyAccountant,
+    clip_update,
+    default_count_stddev,
+)
 from producer.fl.strategy import FitFailure, FitInstructions, FitResult, Strategy
 from producer.fl.training import flatten, unflatten
 
@@ -46,10 +51,16 @@ class DifferentialPrivacy:
         ``C``: each device's update (new weights minus global weights) is L2-clipped to it;
         the initial norm when ``target_quantile`` is set.
     target_quantile
-        Adaptive clipping: move ``C`` towards this quantile of the update norms (server-side
-        DP only; with secure aggregation the clip is fixed).
+        Adaptive clipping (Andrew et al. 2021): move ``C`` towards this quantile of the
+        update norms, from a noised count of unclipped updates (with secure aggregation the
+        count is summed securely with the updates: :mod:`producer.fl.secure_clip`).
     clip_learning_rate
         The geometric step of adaptive clipping (``eta``).
+    count_stddev
+        ``sigma_b``, the noise on the count of unclipped updates; ``None``: Andrew et al.'s
+        ``m / 20`` for ``m`` devices a round, or ``z`` when that is not above ``z / 2``
+        (:func:`~producer.fl.privacy.default_count_stddev`). The updates' own multiplier
+        is then ``(z^-2 - (2 sigma_b)^-2)^-1/2``, so both queries together cost ``z``.
     delta
         The δ of the (ε, δ) guarantee.
     target_epsilon
@@ -67,6 +78,7 @@ class DifferentialPrivacy:
     clip_norm: float = 1.0
     target_quantile: float | None = None
     clip_learning_rate: float = 0.2
+    count_stddev: float | None = None
     delta: float = 1e-5
     target_epsilon: float | None = None
     accounting: str = "rdp"
@@ -80,6 +92,8 @@ class DifferentialPrivacy:
             raise ValueError(f"clip_norm must be a positive number, got {self.clip_norm}")
         if self.target_quantile is not None and not 0 < self.target_quantile < 1:
             raise ValueError(f"target_quantile must be in (0, 1), got {self.target_quantile}")
+        if self.count_stddev is not None and not self.count_stddev > 0:
+            raise ValueError(f"count_stddev must be > 0, got {self.count_stddev}")
         if not 0 < self.delta < 1:
             raise ValueError(f"delta must be in (0, 1), got {self.delta}")
         if self.target_epsilon is not None and self.target_epsilon <= 0:
@@ -146,6 +160,7 @@ class CentralDP(Strategy):
         expected_devices: int,
         target_quantile: float | None = None,
         clip_learning_rate: float = 0.2,
+        count_stddev: float | None = None,
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
@@ -157,8 +172,9 @@ class CentralDP(Strategy):
         self.clip: AdaptiveClip | None = None
         self.clip_norm = clip_norm
         self.noise_multiplier = noise_multiplier
-        if target_quantile is not None:  # Andrew et al.: count noise m/20
-            stddev = self.expected_devices / 20
+        if target_quantile is not None:  # Andrew et al.: count noise m/20 by default
+            stddev = count_stddev or default_count_stddev(self.expected_devices,
+                                                          noise_multiplier)
             self.clip = AdaptiveClip(clip_norm=clip_norm, target_quantile=target_quantile,
                                      learning_rate=clip_learning_rate, count_stddev=stddev)
             if noise_multiplier > 0:

@@ -19,6 +19,7 @@ from producer.fl.participants import PlanParticipant
 from producer.fl.privacy import PrivacyAccountant, PrivacyBudgetExhausted
 from producer.fl.progress import RoundMetrics
 from producer.fl.rounds import Participant, RoundOutcome, RoundPolicy, RoundRunner
+from producer.fl.secure_clip import SecureAdaptiveClip
 from producer.fl.secure_rounds import (
     SecureAggregation,
     SecureRoundOutcome,
@@ -161,13 +162,6 @@ class FederatedJob:
                 "FedBuff folds single updates as they arrive; secure aggregation and DP-FedAvg "
                 "need a round's sum — run them with mode='sync'"
             )
-        if self.secure_aggregation is not None and self.privacy is not None and (
-            self.privacy.target_quantile is not None
-        ):
-            raise FedplanError(
-                "adaptive clipping (target_quantile) is server-side DP only here; with "
-                "secure_aggregation use a fixed clip_norm"
-            )
 
     def _runner(self, weights: Weights, num_rounds: int) -> RoundRunner | SecureRoundRunner:
         """The round runner: plain, central DP, or secure (with distributed DP)."""
@@ -182,15 +176,19 @@ class FederatedJob:
                 )
             sampled = max(2, sampled)
             z = 0.0
+            adaptive = None
             if dp is not None:
                 dim = sum(t.numel() for t in weights.values())
                 z, self.accountant = secure_accountant(
                     dp, self.secure_aggregation, devices=max(n, 1), sampled=sampled,
                     dimension=dim, rounds=num_rounds)
+                if dp.target_quantile is not None:  # the count rides in the secure sum
+                    adaptive = SecureAdaptiveClip.create(dp, noise_multiplier=z,
+                                                         expected_devices=sampled)
             return SecureRoundRunner(
                 [p for p in self.participants if isinstance(p, PlanParticipant)],
                 self._strategy, self.secure_aggregation, self.policy, privacy=dp,
-                noise_multiplier=z, seed=self.seed, pace=self.pace,
+                noise_multiplier=z, seed=self.seed, pace=self.pace, adaptive=adaptive,
             )
         strategy = self._strategy
         if isinstance(strategy, CentralDP):  # a second run() keeps the first one's wrapper
@@ -202,7 +200,8 @@ class FederatedJob:
                                             noise_multiplier=z)
             strategy = CentralDP(strategy, noise_multiplier=z, clip_norm=dp.clip_norm,
                                  expected_devices=sampled, target_quantile=dp.target_quantile,
-                                 clip_learning_rate=dp.clip_learning_rate)
+                                 clip_learning_rate=dp.clip_learning_rate,
+                                 count_stddev=dp.count_stddev)
             self.strategy = strategy
         return RoundRunner(self.participants, strategy, self.policy, seed=self.seed,
                            pace=self.pace)
@@ -217,7 +216,9 @@ class FederatedJob:
         if isinstance(self.strategy, FedBuff):
             return self._run_buffered(self.strategy, weights, num_rounds, resume)
         runner = self._runner(weights, num_rounds)
-        weights, history, devices = self._resume(weights) if resume else (weights, [], [])
+        weights, history, devices = (
+            self._resume(weights, runner) if resume else (weights, [], []))
+        adaptive = runner.adaptive if isinstance(runner, SecureRoundRunner) else None
         first = history[-1].round + 1 if history else 1
         clock = _Clock()
         if not history:
@@ -245,7 +246,8 @@ class FederatedJob:
             rows = outcome.device_rows()
             history.append(self._round_metrics(outcome, weights, clock, rows))
             devices.extend(rows)
-            self._save_checkpoint(server_round, weights, history, devices)
+            extra = {"clip_norm": adaptive.clip_norm} if adaptive is not None else None
+            self._save_checkpoint(server_round, weights, history, devices, extra)
             self._report(history[-1], rows)
         for tracker in self.trackers:
             tracker.close()
@@ -312,12 +314,19 @@ class FederatedJob:
             weights, history, resumed_from=first, devices=devices, arrivals=state.arrivals
         )
 
-    def _resume(self, weights: Weights) -> tuple[Weights, list[RoundMetrics], list[DeviceMetrics]]:
-        """Weights and history from the last checkpoint (strategy state restored), if any."""
+    def _resume(
+        self, weights: Weights, runner: RoundRunner | SecureRoundRunner | None = None
+    ) -> tuple[Weights, list[RoundMetrics], list[DeviceMetrics]]:
+        """Weights and history from the last checkpoint (strategy state and a secure run's
+        adaptive clip norm restored), if any."""
         ck = self._load_checkpoint()
         if ck is None:
             return weights, [], []
         self._strategy.load_state_dict(ck.strategy_state)
+        if isinstance(runner, SecureRoundRunner) and runner.adaptive is not None and (
+            "clip_norm" in ck.metadata
+        ):
+            runner.adaptive.restore(float(ck.metadata["clip_norm"]))
         history = [RoundMetrics.from_dict(row) for row in ck.metadata["history"]]
         devices = [DeviceMetrics(**row) for row in ck.metadata.get("devices", [])]
         return ck.weights, history, devices

@@ -2,7 +2,8 @@
 
 - :func:`clip_update`: a device's update scaled to L2 norm at most ``clip_norm``.
 - :class:`AdaptiveClip`: the clip norm follows a target quantile of the update norms
-  (Andrew et al. 2021, geometric update from a noised count of unclipped updates).
+  (Andrew et al. 2021, geometric update from a noised count of unclipped updates);
+  :func:`indicator_scale`: how the unclipped bit rides in a securely summed vector.
 - :func:`add_gaussian_noise`: central DP, N(0, (z * sensitivity)^2) added by the server.
 - :func:`secure_noise_plan`: distributed DP for secure aggregation: each device adds
   discrete Gaussian noise in the quantized domain, calibrated so that any ``min_survivors``
@@ -77,7 +78,13 @@ class AdaptiveClip:
         if self.count_stddev > 0:
             noise = float(torch.randn((), generator=generator, dtype=torch.float64))
             noise *= self.count_stddev
-        fraction = (unclipped + noise) / devices
+        return self.step((unclipped + noise) / devices)
+
+    def step(self, fraction: float) -> AdaptiveClip:
+        """The next clip norm from an already noised fraction ``b`` of unclipped updates:
+        ``C * exp(-eta * (b - gamma))`` (with secure aggregation the noise is in the sum)."""
+        if not math.isfinite(fraction):
+            raise ValueError(f"the unclipped fraction must be finite, not {fraction}")
         step = math.exp(-self.learning_rate * (fraction - self.target_quantile))
         return replace(self, clip_norm=self.clip_norm * step)
 
@@ -90,6 +97,57 @@ class AdaptiveClip:
         if rest <= 0:
             raise ValueError("count_stddev is too small for this noise multiplier")
         return rest**-0.5
+
+
+def default_count_stddev(expected_devices: int, noise_multiplier: float) -> float:
+    """The noise ``sigma_b`` on the count of unclipped updates when none is given.
+
+    Andrew et al. 2021 recommend ``m / 20`` (``m`` the expected devices per round). The
+    count's noise must exceed ``z / 2`` or it alone would spend the whole budget
+    (:meth:`AdaptiveClip.update_noise_multiplier`); when ``m / 20`` is not above it (few
+    devices, a small ε), ``sigma_b = z`` is used, and the updates keep ``z_delta = 1.155 z``.
+
+    Examples
+    --------
+    >>> default_count_stddev(100, 1.0), default_count_stddev(100, 20.0)
+    (5.0, 20.0)
+    """
+    andrew = max(1, expected_devices) / 20
+    return andrew if 2 * andrew > 1.001 * noise_multiplier else float(noise_multiplier)
+
+
+def indicator_scale(*, noise_multiplier: float, clip_norm: float, count_stddev: float) -> float:
+    """The scale ``s`` of the unclipped indicator in a securely summed vector.
+
+    A device appends ``(b - 1/2) * s`` (``b = [||update|| <= C]``) to its clipped update, so
+    its vector has L2 norm at most ``C' = sqrt(C^2 + s^2 / 4)``, and the devices' noise of
+    standard deviation ``z * C'`` covers both. In units of the count that noise is
+    ``sigma_b = z C' / s``; in units of ``C`` on the update it is ``z_delta = z C' / C``, and
+    ``(z_delta^-2 + (2 sigma_b)^-2)^-1/2 = z``: the single Gaussian mechanism of multiplier
+    ``z`` that Andrew et al. 2021 (arXiv:1905.03871: the effective noise multiplier of the
+    update and count queries together, as TF Privacy's adaptive clip query and Flower use it)
+    compose both queries into. Solving ``sigma_b = z C' / s`` for ``s`` gives
+    ``s = z C / sqrt(sigma_b^2 - z^2 / 4)`` (needs ``sigma_b > z / 2``). Without noise
+    (``z = 0``) the count is exact and ``s = 2 C``. Rounded to float32, as devices use it.
+
+    Examples
+    --------
+    >>> s = indicator_scale(noise_multiplier=1.0, clip_norm=0.5, count_stddev=5.0)
+    >>> c2 = math.sqrt(0.5**2 + s**2 / 4)
+    >>> round((1.0 * c2 / 0.5) ** -2 + (2 * 1.0 * c2 / s) ** -2, 6)   # z_delta, sigma_b
+    1.0
+    """
+    if noise_multiplier < 0 or not clip_norm > 0:
+        raise ValueError("noise_multiplier >= 0 and clip_norm > 0")
+    if noise_multiplier == 0:
+        scale = 2 * clip_norm
+    else:
+        rest = count_stddev**2 - noise_multiplier**2 / 4
+        if rest <= 0:
+            raise ValueError(f"count_stddev {count_stddev} must exceed noise_multiplier / 2 "
+                             f"= {noise_multiplier / 2}: the count would spend the budget")
+        scale = noise_multiplier * clip_norm / math.sqrt(rest)
+    return float(torch.tensor(scale, dtype=torch.float32))
 
 
 def add_gaussian_noise(

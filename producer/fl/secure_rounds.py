@@ -15,7 +15,8 @@ Weights: without DP each device weighs its example count (FedAvg); with DP every
 weighs 1, clips its update to ``clip_norm`` and adds its share of distributed discrete
 Gaussian noise, and the sum is divided by the number of sampled devices (McMahan et al.'s
 fixed-denominator estimator) so that one device changes the mean by at most
-``clip_norm / n``.
+``clip_norm / n``. With adaptive clipping (``target_quantile``) the update plans clip and
+append the unclipped indicator, summed with the updates (:mod:`producer.fl.secure_clip`).
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ from producer.fl.participants import PlanParticipant
 from producer.fl.privacy import PrivacyAccountant, secure_noise_plan
 from producer.fl.rounds import RoundOutcome, RoundPolicy, sample_devices
 from producer.fl.secure_aggregation import SecureAggregate, SecureAggregationRound
+from producer.fl.secure_clip import SecureAdaptiveClip
 from producer.fl.strategy import FitFailure, FitResult, Strategy
 from producer.fl.training import flatten, sample_order, unflatten
 from producer.remote.collector import PendingCommand
@@ -226,7 +228,9 @@ class SecureRoundRunner:
 
     The same interface as :class:`~producer.fl.rounds.RoundRunner` (``run_round``); built
     by :class:`~producer.fl.job.FederatedJob` when it has ``secure_aggregation``. The
-    participants' plans must come from :func:`~producer.fl.secure_training.build_update_plan`.
+    participants' plans must come from :func:`~producer.fl.secure_training.build_update_plan`
+    (with ``adaptive_clip=True`` when ``adaptive`` is set: each round's result then carries
+    the noised unclipped fraction and the clip norm used in its metrics).
     """
 
     participants: Sequence[PlanParticipant]
@@ -237,6 +241,7 @@ class SecureRoundRunner:
     noise_multiplier: float = 0.0
     seed: int = 0
     pace: PaceSteering | None = None
+    adaptive: SecureAdaptiveClip | None = None
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
     on_stage: Callable[[str, Mapping[str, Any]], None] | None = None
     """Called with each stage's name and replies (tests and tracing)."""
@@ -285,7 +290,7 @@ class SecureRoundRunner:
                                      skipped=skipped)
         round_id = f"{self.run_id}-r{server_round}a{attempt}"
         flat = flatten(weights)
-        config = self._config(round_id, sorted(parts), flat.numel())
+        config = self._config(round_id, sorted(parts), flat.numel() + bool(self.adaptive))
         self.last_config = config
         instructions = self.strategy.configure_fit(server_round, weights)
         updates: dict[str, Any] = {}
@@ -311,7 +316,7 @@ class SecureRoundRunner:
                 d: ("secagg_mask", mask_request_to_proto(
                     r, input_id=updates[d].id, weight=weights_of[d]))
                 for d, r in mask_requests.items()
-            }, stage, clip_norm=self.privacy.clip_norm if self.privacy else 0.0)
+            }, stage, clip_norm=self._clip_norm())
             unmask_requests = server.collect_masked_inputs(stage.messages.values())
             stage = self._stage("unmask", {
                 d: ("secagg_unmask", unmask_request_to_proto(r))
@@ -332,13 +337,18 @@ class SecureRoundRunner:
         self.last_aggregate = aggregate
         survivors = len(aggregate.survivors)
         outcome.survivors = {d: parts[d][1].num_examples for d in aggregate.survivors}
-        if self.privacy is not None:
+        metrics = {"survivors": float(survivors)}
+        if self.adaptive is not None:
+            metrics["clip_norm"] = self.adaptive.clip_norm
+            summed, metrics["unclipped_fraction"] = self.adaptive.commit(
+                aggregate.weighted_sum, survivors=survivors)
+            mean = torch.as_tensor(summed) / len(parts)
+        elif self.privacy is not None:
             mean = torch.as_tensor(aggregate.weighted_sum) / len(parts)
         else:
             mean = torch.as_tensor(aggregate.mean())
         new = unflatten((flat.double() + mean).float(), weights)
-        result = FitResult("secure-aggregate", new, aggregate.total_weight,
-                           {"survivors": float(survivors)})
+        result = FitResult("secure-aggregate", new, aggregate.total_weight, metrics)
         outcome.results = [result]
         outcome.weights = self.strategy.aggregate_fit(server_round, weights, [result], [])
         if outcome.weights is None:
@@ -360,6 +370,7 @@ class SecureRoundRunner:
 
         A device runs its commands in order, so its advert comes after its training."""
         mu = instructions.config.get("proximal_mu", 0.0)
+        clip = [self.adaptive.argument()] if self.adaptive is not None else []
         pending: dict[str, PendingCommand] = {}
         stage = _Stage()
         proto = config_to_proto(config)
@@ -368,10 +379,13 @@ class SecureRoundRunner:
                 if part.proximal_mu is not None and mu != part.proximal_mu:
                     raise FedplanError(f"the plan of {device_id!r} was built with "
                                        f"proximal_mu={part.proximal_mu}, the strategy asks {mu}")
+                if getattr(part.plan, "adaptive_clip", False) != bool(clip):
+                    raise FedplanError(f"the update plan of {device_id!r} must be built with "
+                                       f"adaptive_clip={bool(clip)} for this job's privacy")
                 order = sample_order(part.num_examples, 1000 * server_round + index, part.epochs)
                 part.device.send_plan(part.plan, wait=False)
                 update, _loss = part.device.run_plan(  # no output rides in the reply
-                    part.plan, [part.x, part.y, order, flat], inline_limit=0)
+                    part.plan, [part.x, part.y, order, flat, *clip], inline_limit=0)
                 updates[device_id] = update
                 pending[device_id] = part.device.fleet.submit(
                     device_id, "secagg_advertise", cmd.SecAggAdvertise(config=proto))
@@ -461,6 +475,12 @@ class SecureRoundRunner:
     def _device(self, device_id: str) -> Any:
         return next((p.device for p in self.participants if p.device_id == device_id), None)
 
+    def _clip_norm(self) -> float:
+        """The L2 bound of a device's vector (0: no DP, no clipping)."""
+        if self.adaptive is not None:
+            return self.adaptive.vector_norm
+        return self.privacy.clip_norm if self.privacy is not None else 0.0
+
     def _weight(self, part: PlanParticipant) -> int:
         return 1 if self.privacy is not None else part.num_examples
 
@@ -469,9 +489,14 @@ class SecureRoundRunner:
         if self.privacy is None:
             most = self.secure.max_weight or max(p.num_examples for p in self.participants)
             return self.secure.round_config(round_id, devices, length=length, max_weight=most)
+        if self.noise_multiplier <= 0:  # clipping only (tests)
+            q = QuantizationParams(clip=self._clip_norm(), scale_bits=self.secure.quantization_bits,
+                                   num_clients=n)
+            return self.secure.round_config(round_id, devices, length=length, max_weight=1,
+                                            quantization=q)
         noise = secure_noise_plan(
             noise_multiplier=self.noise_multiplier,
-            clip_norm=self.privacy.clip_norm,
+            clip_norm=self._clip_norm(),
             dimension=length,
             num_clients=n,
             min_survivors=self.secure.min_survivors(n),
@@ -512,24 +537,28 @@ def secure_accountant(
 
     The accountant composes the *effective* multiplier of the distributed discrete Gaussian
     (Kairouz et al. 2021; :func:`~producer.fl.privacy.secure_noise_plan`), which is slightly
-    below ``z``.
+    below ``z``. With adaptive clipping the vector is ``dimension + 1`` long (the
+    indicator) and its L2 bound is ``C'`` (:mod:`producer.fl.secure_clip`): ``z`` covers the
+    update and the count together, as Andrew et al. 2021 account them.
     """
     rate = sampled / devices
+
+    def plan(z: float) -> float:
+        clip, dim = privacy.clip_norm, dimension
+        if privacy.target_quantile is not None:
+            clip = SecureAdaptiveClip.create(privacy, noise_multiplier=z,
+                                             expected_devices=sampled).vector_norm
+            dim += 1
+        return secure_noise_plan(
+            noise_multiplier=z, clip_norm=clip, dimension=dim, num_clients=sampled,
+            min_survivors=secure.min_survivors(sampled), scale_bits=secure.quantization_bits,
+        ).effective_noise_multiplier
+
     z = privacy.calibrated(sampling_rate=rate, rounds=rounds)
-    plan = secure_noise_plan(
-        noise_multiplier=z, clip_norm=privacy.clip_norm, dimension=dimension,
-        num_clients=sampled, min_survivors=secure.min_survivors(sampled),
-        scale_bits=secure.quantization_bits,
-    )
-    effective = plan.effective_noise_multiplier
+    effective = plan(z)
     if effective < z * (1 - 1e-3) and privacy.noise_multiplier is None:
         z = z * z / effective  # raise z so that the effective multiplier meets the budget
-        plan = secure_noise_plan(
-            noise_multiplier=z, clip_norm=privacy.clip_norm, dimension=dimension,
-            num_clients=sampled, min_survivors=secure.min_survivors(sampled),
-            scale_bits=secure.quantization_bits,
-        )
-        effective = plan.effective_noise_multiplier
+        effective = plan(z)
     return z, privacy.accountant(sampling_rate=rate, rounds=rounds,
                                  noise_multiplier=effective)
 

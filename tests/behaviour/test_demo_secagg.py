@@ -31,12 +31,14 @@ from schemas.errors import PolicyError
 pytestmark = pytest.mark.timeout(900)  # RabbitMQ rounds take minutes on a loaded machine
 
 
+@pytest.mark.parametrize("clipping", [[], ["--adaptive-clip", "0.5"]], ids=["fixed", "adaptive"])
 def test_the_secure_private_demo_trains_within_its_epsilon_budget_on_private_data(
-    fleet: fp.Fleet, tmp_path: Path
+    fleet: fp.Fleet, tmp_path: Path, clipping: list[str]
 ) -> None:
     args = build_parser().parse_args([
         "demo", "--devices", "3", "--rounds", "2", "--epochs", "1", "--secagg",
         "--dp-epsilon", "8", "--dp-clip", "0.5", "--deadline", "120", "--out", str(tmp_path),
+        *clipping,
     ])
     setup = prepare(args)
     run = secrets.token_hex(3)
@@ -72,6 +74,11 @@ def test_the_secure_private_demo_trains_within_its_epsilon_budget_on_private_dat
     assert job.accountant is not None
     assert epsilons == [job.accountant.epsilon_after(r) for r in (1, 2)]
     assert not (flatten(result.weights) == flatten(start)).all()
+    clip_norms = [o.results[0].metrics.get("clip_norm") for o in result.outcomes]
+    if clipping:  # the clip norm moved after round 1, from a noised secure count
+        assert clip_norms[0] == 0.5 and clip_norms[1] not in (None, 0.5)
+    else:
+        assert clip_norms == [None, None]
     write_metrics(result.history, tmp_path)
     with open(tmp_path / "metrics.csv") as f:
         rows = list(csv.DictReader(f))

@@ -85,7 +85,8 @@ class Setup:
     members: list[PlanParticipant]
 
 
-def make_setup(device: DeviceFactory, n: int, sizes: tuple[int, ...] = (8, 12)) -> Setup:
+def make_setup(device: DeviceFactory, n: int, sizes: tuple[int, ...] = (8, 12), *,
+               adaptive_clip: bool = False) -> Setup:
     torch.manual_seed(0)
     model = nn.Linear(4, 3)
     run = secrets.token_hex(3)
@@ -100,7 +101,7 @@ def make_setup(device: DeviceFactory, n: int, sizes: tuple[int, ...] = (8, 12)) 
 
         def plan_for(rows: int) -> Any:
             if rows not in plans:
-                plans[rows] = build_update_plan(model, SPEC, rows)
+                plans[rows] = build_update_plan(model, SPEC, rows, adaptive_clip=adaptive_clip)
             return plans[rows]
 
         members.append(PlanParticipant(dev, plan_for, timeout=120))

@@ -5,7 +5,8 @@ reply, and none holds a device's update or its quantized form."""
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import pika
@@ -18,6 +19,13 @@ from consumer.secagg.quantize import unpack_vector
 from producer.fl.training import flatten
 from schemas import command_pb2 as cmd
 from schemas.wire import decode_reply
+from tests.behaviour.conftest import DeviceFactory
+from tests.behaviour.test_secure_adaptive_clip import (
+    adaptive_runner,
+    assert_indicator_masked,
+    assert_nowhere,
+    eager_clipped,
+)
 from tests.behaviour.test_secure_aggregation import (
     assert_fedavg_of,
     eager_updates,
@@ -38,45 +46,58 @@ def fleet() -> Iterator[fp.Fleet]:
         fleet.close()
 
 
-def test_a_queue_on_the_results_exchange_sees_only_masked_updates_of_a_secure_round(
-    fleet: fp.Fleet,
-) -> None:
+@contextmanager
+def results_spy(fleet: fp.Fleet) -> Iterator[Callable[[], list[bytes]]]:
+    """A queue bound to the results exchange with the producer's routing key (a copy of
+    every reply); yields a function that drains it. The queue is deleted afterwards."""
     producer_id = fleet.transport.settings.producer_id  # type: ignore[attr-defined]
     assert producer_id
     spy = f"spy-{secrets.token_hex(4)}"
-    params = pika.URLParameters(worker_pool().vhost.url)
-    connection = pika.BlockingConnection(params)
+    connection = pika.BlockingConnection(pika.URLParameters(worker_pool().vhost.url))
     try:
         channel = connection.channel()
         channel.queue_declare(spy, auto_delete=False, durable=False)
         channel.queue_bind(spy, names.results_exchange(), names.results_routing_key(producer_id))
 
-        def device(name: str, data: tuple[torch.Tensor, ...] = ()) -> fp.Device:
-            handle = fleet.device(name)
-            handle.clear_objects()
-            for tensor in data:
-                handle.send_tensor(tensor).wait()
-            return handle
+        def drain() -> list[bytes]:
+            bodies: list[bytes] = []
+            while True:
+                method, _props, body = channel.basic_get(spy, auto_ack=True)
+                if method is None:
+                    return bodies
+                bodies.append(body)
 
-        s = make_setup(device, 4)
+        yield drain
+    finally:
+        try:
+            connection.channel().queue_delete(spy)
+        finally:
+            connection.close()
+
+
+def fleet_devices(fleet: fp.Fleet) -> DeviceFactory:
+    def device(name: str, data: tuple[torch.Tensor, ...] = ()) -> fp.Device:
+        handle = fleet.device(name)
+        handle.clear_objects()
+        for tensor in data:
+            handle.send_tensor(tensor).wait()
+        return handle
+
+    return device
+
+
+def test_a_queue_on_the_results_exchange_sees_only_masked_updates_of_a_secure_round(
+    fleet: fp.Fleet,
+) -> None:
+    with results_spy(fleet) as drain:
+        s = make_setup(fleet_devices(fleet), 4)
         run = runner(s)
         outcome = run.run_round(1, s.weights)
         assert outcome.committed and outcome.weights is not None
         assert run.last_aggregate is not None and run.last_config is not None
         assert_fedavg_of(s, outcome.weights, [m.device_id for m in s.members],
                          run.last_aggregate.error_bound)
-
-        bodies: list[bytes] = []
-        while True:
-            method, _props, body = channel.basic_get(spy, auto_ack=True)
-            if method is None:
-                break
-            bodies.append(body)
-    finally:
-        try:
-            connection.channel().queue_delete(spy)
-        finally:
-            connection.close()
+        bodies = drain()
 
     updates = eager_updates(s)
     replies = [decode_reply(b) for b in bodies]
@@ -100,3 +121,30 @@ def test_a_queue_on_the_results_exchange_sees_only_masked_updates_of_a_secure_ro
             values == ((floor + 1) % mod).astype(np.uint64))
         assert hits.mean() < 0.05
     assert all(isinstance(r, cmd.Reply) for r in replies)
+
+
+def test_a_queue_on_the_results_exchange_sees_no_update_and_no_indicator_of_an_adaptive_round(
+    fleet: fp.Fleet,
+) -> None:
+    with results_spy(fleet) as drain:
+        s = make_setup(fleet_devices(fleet), 4, adaptive_clip=True)
+        updates = eager_updates(s)
+        norms = sorted(float(u.double().norm()) for u in updates.values())
+        clip_norm = (norms[1] + norms[2]) / 2  # two of the four updates are clipped
+        run = adaptive_runner(s, clip_norm, z=1.0)
+        assert run.adaptive is not None
+        scale = run.adaptive.scale
+        outcome = run.run_round(1, s.weights)
+        assert outcome.committed and run.last_config is not None
+        bodies = drain()
+    assert outcome.results[0].metrics["clip_norm"] == clip_norm
+    masked = [r.ok.secagg.masked for r in map(decode_reply, bodies) if r.ok.secagg.masked.vector]
+    assert sorted(m.device_id for m in masked) == sorted(m.device_id for m in s.members)
+    for member in s.members:
+        update = updates[member.device_id]
+        assert_nowhere([update, eager_clipped(update, clip_norm)], bodies, member.device_id)
+    config = run.last_config
+    for message in masked:
+        values = unpack_vector(message.vector, config.length + 1,
+                               config.quantization.modulus_bits)
+        assert_indicator_masked(int(values[-2]), scale, config)

@@ -112,6 +112,9 @@ def test_privacy_settings_refuse_what_they_cannot_guarantee() -> None:
         DifferentialPrivacy()
     with pytest.raises(ValueError, match="delta"):
         DifferentialPrivacy(noise_multiplier=1.0, delta=1.5)
-    with pytest.raises(FedplanError, match="adaptive clipping"):
+    with pytest.raises(ValueError, match="count_stddev"):
+        DifferentialPrivacy(noise_multiplier=1.0, target_quantile=0.5, count_stddev=0.0)
+    with pytest.raises(FedplanError, match="PlanParticipant"):  # secure rounds need devices
         eager_job(secure_aggregation=SecureAggregation(),
-                  privacy=DifferentialPrivacy(noise_multiplier=1.0, target_quantile=0.5))
+                  privacy=DifferentialPrivacy(noise_multiplier=1.0, target_quantile=0.5)).run(
+                      get_weights(nn.Linear(3, 2)), num_rounds=1)
