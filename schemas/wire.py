@@ -29,7 +29,14 @@ from schemas.command_pb2 import Command, ErrorInfo, Reply
 from schemas.errors import FedplanError, WireError, error_from_code
 from schemas.ir import SCHEMA_VERSION
 from schemas.plan_codec import check_schema_version
-from schemas.tensor_codec import decode_framed, encode_framed, inline_frames, is_framed
+from schemas.tensor_codec import (
+    decode_framed,
+    encode_framed,
+    framed_tensor_protos,
+    inline_frames,
+    is_framed,
+    tensor_from_proto,
+)
 
 M = TypeVar("M", Command, Reply)
 
@@ -111,6 +118,49 @@ def decode_reply_framed(data: bytes | bytearray | memoryview) -> tuple[Reply, li
     if reply.WhichOneof("outcome") is None:
         raise WireError("the reply has no outcome; is the sender a newer fedplan?")
     return reply, frames
+
+
+def decode_reply_values(
+    data: bytes | bytearray | memoryview,
+) -> tuple[Reply, dict[str, torch.Tensor]]:
+    """Parse a reply and decode its objects' framed values straight from ``data``.
+
+    Returns the reply and, by object id, the tensor of each object whose value travelled as
+    a frame: a view of ``data`` when it is writable (a ``bytearray``: no copy at all), one
+    copy otherwise, never through the protobuf ``bytes`` field. Those objects' ``value``
+    keeps ``frame_length`` and no ``data``: read their tensor from the dict (any other
+    frame, e.g. a second object of the same id, is inlined as :func:`decode_reply` does).
+
+    Examples
+    --------
+    >>> from schemas.command_pb2 import ObjectInfo, Ok
+    >>> from schemas.tensor_codec import tensor_to_proto
+    >>> t = torch.arange(4.0)
+    >>> info = ObjectInfo(id="x", has_value=True, value=tensor_to_proto(t, framed=True))
+    >>> data = encode_reply(Reply(command_id="c1", ok=Ok(objects=[info])), [t])
+    >>> reply, values = decode_reply_values(bytearray(data))
+    >>> values["x"]
+    tensor([0., 1., 2., 3.])
+    """
+    reply, frames = decode_reply_framed(data)
+    values: dict[str, torch.Tensor] = {}
+    if not frames:
+        return reply, values
+    protos = framed_tensor_protos(reply)
+    if len(protos) != len(frames):
+        raise WireError(f"{len(protos)} framed tensors but {len(frames)} frames")
+    owners = [
+        (info.id, info.value)
+        for info in (reply.ok.objects if reply.WhichOneof("outcome") == "ok" else ())
+        if info.value.frame_length
+    ]
+    for proto, frame in zip(protos, frames, strict=True):
+        owner = next((oid for oid, value in owners if value is proto), None)
+        if owner is not None and owner not in values:
+            values[owner] = tensor_from_proto(proto, frame)
+        else:
+            inline_frames(proto, [frame])
+    return reply, values
 
 
 def error_to_proto(exc: BaseException, *, device_id: str) -> ErrorInfo:

@@ -33,7 +33,7 @@ from consumer.worker.publishing import (
 )
 from schemas.command_pb2 import Reply
 from schemas.errors import DeviceError, FedplanError, TimeLimitError
-from schemas.wire import decode_reply, encode_reply
+from schemas.wire import decode_reply, decode_reply_framed, encode_reply
 
 log = logging.getLogger(__name__)
 
@@ -170,8 +170,8 @@ def handle(self: Task, data: bytes) -> None:
     store = runtime.store
     if isinstance(store, SqliteStore):
         store.flush()  # in-place changes of commands that stored no reply (reads, errors)
-    try:
-        parsed = decode_reply(reply)
+    try:  # the reply's tensor frames stay views of ``reply`` (no copy into protobuf bytes)
+        parsed = decode_reply_framed(reply)[0]
     except Exception:  # the runtime always encodes; be safe anyway
         log.exception("the runtime returned an undecodable reply")
         parsed = Reply()
