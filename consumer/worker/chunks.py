@@ -25,14 +25,18 @@ import os
 import shutil
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from broker_config.envelope import CHUNK_HEADER, CHUNKS_HEADER, TRANSFER_HEADER
 from broker_config.settings import Settings
-from consumer.worker.gate import MIN_CHUNK_BYTES, SENDER_HEADER
-from schemas.errors import MessageRefused
+from consumer.worker.devices import SENDER_HEADER
+from schemas.errors import FedplanError, MessageRefused
 
 log = logging.getLogger(__name__)
+
+MIN_CHUNK_BYTES = 64 * 1024
+"""Chunks of a transfer are this big at least (but the last): bounds the chunk count."""
 
 GC_INTERVAL = 60.0
 """Seconds between two sweeps for expired transfers while chunks arrive."""
@@ -135,6 +139,47 @@ def assemble(settings: Settings, request: Any, data: bytes) -> bytes | bytearray
     count = getattr(request, CHUNKS_HEADER, None)
     if not isinstance(count, int) or count <= 1:
         return data
+    sizes = store_chunk(settings, request, data)
+    if sizes is None:
+        return None
+    folder = transfer_dir(settings, str(getattr(request, TRANSFER_HEADER, "")), count)
+    return _read_whole(folder, sizes)
+
+
+def spool_chunk(settings: Settings, headers: dict[str, Any], data: bytes) -> bool:
+    """In the worker's main process: store a chunk the gate admitted; True when more chunks
+    of its transfer are still missing (the gate acks it then, the pool never sees it).
+
+    The chunk that completes a transfer (and any unchunked message) returns False and goes
+    to the pool process as before, where :func:`assemble` finds the other chunks on disk:
+    only that one crosses the pool's pipe, not every byte of the transfer. A refused chunk
+    raises like :func:`assemble` and its transfer is deleted (if it is the sender's).
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> s = Settings(data_dir=tempfile.mkdtemp())
+    >>> h = {"fedplan_transfer": "t", "fedplan_chunks": 2, "fedplan_sender": "guest"}
+    >>> spool_chunk(s, {**h, "fedplan_chunk": 0}, b"a" * MIN_CHUNK_BYTES)
+    True
+    >>> spool_chunk(s, {**h, "fedplan_chunk": 1}, b"b")
+    False
+    """
+    count = headers.get(CHUNKS_HEADER)
+    if not isinstance(count, int) or count <= 1:
+        return False
+    request = SimpleNamespace(**headers)
+    try:
+        return store_chunk(settings, request, data) is None
+    except FedplanError:
+        done_with_chunks(settings, request)
+        raise
+
+
+def store_chunk(settings: Settings, request: Any, data: bytes) -> list[int] | None:
+    """Write one chunk of a transfer (checked, see :func:`assemble`); the sizes of all its
+    chunks once every chunk is there, else None."""
+    count = int(getattr(request, CHUNKS_HEADER))
     transfer = str(getattr(request, TRANSFER_HEADER, ""))
     index = int(getattr(request, CHUNK_HEADER, 0))
     _maybe_sweep(settings)
@@ -147,6 +192,8 @@ def assemble(settings: Settings, request: Any, data: bytes) -> bytes | bytearray
             "transfer's first chunk; refused (the transfer is left as it was)"
         )
     sizes = _sizes(folder)
+    if sizes.get(str(index)) == len(data) and len(sizes) == count:
+        return [sizes[str(i)] for i in range(count)]  # the gate stored it a moment ago
     is_new = str(index) not in sizes
     sizes[str(index)] = len(data)
     if sum(sizes.values()) > settings.max_command_size:
@@ -173,7 +220,7 @@ def assemble(settings: Settings, request: Any, data: bytes) -> bytes | bytearray
     os.replace(tmp, folder / str(index))
     if len(sizes) < count:
         return None
-    return _read_whole(folder, [sizes[str(i)] for i in range(count)])
+    return [sizes[str(i)] for i in range(count)]
 
 
 def _read_whole(folder: Path, sizes: list[int]) -> bytearray:

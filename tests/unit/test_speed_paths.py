@@ -13,7 +13,8 @@ from broker_config.settings import Settings
 from consumer.runtime.device import DeviceRuntime
 from consumer.store.memory import MemoryStore
 from consumer.worker import tasks
-from consumer.worker.chunks import assemble
+from consumer.worker.chunks import assemble, spool_chunk
+from consumer.worker.devices import SENDER_HEADER
 from producer.transport.reassembly import ReplyAssembler
 from schemas import command_pb2 as cmd
 from schemas.errors import FedplanError
@@ -66,6 +67,32 @@ def test_chunks_are_assembled_into_one_writable_buffer_in_order(tmp_path: Path) 
         out = assemble(settings, request, parts[index])
     assert isinstance(out, bytearray)
     assert bytes(out) == b"".join(parts)
+
+
+def test_the_gate_stores_chunks_and_only_the_completing_one_reaches_the_pool(
+    tmp_path: Path,
+) -> None:
+    settings = Settings(data_dir=tmp_path)
+    parts = [bytes([i]) * 70_000 for i in range(3)]
+    headers = {TRANSFER_HEADER: "t2", CHUNKS_HEADER: 3, SENDER_HEADER: "guest"}
+    handed_on = []
+    for index in (1, 0, 2):  # spool_chunk True: stored and acked in the gate
+        if not spool_chunk(settings, {**headers, CHUNK_HEADER: index}, parts[index]):
+            handed_on.append(index)
+    assert handed_on == [2]
+    whole = assemble(settings, SimpleNamespace(**headers, **{CHUNK_HEADER: 2}), parts[2])
+    assert isinstance(whole, bytearray) and bytes(whole) == b"".join(parts)
+
+
+def test_a_chunk_from_another_sender_is_refused_in_the_gate_and_the_transfer_kept(
+    tmp_path: Path,
+) -> None:
+    settings = Settings(data_dir=tmp_path)
+    headers = {TRANSFER_HEADER: "t3", CHUNKS_HEADER: 2, CHUNK_HEADER: 0}
+    assert spool_chunk(settings, {**headers, SENDER_HEADER: "alice"}, b"a" * 70_000)
+    with pytest.raises(FedplanError, match="another sender"):
+        spool_chunk(settings, {**headers, CHUNK_HEADER: 1, SENDER_HEADER: "mallory"}, b"m")
+    assert len(list((tmp_path / "chunks").glob("*/0"))) == 1
 
 
 def test_a_chunked_reply_is_joined_into_one_writable_buffer() -> None:
