@@ -179,6 +179,24 @@ def tensor_from_proto(
     return tensor
 
 
+def writable_buffer(nbytes: int) -> memoryview:
+    """``nbytes`` of writable memory, not initialised, to read or copy received bytes into.
+
+    ``bytearray(n)`` zero-fills (touches every page once) before the bytes are written over
+    it; this is a fresh ``uint8`` tensor's memory instead, so each byte is written once.
+    Frames in it decode without a copy (:func:`tensor_from_proto` shares writable memory).
+
+    Examples
+    --------
+    >>> buf = writable_buffer(4)
+    >>> buf[:] = b"\\x00\\x00\\x80?"
+    >>> proto = TensorProto(dtype="float32", shape=[1], frame_length=4)
+    >>> tensor_from_proto(proto, buf)
+    tensor([1.])
+    """
+    return torch.empty(nbytes, dtype=torch.uint8).numpy().data
+
+
 def swap_byte_order(tensor: torch.Tensor) -> torch.Tensor:
     """A contiguous copy with every element's bytes reversed (little <-> big endian)."""
     itemsize = tensor.element_size()

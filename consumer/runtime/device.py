@@ -171,7 +171,11 @@ class DeviceRuntime(CommandValues, RunLimits):
     # -- entry point -------------------------------------------------------------------------
 
     def handle(
-        self, data: bytes | bytearray, sender: str = LOCAL_SENDER, *, forwarded: bool = False
+        self,
+        data: bytes | bytearray | memoryview,
+        sender: str = LOCAL_SENDER,
+        *,
+        forwarded: bool = False,
     ) -> bytes:
         """Decode a ``Command``, run it once for ``sender``, and return the encoded ``Reply``;
         never raises.
@@ -203,7 +207,7 @@ class DeviceRuntime(CommandValues, RunLimits):
         """The stored reply of ``sender``'s command ``command_id``, if it ran to the end."""
         return self.store.get_reply(scoped(sender or LOCAL_SENDER, command_id))
 
-    def _decode(self, data: bytes | bytearray) -> Command:
+    def _decode(self, data: bytes | bytearray | memoryview) -> Command:
         """Parse a command; a ``StoreObject``'s framed tensor is kept as a view of ``data``.
 
         That tensor is then decoded straight from the received buffer (no copy into the
@@ -226,7 +230,7 @@ class DeviceRuntime(CommandValues, RunLimits):
             inline_frames(command, frames)
         return command
 
-    def _handle(self, data: bytes | bytearray) -> bytes:
+    def _handle(self, data: bytes | bytearray | memoryview) -> bytes:
         try:
             command = self._decode(data)
         except Exception as exc:

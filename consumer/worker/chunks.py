@@ -32,6 +32,7 @@ from broker_config.envelope import CHUNK_HEADER, CHUNKS_HEADER, TRANSFER_HEADER
 from broker_config.settings import Settings
 from consumer.worker.devices import SENDER_HEADER
 from schemas.errors import FedplanError, MessageRefused
+from schemas.tensor_codec import writable_buffer
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +129,7 @@ def _maybe_sweep(settings: Settings) -> None:
         collect_expired(settings)
 
 
-def assemble(settings: Settings, request: Any, data: bytes) -> bytes | bytearray | None:
+def assemble(settings: Settings, request: Any, data: bytes) -> bytes | memoryview | None:
     """Store one chunk; the whole command once every chunk is there, else None.
 
     Raises :class:`~schemas.errors.MessageRefused` when the chunk would make the transfer
@@ -223,14 +224,14 @@ def store_chunk(settings: Settings, request: Any, data: bytes) -> list[int] | No
     return [sizes[str(i)] for i in range(count)]
 
 
-def _read_whole(folder: Path, sizes: list[int]) -> bytearray:
+def _read_whole(folder: Path, sizes: list[int]) -> memoryview:
     """The chunk files read straight into one preallocated buffer (one copy, no join).
 
-    A ``bytearray`` is writable, so the framed tensors of the command decode into it without
-    another copy (:func:`schemas.tensor_codec.tensor_from_proto`).
+    The buffer is writable and not zero-filled first (:func:`writable_buffer`), so the
+    framed tensors of the command decode into it without another copy
+    (:func:`schemas.tensor_codec.tensor_from_proto`).
     """
-    whole = bytearray(sum(sizes))
-    view = memoryview(whole)
+    view = whole = writable_buffer(sum(sizes))
     offset = 0
     for i, size in enumerate(sizes):
         with open(folder / str(i), "rb", buffering=0) as f:

@@ -284,7 +284,7 @@ class ReplyCollector:
         if pending is not None and not pending.done():
             pending.set_exception(error)
 
-    def on_reply(self, data: bytes, *, sender: str | None = None) -> None:
+    def on_reply(self, data: bytes | memoryview, *, sender: str | None = None) -> None:
         """Resolve the future of the command this encoded ``Reply`` answers; never raises.
 
         ``sender``: the device the transport vouches sent it (None: the transport cannot
@@ -307,7 +307,7 @@ class ReplyCollector:
             log.exception("failed to handle the reply to command %s", reply.command_id)
 
     def _keep_unclaimed(
-        self, reply: Reply, sender: str | None, data: bytes, *, framed: bool = False
+        self, reply: Reply, sender: str | None, data: bytes | memoryview, *, framed: bool = False
     ) -> None:
         """Called with the lock held; a ``framed`` reply is kept with its values inline."""
         ok = reply.WhichOneof("outcome") == "ok"
@@ -318,6 +318,7 @@ class ReplyCollector:
             return
         if framed:
             reply = decode_reply(data)
+        data = data if isinstance(data, bytes) else bytes(data)
         log.debug("keeping the reply to unknown command %s from %s", reply.command_id, sender)
         self._store_unclaimed(reply.command_id, reply, sender, time.time(), data)
         if self.journal is not None:

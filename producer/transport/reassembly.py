@@ -32,7 +32,7 @@ b'whole'
 >>> h = {"fedplan_transfer": "t", "fedplan_chunks": 2}
 >>> a.add({**h, "fedplan_chunk": 1}, b"cd", sender="alice") is None
 True
->>> a.add({**h, "fedplan_chunk": 0}, b"ab", sender="alice")
+>>> bytes(a.add({**h, "fedplan_chunk": 0}, b"ab", sender="alice"))
 b'abcd'
 """
 
@@ -48,6 +48,7 @@ from typing import Any
 from broker_config import names
 from broker_config.envelope import CHUNK_HEADER, CHUNKS_HEADER, TRANSFER_HEADER
 from schemas.errors import WireError
+from schemas.tensor_codec import writable_buffer
 
 _DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")  # as names.check_id
 
@@ -166,7 +167,7 @@ class ReplyAssembler:
 
     def add(
         self, headers: object, body: bytes, *, sender: str | None, token: int | None = None
-    ) -> bytes | bytearray | None:
+    ) -> bytes | memoryview | None:
         """The whole reply once complete (``body`` itself for an unchunked one), else None.
 
         Raises :class:`RejectedReply` for a message that is malformed or over a bound;
@@ -232,7 +233,7 @@ class ReplyAssembler:
         self._drop(key, counted=False)
         # One copy into a writable buffer (tensor frames then decode without another copy);
         # each part is released once copied, so the peak stays at about twice the reply.
-        whole = bytearray(transfer.size)
+        whole = writable_buffer(transfer.size)
         offset = 0
         for i in range(count):
             part = transfer.parts.pop(i)

@@ -65,7 +65,7 @@ def test_chunks_are_assembled_into_one_writable_buffer_in_order(tmp_path: Path) 
             **{TRANSFER_HEADER: "t1", CHUNK_HEADER: index, CHUNKS_HEADER: 3}
         )
         out = assemble(settings, request, parts[index])
-    assert isinstance(out, bytearray)
+    assert isinstance(out, memoryview) and not out.readonly
     assert bytes(out) == b"".join(parts)
 
 
@@ -81,7 +81,7 @@ def test_the_gate_stores_chunks_and_only_the_completing_one_reaches_the_pool(
             handed_on.append(index)
     assert handed_on == [2]
     whole = assemble(settings, SimpleNamespace(**headers, **{CHUNK_HEADER: 2}), parts[2])
-    assert isinstance(whole, bytearray) and bytes(whole) == b"".join(parts)
+    assert isinstance(whole, memoryview) and bytes(whole) == b"".join(parts)
 
 
 def test_a_chunk_from_another_sender_is_refused_in_the_gate_and_the_transfer_kept(
@@ -102,7 +102,7 @@ def test_a_chunked_reply_is_joined_into_one_writable_buffer() -> None:
     for i in (1, 2, 0):
         headers = {TRANSFER_HEADER: "r1", CHUNK_HEADER: i, CHUNKS_HEADER: 3}
         got = assembler.add(headers, pieces[i], sender="guest")
-    assert isinstance(got, bytearray) and bytes(got) == b"abcdefg"
+    assert isinstance(got, memoryview) and not got.readonly and bytes(got) == b"abcdefg"
     assert assembler.transfers == 0 and assembler.pending_bytes == 0
 
 
