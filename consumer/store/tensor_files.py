@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from schemas.errors import WireError
+from schemas.tensor_codec import writable_buffer
 
 # Fixed dtype table: names read back from disk are looked up here, never resolved by getattr.
 DTYPES: dict[str, torch.dtype] = {
@@ -77,7 +78,9 @@ def read_tensor_file(path: Path, dtype: str, shape: list[int]) -> torch.Tensor:
     size = path.stat().st_size
     if size == 0:
         return torch.empty(shape, dtype=torch_dtype)
-    buf = bytearray(size)
-    with path.open("rb") as f:
-        f.readinto(buf)
+    buf = writable_buffer(size)  # not zero-filled first: each byte is written once
+    with path.open("rb", buffering=0) as f:
+        got = f.readinto(buf)
+    if got != size:
+        raise WireError(f"stored tensor file {path.name} changed while it was read")
     return torch.frombuffer(buf, dtype=torch_dtype).reshape(shape)

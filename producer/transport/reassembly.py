@@ -48,7 +48,6 @@ from typing import Any
 from broker_config import names
 from broker_config.envelope import CHUNK_HEADER, CHUNKS_HEADER, TRANSFER_HEADER
 from schemas.errors import WireError
-from schemas.tensor_codec import writable_buffer
 
 _DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")  # as names.check_id
 
@@ -105,6 +104,12 @@ def reply_sender(user_id: object, trusted_users: frozenset[str]) -> Sender:
 class _Transfer:
     count: int
     parts: dict[int, bytes] = field(default_factory=dict)
+    """Chunks that arrived ahead of the ones before them."""
+    head: bytearray = field(default_factory=bytearray)
+    """Chunks 0 .. ``joined - 1``, joined as they come in order (no second copy at the end:
+    growing a large ``bytearray`` remaps its pages rather than copying them)."""
+    joined: int = 0
+    chunk_sizes: list[int] = field(default_factory=list)
     size: int = 0
     charged: int = 0
     touched: float = 0.0
@@ -207,6 +212,13 @@ class ReplyAssembler:
         elif transfer.count != count:
             self._drop(key)
             raise RejectedReply(f"transfer {transfer_id[:40]!r} changed its chunk count")
+        if index < transfer.joined:  # again (a redelivery): its first copy is joined already
+            if len(body) != transfer.chunk_sizes[index]:
+                self._drop(key)
+                raise RejectedReply(f"transfer {transfer_id[:40]!r} changed a chunk's size")
+            if token is not None:
+                self._hold(transfer, token)
+            return None
         previous = transfer.parts.get(index)
         old = len(previous) if previous is not None else 0
         grown = transfer.size - old + len(body)
@@ -222,24 +234,23 @@ class ReplyAssembler:
             self._make_room(charge - old_charge, keep=key)
         transfer.parts[index] = body
         transfer.size = grown
+        while transfer.joined in transfer.parts:  # join the chunks that are now in order
+            part = transfer.parts.pop(transfer.joined)
+            transfer.head += part
+            transfer.chunk_sizes.append(len(part))
+            transfer.joined += 1
         transfer.charged += charge - old_charge
         transfer.touched = self._clock()
         self._transfers.move_to_end(key)
         self.pending_bytes += charge - old_charge
-        if len(transfer.parts) < count:
+        if transfer.joined < count:
             if token is not None:
                 self._hold(transfer, token)
             return None
         self._drop(key, counted=False)
-        # One copy into a writable buffer (tensor frames then decode without another copy);
-        # each part is released once copied, so the peak stays at about twice the reply.
-        whole = writable_buffer(transfer.size)
-        offset = 0
-        for i in range(count):
-            part = transfer.parts.pop(i)
-            whole[offset : offset + len(part)] = part
-            offset += len(part)
-        return whole
+        # Joined in order as the chunks came (one copy each, into a writable buffer: tensor
+        # frames then decode without another copy); no second copy of the whole.
+        return memoryview(transfer.head)
 
     def _charge(self, part: bytes | None) -> int:
         return 0 if part is None else max(len(part), self.min_chunk_charge)
