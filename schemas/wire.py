@@ -30,8 +30,9 @@ from schemas.errors import FedplanError, WireError, error_from_code
 from schemas.ir import SCHEMA_VERSION
 from schemas.plan_codec import check_schema_version
 from schemas.tensor_codec import (
+    FramedParts,
     decode_framed,
-    encode_framed,
+    encode_framed_parts,
     framed_tensor_protos,
     inline_frames,
     is_framed,
@@ -58,6 +59,27 @@ def encode_command(command: Command, tensors: Sequence[torch.Tensor] = ()) -> by
     Sets ``schema_version`` when it is 0. Raises ``WireError`` when the command has no
     ``command_id`` or no body.
     """
+    return bytes(encode_command_parts(command, tensors))
+
+
+def encode_command_parts(
+    command: Command, tensors: Sequence[torch.Tensor] = ()
+) -> bytes | FramedParts:
+    """Like :func:`encode_command`, but framed data is returned as its parts, not joined:
+    the tensors' bytes stay views of their memory until a transport cuts the parts into
+    message-sized pieces (see :class:`schemas.tensor_codec.FramedParts`).
+
+    Examples
+    --------
+    >>> from schemas.command_pb2 import StoreObject
+    >>> from schemas.tensor_codec import tensor_to_proto
+    >>> t = torch.ones(2)
+    >>> cmd = Command(command_id="c1", store_object=StoreObject(id="x"))
+    >>> cmd.store_object.tensor.CopyFrom(tensor_to_proto(t, framed=True))
+    >>> parts = encode_command_parts(cmd, [t])
+    >>> decode_command(bytes(parts)).store_object.id
+    'x'
+    """
     if not command.command_id:
         raise WireError("a command needs a command_id; set it with schemas.wire.new_id()")
     if command.WhichOneof("body") is None:
@@ -65,7 +87,7 @@ def encode_command(command: Command, tensors: Sequence[torch.Tensor] = ()) -> by
     return _encode(command, tensors)
 
 
-def decode_command(data: bytes | bytearray | memoryview) -> Command:
+def decode_command(data: bytes | bytearray | memoryview | FramedParts) -> Command:
     """Parse a command (framed data has its frames copied inline into the tensor protos).
 
     Raises
@@ -82,7 +104,7 @@ def decode_command(data: bytes | bytearray | memoryview) -> Command:
 
 
 def decode_command_framed(
-    data: bytes | bytearray | memoryview,
+    data: bytes | bytearray | memoryview | FramedParts,
 ) -> tuple[Command, list[memoryview]]:
     """Parse a command and return its tensor frames without copying them.
 
@@ -101,7 +123,7 @@ def encode_reply(reply: Reply, tensors: Sequence[torch.Tensor] = ()) -> bytes:
         raise WireError("a reply needs the command_id of the command it answers")
     if reply.WhichOneof("outcome") is None:
         raise WireError("a reply needs an outcome: ok or error")
-    return _encode(reply, tensors)
+    return bytes(_encode(reply, tensors))
 
 
 def decode_reply(data: bytes | bytearray | memoryview) -> Reply:
@@ -211,16 +233,20 @@ def error_from_proto(info: ErrorInfo) -> FedplanError:
     )
 
 
-def _encode(message: Command | Reply, tensors: Sequence[torch.Tensor]) -> bytes:
+def _encode(message: Command | Reply, tensors: Sequence[torch.Tensor]) -> bytes | FramedParts:
     if message.schema_version == 0:
         message.schema_version = SCHEMA_VERSION
     if tensors:
-        return encode_framed(message, tensors)
+        return encode_framed_parts(message, tensors)
     return message.SerializeToString()
 
 
-def _decode(data: bytes | bytearray | memoryview, kind: type[M]) -> tuple[M, list[memoryview]]:
+def _decode(
+    data: bytes | bytearray | memoryview | FramedParts, kind: type[M]
+) -> tuple[M, list[memoryview]]:
     what = kind.__name__
+    if isinstance(data, FramedParts):  # a tap on what is about to be sent: join it
+        data = bytes(data)
     if is_framed(data):
         message, frames = decode_framed(data, kind)
     else:

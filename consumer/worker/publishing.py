@@ -17,7 +17,7 @@ from broker_config.envelope import (
     CONTENT_ENCODING,
     CONTENT_TYPE,
     chunk_headers,
-    split_chunks,
+    message_pieces,
 )
 from broker_config.settings import Settings
 from consumer.runtime.replies import encode_safely, error_reply
@@ -73,11 +73,11 @@ def publish(
 ) -> None:
     """Publish (chunked above the message size); returns once the broker took every piece."""
     producer = confirming_producer(settings)
-    pieces = split_chunks(body, settings.max_message_size)
+    count, pieces = message_pieces(body, settings.max_message_size)
     for i, piece in enumerate(pieces):
-        extra = chunk_headers(correlation_id, i, len(pieces)) if len(pieces) > 1 else {}
+        extra = chunk_headers(correlation_id, i, count) if count > 1 else {}
         producer.publish(
-            bytes(piece),
+            piece,
             exchange=exchange,
             routing_key=routing_key,
             content_type=CONTENT_TYPE,

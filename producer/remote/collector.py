@@ -31,7 +31,7 @@ from producer.transport.journal import (
 )
 from schemas.command_pb2 import ObjectInfo, Reply
 from schemas.errors import FedplanError, ObjectNotFound, ReplyTimeout
-from schemas.tensor_codec import tensor_from_proto
+from schemas.tensor_codec import FramedParts, tensor_from_proto
 from schemas.value_codec import value_from_proto
 from schemas.wire import decode_reply, decode_reply_values, error_from_proto
 
@@ -169,7 +169,7 @@ class ReplyCollector:
         *,
         device_id: str,
         result_ids: tuple[str, ...] = (),
-        data: bytes | None = None,
+        data: bytes | FramedParts | None = None,
     ) -> PendingCommand:
         """Register a command before publishing it; its future resolves with the reply.
 

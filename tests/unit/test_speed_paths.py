@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from broker_config.envelope import CHUNK_HEADER, CHUNKS_HEADER, TRANSFER_HEADER
+from broker_config.envelope import CHUNK_HEADER, CHUNKS_HEADER, TRANSFER_HEADER, message_pieces
 from broker_config.settings import Settings
 from consumer.runtime.device import DeviceRuntime
 from consumer.store.memory import MemoryStore
@@ -18,16 +18,12 @@ from consumer.worker.devices import SENDER_HEADER
 from producer.transport.reassembly import ReplyAssembler
 from schemas import command_pb2 as cmd
 from schemas.errors import FedplanError
-from schemas.tensor_codec import tensor_to_proto
-from schemas.wire import decode_reply, encode_command, new_id
+from schemas.tensor_codec import FramedParts, encode_framed_parts, tensor_to_proto
+from schemas.wire import decode_reply, encode_command, encode_command_parts, new_id
 
 
 def _store_object_command(tensor: torch.Tensor, object_id: str) -> bytes:
-    command = cmd.Command(command_id=new_id(), device_id="d1")
-    command.store_object.CopyFrom(
-        cmd.StoreObject(id=object_id, tensor=tensor_to_proto(tensor, framed=True))
-    )
-    return encode_command(command, [tensor])
+    return encode_command(_store_object_command_msg(tensor, object_id), [tensor])
 
 
 def test_a_framed_store_object_from_a_writable_buffer_is_stored_without_a_copy() -> None:
@@ -124,3 +120,34 @@ def test_a_negative_torch_thread_count_is_refused() -> None:
         Settings.from_env({"FEDPLAN_TORCH_THREADS": "-1"})
     assert Settings.from_env({"FEDPLAN_TORCH_THREADS": "0"}).torch_threads == 0
     assert Settings.from_env({"FEDPLAN_TASK_EVENTS": "true"}).task_events
+
+
+@pytest.mark.parametrize("size", [1, 7, 64, 1000, 4096])
+def test_framed_parts_cut_into_pieces_equal_the_joined_command_cut_alike(size: int) -> None:
+    tensors = [torch.arange(300, dtype=torch.float32), torch.ones(5, 7, dtype=torch.float64)]
+    objects = [
+        cmd.ObjectInfo(id=f"r{i}", has_value=True, value=tensor_to_proto(t, framed=True))
+        for i, t in enumerate(tensors)
+    ]
+    parts = encode_framed_parts(cmd.Reply(command_id="c", ok=cmd.Ok(objects=objects)), tensors)
+    joined = bytes(parts)
+    count, bodies = message_pieces(parts, size)
+    pieces = list(bodies)
+    assert len(pieces) == count and all(len(p) <= size for p in pieces)
+    assert pieces == [joined[i : i + size] for i in range(0, len(joined), size)]
+
+
+def test_a_sent_tensors_bytes_are_a_view_of_its_memory_until_published() -> None:
+    tensor = torch.randn(1000)
+    parts = encode_command_parts(_store_object_command_msg(tensor, "x"), [tensor])
+    assert isinstance(parts, FramedParts)
+    frame = torch.frombuffer(parts.parts[-1], dtype=torch.uint8)
+    assert frame.data_ptr() == tensor.data_ptr()  # no copy of the tensor before the pieces
+
+
+def _store_object_command_msg(tensor: torch.Tensor, object_id: str) -> cmd.Command:
+    command = cmd.Command(command_id=new_id(), device_id="d1")
+    command.store_object.CopyFrom(
+        cmd.StoreObject(id=object_id, tensor=tensor_to_proto(tensor, framed=True))
+    )
+    return command
