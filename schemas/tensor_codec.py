@@ -315,11 +315,13 @@ class FramedParts:
     (7, b'abcdefg', [b'abc', b'def', b'g'])
     """
 
-    __slots__ = ("_size", "parts")
+    __slots__ = ("_size", "message", "parts")
 
-    def __init__(self, parts: Sequence[bytes | memoryview]) -> None:
+    def __init__(self, parts: Sequence[bytes | memoryview], message: Message | None = None) -> None:
         self.parts = [memoryview(p).cast("B") for p in parts]
         self._size = sum(len(p) for p in self.parts)
+        self.message = message
+        """The message the parts encode (read it without joining and parsing the parts)."""
 
     def __len__(self) -> int:
         return self._size
@@ -389,7 +391,7 @@ def encode_framed_parts(message: Message, tensors: Sequence[torch.Tensor]) -> Fr
         parts.append(bytes(padding))
         parts.append(_byte_view(tensor).numpy().data)
         offset += padding + proto.frame_length
-    return FramedParts(parts)
+    return FramedParts(parts, message)
 
 
 def is_framed(data: bytes | bytearray | memoryview) -> bool:

@@ -119,14 +119,31 @@ def decode_command_framed(
 
 def encode_reply(reply: Reply, tensors: Sequence[torch.Tensor] = ()) -> bytes:
     """Serialize a reply; ``WireError`` when it has no ``command_id`` or no outcome."""
+    return bytes(encode_reply_parts(reply, tensors))
+
+
+def encode_reply_parts(reply: Reply, tensors: Sequence[torch.Tensor] = ()) -> bytes | FramedParts:
+    """Like :func:`encode_reply`, but framed data is returned as its parts, not joined (the
+    tensors' bytes stay views of their memory, see ``FramedParts``).
+
+    Examples
+    --------
+    >>> from schemas.command_pb2 import ObjectInfo, Ok
+    >>> from schemas.tensor_codec import tensor_to_proto
+    >>> t = torch.ones(2)
+    >>> info = ObjectInfo(id="x", has_value=True, value=tensor_to_proto(t, framed=True))
+    >>> parts = encode_reply_parts(Reply(command_id="c1", ok=Ok(objects=[info])), [t])
+    >>> parts.message.command_id, decode_reply_values(bytes(parts))[1]["x"]
+    ('c1', tensor([1., 1.]))
+    """
     if not reply.command_id:
         raise WireError("a reply needs the command_id of the command it answers")
     if reply.WhichOneof("outcome") is None:
         raise WireError("a reply needs an outcome: ok or error")
-    return bytes(_encode(reply, tensors))
+    return _encode(reply, tensors)
 
 
-def decode_reply(data: bytes | bytearray | memoryview) -> Reply:
+def decode_reply(data: bytes | bytearray | memoryview | FramedParts) -> Reply:
     """Parse a reply (frames copied inline); ``WireError``/``SchemaVersionError`` as above."""
     reply, frames = decode_reply_framed(data)
     if frames:
@@ -134,7 +151,9 @@ def decode_reply(data: bytes | bytearray | memoryview) -> Reply:
     return reply
 
 
-def decode_reply_framed(data: bytes | bytearray | memoryview) -> tuple[Reply, list[memoryview]]:
+def decode_reply_framed(
+    data: bytes | bytearray | memoryview | FramedParts,
+) -> tuple[Reply, list[memoryview]]:
     """Parse a reply and return its tensor frames without copying them."""
     reply, frames = _decode(data, Reply)
     if reply.WhichOneof("outcome") is None:

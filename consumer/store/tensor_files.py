@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from schemas.errors import WireError
-from schemas.tensor_codec import writable_buffer
+from schemas.tensor_codec import FramedParts, writable_buffer
 
 # Fixed dtype table: names read back from disk are looked up here, never resolved by getattr.
 DTYPES: dict[str, torch.dtype] = {
@@ -48,16 +48,42 @@ def tensor_nbytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
-def write_bytes_file(path: Path, data: bytes | memoryview) -> None:
-    """Write ``data`` to ``path`` atomically (a temp file in the same folder, then rename)."""
+def write_bytes_file(path: Path, data: bytes | memoryview | FramedParts) -> None:
+    """Write ``data`` to ``path`` atomically (a temp file in the same folder, then rename);
+    framed parts are written part by part, never joined."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            for part in data.parts if isinstance(data, FramedParts) else [data]:
+                f.write(part)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def read_file_into(path: Path, view: memoryview) -> int:
+    """Read ``path`` into ``view`` until it is full or the file ends; the bytes read.
+
+    One ``read`` returns at most about 2 GiB on Linux, so this loops.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> p = Path(tempfile.mkdtemp()) / "b.bin"
+    >>> _ = p.write_bytes(b"abc")
+    >>> buf = bytearray(5)
+    >>> read_file_into(p, memoryview(buf)), bytes(buf)
+    (3, b'abc\\x00\\x00')
+    """
+    got = 0
+    with path.open("rb", buffering=0) as f:
+        while got < len(view):
+            n = f.readinto(view[got:])
+            if not n:
+                break
+            got += n
+    return got
 
 
 def read_tensor_file(path: Path, dtype: str, shape: list[int]) -> torch.Tensor:
@@ -79,8 +105,6 @@ def read_tensor_file(path: Path, dtype: str, shape: list[int]) -> torch.Tensor:
     if size == 0:
         return torch.empty(shape, dtype=torch_dtype)
     buf = writable_buffer(size)  # not zero-filled first: each byte is written once
-    with path.open("rb", buffering=0) as f:
-        got = f.readinto(buf)
-    if got != size:
+    if read_file_into(path, buf) != size:
         raise WireError(f"stored tensor file {path.name} changed while it was read")
     return torch.frombuffer(buf, dtype=torch_dtype).reshape(shape)

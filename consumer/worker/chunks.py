@@ -30,6 +30,7 @@ from typing import Any
 
 from broker_config.envelope import CHUNK_HEADER, CHUNKS_HEADER, TRANSFER_HEADER
 from broker_config.settings import Settings
+from consumer.store.tensor_files import read_file_into
 from consumer.worker.devices import SENDER_HEADER
 from schemas.errors import FedplanError, MessageRefused
 from schemas.tensor_codec import writable_buffer
@@ -234,9 +235,7 @@ def _read_whole(folder: Path, sizes: list[int]) -> memoryview:
     view = whole = writable_buffer(sum(sizes))
     offset = 0
     for i, size in enumerate(sizes):
-        with open(folder / str(i), "rb", buffering=0) as f:
-            got = f.readinto(view[offset : offset + size])
-        if got != size:
+        if read_file_into(folder / str(i), view[offset : offset + size]) != size:
             raise MessageRefused(f"chunk {i} of a transfer changed while it was read")
         offset += size
     return whole

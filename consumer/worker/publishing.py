@@ -16,6 +16,7 @@ from broker_config import names
 from broker_config.envelope import (
     CONTENT_ENCODING,
     CONTENT_TYPE,
+    Pieces,
     chunk_headers,
     message_pieces,
 )
@@ -63,7 +64,7 @@ def forget_connection() -> None:
 
 def publish(
     settings: Settings,
-    body: bytes,
+    body: bytes | Pieces,
     *,
     exchange: str,
     routing_key: str,
@@ -93,8 +94,11 @@ def publish(
         )
 
 
-def publish_reply(settings: Settings, reply: bytes, *, reply_to: str, command_id: str) -> None:
-    """Publish an encoded ``Reply`` to the results exchange under ``reply_to``."""
+def publish_reply(
+    settings: Settings, reply: bytes | Pieces, *, reply_to: str, command_id: str
+) -> None:
+    """Publish an encoded ``Reply`` (or its framed parts) to the results exchange under
+    ``reply_to``."""
     publish(
         settings,
         reply,

@@ -19,7 +19,13 @@ from producer.transport.reassembly import ReplyAssembler
 from schemas import command_pb2 as cmd
 from schemas.errors import FedplanError
 from schemas.tensor_codec import FramedParts, encode_framed_parts, tensor_to_proto
-from schemas.wire import decode_reply, encode_command, encode_command_parts, new_id
+from schemas.wire import (
+    decode_reply,
+    decode_reply_values,
+    encode_command,
+    encode_command_parts,
+    new_id,
+)
 
 
 def _store_object_command(tensor: torch.Tensor, object_id: str) -> bytes:
@@ -151,3 +157,18 @@ def _store_object_command_msg(tensor: torch.Tensor, object_id: str) -> cmd.Comma
         cmd.StoreObject(id=object_id, tensor=tensor_to_proto(tensor, framed=True))
     )
     return command
+
+
+def test_a_devices_reply_with_a_tensor_comes_as_parts_over_the_stored_tensor() -> None:
+    store = MemoryStore()
+    runtime = DeviceRuntime(device_id="d1", store=store)
+    tensor = torch.arange(5000, dtype=torch.float32)
+    runtime.handle(_store_object_command(tensor, "big"))
+    get = cmd.Command(command_id=new_id(), device_id="d1", get_object=cmd.GetObject(id="big"))
+    parts = runtime.handle_parts(encode_command(get))
+    assert isinstance(parts, FramedParts) and parts.message is not None
+    stored = next(iter(store._objects.values())).tensor
+    assert torch.frombuffer(parts.parts[-1], dtype=torch.uint8).data_ptr() == stored.data_ptr()
+    value = decode_reply_values(bytearray(bytes(parts)))[1]["big"]
+    assert torch.equal(value, tensor)  # the same bytes as the joined reply of handle()
+    assert bytes(parts) == runtime.handle(encode_command(get))
