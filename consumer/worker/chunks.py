@@ -5,6 +5,11 @@ here every chunk is checked against the assembled size, the bytes all incomplete
 hold together and their number before it is written, and transfers whose last chunk arrived
 more than ``chunk_ttl`` seconds ago are deleted (at worker start and while chunks arrive).
 
+Chunks are stored by the gate, in the worker's main process, as they are delivered
+(:func:`spool_chunk`), and acked there once on disk; only the chunk that completes a
+transfer goes on to the pool process, whose :func:`assemble` reads the whole command from
+disk into one buffer. A 16 MiB chunk is thus never pickled through Celery's prefork pipe.
+
 All chunks of one transfer come from one sender (the broker-validated ``user_id`` the gate
 put in ``fedplan_sender``): the first chunk's sender is recorded with the transfer, a chunk
 of the same transfer id from another sender is refused and changes nothing, and the command
