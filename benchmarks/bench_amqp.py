@@ -10,9 +10,19 @@
 (d) MB/s moving a 1 MiB and a 256 MiB tensor to a device and back vs raw pika moving the
     same bytes (16 MiB chunks, like fedplan).
 
+``--huge MIB`` runs instead one round trip of a MIB MiB float32 tensor (e.g. 3072: 3 GiB) to
+a device and back, checks it comes back equal (``torch.equal``) and reports MB/s and the peak
+RSS of the producer and of the worker (main + pool process). It runs in a vhost of its own
+(deleted at the end, on failure too) with the limits a tensor that size needs raised for
+that run only: ``FEDPLAN_MAX_COMMAND_SIZE``, ``FEDPLAN_MAX_PENDING_CHUNK_BYTES``,
+``FEDPLAN_MAX_REPLY_SIZE`` (device and producer), the device store's
+``FEDPLAN_STORE_MAX_BYTES`` and ``FEDPLAN_STORE_MAX_REPLY_BYTES`` (``get()`` deletes the
+object, so its reply is cached for a redelivery) and the confirm timeout.
+
 Run from the repository root (needs RabbitMQ with the management plugin):
 
-    .venv/bin/python benchmarks/bench_amqp.py [--quick] [--out benchmarks/RESULTS.md]
+    .venv/bin/python benchmarks/bench_amqp.py [--quick] [--parts abcd] [--out benchmarks/RESULTS.md]
+    .venv/bin/python benchmarks/bench_amqp.py --huge 3072
 """
 
 from __future__ import annotations
@@ -21,6 +31,7 @@ import argparse
 import math
 import os
 import platform
+import resource
 import signal
 import statistics
 import subprocess
@@ -165,9 +176,14 @@ def main() -> int:
     parser.add_argument("--echo", nargs=2, metavar=("URL", "QUEUE"), help=argparse.SUPPRESS)
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
     parser.add_argument("--out", default=None, help="write a Markdown table here")
+    parser.add_argument("--parts", default="abcd", help="which measurements (default abcd)")
+    parser.add_argument("--huge", type=int, metavar="MIB", help="one round trip of MIB MiB")
     args = parser.parse_args()
     if args.echo:
         echo_server(*args.echo)
+        return 0
+    if args.huge:
+        print(huge_round_trip(args.huge))
         return 0
 
     reps = 50 if args.quick else 300
@@ -189,98 +205,16 @@ def main() -> int:
         raw = RawClient(vhost.url)
         time.sleep(1.0)  # echo consumers up
 
-        # (a) latency
         plan10 = make_plan(10, 256)
         x_ptrs = [fp.send(torch.randn(256), dev) for dev in devs]  # 256 float32 = 1 KiB
-        lat = timed(lambda: plan10(x_ptrs[0]).get(), reps, 10)
-        raw_lat = timed(lambda: raw.rpc(ECHO_PREFIX + "d0", os.urandom(1024)), reps, 10)
-        (p50, p99), (r50, r99) = percentiles(lat), percentiles(raw_lat)
-        rows.append(
-            (
-                "(a) 10-op plan call + get, 1 KiB: p50 / p99 ms",
-                f"{p50:.2f} / {p99:.2f}",
-                f"{r50:.2f} / {r99:.2f} (RPC echo)",
-            )
-        )
-        print(rows[-1], flush=True)
-
-        # (b) messages per call
-        calls = 10
-        for n in (1, 10, 100):
-            plan = make_plan(n, 256)
-            plan(x_ptrs[1]).get()  # build + send once, outside the count
-            before = published(vhost)
-            for _ in range(calls):
-                plan(x_ptrs[1]).get()
-            per_plan = (published(vhost) - before) / calls
-            before = published(vhost)
-            for _ in range(calls):
-                y = x_ptrs[1]
-                for i in range(n):
-                    y = y * 1.0001 if i % 2 == 0 else y + 0.5
-                y.get()
-            per_op = (published(vhost) - before) / calls
-            rows.append(
-                (
-                    f"(b) messages per call, {n}-op plan vs op by op",
-                    f"{per_plan:.1f}",
-                    f"{per_op:.1f} (op-by-op remote)",
-                )
-            )
-            print(rows[-1], flush=True)
-
-        # (c) pipelined throughput, 4 devices
-        total = reps * 4
-        plan10(x_ptrs[2]).get()
-        for p in x_ptrs:
-            plan10(p).get()
-        start = time.perf_counter()
-        pending = [plan10(x_ptrs[i % 4]) for i in range(total)]
-        for ptr in pending:
-            ptr.get()
-        fp_rate = total / (time.perf_counter() - start)
-        body = os.urandom(1024)
-        start = time.perf_counter()
-        base = raw.received
-        for i in range(total):
-            raw.publish(ECHO_PREFIX + devices[i % 4], body, str(i))
-        raw.wait_replies(base + total)
-        raw_rate = total / (time.perf_counter() - start)
-        rows.append(
-            (
-                "(c) pipelined calls/s, 1 producer -> 4 devices",
-                f"{fp_rate:.0f}",
-                f"{raw_rate:.0f} (publish->consume->reply)",
-            )
-        )
-        print(rows[-1], flush=True)
-
-        # (d) bandwidth
-        for size, n in ((MIB, 10), (256 * MIB, 1)):
-            t = torch.randn(size // 4)
-            start = time.perf_counter()
-            for _ in range(n):
-                back = fp.send(t, devs[3]).get()
-            fp_mbs = 2 * size * n / MIB / (time.perf_counter() - start)
-            assert torch.equal(back, t)
-            data = t.numpy().tobytes()
-            start = time.perf_counter()
-            for _ in range(n):
-                pieces = [data[i : i + CHUNK] for i in range(0, len(data), CHUNK)]
-                base = raw.received
-                for j, piece in enumerate(pieces):
-                    raw.publish(ECHO_PREFIX + "d3", piece, str(j))
-                raw.wait_replies(base + len(pieces))
-            raw_mbs = 2 * size * n / MIB / (time.perf_counter() - start)
-            label = f"{size // MIB} MiB"
-            rows.append(
-                (
-                    f"(d) MB/s to a device and back, {label}",
-                    f"{fp_mbs:.0f}",
-                    f"{raw_mbs:.0f} (same bytes, 16 MiB chunks)",
-                )
-            )
-            print(rows[-1], flush=True)
+        if "a" in args.parts:
+            measure_latency(rows, plan10, x_ptrs, raw, reps)
+        if "b" in args.parts:
+            measure_messages(rows, vhost, x_ptrs)
+        if "c" in args.parts:
+            measure_pipelined(rows, plan10, x_ptrs, raw, reps, devices)
+        if "d" in args.parts:
+            measure_bandwidth(rows, devs, raw)
         raw.close()
         fleet.close()
     finally:
@@ -294,6 +228,177 @@ def main() -> int:
     if args.out:
         write_section(Path(args.out), table)
     return 0
+
+
+def measure_latency(
+    rows: list[tuple[str, str, str]], plan10: Any, x_ptrs: list[Any], raw: RawClient, reps: int
+) -> None:
+    """(a) p50/p99 of a 10-op plan call + get against a raw pika RPC echo."""
+    lat = timed(lambda: plan10(x_ptrs[0]).get(), reps, 10)
+    raw_lat = timed(lambda: raw.rpc(ECHO_PREFIX + "d0", os.urandom(1024)), reps, 10)
+    (p50, p99), (r50, r99) = percentiles(lat), percentiles(raw_lat)
+    rows.append(
+        (
+            "(a) 10-op plan call + get, 1 KiB: p50 / p99 ms",
+            f"{p50:.2f} / {p99:.2f}",
+            f"{r50:.2f} / {r99:.2f} (RPC echo)",
+        )
+    )
+    print(rows[-1], flush=True)
+
+
+def measure_messages(rows: list[tuple[str, str, str]], vhost: RunVhost, x_ptrs: list[Any]) -> None:
+    """(b) messages published per call of an n-op plan vs op-by-op remote execution."""
+    calls = 10
+    for n in (1, 10, 100):
+        plan = make_plan(n, 256)
+        plan(x_ptrs[1]).get()  # build + send once, outside the count
+        before = published(vhost)
+        for _ in range(calls):
+            plan(x_ptrs[1]).get()
+        per_plan = (published(vhost) - before) / calls
+        before = published(vhost)
+        for _ in range(calls):
+            y = x_ptrs[1]
+            for i in range(n):
+                y = y * 1.0001 if i % 2 == 0 else y + 0.5
+            y.get()
+        per_op = (published(vhost) - before) / calls
+        rows.append(
+            (
+                f"(b) messages per call, {n}-op plan vs op by op",
+                f"{per_plan:.1f}",
+                f"{per_op:.1f} (op-by-op remote)",
+            )
+        )
+        print(rows[-1], flush=True)
+
+
+def measure_pipelined(
+    rows: list[tuple[str, str, str]],
+    plan10: Any,
+    x_ptrs: list[Any],
+    raw: RawClient,
+    reps: int,
+    devices: list[str],
+) -> None:
+    """(c) pipelined plan calls/s from one producer to 4 devices vs a raw pika pipeline."""
+    total = reps * 4
+    plan10(x_ptrs[2]).get()
+    for p in x_ptrs:
+        plan10(p).get()
+    start = time.perf_counter()
+    pending = [plan10(x_ptrs[i % 4]) for i in range(total)]
+    for ptr in pending:
+        ptr.get()
+    fp_rate = total / (time.perf_counter() - start)
+    body = os.urandom(1024)
+    start = time.perf_counter()
+    base = raw.received
+    for i in range(total):
+        raw.publish(ECHO_PREFIX + devices[i % 4], body, str(i))
+    raw.wait_replies(base + total)
+    raw_rate = total / (time.perf_counter() - start)
+    rows.append(
+        (
+            "(c) pipelined calls/s, 1 producer -> 4 devices",
+            f"{fp_rate:.0f}",
+            f"{raw_rate:.0f} (publish->consume->reply)",
+        )
+    )
+    print(rows[-1], flush=True)
+
+
+def measure_bandwidth(rows: list[tuple[str, str, str]], devs: list[Any], raw: RawClient) -> None:
+    """(d) MB/s of a tensor to a device and back vs raw pika moving the same bytes."""
+    for size, n in ((MIB, 10), (256 * MIB, 1)):
+        t = torch.randn(size // 4)
+        start = time.perf_counter()
+        for _ in range(n):
+            back = fp.send(t, devs[3]).get()
+        fp_mbs = 2 * size * n / MIB / (time.perf_counter() - start)
+        assert torch.equal(back, t)
+        data = t.numpy().tobytes()
+        start = time.perf_counter()
+        for _ in range(n):
+            pieces = [data[i : i + CHUNK] for i in range(0, len(data), CHUNK)]
+            base = raw.received
+            for j, piece in enumerate(pieces):
+                raw.publish(ECHO_PREFIX + "d3", piece, str(j))
+            raw.wait_replies(base + len(pieces))
+        raw_mbs = 2 * size * n / MIB / (time.perf_counter() - start)
+        label = f"{size // MIB} MiB"
+        rows.append(
+            (
+                f"(d) MB/s to a device and back, {label}",
+                f"{fp_mbs:.0f}",
+                f"{raw_mbs:.0f} (same bytes, 16 MiB chunks)",
+            )
+        )
+        print(rows[-1], flush=True)
+
+
+def peak_rss_mib(pgid: int) -> float:
+    """Peak RSS (VmHWM) summed over the live processes of a process group, in MiB."""
+    total = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if os.getpgid(int(entry.name)) != pgid:
+                continue
+            for line in (entry / "status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    total += int(line.split()[1])
+        except (OSError, ValueError):
+            continue
+    return total / 1024
+
+
+def huge_round_trip(mib: int) -> str:
+    """One ``mib`` MiB float32 tensor to a device and back; limits raised for this run only."""
+    size = mib * MIB
+    room = size + 64 * MIB  # the tensor and its envelope
+    limits = {
+        "max_command_size": room,
+        "max_pending_chunk_bytes": room,
+        "max_reply_size": room,
+        "store_max_bytes": 3 * room,
+        "store_max_reply_bytes": room,
+        "confirm_timeout": 1800.0,
+    }
+    env = {f"FEDPLAN_{k.upper()}": str(v) for k, v in limits.items()}
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # clean up the worker and vhost
+    vhost = RunVhost(f"benchhuge{os.getpid()}").create()
+    root = Path(f"/tmp/fedplan-bench-huge-{os.getpid()}")
+    worker = WorkerProcess("huge", root / "huge", vhost, env).start()
+    try:
+        worker.wait_ready()
+        producer = {k: v for k, v in limits.items() if k in ("max_reply_size", "confirm_timeout")}
+        fleet = fp.connect(vhost.url, timeout=1800, producer_id=f"huge{os.getpid()}", **producer)
+        dev = fleet.device("huge")
+        t = torch.randn(size // 4)
+        start = time.perf_counter()
+        ptr = fp.send(t, dev)
+        ptr.wait()
+        stored = time.perf_counter()
+        back = ptr.get()
+        end = time.perf_counter()
+        equal = torch.equal(back, t)
+        del back
+        worker_rss = peak_rss_mib(worker.proc.pid) if worker.proc else float("nan")
+        producer_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        fleet.close()
+    finally:
+        worker.stop()
+        vhost.delete()
+        subprocess.run(["rm", "-rf", str(root)], check=False)
+    return (
+        f"{mib} MiB float32 round trip: equal={equal}, send+store {stored - start:.1f} s, "
+        f"get {end - stored:.1f} s, {2 * size / MIB / (end - start):.0f} MB/s; peak RSS "
+        f"producer {producer_rss:.0f} MiB, worker (main + pool) {worker_rss:.0f} MiB; "
+        f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}"
+    )
 
 
 START, END = "<!-- bench_amqp:start -->", "<!-- bench_amqp:end -->"

@@ -9,7 +9,8 @@ from __future__ import annotations
 import math
 import os
 import socket
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, Protocol
 
 from broker_config.names import TASK_NAME
 
@@ -65,6 +66,35 @@ def split_chunks(data: bytes, max_size: int) -> list[memoryview]:
     view = memoryview(data)
     n = max(1, math.ceil(len(data) / max_size))
     return [view[i * max_size : (i + 1) * max_size] for i in range(n)]
+
+
+class Pieces(Protocol):
+    """Data that cuts itself into message-sized ``bytes`` (``schemas.tensor_codec.FramedParts``)."""
+
+    def __len__(self) -> int: ...
+
+    def pieces(self, size: int) -> Iterator[bytes]: ...
+
+
+def message_pieces(data: bytes | Pieces, max_size: int) -> tuple[int, Iterator[bytes]]:
+    """How many messages ``data`` takes at ``max_size`` bytes each, and their bodies.
+
+    Each body is copied once from ``data`` (the client libraries publish ``bytes``); a
+    ``bytes`` that fits in one message is published as it is, and :class:`Pieces` (framed
+    parts) are cut without joining them into one ``bytes`` first.
+
+    Examples
+    --------
+    >>> count, bodies = message_pieces(b"abcde", 2)
+    >>> count, list(bodies)
+    (3, [b'ab', b'cd', b'e'])
+    """
+    count = max(1, math.ceil(len(data) / max_size))
+    if isinstance(data, bytes):
+        if count == 1:
+            return 1, iter([data])
+        return count, (bytes(v) for v in split_chunks(data, max_size))
+    return count, data.pieces(max_size)
 
 
 def chunk_headers(transfer_id: str, index: int, count: int) -> dict[str, Any]:

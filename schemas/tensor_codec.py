@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import struct
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TypeVar
 
 import torch
@@ -179,6 +179,24 @@ def tensor_from_proto(
     return tensor
 
 
+def writable_buffer(nbytes: int) -> memoryview:
+    """``nbytes`` of writable memory, not initialised, to read or copy received bytes into.
+
+    ``bytearray(n)`` zero-fills (touches every page once) before the bytes are written over
+    it; this is a fresh ``uint8`` tensor's memory instead, so each byte is written once.
+    Frames in it decode without a copy (:func:`tensor_from_proto` shares writable memory).
+
+    Examples
+    --------
+    >>> buf = writable_buffer(4)
+    >>> buf[:] = b"\\x00\\x00\\x80?"
+    >>> proto = TensorProto(dtype="float32", shape=[1], frame_length=4)
+    >>> tensor_from_proto(proto, buf)
+    tensor([1.])
+    """
+    return torch.empty(nbytes, dtype=torch.uint8).numpy().data
+
+
 def swap_byte_order(tensor: torch.Tensor) -> torch.Tensor:
     """A contiguous copy with every element's bytes reversed (little <-> big endian)."""
     itemsize = tensor.element_size()
@@ -267,7 +285,73 @@ def _walk(message: Message, found: list[TensorProto]) -> None:
 
 
 def encode_framed(message: Message, tensors: Sequence[torch.Tensor]) -> bytes:
-    """The message followed by the raw bytes of its framed tensors (see the module layout).
+    """The message followed by the raw bytes of its framed tensors (see the module layout),
+    joined into one ``bytes`` (:func:`encode_framed_parts` without the join).
+
+    Examples
+    --------
+    >>> import torch
+    >>> t = torch.ones(4)
+    >>> data = encode_framed(tensor_to_proto(t, framed=True), [t])
+    >>> proto, frames = decode_framed(data, TensorProto)
+    >>> tensor_from_proto(proto, frames[0])
+    tensor([1., 1., 1., 1.])
+    """
+    return bytes(encode_framed_parts(message, tensors))
+
+
+class FramedParts:
+    """Framed data as its parts, not joined: header and message, paddings, and each
+    tensor's bytes as a view of the tensor's own memory.
+
+    ``bytes(parts)`` joins them (one copy of everything); :meth:`pieces` cuts them into
+    message-sized ``bytes`` pieces, each copied once from the parts, so a large tensor is
+    never copied whole into one ``bytes`` before it is published in chunks.
+
+    Examples
+    --------
+    >>> parts = FramedParts([b"ab", memoryview(b"cdefg")])
+    >>> len(parts), bytes(parts), list(parts.pieces(3))
+    (7, b'abcdefg', [b'abc', b'def', b'g'])
+    """
+
+    __slots__ = ("_size", "message", "parts")
+
+    def __init__(self, parts: Sequence[bytes | memoryview], message: Message | None = None) -> None:
+        self.parts = [memoryview(p).cast("B") for p in parts]
+        self._size = sum(len(p) for p in self.parts)
+        self.message = message
+        """The message the parts encode (read it without joining and parsing the parts)."""
+
+    def __len__(self) -> int:
+        return self._size
+
+    def __bytes__(self) -> bytes:
+        return b"".join(self.parts)
+
+    def pieces(self, size: int) -> Iterator[bytes]:
+        """Consecutive pieces of at most ``size`` bytes (one piece when all fit)."""
+        piece: list[memoryview] = []
+        room = size
+        for part in self.parts:
+            while len(part):
+                take = part[:room]
+                piece.append(take)
+                part = part[len(take) :]
+                room -= len(take)
+                if room == 0:
+                    yield b"".join(piece)
+                    piece, room = [], size
+        if piece or self._size == 0:
+            yield b"".join(piece)
+
+
+def encode_framed_parts(message: Message, tensors: Sequence[torch.Tensor]) -> FramedParts:
+    """The message followed by the raw bytes of its framed tensors, as parts not joined.
+
+    The tensors' parts are views of their own memory (no copy; a tensor that is not
+    contiguous little-endian is copied once): keep the tensors unchanged until the parts
+    are written out. :func:`encode_framed` joins them.
 
     ``tensors`` are the tensors encoded with ``tensor_to_proto(t, framed=True)``, in the
     order of :func:`framed_tensor_protos` (empty tensors may be listed; they have no frame).
@@ -277,8 +361,8 @@ def encode_framed(message: Message, tensors: Sequence[torch.Tensor]) -> bytes:
     --------
     >>> import torch
     >>> t = torch.ones(4)
-    >>> data = encode_framed(tensor_to_proto(t, framed=True), [t])
-    >>> proto, frames = decode_framed(data, TensorProto)
+    >>> parts = encode_framed_parts(tensor_to_proto(t, framed=True), [t])
+    >>> proto, frames = decode_framed(bytes(parts), TensorProto)
     >>> tensor_from_proto(proto, frames[0])
     tensor([1., 1., 1., 1.])
     """
@@ -307,7 +391,7 @@ def encode_framed(message: Message, tensors: Sequence[torch.Tensor]) -> bytes:
         parts.append(bytes(padding))
         parts.append(_byte_view(tensor).numpy().data)
         offset += padding + proto.frame_length
-    return b"".join(parts)
+    return FramedParts(parts, message)
 
 
 def is_framed(data: bytes | bytearray | memoryview) -> bool:

@@ -70,13 +70,14 @@ from schemas.ir import SCHEMA_VERSION, PlanIR
 from schemas.outputs import flatten_like, inline_flags, output_slots
 from schemas.plan_codec import plan_from_proto, plan_to_proto
 from schemas.tensor_codec import (
+    FramedParts,
     framed_tensor_protos,
     inline_frames,
     tensor_from_proto,
     tensor_to_proto,
 )
 from schemas.value_codec import value_from_proto
-from schemas.wire import decode_command_framed, encode_command, encode_reply, new_id
+from schemas.wire import decode_command_framed, encode_command, encode_reply_parts, new_id
 
 if TYPE_CHECKING:
     from consumer.runtime.interpreter import LoadedPlan
@@ -171,10 +172,30 @@ class DeviceRuntime(CommandValues, RunLimits):
     # -- entry point -------------------------------------------------------------------------
 
     def handle(
-        self, data: bytes | bytearray, sender: str = LOCAL_SENDER, *, forwarded: bool = False
+        self,
+        data: bytes | bytearray | memoryview,
+        sender: str = LOCAL_SENDER,
+        *,
+        forwarded: bool = False,
     ) -> bytes:
         """Decode a ``Command``, run it once for ``sender``, and return the encoded ``Reply``;
-        never raises.
+        never raises (:meth:`handle_parts`, joined before the next command can run).
+        """
+        with self._lock:
+            reply = self.handle_parts(data, sender, forwarded=forwarded)
+            return reply if isinstance(reply, bytes) else bytes(reply)
+
+    def handle_parts(
+        self,
+        data: bytes | bytearray | memoryview,
+        sender: str = LOCAL_SENDER,
+        *,
+        forwarded: bool = False,
+    ) -> bytes | FramedParts:
+        """Decode a ``Command``, run it once for ``sender``, and return the encoded ``Reply``;
+        never raises. A reply with large tensors comes as ``FramedParts`` (views of the
+        stored tensors, not joined into one ``bytes``): write or publish it before the
+        device runs its next command.
 
         ``sender`` is who sent the command as the transport vouches for it (the AMQP
         ``user_id`` the broker validated; never a value from the body). A command id seen
@@ -188,7 +209,9 @@ class DeviceRuntime(CommandValues, RunLimits):
             self._reply_ids = []
             started = time.monotonic()
             try:
-                reply = None if forwarded else self._refuse_over_rate(data)
+                reply: bytes | FramedParts | None = (
+                    None if forwarded else self._refuse_over_rate(data)
+                )
                 if reply is None:
                     reply = self._handle(data)
                     self._charge_device_time(time.monotonic() - started)
@@ -203,7 +226,7 @@ class DeviceRuntime(CommandValues, RunLimits):
         """The stored reply of ``sender``'s command ``command_id``, if it ran to the end."""
         return self.store.get_reply(scoped(sender or LOCAL_SENDER, command_id))
 
-    def _decode(self, data: bytes | bytearray) -> Command:
+    def _decode(self, data: bytes | bytearray | memoryview) -> Command:
         """Parse a command; a ``StoreObject``'s framed tensor is kept as a view of ``data``.
 
         That tensor is then decoded straight from the received buffer (no copy into the
@@ -226,7 +249,7 @@ class DeviceRuntime(CommandValues, RunLimits):
             inline_frames(command, frames)
         return command
 
-    def _handle(self, data: bytes | bytearray) -> bytes:
+    def _handle(self, data: bytes | bytearray | memoryview) -> bytes | FramedParts:
         try:
             command = self._decode(data)
         except Exception as exc:
@@ -268,13 +291,14 @@ class DeviceRuntime(CommandValues, RunLimits):
 
     def _run_once(
         self, command: Command, body: str, result_ids: list[str], remember: bool
-    ) -> bytes:
+    ) -> bytes | FramedParts:
         """Run the command in the open unit; its reply is stored in the same unit."""
         command_id = command.command_id
         try:
             frames: list[torch.Tensor] = []
             ok = self._dispatch(body, command, frames)
-            data_out = encode_reply(ok_reply(self.device_id, command_id, result_ids, ok), frames)
+            ok_out = ok_reply(self.device_id, command_id, result_ids, ok)
+            data_out: bytes | FramedParts = encode_reply_parts(ok_out, frames)
             if remember:
                 self.store.put_reply(scoped(self._sender, command_id), result_ids, data_out)
             return data_out

@@ -61,7 +61,7 @@ class RunLimits:
     _deadline: float | None
     _measured: OrderedDict[Any, int | None]
 
-    def _refuse_over_rate(self, data: bytes | bytearray) -> bytes | None:
+    def _refuse_over_rate(self, data: bytes | bytearray | memoryview) -> bytes | None:
         """The refusal of a command over its sender's ``max_commands_per_minute`` or
         ``max_device_seconds_per_minute`` (unrun), or None to run it. An unreadable policy
         is left to the command's own handling."""

@@ -31,6 +31,7 @@ from schemas.command_pb2 import ListObjects, ObjectInfo, Ok, Search
 from schemas.errors import AuditUnavailable, FedplanError, ObjectNotFound, PolicyError
 from schemas.plan_codec import plan_op_count
 from schemas.signing import verify_plan_hash
+from schemas.tensor_codec import FramedParts
 from schemas.wire import decode_reply_framed
 
 log = logging.getLogger(__name__)
@@ -298,7 +299,7 @@ class TenantRules:
             info.shape_withheld = True
         return info
 
-    def _audited(self, reply: bytes) -> bytes:
+    def _audited(self, reply: bytes | FramedParts) -> bytes | FramedParts:
         """The reply once its audit row is written; nothing leaves without it: when the
         log cannot be written the reply is withheld (it stays cached for a resend)."""
         if self._record_audit():

@@ -8,6 +8,7 @@ from typing import Protocol
 import torch
 
 from schemas.ir import PlanIR
+from schemas.tensor_codec import FramedParts
 
 
 @dataclass(slots=True)
@@ -69,7 +70,9 @@ class DeviceStore(Protocol):
 
     def delete_plan(self, plan_id: str) -> None: ...
 
-    def put_reply(self, command_id: str, result_ids: list[str], reply: bytes) -> None:
+    def put_reply(
+        self, command_id: str, result_ids: list[str], reply: bytes | FramedParts
+    ) -> None:
         """Remember the encoded reply of a command whose results were stored (idempotency)."""
         ...
 

@@ -11,6 +11,7 @@ from consumer.store.base import StoredObject, StoredPlan
 from consumer.store.limits import StoreLimits
 from consumer.store.tensor_files import tensor_nbytes
 from schemas.errors import ObjectNotFound, StoreFullError
+from schemas.tensor_codec import FramedParts
 
 
 class MemoryStore:
@@ -150,7 +151,9 @@ class MemoryStore:
             if self._plans.pop(plan_id, None) is None:
                 raise ObjectNotFound(f"no plan {plan_id!r} to delete", plan_id=plan_id)
 
-    def put_reply(self, command_id: str, result_ids: list[str], reply: bytes) -> None:
+    def put_reply(
+        self, command_id: str, result_ids: list[str], reply: bytes | FramedParts
+    ) -> None:
         """Cache a reply; expired and then the oldest replies go while over the bounds."""
         if len(reply) > self.limits.max_reply_bytes:
             raise StoreFullError(
@@ -170,7 +173,7 @@ class MemoryStore:
             ):
                 self._drop_reply(next(iter(self._replies)))
             self._check_room(len(reply), 0, f"the reply of {command_id}")
-            self._replies[command_id] = (reply, now)
+            self._replies[command_id] = (bytes(reply), now)
             self._reply_bytes += len(reply)
 
     def _drop_reply(self, command_id: str) -> None:

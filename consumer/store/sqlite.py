@@ -44,6 +44,7 @@ from consumer.store.units import BlobUnits, Unit
 from schemas.errors import ObjectNotFound, StoreFullError
 from schemas.plan_codec import plan_from_proto, plan_to_proto
 from schemas.plan_pb2 import PlanProto
+from schemas.tensor_codec import FramedParts
 
 INLINE_REPLY_BYTES = 64 * 1024
 """Cached replies up to this size live in SQLite; larger ones in a file of their own."""
@@ -431,7 +432,9 @@ class SqliteStore(BlobUnits):
 
     # -- replies (idempotency) ---------------------------------------------------------
 
-    def put_reply(self, command_id: str, result_ids: list[str], reply: bytes) -> None:
+    def put_reply(
+        self, command_id: str, result_ids: list[str], reply: bytes | FramedParts
+    ) -> None:
         """Remember a command's reply, after writing back what the command changed.
 
         Expired replies go first, then the oldest while over ``max_replies`` or
@@ -463,7 +466,7 @@ class SqliteStore(BlobUnits):
                     (
                         command_id,
                         json.dumps(result_ids),
-                        b"" if file else reply,
+                        b"" if file else bytes(reply),
                         self._next_seq(db),
                         file,
                         size,

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from schemas.errors import WireError
+from schemas.tensor_codec import FramedParts, writable_buffer
 
 # Fixed dtype table: names read back from disk are looked up here, never resolved by getattr.
 DTYPES: dict[str, torch.dtype] = {
@@ -47,9 +48,9 @@ def tensor_nbytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
-def write_bytes_file(path: Path, data: bytes | memoryview) -> None:
+def write_bytes_file(path: Path, data: bytes | memoryview | FramedParts) -> None:
     """Write ``data`` to ``path``, a file that must not exist yet (``O_EXCL``); a failed
-    write removes it.
+    write removes it. Framed parts are written part by part, never joined.
 
     No temp file and rename: the store writes blobs under fresh random names that no
     committed row names until their unit commits, and deletes files no row names when it
@@ -70,10 +71,35 @@ def write_bytes_file(path: Path, data: bytes | memoryview) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            for part in data.parts if isinstance(data, FramedParts) else [data]:
+                f.write(part)
     except BaseException:
         path.unlink(missing_ok=True)
         raise
+
+
+def read_file_into(path: Path, view: memoryview) -> int:
+    """Read ``path`` into ``view`` until it is full or the file ends; the bytes read.
+
+    One ``read`` returns at most about 2 GiB on Linux, so this loops.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> p = Path(tempfile.mkdtemp()) / "b.bin"
+    >>> _ = p.write_bytes(b"abc")
+    >>> buf = bytearray(5)
+    >>> read_file_into(p, memoryview(buf)), bytes(buf)
+    (3, b'abc\\x00\\x00')
+    """
+    got = 0
+    with path.open("rb", buffering=0) as f:
+        while got < len(view):
+            n = f.readinto(view[got:])
+            if not n:
+                break
+            got += n
+    return got
 
 
 def read_tensor_file(path: Path, dtype: str, shape: list[int]) -> torch.Tensor:
@@ -94,7 +120,7 @@ def read_tensor_file(path: Path, dtype: str, shape: list[int]) -> torch.Tensor:
     size = path.stat().st_size
     if size == 0:
         return torch.empty(shape, dtype=torch_dtype)
-    buf = bytearray(size)
-    with path.open("rb") as f:
-        f.readinto(buf)
+    buf = writable_buffer(size)  # not zero-filled first: each byte is written once
+    if read_file_into(path, buf) != size:
+        raise WireError(f"stored tensor file {path.name} changed while it was read")
     return torch.frombuffer(buf, dtype=torch_dtype).reshape(shape)

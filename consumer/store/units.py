@@ -27,6 +27,7 @@ import torch
 
 from consumer.store.tensor_files import write_bytes_file, write_tensor_file
 from schemas.errors import StoreFullError
+from schemas.tensor_codec import FramedParts
 
 _DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 
@@ -202,7 +203,9 @@ class BlobUnits:
         assert unit is not None, "writes happen inside a transaction only"
         return unit
 
-    def _new_file(self, stem_of: str, prefix: str, data: torch.Tensor | bytes) -> str:
+    def _new_file(
+        self, stem_of: str, prefix: str, data: torch.Tensor | bytes | FramedParts
+    ) -> str:
         """Write a blob file under a new name; call inside :meth:`_tx` (it is the unit's)."""
         unit = self._touched()
         stem = hashlib.sha256(stem_of.encode()).hexdigest()[:32]

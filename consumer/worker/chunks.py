@@ -5,6 +5,11 @@ here every chunk is checked against the assembled size, the bytes all incomplete
 hold together and their number before it is written, and transfers whose last chunk arrived
 more than ``chunk_ttl`` seconds ago are deleted (at worker start and while chunks arrive).
 
+Chunks are stored by the gate, in the worker's main process, as they are delivered
+(:func:`spool_chunk`), and acked there once on disk; only the chunk that completes a
+transfer goes on to the pool process, whose :func:`assemble` reads the whole command from
+disk into one buffer. A 16 MiB chunk is thus never pickled through Celery's prefork pipe.
+
 All chunks of one transfer come from one sender (the broker-validated ``user_id`` the gate
 put in ``fedplan_sender``): the first chunk's sender is recorded with the transfer, a chunk
 of the same transfer id from another sender is refused and changes nothing, and the command
@@ -21,18 +26,25 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import shutil
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from broker_config.envelope import CHUNK_HEADER, CHUNKS_HEADER, TRANSFER_HEADER
 from broker_config.settings import Settings
-from consumer.worker.gate import MIN_CHUNK_BYTES, SENDER_HEADER
-from schemas.errors import MessageRefused
+from consumer.store.tensor_files import read_file_into
+from consumer.worker.devices import SENDER_HEADER
+from schemas.errors import FedplanError, MessageRefused
+from schemas.tensor_codec import writable_buffer
 
 log = logging.getLogger(__name__)
+
+MIN_CHUNK_BYTES = 64 * 1024
+"""Chunks of a transfer are this big at least (but the last): bounds the chunk count."""
 
 GC_INTERVAL = 60.0
 """Seconds between two sweeps for expired transfers while chunks arrive."""
@@ -44,6 +56,11 @@ SENDER_FILE = ".sender"
 """In a transfer's folder: the sender of its first chunk; chunks from any other are refused."""
 
 _last_sweep: dict[str, float] = {}
+
+
+def max_chunks(settings: Settings) -> int:
+    """The most chunks one transfer may have: the assembled size over the smallest chunk."""
+    return max(1, math.ceil(settings.max_command_size / MIN_CHUNK_BYTES))
 
 
 def chunks_dir(settings: Settings) -> Path:
@@ -124,7 +141,7 @@ def _maybe_sweep(settings: Settings) -> None:
         collect_expired(settings)
 
 
-def assemble(settings: Settings, request: Any, data: bytes) -> bytes | bytearray | None:
+def assemble(settings: Settings, request: Any, data: bytes) -> bytes | memoryview | None:
     """Store one chunk; the whole command once every chunk is there, else None.
 
     Raises :class:`~schemas.errors.MessageRefused` when the chunk would make the transfer
@@ -135,6 +152,47 @@ def assemble(settings: Settings, request: Any, data: bytes) -> bytes | bytearray
     count = getattr(request, CHUNKS_HEADER, None)
     if not isinstance(count, int) or count <= 1:
         return data
+    sizes = store_chunk(settings, request, data)
+    if sizes is None:
+        return None
+    folder = transfer_dir(settings, str(getattr(request, TRANSFER_HEADER, "")), count)
+    return _read_whole(folder, sizes)
+
+
+def spool_chunk(settings: Settings, headers: dict[str, Any], data: bytes) -> bool:
+    """In the worker's main process: store a chunk the gate admitted; True when more chunks
+    of its transfer are still missing (the gate acks it then, the pool never sees it).
+
+    The chunk that completes a transfer (and any unchunked message) returns False and goes
+    to the pool process as before, where :func:`assemble` finds the other chunks on disk:
+    only that one crosses the pool's pipe, not every byte of the transfer. A refused chunk
+    raises like :func:`assemble` and its transfer is deleted (if it is the sender's).
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> s = Settings(data_dir=tempfile.mkdtemp())
+    >>> h = {"fedplan_transfer": "t", "fedplan_chunks": 2, "fedplan_sender": "guest"}
+    >>> spool_chunk(s, {**h, "fedplan_chunk": 0}, b"a" * MIN_CHUNK_BYTES)
+    True
+    >>> spool_chunk(s, {**h, "fedplan_chunk": 1}, b"b")
+    False
+    """
+    count = headers.get(CHUNKS_HEADER)
+    if not isinstance(count, int) or count <= 1:
+        return False
+    request = SimpleNamespace(**headers)
+    try:
+        return store_chunk(settings, request, data) is None
+    except FedplanError:
+        done_with_chunks(settings, request)
+        raise
+
+
+def store_chunk(settings: Settings, request: Any, data: bytes) -> list[int] | None:
+    """Write one chunk of a transfer (checked, see :func:`assemble`); the sizes of all its
+    chunks once every chunk is there, else None."""
+    count = int(getattr(request, CHUNKS_HEADER))
     transfer = str(getattr(request, TRANSFER_HEADER, ""))
     index = int(getattr(request, CHUNK_HEADER, 0))
     _maybe_sweep(settings)
@@ -147,6 +205,8 @@ def assemble(settings: Settings, request: Any, data: bytes) -> bytes | bytearray
             "transfer's first chunk; refused (the transfer is left as it was)"
         )
     sizes = _sizes(folder)
+    if sizes.get(str(index)) == len(data) and len(sizes) == count:
+        return [sizes[str(i)] for i in range(count)]  # the gate stored it a moment ago
     is_new = str(index) not in sizes
     sizes[str(index)] = len(data)
     if sum(sizes.values()) > settings.max_command_size:
@@ -173,22 +233,20 @@ def assemble(settings: Settings, request: Any, data: bytes) -> bytes | bytearray
     os.replace(tmp, folder / str(index))
     if len(sizes) < count:
         return None
-    return _read_whole(folder, [sizes[str(i)] for i in range(count)])
+    return [sizes[str(i)] for i in range(count)]
 
 
-def _read_whole(folder: Path, sizes: list[int]) -> bytearray:
+def _read_whole(folder: Path, sizes: list[int]) -> memoryview:
     """The chunk files read straight into one preallocated buffer (one copy, no join).
 
-    A ``bytearray`` is writable, so the framed tensors of the command decode into it without
-    another copy (:func:`schemas.tensor_codec.tensor_from_proto`).
+    The buffer is writable and not zero-filled first (:func:`writable_buffer`), so the
+    framed tensors of the command decode into it without another copy
+    (:func:`schemas.tensor_codec.tensor_from_proto`).
     """
-    whole = bytearray(sum(sizes))
-    view = memoryview(whole)
+    view = whole = writable_buffer(sum(sizes))
     offset = 0
     for i, size in enumerate(sizes):
-        with open(folder / str(i), "rb", buffering=0) as f:
-            got = f.readinto(view[offset : offset + size])
-        if got != size:
+        if read_file_into(folder / str(i), view[offset : offset + size]) != size:
             raise MessageRefused(f"chunk {i} of a transfer changed while it was read")
         offset += size
     return whole

@@ -6,12 +6,21 @@ import os
 import sqlite3
 import threading
 from pathlib import Path
+from typing import Any
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS deliveries (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, message_id TEXT NOT NULL UNIQUE, n INTEGER NOT NULL
 );
 """
+
+
+def quorum_deliveries(headers: Any) -> int:
+    """Deliveries a quorum queue counted (``x-delivery-count`` + 1), 1 when absent."""
+    value = headers.get("x-delivery-count") if isinstance(headers, dict) else None
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value + 1
+    return 1
 
 
 class DeliveryAttempts:

@@ -23,6 +23,10 @@ from schemas.errors import DeviceError, FedplanError
 DEVICE_HEADER = "fedplan_device"
 """Set by the gate only (a sender's value is dropped): the device of the delivery's queue."""
 
+SENDER_HEADER = "fedplan_sender"
+"""Set by the gate only: who sent the command, from the AMQP ``user_id`` property (which the
+broker checked is the publishing connection's user); the task runs the command for it."""
+
 
 def single_device() -> str | None:
     """The device of a one-device worker (``FEDPLAN_DEVICE_ID``), None for a multi-device one."""

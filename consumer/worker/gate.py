@@ -23,7 +23,6 @@ The gate never raises into Celery: a failure inside it refuses the message.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import re
 import time
@@ -46,8 +45,15 @@ from broker_config.settings import Settings
 from consumer.policy.audit import AuditEntry, AuditLog
 from consumer.policy.fairness import ProducerBudgets
 from consumer.policy.rules import Budgets, PolicyFile
-from consumer.worker.delivery_attempts import DeliveryAttempts
-from consumer.worker.devices import DEVICE_HEADER, device_of, device_settings, queue_of
+from consumer.worker.chunks import MIN_CHUNK_BYTES, max_chunks, spool_chunk
+from consumer.worker.delivery_attempts import DeliveryAttempts, quorum_deliveries
+from consumer.worker.devices import (
+    DEVICE_HEADER,
+    SENDER_HEADER,
+    device_of,
+    device_settings,
+    queue_of,
+)
 from consumer.worker.frames import UNDECODABLE
 from consumer.worker.publishing import send_error
 from schemas.errors import FedplanError, MessageRefused, PlanExecutionError
@@ -56,10 +62,6 @@ log = logging.getLogger(__name__)
 
 DELIVERIES_HEADER = "fedplan_deliveries"
 """Set by the gate only (a sender's value is dropped): how often this message was delivered."""
-
-SENDER_HEADER = "fedplan_sender"
-"""Set by the gate only: who sent the command, from the AMQP ``user_id`` property (which the
-broker checked is the publishing connection's user); the task runs the command for it."""
 
 ON_BEHALF_HEADER = "fedplan_on_behalf"
 """A device forwarding a ``MoveObject`` names the producer it acts for; the gate honours it
@@ -71,9 +73,6 @@ MAX_HEADER_BYTES = 16 * 1024
 MAX_REFUSED_HARD = 2
 """Deliveries beyond ``delivery_limit + MAX_REFUSED_HARD`` are refused by the gate itself,
 without the pool process ever seeing the message again."""
-
-MIN_CHUNK_BYTES = 64 * 1024
-"""Chunks of a transfer are this big at least (but the last): bounds the chunk count."""
 
 MAX_UNSETTLED = 65536
 """Admitted commands whose run time is not charged yet (the queues' prefetch windows bound
@@ -164,11 +163,6 @@ def _int(headers: dict[str, Any], key: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise _Refuse(f"header {key!r} must be an integer, not {type(value).__name__}")
     return value
-
-
-def max_chunks(settings: Settings) -> int:
-    """The most chunks one transfer may have: the assembled size over the smallest chunk."""
-    return max(1, math.ceil(settings.max_command_size / MIN_CHUNK_BYTES))
 
 
 def _chunk_headers(headers: dict[str, Any], settings: Settings) -> dict[str, Any]:
@@ -320,14 +314,6 @@ def _sender(properties: dict[str, Any], headers: dict[str, Any]) -> str:
     return behalf
 
 
-def quorum_deliveries(headers: Any) -> int:
-    """Deliveries a quorum queue counted (``x-delivery-count`` + 1), 1 when absent."""
-    value = headers.get("x-delivery-count") if isinstance(headers, dict) else None
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value + 1
-    return 1
-
-
 class Gate:
     """The gate of one worker: settings, the delivery counter and what to do with a verdict."""
 
@@ -443,12 +429,16 @@ class Gate:
         in the data dir of the device whose queue it came from."""
         n = 1
         if redelivered and verdict.message_id:
-            s = device_settings(self.settings, device) if device else self.settings
+            s = self._settings_of(device)
             attempts = self._attempts.get(str(s.data_dir))
             if attempts is None:
                 attempts = self._attempts[str(s.data_dir)] = DeliveryAttempts(s.data_dir)
             n = attempts.record_redelivery(verdict.message_id)
         return max(n, quorum_deliveries(headers))
+
+    def _settings_of(self, device: str | None) -> Settings:
+        """The settings (data dir) of the device a delivery is for."""
+        return device_settings(self.settings, device) if device else self.settings
 
     def admit(self, raw: Any, queue: str | None = None) -> bool:
         """Check a raw py-amqp message from ``queue`` (the queue the broker delivered it
@@ -483,6 +473,12 @@ class Gate:
                 verdict.headers[DEVICE_HEADER] = device
                 if isinstance(properties, dict):  # always, once admitted
                     properties["application_headers"] = verdict.headers
+                    try:  # a chunk is stored here, not pickled through the pool's pipe
+                        if spool_chunk(self._settings_of(device), verdict.headers, raw.body):
+                            raw.channel.basic_ack(raw.delivery_tag)
+                            return False  # more chunks to come; the pool sees the last one
+                    except FedplanError as exc:
+                        return self._refuse(raw, verdict, device, exc)
                     self._admitted(raw, device, verdict.headers[SENDER_HEADER], now)
                     return True
         return self._refuse(raw, verdict, device, MessageRefused(verdict.refusal or ""))

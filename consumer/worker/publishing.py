@@ -16,8 +16,9 @@ from broker_config import names
 from broker_config.envelope import (
     CONTENT_ENCODING,
     CONTENT_TYPE,
+    Pieces,
     chunk_headers,
-    split_chunks,
+    message_pieces,
 )
 from broker_config.settings import Settings
 from consumer.runtime.replies import encode_safely, error_reply
@@ -63,7 +64,7 @@ def forget_connection() -> None:
 
 def publish(
     settings: Settings,
-    body: bytes,
+    body: bytes | Pieces,
     *,
     exchange: str,
     routing_key: str,
@@ -73,11 +74,11 @@ def publish(
 ) -> None:
     """Publish (chunked above the message size); returns once the broker took every piece."""
     producer = confirming_producer(settings)
-    pieces = split_chunks(body, settings.max_message_size)
+    count, pieces = message_pieces(body, settings.max_message_size)
     for i, piece in enumerate(pieces):
-        extra = chunk_headers(correlation_id, i, len(pieces)) if len(pieces) > 1 else {}
+        extra = chunk_headers(correlation_id, i, count) if count > 1 else {}
         producer.publish(
-            bytes(piece),
+            piece,
             exchange=exchange,
             routing_key=routing_key,
             content_type=CONTENT_TYPE,
@@ -93,8 +94,11 @@ def publish(
         )
 
 
-def publish_reply(settings: Settings, reply: bytes, *, reply_to: str, command_id: str) -> None:
-    """Publish an encoded ``Reply`` to the results exchange under ``reply_to``."""
+def publish_reply(
+    settings: Settings, reply: bytes | Pieces, *, reply_to: str, command_id: str
+) -> None:
+    """Publish an encoded ``Reply`` (or its framed parts) to the results exchange under
+    ``reply_to``."""
     publish(
         settings,
         reply,

@@ -33,7 +33,8 @@ from consumer.worker.publishing import (
 )
 from schemas.command_pb2 import Reply
 from schemas.errors import DeviceError, FedplanError, TimeLimitError
-from schemas.wire import decode_reply, encode_reply
+from schemas.tensor_codec import FramedParts
+from schemas.wire import decode_reply, decode_reply_framed, encode_reply
 
 log = logging.getLogger(__name__)
 
@@ -164,14 +165,17 @@ def handle(self: Task, data: bytes) -> None:
         seconds, hint = wall, "ask the operator (policy budget max_wall_seconds)"
     try:
         with time_budget(seconds, hint), command_memory(alloc):
-            reply = runtime.handle(whole, sender)
+            reply = runtime.handle_parts(whole, sender)  # large values: parts, not joined
     except TimeLimitError as exc:  # fired outside the runtime's own error handling
         reply = _error(device_id, request, exc)
     store = runtime.store
     if isinstance(store, SqliteStore):
         store.flush()  # in-place changes of commands that stored no reply (reads, errors)
-    try:
-        parsed = decode_reply(reply)
+    try:  # the reply's tensor frames are not copied into protobuf bytes to read its id
+        if isinstance(reply, FramedParts) and isinstance(reply.message, Reply):
+            parsed = reply.message
+        else:
+            parsed = decode_reply_framed(reply)[0]
     except Exception:  # the runtime always encodes; be safe anyway
         log.exception("the runtime returned an undecodable reply")
         parsed = Reply()
@@ -215,7 +219,7 @@ def _error(device_id: str, request: Any, exc: FedplanError) -> bytes:
     return encode_safely(error_reply(device_id, command_id, [], exc))
 
 
-def _answer(task: Task, reply: bytes, command_id: str | None = None) -> None:
+def _answer(task: Task, reply: bytes | FramedParts, command_id: str | None = None) -> None:
     request = task.request
     cid = command_id or str(request.correlation_id or request.id)
     if request.reply_to:

@@ -21,6 +21,8 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
+import torch
+
 from producer.transport.journal import (
     MAX_UNCLAIMED,
     MAX_UNCLAIMED_BYTES,
@@ -29,9 +31,9 @@ from producer.transport.journal import (
 )
 from schemas.command_pb2 import ObjectInfo, Reply
 from schemas.errors import FedplanError, ObjectNotFound, ReplyTimeout
-from schemas.tensor_codec import tensor_from_proto
+from schemas.tensor_codec import FramedParts, tensor_from_proto
 from schemas.value_codec import value_from_proto
-from schemas.wire import decode_reply, error_from_proto
+from schemas.wire import decode_reply, decode_reply_values, error_from_proto
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,32 @@ class PendingCommand(Future[Reply]):
         self.command_id = command_id
         self.device_id = device_id
         self.result_ids = result_ids
+        self.values: dict[str, torch.Tensor] = {}
+        """Framed tensor values of the reply's objects, by object id, decoded straight from
+        the received buffer (see :meth:`tensor`)."""
+        self._taken: set[str] = set()
+
+    def tensor(self, info: ObjectInfo) -> torch.Tensor:
+        """The tensor value ``info`` (an object of this command's reply) carries.
+
+        A value that travelled as a frame was decoded once from the received buffer: the
+        first call gets that tensor itself (no copy), later calls a copy of it. An inline
+        value is decoded from the protobuf as before.
+
+        Examples
+        --------
+        >>> from schemas.tensor_codec import tensor_to_proto
+        >>> p = PendingCommand("c1", "alice", ("r1",))
+        >>> p.tensor(ObjectInfo(id="r1", has_value=True, value=tensor_to_proto(torch.ones(2))))
+        tensor([1., 1.])
+        """
+        value = self.values.get(info.id)
+        if value is None:
+            return tensor_from_proto(info.value)
+        if info.id in self._taken:
+            return value.detach().clone().requires_grad_(value.requires_grad)
+        self._taken.add(info.id)
+        return value
 
     def reply(self, timeout: float | None) -> Reply:
         """The successful reply; raises the device's typed error or ``ReplyTimeout``."""
@@ -87,7 +115,7 @@ class PendingCommand(Future[Reply]):
         if info.kind == "value":
             return value_from_proto(info.python_value)
         if info.has_value:
-            return tensor_from_proto(info.value)
+            return self.tensor(info)
         raise ObjectNotFound(
             f"the reply of command {self.command_id} carries no value of {result_id!r}",
             device_id=self.device_id,
@@ -141,7 +169,7 @@ class ReplyCollector:
         *,
         device_id: str,
         result_ids: tuple[str, ...] = (),
-        data: bytes | None = None,
+        data: bytes | FramedParts | None = None,
     ) -> PendingCommand:
         """Register a command before publishing it; its future resolves with the reply.
 
@@ -256,15 +284,15 @@ class ReplyCollector:
         if pending is not None and not pending.done():
             pending.set_exception(error)
 
-    def on_reply(self, data: bytes, *, sender: str | None = None) -> None:
+    def on_reply(self, data: bytes | memoryview, *, sender: str | None = None) -> None:
         """Resolve the future of the command this encoded ``Reply`` answers; never raises.
 
         ``sender``: the device the transport vouches sent it (None: the transport cannot
         tell). A reply from another device than the command's is refused and the command
         keeps waiting; a reply nobody awaits is kept for a later claim.
         """
-        try:
-            reply = decode_reply(data)
+        try:  # framed values become tensors over ``data`` itself (no protobuf bytes copy)
+            reply, values = decode_reply_values(data)
         except Exception:
             log.exception("dropping a reply that could not be decoded")
             return
@@ -272,20 +300,25 @@ class ReplyCollector:
             with self._lock:
                 pending = self._pending.get(reply.command_id)
                 if pending is None:
-                    self._keep_unclaimed(reply, sender, data)
+                    self._keep_unclaimed(reply, sender, data, framed=bool(values))
                     return
-            self._deliver(pending, reply, sender)
+            self._deliver(pending, reply, sender, values)
         except Exception:  # never let a reply stop the transport's thread
             log.exception("failed to handle the reply to command %s", reply.command_id)
 
-    def _keep_unclaimed(self, reply: Reply, sender: str | None, data: bytes) -> None:
-        """Called with the lock held."""
+    def _keep_unclaimed(
+        self, reply: Reply, sender: str | None, data: bytes | memoryview, *, framed: bool = False
+    ) -> None:
+        """Called with the lock held; a ``framed`` reply is kept with its values inline."""
         ok = reply.WhichOneof("outcome") == "ok"
         if ok and not reply.ok.objects and not reply.ok.HasField("plan"):
             return  # nothing to claim (a delete's reply)
         if len(data) > MAX_UNCLAIMED_BYTES:
             log.warning("a reply to unknown command %s is too large to keep", reply.command_id)
             return
+        if framed:
+            reply = decode_reply(data)
+        data = data if isinstance(data, bytes) else bytes(data)
         log.debug("keeping the reply to unknown command %s from %s", reply.command_id, sender)
         self._store_unclaimed(reply.command_id, reply, sender, time.time(), data)
         if self.journal is not None:
@@ -312,8 +345,15 @@ class ReplyCollector:
             _, dropped = self._unclaimed.popitem(last=False)
             self._unclaimed_bytes -= dropped[3]
 
-    def _deliver(self, pending: PendingCommand, reply: Reply, sender: str | None) -> bool:
-        """Resolve ``pending`` with ``reply`` if it comes from the command's device."""
+    def _deliver(
+        self,
+        pending: PendingCommand,
+        reply: Reply,
+        sender: str | None,
+        values: dict[str, torch.Tensor] | None = None,
+    ) -> bool:
+        """Resolve ``pending`` with ``reply`` (and its decoded ``values``, see
+        :meth:`PendingCommand.tensor`) if it comes from the command's device."""
         wrong = reply.device_id != pending.device_id or (
             sender is not None and sender != pending.device_id
         )
@@ -342,6 +382,7 @@ class ReplyCollector:
                     error = FedplanError(f"device sent an unreadable error: {exc}")
                 pending.set_exception(error)
             else:
+                pending.values = values or {}
                 pending.set_result(reply)
         # Only once the reply is handed over: a process killed before this line leaves the
         # row, and the next producer with this id recovers the command again.

@@ -21,7 +21,7 @@ from schemas.ir import DType, ObjectId, PlanIR, Value, to_ir_value
 from schemas.outputs import output_slots, rebuild_like
 from schemas.plan_codec import plan_from_proto, plan_to_proto
 from schemas.plan_pb2 import ValueDict, ValueList
-from schemas.tensor_codec import dtype_from_name, tensor_from_proto, tensor_to_proto
+from schemas.tensor_codec import dtype_from_name, tensor_to_proto
 from schemas.value_codec import value_to_proto
 from schemas.wire import new_id
 
@@ -179,9 +179,8 @@ class Device:
         """The value of a stored object (removing it from the device when ``delete``)."""
         if delete:
             self._named(object_id)
-        reply = self._call(
-            "get_object", cmd.GetObject(id=object_id, delete=delete), timeout=timeout
-        )
+        msg = cmd.GetObject(id=object_id, delete=delete)
+        reply, pending = self._call_pending("get_object", msg, timeout=timeout)
         info = reply.ok.objects[0]
         if info.kind == "pointer":  # a pointer to a pointer: its value is the inner pointer
             return PointerTensor(
@@ -192,7 +191,7 @@ class Device:
                 dtype=dtype_from_name(info.dtype) if info.dtype else None,
                 description=info.description,
             )
-        return tensor_from_proto(info.value)
+        return pending.tensor(info)
 
     def move_object(
         self,
@@ -348,9 +347,15 @@ class Device:
         return self.fleet.submit(self.id, body, msg, result_ids)
 
     def _call(self, body: str, msg: Message, *, timeout: float | None = None) -> cmd.Reply:
+        return self._call_pending(body, msg, timeout=timeout)[0]
+
+    def _call_pending(
+        self, body: str, msg: Message, *, timeout: float | None = None
+    ) -> tuple[cmd.Reply, PendingCommand]:
+        """Send and wait: the reply, and its future (which holds the decoded tensor values)."""
         pending = self._submit(body, msg)
         try:
-            return pending.reply(self.timeout if timeout is None else timeout)
+            return pending.reply(self.timeout if timeout is None else timeout), pending
         finally:
             if pending.done():
                 self.release(pending.command_id)

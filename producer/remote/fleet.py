@@ -18,7 +18,7 @@ from producer.transport.local import LocalTransport
 from schemas.command_pb2 import Command, DeleteObjects
 from schemas.errors import TransportError
 from schemas.ir import SCHEMA_VERSION
-from schemas.wire import encode_command, new_id
+from schemas.wire import encode_command, encode_command_parts, new_id
 
 DEFAULT_TIMEOUT = 60.0
 """Seconds to wait for a device's reply before ``TimeoutError``."""
@@ -117,7 +117,7 @@ class Fleet:
             delete_first=riding,
         )
         getattr(command, body).CopyFrom(msg)
-        data = encode_command(command, tensors)
+        data = encode_command_parts(command, tensors)  # tensors not copied into one bytes
         pending = self.collector.expect(
             command.command_id, device_id=device_id, result_ids=result_ids, data=data
         )

@@ -92,7 +92,7 @@ class PointerTensor(RemoteTensor):
 
     # -- metadata ----------------------------------------------------------------------------
 
-    def _take(self, info: ObjectInfo) -> None:
+    def _take(self, info: ObjectInfo, pending: PendingCommand | None = None) -> None:
         self._kind = info.kind or "tensor"
         if info.tags:
             self.tags = tuple(info.tags)
@@ -107,7 +107,7 @@ class PointerTensor(RemoteTensor):
         self._shape = None if info.shape_withheld else torch.Size(info.shape)
         self._dtype = dtype_from_name(info.dtype)
         if info.has_value and not self._stale:
-            self._value = tensor_from_proto(info.value)
+            self._value = pending.tensor(info) if pending else tensor_from_proto(info.value)
             self._has_value = True
 
     def _drop_carried_value(self) -> None:
@@ -121,7 +121,7 @@ class PointerTensor(RemoteTensor):
         pending, self._pending = self._pending, None
         if pending is not None:
             try:
-                self._take(pending.object_info(self.id, self._timeout(timeout)))
+                self._take(pending.object_info(self.id, self._timeout(timeout)), pending)
             except BaseException:
                 self._pending = pending  # waiting again raises the same error
                 raise

@@ -22,8 +22,9 @@ from broker_config import names, topology
 from broker_config.envelope import (
     CONTENT_ENCODING,
     CONTENT_TYPE,
+    Pieces,
     chunk_headers,
-    split_chunks,
+    message_pieces,
     task_headers,
 )
 from broker_config.settings import Settings
@@ -176,25 +177,28 @@ class AmqpTransport:
 
     # -- the Transport protocol --------------------------------------------------------
 
-    def publish(self, device_id: str, command: bytes, *, command_id: str) -> None:
+    def publish(self, device_id: str, command: bytes | Pieces, *, command_id: str) -> None:
         """Publish one command (chunked above the maximum message size); wait for confirms.
 
+        ``command`` is the encoded command, or its framed parts (``encode_command_parts``):
+        then each chunk is copied once from the tensors' memory, never the whole command.
         Raises ``DeviceNotFound`` when no queue is bound for the device and
         ``TransportError`` when the broker refuses it (e.g. the device queue is full).
         """
         routing_key = names.device_routing_key(device_id)
-        pieces = split_chunks(command, self.settings.max_message_size)
+        count = message_pieces(command, self.settings.max_message_size)[0]
         abandoned = threading.Event()  # set when the caller stops waiting
 
         def work(ch: BlockingChannel) -> None:
+            _, pieces = message_pieces(command, self.settings.max_message_size)  # anew on a retry
             for i, piece in enumerate(pieces):
                 if abandoned.is_set() or self._closing.is_set():
                     raise PublishTimeout(
-                        f"command {command_id} abandoned after {i} of {len(pieces)} pieces",
+                        f"command {command_id} abandoned after {i} of {count} pieces",
                         device_id=device_id,
                     )
-                extra = chunk_headers(command_id, i, len(pieces)) if len(pieces) > 1 else None
-                task_id = command_id if len(pieces) == 1 else f"{command_id}.{i}"
+                extra = chunk_headers(command_id, i, count) if count > 1 else None
+                task_id = command_id if count == 1 else f"{command_id}.{i}"
                 props = pika.BasicProperties(
                     content_type=CONTENT_TYPE,
                     content_encoding=CONTENT_ENCODING,
@@ -206,9 +210,7 @@ class AmqpTransport:
                     user_id=self.user,  # the broker refuses it unless it is our user
                 )
                 try:
-                    ch.basic_publish(
-                        names.commands_exchange(), routing_key, bytes(piece), props, True
-                    )
+                    ch.basic_publish(names.commands_exchange(), routing_key, piece, props, True)
                 except pex.UnroutableError:
                     raise DeviceNotFound(
                         f"no queue for device {device_id!r}; start its worker or create it "
@@ -237,7 +239,7 @@ class AmqpTransport:
         except PublishTimeout as e:
             raise PublishTimeout(
                 f"the broker did not confirm command {command_id} ({len(command)} bytes, "
-                f"{len(pieces)} message(s)) for device {device_id!r} within "
+                f"{count} message(s)) for device {device_id!r} within "
                 f"{self.settings.confirm_timeout}s; the rest of it is not sent (pieces already "
                 "taken may still arrive); raise FEDPLAN_CONFIRM_TIMEOUT for large commands",
                 device_id=device_id,

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol
 
+from schemas.tensor_codec import FramedParts
+
 ReplyHandler = Callable[[bytes], None]
 """Called by the transport, from any thread, with each encoded ``Reply``.
 
@@ -23,8 +25,11 @@ class Transport(Protocol):
     construction) for every reply.
     """
 
-    def publish(self, device_id: str, command: bytes, *, command_id: str) -> None:
-        """Hand one command to the device's queue; raise ``DeviceNotFound`` if it has none."""
+    def publish(self, device_id: str, command: bytes | FramedParts, *, command_id: str) -> None:
+        """Hand one command to the device's queue; raise ``DeviceNotFound`` if it has none.
+
+        ``command`` may be framed parts not yet joined (large tensors, see
+        ``schemas.wire.encode_command_parts``)."""
         ...
 
     def ensure_device(self, device_id: str) -> None:

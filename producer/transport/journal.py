@@ -51,6 +51,7 @@ from pathlib import Path
 
 from broker_config import names
 from schemas.errors import FedplanError, TransportError
+from schemas.tensor_codec import FramedParts
 
 MAX_UNCLAIMED = 1024
 """Unclaimed replies kept at most (in memory and in the journal)."""
@@ -148,12 +149,12 @@ class Journal:
         command_id: str,
         device_id: str,
         result_ids: tuple[str, ...],
-        body: bytes | None = None,
+        body: bytes | FramedParts | None = None,
     ) -> None:
         """Note a command before it is published (with its bytes when they are at most
         ``MAX_JOURNALED_BODY``); raises ``TransportError`` when the journal cannot take it
         (a full disk): the command must not be published then."""
-        kept = body if body is not None and len(body) <= MAX_JOURNALED_BODY else None
+        kept = bytes(body) if body is not None and len(body) <= MAX_JOURNALED_BODY else None
         try:
             with self._lock:
                 self._db.execute(

@@ -18,6 +18,7 @@ from consumer.runtime.device import DeviceRuntime
 from consumer.store.memory import MemoryStore
 from producer.transport.base import ReplyHandler
 from schemas.errors import DeviceNotFound, TransportError
+from schemas.tensor_codec import FramedParts
 
 log = logging.getLogger(__name__)
 
@@ -242,7 +243,7 @@ class LocalTransport:
                 device_id, runtime, self._executor, self._run_lock, self._current
             )
 
-    def publish(self, device_id: str, command: bytes, *, command_id: str) -> None:
+    def publish(self, device_id: str, command: bytes | FramedParts, *, command_id: str) -> None:
         """Queue the command bytes for the device; ``DeviceNotFound`` if it was never started."""
         self._device(device_id).put((bytes(command), self.producer_id, self._on_reply, False))
 

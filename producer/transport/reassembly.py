@@ -32,7 +32,7 @@ b'whole'
 >>> h = {"fedplan_transfer": "t", "fedplan_chunks": 2}
 >>> a.add({**h, "fedplan_chunk": 1}, b"cd", sender="alice") is None
 True
->>> a.add({**h, "fedplan_chunk": 0}, b"ab", sender="alice")
+>>> bytes(a.add({**h, "fedplan_chunk": 0}, b"ab", sender="alice"))
 b'abcd'
 """
 
@@ -104,6 +104,12 @@ def reply_sender(user_id: object, trusted_users: frozenset[str]) -> Sender:
 class _Transfer:
     count: int
     parts: dict[int, bytes] = field(default_factory=dict)
+    """Chunks that arrived ahead of the ones before them."""
+    head: bytearray = field(default_factory=bytearray)
+    """Chunks 0 .. ``joined - 1``, joined as they come in order (no second copy at the end:
+    growing a large ``bytearray`` remaps its pages rather than copying them)."""
+    joined: int = 0
+    chunk_sizes: list[int] = field(default_factory=list)
     size: int = 0
     charged: int = 0
     touched: float = 0.0
@@ -166,7 +172,7 @@ class ReplyAssembler:
 
     def add(
         self, headers: object, body: bytes, *, sender: str | None, token: int | None = None
-    ) -> bytes | bytearray | None:
+    ) -> bytes | memoryview | None:
         """The whole reply once complete (``body`` itself for an unchunked one), else None.
 
         Raises :class:`RejectedReply` for a message that is malformed or over a bound;
@@ -206,6 +212,13 @@ class ReplyAssembler:
         elif transfer.count != count:
             self._drop(key)
             raise RejectedReply(f"transfer {transfer_id[:40]!r} changed its chunk count")
+        if index < transfer.joined:  # again (a redelivery): its first copy is joined already
+            if len(body) != transfer.chunk_sizes[index]:
+                self._drop(key)
+                raise RejectedReply(f"transfer {transfer_id[:40]!r} changed a chunk's size")
+            if token is not None:
+                self._hold(transfer, token)
+            return None
         previous = transfer.parts.get(index)
         old = len(previous) if previous is not None else 0
         grown = transfer.size - old + len(body)
@@ -221,24 +234,23 @@ class ReplyAssembler:
             self._make_room(charge - old_charge, keep=key)
         transfer.parts[index] = body
         transfer.size = grown
+        while transfer.joined in transfer.parts:  # join the chunks that are now in order
+            part = transfer.parts.pop(transfer.joined)
+            transfer.head += part
+            transfer.chunk_sizes.append(len(part))
+            transfer.joined += 1
         transfer.charged += charge - old_charge
         transfer.touched = self._clock()
         self._transfers.move_to_end(key)
         self.pending_bytes += charge - old_charge
-        if len(transfer.parts) < count:
+        if transfer.joined < count:
             if token is not None:
                 self._hold(transfer, token)
             return None
         self._drop(key, counted=False)
-        # One copy into a writable buffer (tensor frames then decode without another copy);
-        # each part is released once copied, so the peak stays at about twice the reply.
-        whole = bytearray(transfer.size)
-        offset = 0
-        for i in range(count):
-            part = transfer.parts.pop(i)
-            whole[offset : offset + len(part)] = part
-            offset += len(part)
-        return whole
+        # Joined in order as the chunks came (one copy each, into a writable buffer: tensor
+        # frames then decode without another copy); no second copy of the whole.
+        return memoryview(transfer.head)
 
     def _charge(self, part: bytes | None) -> int:
         return 0 if part is None else max(len(part), self.min_chunk_charge)

@@ -68,9 +68,9 @@ def wiretap(fleet: fp.Fleet, monkeypatch: pytest.MonkeyPatch) -> Iterator[Wireta
     deliver = ReplyCollector._deliver
 
     def recording_deliver(self: ReplyCollector, pending: Any, reply: cmd.Reply,
-                          sender: str | None) -> bool:
+                          sender: str | None, values: Any = None) -> bool:
         tap.replies.append(reply.SerializeToString())
-        return deliver(self, pending, reply, sender)
+        return deliver(self, pending, reply, sender, values)
 
     monkeypatch.setattr(fleet.transport, "publish", recording_publish)
     monkeypatch.setattr(ReplyCollector, "_deliver", recording_deliver)

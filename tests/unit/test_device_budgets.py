@@ -176,8 +176,10 @@ def test_the_gate_refuses_a_producer_over_its_command_rate_acked_not_dead_letter
     assert (row.sender, row.rule) == ("p1", "budgets.max_commands_per_minute")
     assert gate.admit(_raw("p2"), QUEUE)  # another producer is served
     assert gate.admit(_raw("p1", redelivered=True), QUEUE)  # a redelivery does not count again
-    chunk = {TRANSFER_HEADER: "t1", CHUNK_HEADER: 1, CHUNKS_HEADER: 2}
-    assert gate.admit(_raw("p1", chunk), QUEUE)  # nor a transfer's later chunks
+    chunk = _raw("p1", {TRANSFER_HEADER: "t1", CHUNK_HEADER: 1, CHUNKS_HEADER: 2})
+    assert not gate.admit(chunk, QUEUE)  # nor a transfer's later chunks: stored by the gate,
+    assert chunk.channel.acked == [7] and len(sent) == 1  # acked, not refused
+    assert [f.name for f in (tmp_path / "chunks").glob("*/1")] == ["1"]
 
 
 def test_the_gate_charges_each_command_its_own_run_time_when_commands_overlap(

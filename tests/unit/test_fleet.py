@@ -9,6 +9,7 @@ import producer as fp
 from producer.remote.collector import ReplyCollector
 from producer.remote.fleet import Fleet
 from producer.transport.base import ReplyHandler
+from schemas.tensor_codec import FramedParts
 
 
 class SilentTransport:
@@ -20,8 +21,8 @@ class SilentTransport:
     def ensure_device(self, device_id: str) -> None:
         pass
 
-    def publish(self, device_id: str, command: bytes, *, command_id: str) -> None:
-        self.published.append((device_id, command))
+    def publish(self, device_id: str, command: bytes | FramedParts, *, command_id: str) -> None:
+        self.published.append((device_id, bytes(command)))
 
     def close(self) -> None:
         pass

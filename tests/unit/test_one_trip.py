@@ -13,6 +13,7 @@ from producer.remote.fleet import Fleet
 from producer.transport.base import ReplyHandler
 from producer.transport.local import LocalTransport
 from schemas.ir import Op, PlanIR, Ref
+from schemas.tensor_codec import FramedParts
 from schemas.wire import decode_command
 from tests.unit.test_pointers import HandPlan, double_abs
 
@@ -30,8 +31,8 @@ class CountingTransport(LocalTransport):
         super().__init__(counted)
         self.bodies: list[str] = []
 
-    def publish(self, device_id: str, command: bytes, *, command_id: str) -> None:
-        self.bodies.append(decode_command(command).WhichOneof("body") or "")
+    def publish(self, device_id: str, command: bytes | FramedParts, *, command_id: str) -> None:
+        self.bodies.append(decode_command(bytes(command)).WhichOneof("body") or "")
         super().publish(device_id, command, command_id=command_id)
 
     def reset(self) -> None:

@@ -17,6 +17,7 @@ from producer.remote.fleet import Fleet
 from producer.transport.base import ReplyHandler
 from producer.transport.local import LocalTransport
 from schemas.ir import Op, PlanIR, Ref
+from schemas.tensor_codec import FramedParts
 
 
 @dataclass
@@ -84,7 +85,7 @@ class HoldingTransport(LocalTransport):
         self.gate = threading.Event()
         self.held: list[tuple[str, bytes, str]] = []
 
-    def publish(self, device_id: str, command: bytes, *, command_id: str) -> None:
+    def publish(self, device_id: str, command: bytes | FramedParts, *, command_id: str) -> None:
         if self.gate.is_set():
             super().publish(device_id, command, command_id=command_id)
         else:

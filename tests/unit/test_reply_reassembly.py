@@ -139,6 +139,23 @@ def test_one_sender_cannot_complete_or_spoil_another_senders_transfer() -> None:
     assert a.add(_chunk("c1", 1, 2), b"cd", sender="alice") == b"abcd"
 
 
+def test_a_chunk_delivered_again_after_it_was_joined_is_held_and_the_reply_stays_whole() -> None:
+    a = _assembler(max_reply_size=100, max_pending_bytes=100)
+    assert a.add(_chunk("t", 0, 3), b"ab", sender="alice", token=1) is None
+    assert a.add(_chunk("t", 0, 3), b"ab", sender="alice", token=2) is None  # redelivered
+    assert a.add(_chunk("t", 2, 3), b"e", sender="alice", token=3) is None
+    assert bytes(a.add(_chunk("t", 1, 3), b"cd", sender="alice") or b"") == b"abcde"
+    assert sorted(a.releasable()) == [1, 2, 3]
+
+
+def test_a_joined_chunk_delivered_again_with_another_size_drops_the_transfer() -> None:
+    a = _assembler(max_reply_size=100, max_pending_bytes=100)
+    assert a.add(_chunk("t", 0, 2), b"ab", sender="alice") is None
+    with pytest.raises(RejectedReply, match="changed a chunk's size"):
+        a.add(_chunk("t", 0, 2), b"abc", sender="alice")
+    assert a.transfers == 0 and a.pending_bytes == 0
+
+
 def test_an_unchunked_reply_passes_through_unchanged() -> None:
     assert _assembler().add(None, b"whole", sender=None) == b"whole"
     assert _assembler().add({"other": 1}, b"whole", sender=None) == b"whole"
@@ -197,7 +214,7 @@ def test_one_byte_chunks_count_as_the_minimum_charge_so_a_flood_holds_few_pieces
         except RejectedReply:
             refused += 1
     assert refused == 1000 - 16 and a.pending_bytes == 64 * 1024
-    pieces = sum(len(t.parts) for t in a._transfers.values())
+    pieces = sum(len(t.parts) + t.joined for t in a._transfers.values())
     assert pieces == 16  # 64 KiB of room / 4 KiB a piece
     assert a.add(_chunk("u", 0, 2), b"a" * 5000, sender="alice") is None
     assert a.add(_chunk("u", 1, 2), b"b", sender="alice") == b"a" * 5000 + b"b"
