@@ -176,7 +176,11 @@ class BlobUnits:
             try:
                 db.execute("BEGIN IMMEDIATE")
             except BaseException:
-                self._lock.release()
+                # An exception raised *after* BEGIN took effect (a time-limit alarm between
+                # the statement and this line) leaves the transaction open: the unit's
+                # rollback ends it and releases the lock then, not here (twice).
+                if not db.in_transaction:
+                    self._lock.release()
                 raise
         fresh, stale = len(unit.fresh), len(unit.stale)
         db.execute("SAVEPOINT w")

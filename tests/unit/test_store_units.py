@@ -5,6 +5,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import sqlite3
+import threading
 from pathlib import Path
 
 import pytest
@@ -198,3 +199,55 @@ def test_a_failed_store_call_outside_a_unit_keeps_earlier_in_place_changes(
         store.delete_object("missing")  # its own unit, rolled back
     store.flush()
     assert torch.equal(SqliteStore(tmp_path).get_object("x").tensor, torch.full((4,), 2.0))
+
+
+class _Alarm(BaseException):
+    """Stands for the time-limit alarm, which may arrive between any two bytecodes."""
+
+
+class _AlarmRightAfterBegin(BlobUnits):
+    """Raises ``_Alarm`` once, just after ``BEGIN IMMEDIATE`` has taken effect."""
+
+    armed = True
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = super()._conn()
+        units = self
+
+        class _Proxy:
+            @property
+            def in_transaction(self) -> bool:
+                return conn.in_transaction
+
+            def execute(self, sql: str, *args: object) -> sqlite3.Cursor:
+                cursor = conn.execute(sql, *args)
+                if sql == "BEGIN IMMEDIATE" and units.armed:
+                    units.armed = False
+                    raise _Alarm
+                return cursor
+
+        return _Proxy()  # type: ignore[return-value]
+
+
+def test_an_alarm_just_after_begin_rolls_back_cleanly_and_frees_the_store_for_others(
+    tmp_path: Path,
+) -> None:
+    units = _AlarmRightAfterBegin(tmp_path)
+    units.begin()
+    with pytest.raises(_Alarm), units._tx():
+        pass
+    units.rollback()  # the transaction was open: this ends it and releases the lock once
+    done = threading.Event()
+
+    def another_unit() -> None:
+        units.begin()
+        with units._tx():
+            pass
+        units.commit()
+        done.set()
+
+    worker = threading.Thread(target=another_unit, daemon=True)
+    worker.start()
+    worker.join(10)
+    assert done.is_set(), "the store's unit lock was left held"
+
