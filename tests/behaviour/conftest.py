@@ -22,6 +22,7 @@ class TransportCase:
 
     connect: Callable[[], fp.Fleet]
     device_id: Callable[[str], str] = lambda name: name
+    after_test: Callable[[], None] = lambda: None
     marks: tuple[pytest.MarkDecorator, ...] = field(default_factory=tuple)
 
 
@@ -31,9 +32,19 @@ def _connect_rabbitmq() -> fp.Fleet:
     return connect_rabbitmq()
 
 
+def _trim_rabbitmq_workers() -> None:
+    from tests.integration.fleet import trim_workers
+
+    trim_workers()
+
+
 TRANSPORTS: dict[str, TransportCase] = {
     "embedded": TransportCase(connect=lambda: fp.connect(timeout=60)),
-    "rabbitmq": TransportCase(connect=_connect_rabbitmq, marks=(pytest.mark.rabbitmq,)),
+    "rabbitmq": TransportCase(
+        connect=_connect_rabbitmq,
+        after_test=_trim_rabbitmq_workers,
+        marks=(pytest.mark.rabbitmq,),
+    ),
 }
 
 
@@ -50,6 +61,7 @@ def fleet(transport_case: TransportCase) -> Iterator[fp.Fleet]:
         yield fleet
     finally:
         fleet.close()
+        transport_case.after_test()
 
 
 DeviceFactory = Callable[..., fp.Device]

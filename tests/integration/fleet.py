@@ -1,7 +1,11 @@
 """A RabbitMQ fleet for the behaviour suite: one real Celery worker process per device.
 
-Workers are started on a device's first use and kept for the whole test session (in a vhost
-of the session's own, deleted at exit), so each behaviour test costs no worker start-up.
+Workers are started on a device's first use and kept (in a vhost of the session's own,
+deleted at exit), so a device used again costs no worker start-up. After each behaviour test
+the pool keeps only the ``MAX_IDLE_WORKERS`` most recently used workers: many tests name
+their devices afresh, and a worker per device for the whole session grew to 85 processes
+(~17 GiB) and an OOM kill. A stopped device's queue and data dir stay; its worker starts
+again on next use.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import secrets
 import shutil
 import tempfile
 import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +24,9 @@ from producer.remote.collector import ReplyCollector
 from producer.transport.amqp import AmqpTransport
 from tests.integration.broker import RunVhost, WorkerProcess
 
+MAX_IDLE_WORKERS = 16
+"""Workers the pool keeps running between tests (the most recently used ones)."""
+
 
 class WorkerPool:
     """The session's vhost and its device workers (stopped and deleted at exit)."""
@@ -26,7 +34,7 @@ class WorkerPool:
     def __init__(self) -> None:
         self.vhost = RunVhost(secrets.token_hex(4)).create()
         self.root = Path(tempfile.mkdtemp(prefix="fedplan-workers-"))
-        self.workers: dict[str, WorkerProcess] = {}
+        self.workers: OrderedDict[str, WorkerProcess] = OrderedDict()  # least recent first
         self._lock = threading.Lock()
         atexit.register(self.shutdown)
 
@@ -37,6 +45,14 @@ class WorkerPool:
             if w is None or w.proc is None or w.proc.poll() is not None:
                 w = WorkerProcess(device_id, self.root / device_id, self.vhost).start()
                 self.workers[device_id] = w
+            self.workers.move_to_end(device_id)
+
+    def trim(self, keep: int = MAX_IDLE_WORKERS) -> None:
+        """Between tests: stop all but the ``keep`` most recently used workers."""
+        with self._lock:
+            while len(self.workers) > keep:
+                _, w = self.workers.popitem(last=False)
+                w.stop()
 
     def shutdown(self) -> None:
         for w in self.workers.values():
@@ -71,6 +87,12 @@ class SpawningTransport(AmqpTransport):
     def ensure_device(self, device_id: str) -> None:
         super().ensure_device(device_id)
         self._pool.ensure(device_id)
+
+
+def trim_workers() -> None:
+    """Stop the session's least recently used device workers (see ``MAX_IDLE_WORKERS``)."""
+    if _pool is not None:
+        _pool.trim()
 
 
 def connect_rabbitmq(timeout: float = 120.0) -> fp.Fleet:
